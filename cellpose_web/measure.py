@@ -1,0 +1,242 @@
+"""Per-cell measurements and puncta detection (the PIEZO1 workflow), as pandas tables.
+
+Pixels internally; µm only in the table columns, from the pixel size (µm per pixel).
+Columns always carry their unit in the name: ``area_px``, ``area_um2``, ``centroid_x_um``, ...
+Without a pixel size the µm columns are NaN (never silently filled with pixel values).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from skimage import measure as skm
+from skimage.feature import blob_log
+
+from cellpose_web.errors import CellposeWebError
+
+__all__ = [
+    "cell_table", "size_histogram", "detect_puncta", "puncta_per_cell", "add_puncta",
+    "summarize", "normalize_for_puncta",
+]
+
+
+def _pixel_size(pixel_size_um: float | None) -> float | None:
+    if pixel_size_um is None:
+        return None
+    p = float(pixel_size_um)
+    if not np.isfinite(p) or p <= 0:
+        return None
+    return p
+
+
+def _channels_last(image: np.ndarray | None, mask_shape: tuple[int, ...],
+                   channel_axis: int | None) -> np.ndarray | None:
+    """Return the image as mask_shape + (C,) float32, or None."""
+    if image is None:
+        return None
+    img = np.asarray(image)
+    if img.shape == tuple(mask_shape):
+        return img[..., None].astype(np.float32)
+    if channel_axis is None:
+        # the one axis that is not in the mask shape
+        if img.ndim == len(mask_shape) + 1:
+            for ax in range(img.ndim):
+                if tuple(np.delete(img.shape, ax)) == tuple(mask_shape):
+                    channel_axis = ax
+                    break
+    if channel_axis is None or img.ndim != len(mask_shape) + 1:
+        raise CellposeWebError(
+            f"Image of shape {img.shape} does not match masks of shape {tuple(mask_shape)}; "
+            "pass the image the masks were made from.")
+    img = np.moveaxis(img, channel_axis, -1)
+    if img.shape[:-1] != tuple(mask_shape):
+        raise CellposeWebError(f"Image of shape {img.shape} does not match masks of shape {tuple(mask_shape)}.")
+    return img.astype(np.float32)
+
+
+def cell_table(masks: np.ndarray, image: np.ndarray | None = None, pixel_size_um: float | None = None,
+               channel_axis: int | None = None) -> pd.DataFrame:
+    """One row per cell.
+
+    Parameters
+    ----------
+    masks : (Y, X) or (Z, Y, X) int labels, 0 = background.
+    image : optional (Y, X), (Y, X, C) or with `channel_axis`; mean intensity per channel.
+    pixel_size_um : µm per pixel (XY); None leaves the µm columns NaN.
+
+    Returns
+    -------
+    DataFrame with label, area_px (volume_px for 3D), area_um2, centroid_{y,x}_px and _um,
+    equivalent_diameter_px/_um, eccentricity, solidity (2D), mean_intensity_ch{i}.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim not in (2, 3) or not np.issubdtype(masks.dtype, np.integer):
+        raise CellposeWebError("Masks must be a 2D or 3D integer label image.")
+    px = _pixel_size(pixel_size_um)
+    img = _channels_last(image, masks.shape, channel_axis)
+    is3d = masks.ndim == 3
+    props = ["label", "area", "centroid", "equivalent_diameter_area"]
+    if not is3d:
+        props += ["eccentricity", "solidity"]
+    if img is not None:
+        props.append("intensity_mean")
+    if masks.max(initial=0) == 0:
+        cols = ["label", "volume_px" if is3d else "area_px", "area_um2", "centroid_y_px", "centroid_x_px",
+                "centroid_y_um", "centroid_x_um", "equivalent_diameter_px", "equivalent_diameter_um"]
+        if not is3d:
+            cols += ["eccentricity", "solidity"]
+        if img is not None:
+            cols += [f"mean_intensity_ch{c}" for c in range(img.shape[-1])]
+        return pd.DataFrame(columns=cols)
+    t = skm.regionprops_table(masks.astype(np.int64, copy=False), intensity_image=img, properties=props)
+    out: dict[str, Any] = {"label": t["label"].astype(np.int64)}
+    area = t["area"].astype(np.float64)
+    if is3d:
+        out["volume_px"] = area.astype(np.int64)
+        out["volume_um3"] = area * px**3 if px else np.full(len(area), np.nan)
+        out["centroid_z_px"] = t["centroid-0"]
+        out["centroid_y_px"] = t["centroid-1"]
+        out["centroid_x_px"] = t["centroid-2"]
+    else:
+        out["area_px"] = area.astype(np.int64)
+        out["area_um2"] = area * px**2 if px else np.full(len(area), np.nan)
+        out["centroid_y_px"] = t["centroid-0"]
+        out["centroid_x_px"] = t["centroid-1"]
+    out["centroid_y_um"] = out["centroid_y_px"] * px if px else np.full(len(area), np.nan)
+    out["centroid_x_um"] = out["centroid_x_px"] * px if px else np.full(len(area), np.nan)
+    out["equivalent_diameter_px"] = t["equivalent_diameter_area"]
+    out["equivalent_diameter_um"] = t["equivalent_diameter_area"] * px if px else np.full(len(area), np.nan)
+    if not is3d:
+        out["eccentricity"] = t["eccentricity"]
+        out["solidity"] = t["solidity"]
+    if img is not None:
+        nch = img.shape[-1]
+        for c in range(nch):
+            key = f"intensity_mean-{c}" if nch > 1 else "intensity_mean"
+            out[f"mean_intensity_ch{c}"] = t[key]
+    return pd.DataFrame(out)
+
+
+def size_histogram(table: pd.DataFrame, column: str | None = None, bins: int = 20) -> pd.DataFrame:
+    """Histogram of cell sizes for a bar plot: columns bin (label text), bin_start, bin_end, count.
+
+    Uses area_um2 when it has values, else area_px (or the volume columns for 3D).
+    """
+    if column is None:
+        for c in ("area_um2", "volume_um3", "area_px", "volume_px"):
+            if c in table and table[c].notna().any():
+                column = c
+                break
+    if column is None or len(table) == 0:
+        return pd.DataFrame({"bin": pd.Series(dtype=str), "bin_start": pd.Series(dtype=float),
+                             "bin_end": pd.Series(dtype=float), "count": pd.Series(dtype=np.int64)})
+    vals = table[column].to_numpy(dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
+    counts, edges = np.histogram(vals, bins=int(max(1, bins)))
+    digits = 0 if edges[-1] - edges[0] > 50 else 2
+    labels = [f"{a:.{digits}f}–{b:.{digits}f}" for a, b in zip(edges[:-1], edges[1:])]
+    return pd.DataFrame({"bin": labels, "bin_start": edges[:-1], "bin_end": edges[1:],
+                         "count": counts.astype(np.int64), "quantity": column})
+
+
+def normalize_for_puncta(image: np.ndarray, lower: float = 1.0, upper: float = 99.8) -> np.ndarray:
+    """Scale a 2D image to about [0, 1] by percentiles (float32) so thresholds mean the same on any camera."""
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 2:
+        raise CellposeWebError(f"Puncta detection needs one 2D channel (Y, X); got shape {img.shape}.")
+    finite = np.isfinite(img)
+    if not finite.all():
+        img = np.where(finite, img, 0).astype(np.float32)
+    lo, hi = np.percentile(img, [lower, upper])
+    if hi - lo <= 1e-12:
+        return np.zeros_like(img)
+    return np.clip((img - lo) / (hi - lo), 0, 1).astype(np.float32)
+
+
+def detect_puncta(image: np.ndarray, sigma_min: float = 1.0, sigma_max: float = 3.0, threshold: float = 0.1,
+                  num_sigma: int = 5, masks: np.ndarray | None = None, overlap: float = 0.5) -> pd.DataFrame:
+    """Find spots with a Laplacian-of-Gaussian (skimage.feature.blob_log).
+
+    Parameters
+    ----------
+    image : (Y, X) the puncta channel (any dtype; it is percentile-normalised to [0, 1] first).
+    sigma_min, sigma_max : spot scale range in px (radius ≈ sigma·√2).
+    threshold : LoG response threshold on the normalised image (lower finds more, fainter spots).
+    masks : optional (Y, X) labels; each spot gets the label under it (0 = outside cells).
+
+    Returns
+    -------
+    DataFrame with y_px, x_px, sigma_px, radius_px, label.
+    """
+    if not (np.isfinite(sigma_min) and np.isfinite(sigma_max)) or sigma_min <= 0 or sigma_max < sigma_min:
+        raise CellposeWebError("Puncta sigma: need 0 < min sigma ≤ max sigma (in px), e.g. 1 and 3.")
+    if sigma_max > 50:
+        raise CellposeWebError("Puncta max sigma above 50 px is not a punctum; use 1–5 px.")
+    if not np.isfinite(threshold) or threshold <= 0:
+        raise CellposeWebError("Puncta threshold must be a positive number, e.g. 0.05–0.3.")
+    img = normalize_for_puncta(image)
+    blobs = blob_log(img, min_sigma=float(sigma_min), max_sigma=float(sigma_max),
+                     num_sigma=int(max(1, num_sigma)), threshold=float(threshold), overlap=float(overlap))
+    blobs = np.asarray(blobs, dtype=np.float64).reshape(-1, 3)
+    y = blobs[:, 0]
+    x = blobs[:, 1]
+    s = blobs[:, 2]
+    df = pd.DataFrame({"y_px": y, "x_px": x, "sigma_px": s, "radius_px": s * np.sqrt(2.0)})
+    if masks is not None:
+        m = np.asarray(masks)
+        if m.shape != img.shape:
+            raise CellposeWebError(f"Puncta channel {img.shape} and masks {m.shape} differ in size.")
+        yi = np.clip(np.round(y).astype(np.int64), 0, m.shape[0] - 1)
+        xi = np.clip(np.round(x).astype(np.int64), 0, m.shape[1] - 1)
+        df["label"] = m[yi, xi].astype(np.int64)
+    else:
+        df["label"] = np.zeros(len(df), dtype=np.int64)
+    return df
+
+
+def puncta_per_cell(masks: np.ndarray, puncta: pd.DataFrame, pixel_size_um: float | None = None) -> pd.DataFrame:
+    """Per cell: puncta_count, puncta_per_100px2 and puncta_density_per_um2 (NaN without pixel size)."""
+    masks = np.asarray(masks)
+    n = int(masks.max(initial=0))
+    labels = np.arange(1, n + 1)
+    area = ndi.sum_labels(np.ones(masks.shape, np.float64), masks, index=labels) if n else np.zeros(0)
+    lab = puncta["label"].to_numpy(np.int64) if len(puncta) else np.zeros(0, np.int64)
+    counts = np.bincount(lab[lab > 0], minlength=n + 1)[1:n + 1] if n else np.zeros(0, np.int64)
+    present = area > 0
+    px = _pixel_size(pixel_size_um)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dens_px = np.where(area > 0, counts / area * 100.0, np.nan)
+        dens_um = np.where(area > 0, counts / (area * px**2), np.nan) if px else np.full(n, np.nan)
+    return pd.DataFrame({"label": labels[present], "puncta_count": counts[present].astype(np.int64),
+                         "puncta_per_100px2": dens_px[present], "puncta_density_per_um2": dens_um[present]})
+
+
+def add_puncta(table: pd.DataFrame, per_cell: pd.DataFrame) -> pd.DataFrame:
+    """Join per-cell puncta columns onto a cell table by label (cells without puncta get 0)."""
+    out = table.drop(columns=[c for c in per_cell.columns if c != "label" and c in table], errors="ignore")
+    out = out.merge(per_cell, on="label", how="left")
+    if "puncta_count" in out:
+        out["puncta_count"] = out["puncta_count"].fillna(0).astype(np.int64)
+    return out
+
+
+def summarize(table: pd.DataFrame, puncta: pd.DataFrame | None = None) -> dict[str, Any]:
+    """One summary row per image: n_cells, median area (px, µm²), puncta totals when given."""
+    n = int(len(table))
+    area_px = "area_px" if "area_px" in table else "volume_px"
+    area_um = "area_um2" if "area_um2" in table else "volume_um3"
+    s: dict[str, Any] = {
+        "n_cells": n,
+        f"median_{area_px}": float(np.median(table[area_px])) if n else np.nan,
+        f"median_{area_um}": float(np.nanmedian(table[area_um])) if n and table[area_um].notna().any() else np.nan,
+    }
+    if puncta is not None:
+        inside = int((puncta["label"] > 0).sum()) if len(puncta) else 0
+        s["puncta_total"] = int(len(puncta))
+        s["puncta_in_cells"] = inside
+        s["mean_puncta_per_cell"] = inside / n if n else np.nan
+        if "puncta_density_per_um2" in table and table["puncta_density_per_um2"].notna().any():
+            s["median_puncta_density_per_um2"] = float(np.nanmedian(table["puncta_density_per_um2"]))
+    return s
