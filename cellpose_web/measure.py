@@ -114,7 +114,7 @@ def cell_table(masks: np.ndarray, image: np.ndarray | None = None, pixel_size_um
     if img is not None:
         nch = img.shape[-1]
         for c in range(nch):
-            key = f"intensity_mean-{c}" if nch > 1 else "intensity_mean"
+            key = f"intensity_mean-{c}" if f"intensity_mean-{c}" in t else "intensity_mean"
             out[f"mean_intensity_ch{c}"] = t[key]
     return pd.DataFrame(out)
 
