@@ -1,0 +1,329 @@
+"""Fine-tuning and training: Cellpose 4's `train_seg` recipe for any cellpose-web network.
+
+Recipe (as Cellpose 4): AdamW, learning-rate warm-up over 10 epochs then constant, then halving
+steps at the end; random rotation / scale / flip / translation into 256x256 crops; loss =
+MSE(y[:, :2], 5 * unit flows) / 2 + BCE-with-logits(y[:, 2], foreground).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cellpose_web import dynamics, transforms
+from cellpose_web.errors import CellposeWebError
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, float, "float | None", float], "bool | None"]
+
+
+def learning_rate_schedule(learning_rate: float, n_epochs: int) -> np.ndarray:
+    """Per-epoch learning rates: linear warm-up (epoch 0 has LR 0), constant, then halving blocks."""
+    warm = np.linspace(0, learning_rate, 10)
+    LR = np.concatenate([warm, learning_rate * np.ones(max(0, n_epochs - 10))])
+    if n_epochs > 300:
+        LR = LR[:-100]
+        for _ in range(10):
+            LR = np.append(LR, LR[-1] / 2 * np.ones(10))
+    elif n_epochs > 99:
+        LR = LR[:-50]
+        for _ in range(10):
+            LR = np.append(LR, LR[-1] / 2 * np.ones(5))
+    return LR[:n_epochs]
+
+
+def _to_chw(img: np.ndarray, channel_axis: int | None, nchan: int = 3) -> np.ndarray:
+    """An image as float32 (nchan, Y, X): channel axis moved first, <= nchan channels, zero-padded."""
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = img[None]
+    elif img.ndim == 3:
+        ax = int(np.argmin(img.shape)) if channel_axis is None else channel_axis % 3
+        img = np.moveaxis(img, ax, 0)
+    else:
+        raise CellposeWebError(
+            f"training images must be 2D (Y, X) or 2D with channels; got shape {img.shape}. "
+            "Split z-stacks into planes first.")
+    img = img[:nchan].astype(np.float32)
+    if img.shape[0] < nchan:
+        img = np.concatenate([img, np.zeros((nchan - img.shape[0],) + img.shape[1:], np.float32)])
+    return img
+
+
+def _normalize_chw(img: np.ndarray) -> np.ndarray:
+    """Per-channel 1st/99th percentile normalisation (constant channels become 0)."""
+    return np.stack([transforms.normalize99(c) for c in img]).astype(np.float32)
+
+
+def prepare_training_data(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                          channel_axis: int | None = None, normalize: bool = True,
+                          min_train_masks: int = 5, device: torch.device | None = None,
+                          names: Sequence[str] | None = None):
+    """Images -> normalised (3, Y, X); labels -> (3, Y, X) [foreground, dY, dX]; per-image diameter.
+
+    Returns (imgs, flows, diams, kept_indices). Images with fewer than ``min_train_masks`` objects
+    are dropped (with a log message), as in Cellpose.
+    """
+    if len(images) != len(labels):
+        raise CellposeWebError(f"{len(images)} training images but {len(labels)} label images; "
+                               "every image needs exactly one mask file")
+    imgs, flows, diams, kept = [], [], [], []
+    for i, (img, lbl) in enumerate(zip(images, labels)):
+        name = names[i] if names is not None else f"image {i}"
+        x = _to_chw(img, channel_axis)
+        lbl = np.asarray(lbl)
+        if lbl.ndim == 3 and lbl.shape[0] >= 3 and lbl.shape[1:] == x.shape[1:]:
+            lbl = lbl[0]  # precomputed [labels, ...] flows: use the labels
+        if lbl.shape != x.shape[1:]:
+            raise CellposeWebError(f"{name}: mask shape {lbl.shape} does not match image shape {x.shape[1:]}")
+        lbl = lbl.astype(np.int64)
+        n_masks = len(np.unique(lbl[lbl > 0]))
+        if n_masks < min_train_masks:
+            log.warning("%s has %d masks (< min_train_masks=%d): not used for training", name, n_masks, min_train_masks)
+            continue
+        if normalize:
+            x = _normalize_chw(x)
+        fl = dynamics.labels_to_flows([lbl], device=device)[0]  # (4, Y, X) [labels, fg, dY, dX]
+        imgs.append(x)
+        flows.append(np.ascontiguousarray(fl[1:]).astype(np.float32))
+        diams.append(max(5.0, float(dynamics.diameters(lbl)[0])))
+        kept.append(i)
+    return imgs, flows, np.array(diams, np.float32), kept
+
+
+def _intensity_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random gamma, contrast, blur, noise, channel drop and inversion on normalised (B, C, H, W)."""
+    B, C = x.shape[:2]
+    dev = x.device
+
+    def u(*shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen, device="cpu").to(dev)
+
+    # contrast / brightness jitter per image and channel
+    x = x * u(B, C, 1, 1, lo=0.6, hi=1.5) + u(B, C, 1, 1, lo=-0.15, hi=0.15)
+    # gamma on the positive part
+    g = torch.exp(u(B, 1, 1, 1, lo=-0.5, hi=0.5))
+    x = torch.sign(x) * x.abs().clamp_min(1e-6) ** g
+    # gaussian blur for a random third of the batch
+    sig = u(B, lo=0.0, hi=2.0) * (u(B) < 0.35)
+    if (sig > 0.3).any():
+        r = 5
+        t = torch.arange(-r, r + 1, device=dev, dtype=x.dtype)
+        k = torch.exp(-t[None] ** 2 / (2 * sig[:, None].clamp_min(1e-3) ** 2))
+        k = k / k.sum(1, keepdim=True)  # (B, 2r+1)
+        xb = x.reshape(1, B * C, *x.shape[-2:])
+        kk = k.repeat_interleave(C, 0)
+        xb = F.conv2d(F.pad(xb, (r, r, 0, 0), mode="reflect"), kk[:, None, None, :], groups=B * C)
+        xb = F.conv2d(F.pad(xb, (0, 0, r, r), mode="reflect"), kk[:, None, :, None], groups=B * C)
+        x = torch.where((sig > 0.3)[:, None, None, None], xb.reshape(x.shape), x)
+    # additive noise
+    x = x + torch.randn(x.shape, generator=gen, device="cpu").to(dev) * u(B, 1, 1, 1, lo=0, hi=0.12) * (u(B, 1, 1, 1) < 0.5)
+    # inversion (dark cells on a bright background), only on non-empty channels
+    inv = (u(B, 1, 1, 1) < 0.12).float()
+    nonzero = (x.abs().amax(dim=(-2, -1), keepdim=True) > 0).float()
+    x = x * (1 - inv) + (1 - x) * inv * nonzero
+    # drop the second channel sometimes so two-channel images also work as one channel
+    if C > 1:
+        drop = (u(B, 1, 1, 1) < 0.2).float()
+        x = torch.cat([x[:, :1], x[:, 1:] * (1 - drop)], dim=1)
+    return x
+
+
+def flow_loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cellpose loss: MSE(y[:, :2], 5 * flows) / 2 + BCE(y[:, 2], foreground). target (B, 3, H, W)."""
+    veci = 5.0 * target[:, 1:3]
+    loss = F.mse_loss(y[:, :2], veci) / 2
+    loss2 = F.binary_cross_entropy_with_logits(y[:, 2], (target[:, 0] > 0.5).float())
+    return loss + loss2
+
+
+def save_network(net: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Save a network atomically in the format its loader expects (lite dict or Cellpose 4 state dict)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(net, "checkpoint_dict"):
+        obj = net.checkpoint_dict(meta)
+    else:
+        obj = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+               for k, v in net.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
+              train_labels: Sequence[np.ndarray] | None = None,
+              test_data: Sequence[np.ndarray] | None = None, test_labels: Sequence[np.ndarray] | None = None,
+              channel_axis: int | None = None, train_probs: Sequence[float] | None = None,
+              batch_size: int = 1, learning_rate: float = 1e-5, n_epochs: int = 100,
+              weight_decay: float = 0.1, normalize: bool = True, save_path: str | os.PathLike | None = None,
+              save_every: int = 100, save_each: bool = False, nimg_per_epoch: int | None = None,
+              nimg_test_per_epoch: int | None = None, rescale: bool = False,
+              scale_range: float | None = 0.5, bsize: int = 256, min_train_masks: int = 5,
+              model_name: str | None = None, seed: int = 0,
+              callback: EpochCallback | None = None, augment_intensity: bool = False,
+              scale_sampler: Callable[[np.random.Generator, int], np.ndarray] | None = None,
+              SGD: bool = False, **deprecated) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Train or fine-tune ``net`` (``model.net``) on images and instance labels, Cellpose-style.
+
+    Parameters
+    ----------
+    net : the network of a ``CellposeModel`` (Cellpose-SAM or lite); trained in fp32 in place.
+    train_data, train_labels : lists of images ((Y, X), (Y, X, C) or (C, Y, X)) and (Y, X) labels.
+    test_data, test_labels : optional held-out images for the test loss.
+    learning_rate, weight_decay, n_epochs, batch_size : AdamW recipe (Cellpose defaults).
+    rescale : scale each image so its median object diameter becomes the net's diameter (30 px).
+    scale_range : random scale spread (0.5 -> [0.75, 1.25]); None -> 2 ** U(-2, 2).
+    seed : makes a run repeatable (same seed, same data -> same losses on CPU).
+    callback : called after each epoch as ``callback(epoch, train_loss, test_loss or None,
+        elapsed_s)``; return False to stop early (the model so far is saved).
+    augment_intensity : add intensity, blur, noise and inversion augmentation (used for `lite`).
+
+    Returns
+    -------
+    (model_path, train_losses (n_epochs,), test_losses (n_epochs,))
+    """
+    if SGD:
+        log.warning("SGD is deprecated in Cellpose 4; AdamW is used")
+    for k in deprecated:
+        log.warning("train_seg: argument %r is not used by Cellpose 4 / cellpose-web and is ignored", k)
+    if train_data is None or train_labels is None or len(train_data) == 0:
+        raise CellposeWebError("no training images given: pass train_data and train_labels (lists of arrays)")
+    if n_epochs < 1:
+        raise CellposeWebError(f"n_epochs must be at least 1, got {n_epochs}")
+    if not (0 < learning_rate < 1):
+        raise CellposeWebError(f"learning_rate must be between 0 and 1, got {learning_rate}")
+    device = next(net.parameters()).device
+    orig_dtype = next(net.parameters()).dtype
+    net.float()
+
+    imgs, flows, diams, kept = prepare_training_data(train_data, train_labels, channel_axis, normalize,
+                                                     min_train_masks, device)
+    if not imgs:
+        raise CellposeWebError(
+            f"none of the {len(train_data)} training images has at least min_train_masks={min_train_masks} "
+            "masks; add more labelled cells or lower min_train_masks")
+    probs = None
+    if train_probs is not None:
+        probs = np.asarray(train_probs, np.float64)[kept]
+        probs = probs / probs.sum()
+    t_imgs, t_flows, t_diams = [], [], np.zeros(0)
+    if test_data is not None and test_labels is not None and len(test_data) > 0:
+        t_imgs, t_flows, t_diams, _ = prepare_training_data(test_data, test_labels, channel_axis, normalize, 0, device)
+    diam_mean = float(getattr(net, "diam_mean", torch.tensor([30.0])).reshape(-1)[0])
+    if hasattr(net, "diam_labels"):
+        with torch.no_grad():
+            net.diam_labels.data = torch.tensor([float(np.mean(diams))], device=device, dtype=net.diam_labels.dtype)
+
+    nimg = len(imgs)
+    nimg_per_epoch = nimg if nimg_per_epoch is None else int(nimg_per_epoch)
+    nimg_test = len(t_imgs) if nimg_test_per_epoch is None else min(len(t_imgs), int(nimg_test_per_epoch))
+    LR = learning_rate_schedule(learning_rate, n_epochs)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    save_dir = Path(save_path if save_path is not None else os.getcwd()) / "models"
+    model_name = model_name or f"cellpose_{int(time.time())}"
+    model_path = save_dir / model_name
+    meta = {"recipe": {"learning_rate": learning_rate, "weight_decay": weight_decay, "n_epochs": n_epochs,
+                       "batch_size": batch_size, "seed": seed, "rescale": rescale, "scale_range": scale_range,
+                       "augment_intensity": augment_intensity},
+            "n_train_images": nimg, "diam_labels": float(np.mean(diams))}
+
+    def scales_for(rng, idx, d):
+        if scale_sampler is not None:
+            s = scale_sampler(rng, len(idx))
+        elif scale_range is None:
+            s = 2.0 ** rng.uniform(-2, 2, len(idx))
+        else:
+            s = (1 - scale_range / 2) + scale_range * rng.random(len(idx))
+        if rescale:
+            s = s * diam_mean / d[idx]
+        return s
+
+    def batch_tensors(rng, idx, src_imgs, src_flows, src_d):
+        s = scales_for(rng, idx, src_d)
+        xb, yb = transforms.random_rotate_and_resize(
+            [src_imgs[i] for i in idx], [src_flows[i] for i in idx], scale_range=0.0,
+            xy=(bsize, bsize), rescale=s, rng=rng, device=device)
+        return xb, yb
+
+    train_losses = np.zeros(n_epochs)
+    test_losses = np.zeros(n_epochs)
+    t0 = time.time()
+    stopped = False
+    for iepoch in range(n_epochs):
+        rng = np.random.default_rng(seed + iepoch)
+        if nimg_per_epoch != nimg or probs is not None:
+            order = rng.choice(nimg, nimg_per_epoch, replace=nimg_per_epoch > nimg or probs is not None, p=probs)
+        else:
+            order = rng.permutation(nimg)
+        for g in optimizer.param_groups:
+            g["lr"] = LR[iepoch]
+        net.train()
+        total, count = 0.0, 0
+        for k in range(0, len(order), batch_size):
+            idx = order[k:k + batch_size]
+            xb, yb = batch_tensors(rng, idx, imgs, flows, diams)
+            if augment_intensity:
+                xb = _intensity_augment(xb, gen)
+            y = net(xb)[0]
+            loss = flow_loss(y, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.item()) * len(idx)
+            count += len(idx)
+        train_losses[iepoch] = total / max(count, 1)
+
+        test_loss = None
+        if t_imgs and (iepoch == 5 or iepoch % 10 == 0 or iepoch == n_epochs - 1):
+            net.eval()
+            trng = np.random.default_rng(42)
+            torder = trng.permutation(len(t_imgs))[:nimg_test]
+            tot, cnt = 0.0, 0
+            with torch.no_grad():
+                for k in range(0, len(torder), batch_size):
+                    idx = torder[k:k + batch_size]
+                    xb, yb = batch_tensors(trng, idx, t_imgs, t_flows, t_diams)
+                    tot += float(flow_loss(net(xb)[0], yb).item()) * len(idx)
+                    cnt += len(idx)
+            test_loss = tot / max(cnt, 1)
+            test_losses[iepoch] = test_loss
+        elapsed = time.time() - t0
+        log.info("epoch %d, train_loss=%.4f, test_loss=%s, LR=%.2e, time %.1fs", iepoch, train_losses[iepoch],
+                 "-" if test_loss is None else f"{test_loss:.4f}", LR[iepoch], elapsed)
+        if save_each and iepoch > 0 and iepoch % save_every == 0:
+            save_network(net, save_dir / f"{model_name}_epoch_{iepoch:04d}", meta)
+        elif iepoch > 0 and iepoch % save_every == 0:
+            save_network(net, model_path, meta)
+        if callback is not None and callback(iepoch, float(train_losses[iepoch]), test_loss, elapsed) is False:
+            log.info("training stopped by the callback after epoch %d", iepoch)
+            train_losses, test_losses = train_losses[: iepoch + 1], test_losses[: iepoch + 1]
+            stopped = True
+            break
+    meta["epochs_done"] = int(len(train_losses))
+    meta["stopped_early"] = stopped
+    meta["train_seconds"] = round(time.time() - t0, 1)
+    meta["final_train_loss"] = float(train_losses[-1])
+    net.eval()
+    save_network(net, model_path, meta)
+    if orig_dtype != torch.float32:
+        net.to(orig_dtype)
+    return model_path, train_losses, test_losses

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install everything the tests need and run the whole suite (fast, slow and browser tests).
+# Browser tests use Debian's chromium (never a downloaded browser).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; browser tests will be skipped"
+  fi
+fi
+python3 -m pip install -q -r requirements-dev.txt
+exec python3 -m pytest -q -ra "$@"
