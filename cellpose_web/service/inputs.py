@@ -1,0 +1,237 @@
+"""Untrusted input: uploaded images and zips, checked against the limits before use.
+
+Every failure is a CellposeWebError whose message says what was wrong and what to do.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.service.config import Limits
+
+IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+MASK_SUFFIXES = ("_masks", "_cp_masks", "_seg")
+
+
+@dataclass
+class LoadedImage:
+    """An image as read from disk: data (as stored), its file name and metadata."""
+    data: np.ndarray
+    name: str
+    pixel_size_um: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _fmt_mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MB"
+
+
+def check_file_size(path: str | Path, limits: Limits) -> int:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError:
+        raise FileNotFoundError(f"The uploaded file {p.name} could not be found; upload it again.")
+    if size == 0:
+        raise CellposeWebError(f"{p.name} is empty (0 bytes); upload the file again.")
+    if size > limits.max_upload_bytes:
+        raise CellposeWebError(f"{p.name} is {_fmt_mb(size)}, above the upload limit of "
+                               f"{_fmt_mb(limits.max_upload_bytes)}; crop it or ask the admin to raise "
+                               "CELLPOSE_WEB_MAX_UPLOAD_MB.")
+    return size
+
+
+def _fallback_read(path: Path) -> tuple[np.ndarray, dict]:
+    ext = path.suffix.lower()
+    if ext in (".tif", ".tiff"):
+        import tifffile
+        with tifffile.TiffFile(path) as tf:
+            arr = tf.asarray()
+            px = None
+            try:
+                ij = tf.imagej_metadata or {}
+                page = tf.pages[0]
+                xr = page.tags.get("XResolution")
+                if xr is not None:
+                    num, den = xr.value
+                    if num > 0:
+                        unit = (ij.get("unit") or "").lower()
+                        if unit in ("micron", "um", "µm", "\\u00B5m"):
+                            px = den / num
+            except Exception:
+                px = None
+        return arr, {"pixel_size_um": px}
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I"):
+            arr = np.asarray(im)
+        else:
+            arr = np.asarray(im.convert("RGB") if im.mode in ("P", "CMYK", "YCbCr", "LA", "RGBA") else im)
+    return arr, {"pixel_size_um": None}
+
+
+def read_image(path: str | Path, limits: Limits | None = None) -> LoadedImage:
+    """Read and validate one image file (TIFF/PNG/JPEG; 2D, channels, or a z-stack)."""
+    limits = limits or Limits.from_env()
+    p = Path(path)
+    check_file_size(p, limits)
+    if p.suffix.lower() not in IMAGE_EXTS:
+        raise CellposeWebError(f"{p.name}: unsupported file type {p.suffix or '(none)'}; "
+                               "use TIFF, PNG or JPEG.")
+    try:
+        try:
+            from cellpose_web import io as cpio
+            arr, meta = cpio.imread_with_meta(str(p))
+            meta = dict(meta) if isinstance(meta, dict) else dict(getattr(meta, "__dict__", {}))
+        except (ImportError, AttributeError):
+            arr, meta = _fallback_read(p)
+    except CellposeWebError:
+        raise
+    except FileNotFoundError:
+        raise
+    except MemoryError:
+        raise CellposeWebError(f"{p.name} is too large to load in memory; crop it first.")
+    except Exception as e:  # corrupt / truncated / not really an image
+        raise CellposeWebError(f"{p.name} could not be read as an image ({type(e).__name__}); "
+                               "check it opens in Fiji, and save it as TIFF or PNG.") from None
+    arr = validate_array(np.asarray(arr), p.name, limits)
+    px = meta.get("pixel_size_um")
+    if isinstance(px, (tuple, list)) and len(px):
+        px = px[-1]  # (y, x): x is the usual reported size
+    try:
+        px = float(px) if px is not None and np.isfinite(float(px)) and float(px) > 0 else None
+    except (TypeError, ValueError):
+        px = None
+    return LoadedImage(arr, p.name, px, meta)
+
+
+def validate_array(arr: np.ndarray, name: str = "image", limits: Limits | None = None) -> np.ndarray:
+    """Reject arrays Cellpose cannot use; return a real-valued array with non-finite values set to 0."""
+    limits = limits or Limits.from_env()
+    if arr.dtype == object or arr.dtype.kind in "USVO":
+        raise CellposeWebError(f"{name} does not contain numeric pixel data.")
+    if arr.dtype.kind == "c":
+        raise CellposeWebError(f"{name} has complex-valued pixels; save the magnitude as a normal image.")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    squeezed_shape = tuple(s for s in arr.shape if s > 1)
+    if arr.size == 0 or len(squeezed_shape) < 2:
+        raise CellposeWebError(f"{name} has shape {arr.shape}; an image needs at least 2 pixels along Y and X.")
+    if len(squeezed_shape) > 4:
+        raise CellposeWebError(f"{name} has {len(squeezed_shape)} dimensions {arr.shape}; this app takes 2D images, "
+                               "channels and z-stacks (up to 4D). Split time series into separate files.")
+    arr = arr.reshape(squeezed_shape)
+    if min(squeezed_shape[-2:]) < 8 and max(squeezed_shape) < 8:
+        raise CellposeWebError(f"{name} is only {arr.shape} pixels; use a larger image.")
+    if arr.size > limits.max_pixels:
+        raise CellposeWebError(f"{name} has {arr.size:,} values, above the limit of {limits.max_pixels:,}; "
+                               "crop or downsample it (or ask the admin to raise CELLPOSE_WEB_MAX_PIXELS).")
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.all():
+            raise CellposeWebError(f"{name} contains no finite pixel values (all NaN or infinite).")
+        if bad.any():
+            arr = np.where(bad, 0, arr)
+    return arr
+
+
+def validate_zip(path: str | Path, limits: Limits | None = None) -> list[zipfile.ZipInfo]:
+    """Check a zip before extracting: entry count, total uncompressed size, no absolute or '..' paths."""
+    limits = limits or Limits.from_env()
+    p = Path(path)
+    check_file_size(p, limits)
+    try:
+        zf = zipfile.ZipFile(p)
+    except (zipfile.BadZipFile, OSError):
+        raise CellposeWebError(f"{p.name} is not a valid zip file; create it with your file manager's "
+                               "'Compress' command.") from None
+    with zf:
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+        if len(infos) > limits.max_zip_entries:
+            raise CellposeWebError(f"{p.name} holds {len(infos)} files, above the limit of "
+                                   f"{limits.max_zip_entries}; split it into smaller zips.")
+        total = 0
+        for i in infos:
+            name = i.filename.replace("\\", "/")
+            pp = PurePosixPath(name)
+            if name.startswith("/") or pp.is_absolute() or ".." in pp.parts or (len(name) > 1 and name[1] == ":"):
+                raise CellposeWebError(f"{p.name} contains an unsafe path {i.filename!r} (absolute or '..'); "
+                                       "the zip was refused. Re-create it from a plain folder.")
+            mode = (i.external_attr >> 16) & 0o170000
+            if mode == stat.S_IFLNK:
+                raise CellposeWebError(f"{p.name} contains a symbolic link {i.filename!r}; the zip was refused.")
+            total += i.file_size
+            if total > limits.max_zip_uncompressed_bytes:
+                raise CellposeWebError(f"{p.name} unpacks to more than {_fmt_mb(limits.max_zip_uncompressed_bytes)}; "
+                                       "split it into smaller zips.")
+        return infos
+
+
+def extract_zip(path: str | Path, dest: str | Path, limits: Limits | None = None) -> list[Path]:
+    """Extract a validated zip into `dest` (flat: folders inside are kept but cannot escape).
+
+    Stops if the real decompressed size exceeds the limit (a zip bomb may lie in its headers).
+    Returns the extracted file paths (hidden files and __MACOSX skipped).
+    """
+    limits = limits or Limits.from_env()
+    infos = validate_zip(path, limits)
+    dest = Path(dest).resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+    budget = limits.max_zip_uncompressed_bytes
+    with zipfile.ZipFile(path) as zf:
+        for i in infos:
+            parts = PurePosixPath(i.filename.replace("\\", "/")).parts
+            if any(part.startswith(".") or part == "__MACOSX" for part in parts):
+                continue
+            target = dest.joinpath(*parts).resolve()
+            if dest not in target.parents:
+                raise CellposeWebError(f"Unsafe path {i.filename!r} in the zip; refused.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(i) as src, open(target, "wb") as dst:
+                    while True:
+                        chunk = src.read(1 << 20)
+                        if not chunk:
+                            break
+                        budget -= len(chunk)
+                        if budget < 0:
+                            raise CellposeWebError(
+                                "The zip unpacks to more than the allowed size "
+                                f"({_fmt_mb(limits.max_zip_uncompressed_bytes)}); it was refused.")
+                        dst.write(chunk)
+            except CellposeWebError:
+                target.unlink(missing_ok=True)
+                raise
+            except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as e:
+                target.unlink(missing_ok=True)
+                raise CellposeWebError(f"{i.filename} in the zip is damaged ({type(e).__name__}); "
+                                       "re-create the zip.") from None
+            out.append(target)
+    return out
+
+
+def is_mask_file(path: Path) -> bool:
+    stem = path.name[: -len("".join(path.suffixes))] if path.suffixes else path.stem
+    return any(stem.endswith(s) for s in ("_masks", "_cp_masks", "_seg", "_flows", "_cellprob", "_outlines"))
+
+
+def image_files(paths: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Split paths into images to process and (name, reason) for files that are skipped."""
+    good, skipped = [], []
+    for p in sorted(paths, key=lambda q: q.name.lower()):
+        if p.suffix.lower() not in IMAGE_EXTS:
+            skipped.append((p.name, f"not an image type this app reads ({p.suffix or 'no extension'})"))
+        elif is_mask_file(p):
+            skipped.append((p.name, "looks like a mask/output file, not an input image"))
+        else:
+            good.append(p)
+    return good, skipped

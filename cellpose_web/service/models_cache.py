@@ -1,0 +1,130 @@
+"""One model instance per (name, device), shared by all requests; eval serialised per instance.
+
+Also the model list for the UI (from the registry) and the default model choice.
+Set CELLPOSE_WEB_DEFAULT_MODEL to a name or path to override the registry's best model.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cellpose_web.errors import CellposeWebError, ModelNotAvailableError
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_cache: dict[tuple[str, str], "CachedModel"] = {}
+
+
+@dataclass
+class CachedModel:
+    model: Any
+    name: str
+    sha256: str
+    path: str
+    arch: str
+    lock: threading.Lock
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def use_gpu() -> bool:
+    if os.environ.get("CELLPOSE_WEB_CPU", "0") == "1":
+        return False
+    try:
+        import torch
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def list_model_names() -> list[str]:
+    """Names for the model dropdowns: every registry model, plus the configured default."""
+    names: list[str] = []
+    try:
+        from cellpose_web import registry
+        names = [m.name for m in registry.list_models()]
+    except Exception as e:  # registry not available yet: fall back to the configured default
+        log.debug("registry unavailable: %s", e)
+    d = default_model_name()
+    if d and d not in names:
+        names.insert(0, d)
+    return names
+
+
+def default_model_name() -> str | None:
+    env = os.environ.get("CELLPOSE_WEB_DEFAULT_MODEL")
+    if env:
+        return env
+    try:
+        from cellpose_web import registry
+        best = registry.best_available_model()
+        return getattr(best, "name", best)
+    except Exception:
+        return None
+
+
+def resolve(name: str) -> dict[str, Any]:
+    """name -> {'name', 'path', 'sha256', 'arch', 'source'}; ModelNotAvailableError if unknown."""
+    if not name:
+        raise ModelNotAvailableError("No model chosen: pick a model in the list (the Models tab shows them all).")
+    try:
+        from cellpose_web import registry
+        info = registry.resolve_model(name)
+        path = str(getattr(info, "path", "") or "")
+        sha = getattr(info, "sha256", None) or (_sha256(path) if path and Path(path).is_file() else "")
+        return {"name": getattr(info, "name", name), "path": path, "sha256": sha,
+                "arch": getattr(info, "arch", ""), "source": getattr(info, "source", "")}
+    except (ImportError, AttributeError):
+        p = Path(name)
+        if p.is_file():
+            return {"name": p.stem, "path": str(p), "sha256": _sha256(str(p)), "arch": "", "source": "file"}
+        raise ModelNotAvailableError(f"Model {name!r} is not available on this server; choose another "
+                                     "model or add it in the Models tab.")
+
+
+def get_model(name: str) -> CachedModel:
+    """The shared model instance for `name` (loaded once)."""
+    info = resolve(name)
+    gpu = use_gpu()
+    key = (info["path"] or info["name"], "cuda" if gpu else "cpu")
+    with _lock:
+        cm = _cache.get(key)
+        if cm is not None:
+            return cm
+    try:
+        from cellpose_web.models import CellposeModel
+    except ImportError:
+        raise ModelNotAvailableError("The segmentation engine is not installed on this server; "
+                                     "contact the admin.") from None
+    try:
+        model = CellposeModel(gpu=gpu, pretrained_model=info["path"] or info["name"])
+    except (CellposeWebError, FileNotFoundError):
+        raise
+    except Exception as e:
+        log.exception("loading model %s failed", name)
+        raise ModelNotAvailableError(f"Model {name!r} could not be loaded ({type(e).__name__}); "
+                                     "the file may be damaged. Choose another model or re-add it.") from None
+    cm = CachedModel(model, info["name"], info["sha256"], info["path"], info["arch"], threading.Lock())
+    with _lock:
+        _cache.setdefault(key, cm)
+        return _cache[key]
+
+
+def forget(name: str | None = None) -> None:
+    """Drop cached models (all, or those whose name/path matches), e.g. after delete/rename."""
+    with _lock:
+        for k in list(_cache):
+            if name is None or name in k or _cache[k].name == name:
+                del _cache[k]

@@ -1,0 +1,114 @@
+"""Files under the data folder: atomic writes, safe names, per-user roots.
+
+No user-supplied name can reach outside the data folder: names are reduced to a safe
+alphabet and every joined path is checked to stay below its root.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.service.config import home_dir, per_user
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str, what: str = "name", max_len: int = 100) -> str:
+    """A file/folder name made of letters, digits, '.', '_', '-' (spaces become '_')."""
+    s = _SAFE.sub("_", str(name).strip()).strip("._")
+    if not s:
+        raise CellposeWebError(f"The {what} {name!r} is empty after removing unusual characters; "
+                               "use letters, digits, '-' or '_'.")
+    return s[:max_len]
+
+
+def safe_join(root: Path, *parts: str) -> Path:
+    """root/parts..., refusing anything that would end up outside root."""
+    root = Path(root).resolve()
+    p = root.joinpath(*parts).resolve()
+    if p != root and root not in p.parents:
+        raise CellposeWebError("That file name points outside the data folder and was refused.")
+    return p
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_json(path: Path, obj: Any) -> Path:
+    return atomic_write_bytes(path, json.dumps(obj, indent=2, default=_json_default).encode())
+
+
+def atomic_save(path: Path, writer) -> Path:
+    """Call writer(tmp_path) to write a file, then rename it to `path` (for tifffile, np.save, zip)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def _json_default(o):
+    import numpy as np
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def user_root(user: str | None = None) -> Path:
+    """Folder for one account's data: the data folder itself (shared lab), or users/<name>/ per user."""
+    root = home_dir()
+    if user and per_user():
+        root = safe_join(root, "users", safe_name(user, "user name"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def sub_dir(kind: str, user: str | None = None) -> Path:
+    """jobs/, training_sets/ ... below the user's root, created."""
+    d = safe_join(user_root(user), safe_name(kind))
+    d.mkdir(parents=True, exist_ok=True)
+    return d

@@ -1,0 +1,265 @@
+"""service/: hostile input checks, atomic storage, jobs that survive restarts, batch and training sets.
+
+Segmentation here uses a small stand-in model (threshold + connected components) so the tests
+check the service plumbing fast; the real engine is tested in test_models.py and the e2e tests.
+"""
+import io
+import json
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from scipy import ndimage as ndi
+
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.service import batch, inputs, jobs, models_cache, segment, storage, training
+from cellpose_web.service.config import Limits
+
+
+class ThresholdModel:
+    """Stand-in for CellposeModel: labels connected bright regions."""
+
+    def eval(self, img, channel_axis=None, progress=None, **kw):
+        x = np.asarray(img, np.float32)
+        if x.ndim == 3:
+            x = x[..., 0] if channel_axis in (2, -1) else x[0]
+        m, _ = ndi.label(x > x.mean() + x.std())
+        rgb = np.zeros((*m.shape, 3), np.uint8)
+        if progress:
+            progress(1.0, "done")
+        return m.astype(np.uint16), [rgb, np.zeros((2, *m.shape), np.float32), x.copy()], np.zeros(256)
+
+
+@pytest.fixture
+def fake_model(monkeypatch):
+    cm = models_cache.CachedModel(ThresholdModel(), "thresh", "ab" * 32, "/nowhere", "test", threading.Lock())
+    monkeypatch.setattr(models_cache, "get_model", lambda name: cm)
+    return cm
+
+
+def _blobs(seed=0, n=5, shape=(64, 64)):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(10, 1, shape)
+    for _ in range(n):
+        y, x = rng.integers(8, shape[0] - 8, 2)
+        img[y - 3:y + 3, x - 3:x + 3] += 100
+    return img.astype(np.uint16)
+
+
+def _zip(path, entries):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _tif_bytes(arr):
+    b = io.BytesIO()
+    tifffile.imwrite(b, arr)
+    return b.getvalue()
+
+
+# ---------------------------------------------------------------- storage
+def test_safe_join_and_names(tmp_path):
+    assert storage.safe_name("my set 1/../x") == "my_set_1_.._x"
+    with pytest.raises(CellposeWebError):
+        storage.safe_join(tmp_path, "..", "etc")
+    with pytest.raises(CellposeWebError):
+        storage.safe_name("../..")
+    p = storage.atomic_write_json(tmp_path / "a" / "b.json", {"x": np.int64(3)})
+    assert json.loads(p.read_text()) == {"x": 3}
+    assert not list((tmp_path / "a").glob(".*tmp"))
+
+
+# ---------------------------------------------------------------- hostile input
+def test_zip_slip_absolute_and_symlink_rejected(tmp_path):
+    lim = Limits()
+    for bad in ("../evil.tif", "/abs/evil.tif", "a/../../evil.tif", "C:/evil.tif"):
+        z = _zip(tmp_path / "slip.zip", {bad: b"x"})
+        with pytest.raises(CellposeWebError, match="unsafe path"):
+            inputs.extract_zip(z, tmp_path / "out", lim)
+    assert not (tmp_path / "evil.tif").exists()
+    z = tmp_path / "link.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        info = zipfile.ZipInfo("link")
+        info.external_attr = (0o120777 << 16)
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(CellposeWebError, match="symbolic link"):
+        inputs.extract_zip(z, tmp_path / "out", lim)
+
+
+def test_zip_bomb_and_entry_limits(tmp_path):
+    z = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.tif", b"\0" * (3 * 2**20))
+    with pytest.raises(CellposeWebError, match="unpacks to more"):
+        inputs.extract_zip(z, tmp_path / "out", Limits(max_zip_uncompressed_bytes=2**20))
+    z2 = _zip(tmp_path / "many.zip", {f"{i}.tif": b"x" for i in range(6)})
+    with pytest.raises(CellposeWebError, match="holds 6 files"):
+        inputs.validate_zip(z2, Limits(max_zip_entries=5))
+    (tmp_path / "notzip.zip").write_text("hello")
+    with pytest.raises(CellposeWebError, match="not a valid zip"):
+        inputs.validate_zip(tmp_path / "notzip.zip", Limits())
+
+
+@pytest.mark.parametrize("name,data,match", [
+    ("empty.tif", b"", "empty"),
+    ("text.png", b"this is not a png at all" * 10, "text|PNG|read|image"),
+    ("trunc.tif", None, "read|damaged|truncat|TIFF"),
+    ("doc.pdf", b"%PDF-1.4 ....", "unsupported|not"),
+])
+def test_bad_files_give_messages(tmp_path, name, data, match):
+    if data is None:
+        data = _tif_bytes(_blobs())[:300]
+    p = tmp_path / name
+    p.write_bytes(data)
+    with pytest.raises(CellposeWebError, match=match):
+        inputs.read_image(p, Limits())
+
+
+@pytest.mark.parametrize("arr,match", [
+    (np.ones((10, 10), complex), "complex"),
+    (np.full((10, 10), np.nan), "finite"),
+    (np.ones((1, 50)), "at least 2"),
+    (np.ones((2, 2, 2, 2, 9, 9)), "dimensions"),
+    (np.array([["a", "b"], ["c", "d"]]), "numeric"),
+])
+def test_odd_arrays(arr, match):
+    with pytest.raises(CellposeWebError, match=match):
+        inputs.validate_array(arr, "x", Limits())
+
+
+def test_odd_arrays_that_are_fixed():
+    a = inputs.validate_array(np.ones((10, 10), bool), "x", Limits())
+    assert a.dtype == np.uint8
+    f = np.ones((10, 10), np.float32)
+    f[0, 0] = np.inf
+    assert np.isfinite(inputs.validate_array(f, "x", Limits())).all()
+    with pytest.raises(CellposeWebError, match="limit"):
+        inputs.validate_array(np.ones((100, 100)), "x", Limits(max_pixels=1000))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"diameter": -5}, "Diameter"), ({"niter": 10**9}, "niter"), ({"flow_threshold": float("nan")}, "Flow"),
+    ({"norm_percentile": (50, 10)}, "percentiles"), ({"cellprob_threshold": "abc"}, "number"),
+    ({"stitch_threshold": 2}, "Stitch"),
+])
+def test_absurd_parameters(kw, match):
+    with pytest.raises(CellposeWebError, match=match):
+        segment.SegmentParams(**kw).validated(Limits())
+
+
+def test_channels_last_layouts():
+    img = np.zeros((2, 30, 40))
+    out, stack = segment.to_channels_last(img, None, None)
+    assert out.shape == (30, 40, 2) and not stack
+    out, stack = segment.to_channels_last(np.zeros((7, 30, 40)), None, None)
+    assert out.shape == (7, 30, 40, 1) and stack
+    out, stack = segment.to_channels_last(np.zeros((5, 2, 30, 40)), None, None)
+    assert out.shape == (5, 30, 40, 2) and stack
+    out, _ = segment.to_channels_last(np.zeros((30, 40, 3)), 2, None, channels=[2])
+    assert out.shape == (30, 40, 1)
+    with pytest.raises(CellposeWebError, match="does not exist"):
+        segment.to_channels_last(np.zeros((30, 40, 3)), 2, None, channels=[5])
+
+
+# ---------------------------------------------------------------- segmentation + files
+def test_segment_records_provenance_and_writes_files(tmp_path, fake_model):
+    img = _blobs()
+    res = segment.segment(img, segment.SegmentParams(flow_threshold=0.3), "thresh", "a.tif", 0.5)
+    assert res.n_cells > 0
+    assert res.provenance["model_sha256"] == "ab" * 32
+    assert res.provenance["params"]["flow_threshold"] == 0.3
+    table, _ = batch.measure_result(res, 0.5)
+    from cellpose_web.service import outputs
+    files = outputs.write_result_files(tmp_path, "a", res.masks, res.provenance, table,
+                                       res.flow_rgb, res.cellprob, res.dP)
+    assert (tifffile.imread(files["masks_tif"]) == res.masks).all()
+    from cellpose_web import io as cpio
+    seg = cpio.load_seg(files["seg_npy"])
+    assert (seg["masks"] == res.masks).all()
+    assert "sha256" in json.dumps(seg["cellpose_web"], default=str)
+    df = pd.read_csv(files["cells_csv"], comment="#")
+    assert len(df) == res.n_cells
+    assert "thresh" in files["cells_csv"].read_text().splitlines()[0]
+    assert len(files["outlines_txt"].read_text().splitlines()) == res.n_cells
+
+
+# ---------------------------------------------------------------- batch
+def test_batch_bad_file_listed_others_processed(tmp_path, fake_model):
+    z = _zip(tmp_path / "in.zip", {
+        "one.tif": _tif_bytes(_blobs(1)), "sub/two.tif": _tif_bytes(_blobs(2, 3)),
+        "broken.tif": b"II*\x00garbage", "notes.txt": b"hello", "one_masks.tif": _tif_bytes(_blobs(1)),
+    })
+    out = tmp_path / "job" / "results"
+    res = batch.run_batch([z], segment.SegmentParams(), "thresh", out, pixel_size_um=0.5,
+                          puncta=batch.PunctaParams(channel=0, threshold=0.2))
+    assert res["n_ok"] == 2
+    summary = pd.read_csv(res["summary_csv"], comment="#")
+    ok = summary[summary.status == "ok"].set_index("image")
+    assert set(ok.index) == {"one.tif", "two.tif"}
+    bad = dict(zip(summary[summary.status == "error"].image, summary[summary.status == "error"].reason))
+    assert "broken.tif" in bad and "notes.txt" in bad and "one_masks.tif" in bad
+    cells = pd.read_csv(res["cells_csv"], comment="#")
+    for name, row in ok.iterrows():
+        assert (cells.image == name).sum() == row.n_cells
+    assert "puncta_count" in cells
+    with zipfile.ZipFile(res["zip"]) as zf:
+        names = zf.namelist()
+    assert "summary.csv" in names and "one/one_cp_masks.tif" in names and "two/two_seg.npy" in names
+
+
+# ---------------------------------------------------------------- jobs
+def test_jobs_progress_cancel_and_restart_recovery():
+    jm = jobs.JobManager()
+    gate = threading.Event()
+
+    def work(job):
+        for i in range(100):
+            if job.cancelled:
+                return {"done": i}
+            job.progress(i / 100, f"step {i}")
+            gate.wait(0.01)
+        return {"done": 100}
+
+    j = jm.create("batch", {"x": 1})
+    t = jm.start(j, work)
+    time.sleep(0.05)
+    assert jm.cancel(j.id)
+    t.join(5)
+    st = jm.get(j.id)
+    assert st["state"] == "cancelled" and st["result"]["done"] < 100
+    # a job left "running" by a killed process is reported as interrupted after a restart
+    j2 = jm.create("train", {})
+    j2.update(state="running", progress=0.4)
+    jm2 = jobs.JobManager()
+    assert jm2.get(j2.id)["state"] == "interrupted"
+    assert jm2.get(j.id)["state"] == "cancelled"
+    j3 = jm2.create("batch", {})
+    jm2.start(j3, lambda job: (_ for _ in ()).throw(CellposeWebError("bad input, fix it"))).join(5)
+    assert jm2.get(j3.id)["state"] == "failed" and "fix it" in jm2.get(j3.id)["message"]
+
+
+# ---------------------------------------------------------------- training sets
+def test_training_set_add_import_load(tmp_path):
+    img, m = _blobs(), np.zeros((64, 64), np.uint16)
+    m[5:10, 5:10] = 1
+    m[20:30, 20:30] = 2
+    training.add_pair("lab set", img, m, "img 1")
+    training.add_pair("lab set", img, m, "img 1")  # replaced, not duplicated
+    z = _zip(tmp_path / "pairs.zip", {"b.tif": _tif_bytes(img), "b_masks.tif": _tif_bytes(m),
+                                      "c.tif": _tif_bytes(img)})
+    n, problems = training.import_pairs([z], "lab set")
+    assert n == 1 and problems and problems[0][0] == "c.tif"
+    sets = training.list_sets()
+    assert sets == [{"name": "lab_set", "n_images": 2, "n_cells": 4, "updated": sets[0]["updated"]}]
+    imgs, labs, names = training.load_set("lab set")
+    assert names == ["b", "img_1"] and (labs[0] == m).all()
+    with pytest.raises(CellposeWebError):
+        training.add_pair("x", img, np.zeros_like(m), "empty")
+    assert training.split_holdout(5) == ([0, 1, 2, 4], [3]) or len(training.split_holdout(5)[1]) == 1
