@@ -49,18 +49,32 @@ def use_gpu() -> bool:
         return False
 
 
-def list_model_names() -> list[str]:
-    """Names for the model dropdowns: every registry model, plus the configured default."""
-    names: list[str] = []
+def list_model_choices() -> list[tuple[str, str]]:
+    """(label, name) pairs for the model dropdowns: usable models first, then Hub models that would
+    download on first use; the configured default is always included."""
+    ready: list[tuple[str, str]] = []
+    later: list[tuple[str, str]] = []
     try:
         from cellpose_web import registry
-        names = [m.name for m in registry.list_models()]
-    except Exception as e:  # registry not available yet: fall back to the configured default
-        log.debug("registry unavailable: %s", e)
+        for m in registry.list_models():
+            if getattr(m, "available", True):
+                tag = {"lab": "lab model", "builtin": "built-in", "hub": "Hub, cached"}.get(m.source, m.source)
+                ready.append((f"{m.name} ({tag})", m.name))
+            else:
+                if m.source == "hub":
+                    later.append((f"{m.name} (Hub, downloads ~1.2 GB on first use)", m.name))
+    except Exception as e:  # noqa: BLE001 - registry problems must not break the page
+        log.warning("model registry unavailable: %s", e)
+    out = ready + later
     d = default_model_name()
-    if d and d not in names:
-        names.insert(0, d)
-    return names
+    if d and d not in [v for _, v in out]:
+        out.insert(0, (Path(d).name if os.sep in d else d, d))
+    return out
+
+
+def list_model_names() -> list[str]:
+    """Model names for the dropdowns (see list_model_choices)."""
+    return [v for _, v in list_model_choices()]
 
 
 def default_model_name() -> str | None:

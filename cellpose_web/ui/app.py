@@ -1,0 +1,180 @@
+"""The Gradio Blocks app (tabs Segment, Correct, Batch, Fine-tune, Models) and its launcher.
+
+``python app.py`` / ``python -m cellpose_web serve`` call :func:`main`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.service.config import Limits, home_dir
+
+log = logging.getLogger("cellpose_web.ui")
+
+TITLE = "Cellpose-web"
+HEADER = """<div class="cpw-header">
+<h1>Cellpose-web</h1>
+<p>Cell and nucleus segmentation with Cellpose 4 (Cellpose-SAM) and lab models: segment, correct, batch,
+fine-tune. Results record the model (name + sha256) and every parameter. Based on
+<a href="https://www.nature.com/articles/s41592-020-01018-x" target="_blank">Cellpose</a> and
+<a href="https://www.biorxiv.org/content/10.1101/2025.04.28.651001" target="_blank">Cellpose-SAM</a>.</p>
+</div>"""
+
+
+def build_app(default_model: str | None = None, limits: Limits | None = None):
+    """Build the Blocks app (not launched). `default_model` pre-selects a model (name or path)."""
+    import gradio as gr
+
+    from cellpose_web.ui import batch_tab, common, correct_tab, finetune_tab, models_tab, segment_tab
+
+    if default_model:
+        os.environ["CELLPOSE_WEB_DEFAULT_MODEL"] = str(default_model)
+    limits = limits or Limits.from_env()
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.HTML(HEADER)
+        session = gr.State(common.new_session())
+        ctx: dict[str, Any] = {"session": session, "limits": limits, "model_dropdowns": [],
+                               "refreshers": []}
+        with gr.Tabs(elem_id="main-tabs") as tabs:
+            ctx["tabs"] = tabs
+            with gr.Tab("Segment", id="segment", elem_id="tab-segment"):
+                seg = segment_tab.build(ctx)
+            ctx["segment"] = seg
+            with gr.Tab("Correct", id="correct", elem_id="tab-correct") as correct_tab_el:
+                cor = correct_tab.build(ctx)
+            ctx["correct"] = cor
+            with gr.Tab("Batch", id="batch", elem_id="tab-batch"):
+                batch_tab.build(ctx)
+            with gr.Tab("Fine-tune", id="finetune", elem_id="tab-finetune"):
+                finetune_tab.build(ctx)
+            with gr.Tab("Models", id="models", elem_id="tab-models"):
+                models_tab.build(ctx)
+        correct_tab_el.select(cor["on_enter"], [session, cor["state"]], cor["enter_outputs"],
+                              api_visibility="private")
+
+        def refresh_models():
+            names, default = common.model_choices()
+            return [gr.update(choices=names, value=default)
+                    for _ in ctx["model_dropdowns"]]
+
+        demo.load(refresh_models, None, ctx["model_dropdowns"], api_visibility="private")
+        for fn, outs in ctx["refreshers"]:
+            demo.load(fn, None, outs, api_visibility="private")
+    demo.queue(default_concurrency_limit=4, max_size=200)
+    demo._cpw_ctx = ctx  # for tests
+    return demo
+
+
+def launch_kwargs() -> dict[str, Any]:
+    """theme / css / head (keyboard shortcuts) / allowed paths for Blocks.launch (Gradio 6 style)."""
+    from cellpose_web.ui import widgets
+    ex = Path(__file__).resolve().parents[2] / "examples"
+    allowed = [str(ex)] if ex.is_dir() else []
+    return {"theme": widgets.theme(), "css": widgets.CSS, "head": widgets.HEAD, "allowed_paths": allowed,
+            "footer_links": ["api"]}
+
+
+# ------------------------------------------------------------------ accounts
+def hash_password(password: str, salt: bytes | None = None, iterations: int = 200_000) -> str:
+    """'pbkdf2_sha256$iterations$salt_hex$hash_hex' for a users file."""
+    salt = salt or os.urandom(16)
+    dk = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    return f"pbkdf2_sha256${iterations}${salt.hex()}${dk.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        algo, it, salt_hex, hash_hex = stored.split("$")
+        if algo != "pbkdf2_sha256":
+            return False
+        dk = hashlib.pbkdf2_hmac("sha256", password.encode(), bytes.fromhex(salt_hex), int(it))
+        return hmac.compare_digest(dk.hex(), hash_hex)
+    except (ValueError, TypeError):
+        return False
+
+
+def load_users_file(path: str | Path) -> dict[str, str]:
+    """users.json: {"alice": "pbkdf2_sha256$...", ...} (make entries with `python app.py --hash-password`)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CellposeWebError(f"Cannot read the users file {path}: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise CellposeWebError(f"{path} must be a JSON object of user name -> hashed password.")
+    return data
+
+
+def make_auth(auth: str | None, auth_file: str | None) -> Callable[[str, str], bool] | None:
+    """Combine --auth user:pass[,user2:pass2] (or CELLPOSE_WEB_AUTH) and a hashed users file."""
+    plain: dict[str, str] = {}
+    auth = auth or os.environ.get("CELLPOSE_WEB_AUTH")
+    auth_file = auth_file or os.environ.get("CELLPOSE_WEB_AUTH_FILE")
+    if auth:
+        for pair in auth.split(","):
+            if ":" not in pair:
+                raise CellposeWebError("--auth must look like user:password (several separated by commas).")
+            u, p = pair.split(":", 1)
+            plain[u.strip()] = p
+    hashed = load_users_file(auth_file) if auth_file else {}
+    if not plain and not hashed:
+        return None
+
+    def check(user: str, password: str) -> bool:
+        if user in hashed:
+            return verify_password(password, hashed[user])
+        if user in plain:
+            return hmac.compare_digest(plain[user].encode(), password.encode())
+        return False
+    return check
+
+
+# ------------------------------------------------------------------ entry point
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="cellpose_web serve", description="Start the Cellpose-web app.")
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                    help="address to listen on (env GRADIO_SERVER_NAME; 0.0.0.0 for a lab server)")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                    help="port (env GRADIO_SERVER_PORT)")
+    ap.add_argument("--share", action="store_true", help="create a temporary public share link")
+    ap.add_argument("--auth", default=None, help="user:password[,user2:pw2] (or env CELLPOSE_WEB_AUTH)")
+    ap.add_argument("--auth-file", default=None,
+                    help="JSON users file with hashed passwords (or env CELLPOSE_WEB_AUTH_FILE)")
+    ap.add_argument("--hash-password", metavar="PASSWORD", default=None,
+                    help="print a hashed password for the users file and exit")
+    ap.add_argument("--model", default=None, help="model pre-selected in the lists (name or path)")
+    ap.add_argument("--max-file-size", default=None, help="largest upload, e.g. 500mb (default from limits)")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.hash_password is not None:
+        print(hash_password(args.hash_password))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        auth = make_auth(args.auth, args.auth_file)
+    except CellposeWebError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    limits = Limits.from_env()
+    demo = build_app(default_model=args.model, limits=limits)
+    log.info("data folder: %s", home_dir())
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                auth_message="Cellpose-web: log in with your lab account." if auth else None,
+                max_file_size=args.max_file_size or limits.max_upload_bytes, show_error=False,
+                **launch_kwargs())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

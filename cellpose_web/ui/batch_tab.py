@@ -1,0 +1,167 @@
+"""Batch tab: a zip (or many files) -> per-image results, summary CSV, all-cells CSV, result zip.
+Runs as a background job: it survives a closed browser, and the server keeps its status."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.service import batch, jobs
+from cellpose_web.service.segment import SegmentParams
+from cellpose_web.ui import common, segment_tab, widgets as W
+
+INTRO = ("Upload a **zip** of images (or select several image files). Every image is segmented with the "
+         "same model and parameters. You get a zip with each image's masks, outlines and `_seg.npy`, a "
+         "**summary CSV** (one row per image) and an **all-cells CSV**. Files that cannot be read are "
+         "listed with the reason; the others are still processed.")
+
+
+def _download_copy(path: str | None) -> str | None:
+    """Copy a result from the data folder to a temp file for download (the data folder is not served)."""
+    if not path or not Path(path).is_file():
+        return None
+    d = Path(tempfile.mkdtemp(prefix="cpweb_dl_"))
+    return str(shutil.copy2(path, d / Path(path).name))
+
+
+def jobs_table(user: str | None) -> pd.DataFrame:
+    rows = []
+    for st in jobs.manager(user).list("batch")[:20]:
+        r = st.get("result") or {}
+        rows.append({"job": st["id"], "state": st["state"], "progress": f"{100 * st.get('progress', 0):.0f} %",
+                     "images ok": r.get("n_ok", ""), "problems": len(r.get("errors", [])) if r else "",
+                     "message": st.get("message", "")})
+    return pd.DataFrame(rows, columns=["job", "state", "progress", "images ok", "problems", "message"])
+
+
+def start_batch(files: list[str], model: str, params: SegmentParams, px: float | None,
+                puncta: batch.PunctaParams | None, user: str | None) -> jobs.Job:
+    if not files:
+        raise CellposeWebError("No files: upload a zip of images (or several image files) first.")
+    params = params.validated()
+    jm = jobs.manager(user)
+    job = jm.create("batch", {"model": model, "params": vars(params), "pixel_size_um": px,
+                              "puncta": vars(puncta) if puncta else None,
+                              "inputs": [Path(f).name for f in files]}, owner=user)
+    staged = job.dir / "inputs"
+    staged.mkdir()
+    local = [str(shutil.copy2(f, staged / Path(f).name)) for f in files]
+
+    def work(j: jobs.Job):
+        return batch.run_batch(local, params, model, j.results_dir / "batch_results", pixel_size_um=px,
+                               puncta=puncta, progress=j.progress, cancelled=lambda: j.cancelled)
+
+    jm.start(job, work)
+    return job
+
+
+def build(ctx: dict[str, Any]) -> None:
+    names, default = common.model_choices()
+    job_id = gr.State("")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=320):
+            gr.Markdown(INTRO)
+            files = gr.File(label="Zip or image files", file_count="multiple",
+                            file_types=[".zip", ".tif", ".tiff", ".png", ".jpg", ".jpeg"], elem_id="batch-files")
+            model = gr.Dropdown(names, value=default, label="Model", elem_id="batch-model")
+            with gr.Row():
+                diameter = gr.Number(None, label="Diameter (px)", info="blank = automatic", minimum=0)
+                pixel = gr.Number(None, label="Pixel size (µm/px)", info="used when a file has none", minimum=0)
+            with gr.Row():
+                flow = gr.Slider(0, 3, 0.4, step=0.05, label="Flow threshold")
+                cellprob = gr.Slider(-6, 6, 0.0, step=0.25, label="Cell probability threshold")
+            with gr.Accordion("More parameters", open=False):
+                with gr.Row():
+                    niter = gr.Number(0, label="niter (0 = automatic)", minimum=0, precision=0)
+                    min_size = gr.Number(15, label="Minimum cell size (px)", precision=0)
+                channels = gr.Textbox("", label="Channels to use", placeholder="e.g. 0,1 (blank = all)")
+            with gr.Accordion("Puncta", open=False):
+                p_on = gr.Checkbox(False, label="Count puncta per cell")
+                with gr.Row():
+                    p_ch = gr.Number(1, label="Puncta channel", precision=0, minimum=0)
+                    p_thr = gr.Number(0.1, label="Threshold", minimum=0)
+                with gr.Row():
+                    p_smin = gr.Number(1.0, label="Min sigma (px)")
+                    p_smax = gr.Number(3.0, label="Max sigma (px)")
+            with gr.Row():
+                run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="batch-cancel")
+        with gr.Column(scale=2, min_width=480):
+            status = gr.Markdown("No batch running.", elem_id="batch-status")
+            result = gr.File(label="Results (zip, summary CSV, all-cells CSV)", file_count="multiple",
+                             interactive=False, elem_id="batch-result")
+            summary = gr.Dataframe(label="Summary: one row per image (cell count, median area px / µm², "
+                                         "puncta)", interactive=False, max_height=320, elem_id="batch-summary")
+            with gr.Accordion("Earlier batches (kept on the server)", open=False):
+                history = gr.Dataframe(jobs_table(None), interactive=False, elem_id="batch-history")
+                with gr.Row():
+                    old_id = gr.Textbox(label="Job id", placeholder="copy a job id from the table")
+                    old_btn = gr.Button("Get results of this job", size="sm")
+                    refresh = gr.Button("Refresh list", size="sm")
+
+    @W.user_errors
+    def on_run(fs, m, d, fl, cp, ni, ms, chs, px, pon, pch, psmin, psmax, pthr, request: gr.Request,
+               progress=gr.Progress()):
+        params = segment_tab.make_params(d, fl, cp, ni, ms, "auto", "auto", chs, 1.0, 99.0, False, None, 0)
+        puncta = segment_tab.make_puncta(pon, pch, psmin, psmax, pthr)
+        user = W.username(request)
+        job = start_batch([f for f in (fs or [])], m, params, segment_tab._pixel(px), puncta, user)
+        jm = jobs.manager(user)
+        yield job.id, f"Batch **{job.id}** queued…", gr.skip(), gr.skip(), jobs_table(user)
+        while True:
+            st = jm.get(job.id) or {}
+            progress(st.get("progress", 0.0), desc=st.get("message", ""))
+            if st.get("state") not in jobs.ACTIVE:
+                break
+            time.sleep(0.5)
+        yield (job.id,) + _result_outputs(st) + (jobs_table(user),)
+
+    run.click(on_run, [files, model, diameter, flow, cellprob, niter, min_size, channels, pixel, p_on, p_ch,
+                       p_smin, p_smax, p_thr], [job_id, status, result, summary, history],
+              api_name="batch", concurrency_limit=ctx["limits"].concurrency["batch"], concurrency_id="batch")
+
+    def on_cancel(jid, request: gr.Request):
+        if jid and jobs.manager(W.username(request)).cancel(jid):
+            return f"Cancelling batch **{jid}**… images already finished are kept."
+        return "No batch running."
+
+    cancel.click(on_cancel, [job_id], [status], api_visibility="private", queue=False)
+
+    @W.user_errors
+    def on_old(jid, request: gr.Request):
+        st = jobs.manager(W.username(request)).get((jid or "").strip())
+        if not st or st.get("kind") != "batch":
+            raise CellposeWebError("No batch job with that id; copy an id from the table.")
+        return _result_outputs(st)
+
+    old_btn.click(on_old, [old_id], [status, result, summary], api_visibility="private")
+    def on_refresh(request: gr.Request):
+        return jobs_table(W.username(request))
+
+    refresh.click(on_refresh, None, [history], api_visibility="private")
+    ctx["refreshers"].append((on_refresh, [history]))
+    ctx["model_dropdowns"].append(model)
+
+
+def _result_outputs(st: dict) -> tuple:
+    r = st.get("result") or {}
+    state = st.get("state")
+    if state == "done" or (state == "cancelled" and r):
+        summ = pd.read_csv(r["summary_csv"], comment="#") if r.get("summary_csv") else None
+        dl = [x for x in (_download_copy(r.get("zip")), _download_copy(r.get("summary_csv")),
+                          _download_copy(r.get("cells_csv"))) if x]
+        errs = r.get("errors", [])
+        msg = (f"Batch **{st['id']}** {state}: **{r.get('n_ok', 0)} of {r.get('n_images', 0)} image(s)** "
+               f"segmented" + (f", **{len(errs)} problem(s)** (see the summary table)." if errs else "."))
+        if summ is not None:
+            summ = W.table_for_display(summ)
+        return msg, dl, summ
+    if state == "failed":
+        raise CellposeWebError(st.get("message") or "The batch failed.")
+    return f"Batch **{st.get('id')}**: {state} — {st.get('message', '')}", None, None

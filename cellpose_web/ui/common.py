@@ -1,0 +1,101 @@
+"""Per-session state shared by the tabs, and small helpers used by several tabs."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellpose_web.service import models_cache
+
+
+@dataclass
+class Session:
+    """What one browser tab works on. Lives in gr.State (server side, never shared between users)."""
+    name: str = ""
+    raw: np.ndarray | None = None            # the image as read from the file
+    axes: str = ""
+    pixel_size_um: float | None = None
+    image: np.ndarray | None = None          # channels-last (Y, X, C) or (Z, Y, X, C)
+    is_stack: bool = False
+    masks: np.ndarray | None = None          # (Y, X) or (Z, Y, X)
+    flow_rgb: np.ndarray | None = None
+    cellprob: np.ndarray | None = None
+    dP: np.ndarray | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    table: Any = None
+    puncta: Any = None
+    files: list[str] = field(default_factory=list)
+    workdir: str = ""
+    version: int = 0                         # bumped on every new result (Correct tab reloads)
+
+    def out_dir(self) -> Path:
+        if not self.workdir or not Path(self.workdir).is_dir():
+            self.workdir = tempfile.mkdtemp(prefix="cpweb_session_")
+        return Path(self.workdir)
+
+    @property
+    def stem(self) -> str:
+        from cellpose_web.service.storage import safe_name
+        n = self.name or "image"
+        for ext in (".tiff", ".tif", ".png", ".jpeg", ".jpg"):
+            if n.lower().endswith(ext):
+                n = n[: -len(ext)]
+        try:
+            return safe_name(n, "file name")
+        except Exception:
+            return "image"
+
+
+def new_session() -> Session:
+    return Session()
+
+
+def model_choices() -> tuple[list[tuple[str, str]], str | None]:
+    """(dropdown choices as (label, name) pairs, the name to pre-select)."""
+    choices = models_cache.list_model_choices()
+    names = [v for _, v in choices]
+    d = models_cache.default_model_name()
+    if d not in names:
+        d = names[0] if names else None
+    return choices, d
+
+
+def plane(arr: np.ndarray | None, z: int, is_stack: bool) -> np.ndarray | None:
+    if arr is None:
+        return None
+    if is_stack and arr.ndim >= 3:
+        return arr[int(np.clip(z, 0, arr.shape[0] - 1))]
+    return arr
+
+
+def axis_choices(n: int) -> list[str]:
+    return ["auto"] + [str(i) for i in range(n)]
+
+
+def parse_axis(v: Any) -> int | None:
+    if v in (None, "", "auto"):
+        return None
+    return int(v)
+
+
+def parse_channels(text: str | None) -> list[int] | None:
+    from cellpose_web.errors import CellposeWebError
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return [int(t) for t in str(text).replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise CellposeWebError("Channels to use: write channel numbers separated by commas, e.g. 0,1 "
+                               "(blank = all).") from None
+
+
+def axes_from_meta(axes: str, shape: tuple[int, ...]) -> tuple[int | None, int | None]:
+    """Channel and z axis indices from an io axes string like 'ZCYX' (None when absent)."""
+    if not axes or len(axes) != len(shape):
+        return None, None
+    c = axes.find("C") if "C" in axes else (axes.find("S") if "S" in axes else -1)
+    z = axes.find("Z")
+    return (c if c >= 0 else None), (z if z >= 0 else None)

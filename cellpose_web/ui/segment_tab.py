@@ -1,0 +1,353 @@
+"""Segment tab: upload, parameters, run, overlays, table, histogram, puncta, downloads."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from cellpose_web import measure
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.service import inputs, outputs
+from cellpose_web.service.batch import PunctaParams, measure_result
+from cellpose_web.service.config import Limits
+from cellpose_web.service.segment import SegmentParams, segment, to_channels_last
+from cellpose_web.ui import common, widgets as W
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+
+INTRO = ("Upload a TIFF, PNG or JPEG (2D, multi-channel or a z-stack), choose a model and press "
+         "**Run segmentation**. Leave the diameter blank to let the model decide. "
+         "Shortcuts: **M** masks, **O** outlines.")
+
+
+def example_files() -> list[str]:
+    if not EXAMPLES_DIR.is_dir():
+        return []
+    return sorted(str(p) for p in EXAMPLES_DIR.iterdir()
+                  if p.suffix.lower() in inputs.IMAGE_EXTS and not inputs.is_mask_file(p))
+
+
+# ------------------------------------------------------------------ callbacks (plain functions)
+def render(s: common.Session, overlays: list[str], background: str, z: int) -> np.ndarray | None:
+    """The picture in the viewer for the current session and view settings."""
+    if s is None or s.image is None:
+        return None
+    z = int(z or 0)
+    img = common.plane(s.image, z, s.is_stack)
+    if background == W.BG_FLOWS and s.flow_rgb is not None:
+        base = np.asarray(common.plane(s.flow_rgb, z, s.is_stack), np.uint8)
+    elif background == W.BG_CELLPROB and s.cellprob is not None:
+        base = W.cellprob_rgb(common.plane(s.cellprob, z, s.is_stack))
+    else:
+        base = W.to_display_rgb(img)
+    masks = common.plane(s.masks, z, s.is_stack)
+    pts = None
+    if W.OVERLAY_PUNCTA in (overlays or []) and s.puncta is not None and len(s.puncta) and not s.is_stack:
+        pts = s.puncta[["y_px", "x_px"]].to_numpy()
+    return W.compose(base, masks, W.OVERLAY_MASKS in (overlays or []), W.OVERLAY_OUTLINES in (overlays or []),
+                     pts)
+
+
+def image_info(s: common.Session) -> str:
+    if s.raw is None:
+        return ""
+    px = f"{s.pixel_size_um:.4g} µm/px (from the file)" if s.pixel_size_um else "not in the file — enter it below"
+    kind = f"z-stack of {s.image.shape[0]} planes, " if s.is_stack else ""
+    return (f"**{s.name}** — shape {tuple(s.raw.shape)}"
+            f"{' (' + s.axes + ')' if s.axes else ''}, {s.raw.dtype}; {kind}{s.image.shape[-1]} channel(s); "
+            f"pixel size: {px}")
+
+
+def load_image(path: str | None, s: common.Session | None, limits: Limits | None = None):
+    """Read an uploaded file into the session (keeping the old session if it fails)."""
+    if not path:
+        raise CellposeWebError("No image: upload a TIFF/PNG/JPEG file or click an example.")
+    li = inputs.read_image(path, limits)
+    ca, za = common.axes_from_meta(str(li.meta.get("axes", "") or ""), li.data.shape)
+    img, stack = to_channels_last(li.data, ca, za)
+    new = common.Session(name=li.name, raw=li.data, axes=str(li.meta.get("axes", "") or ""),
+                         pixel_size_um=li.pixel_size_um, image=img, is_stack=stack,
+                         files=list(s.files) if s else [], workdir=s.workdir if s else "",
+                         version=(s.version + 1) if s else 1)
+    return new, ca, za
+
+
+def run_segmentation(s: common.Session, model: str, params: SegmentParams, pixel_size_um: float | None,
+                     puncta: PunctaParams | None, progress=None) -> common.Session:
+    if s is None or s.raw is None:
+        raise CellposeWebError("No image: upload an image (or click an example) before running.")
+    px = _pixel(pixel_size_um) or s.pixel_size_um
+
+    def prog(f, msg=""):
+        if progress is not None:
+            progress(0.05 + 0.85 * float(f), desc=f"Segmenting: {msg}" if msg else "Segmenting")
+
+    if progress is not None:
+        progress(0.02, desc=f"Loading model {model}")
+    res = segment(s.raw, params, model, image_name=s.name, pixel_size_um=px, progress=prog)
+    if progress is not None:
+        progress(0.92, desc="Measuring cells")
+    table, pts = measure_result(res, px, puncta)
+    prov = dict(res.provenance)
+    if puncta is not None:
+        prov["puncta"] = vars(puncta).copy()
+    out = common.Session(**{**vars(s)})
+    out.image, out.is_stack = res.image, res.masks.ndim == 3
+    out.masks, out.flow_rgb, out.cellprob, out.dP = res.masks, res.flow_rgb, res.cellprob, res.dP
+    out.provenance, out.table, out.puncta, out.pixel_size_um = prov, table, pts, px
+    out.version = s.version + 1
+    write_files(out)
+    return out
+
+
+def write_files(s: common.Session) -> list[str]:
+    """(Re)write every download for the session's current masks."""
+    d = s.out_dir()
+    files = outputs.write_result_files(d, s.stem, s.masks, s.provenance, s.table, s.flow_rgb, s.cellprob, s.dP)
+    s.files = [str(files[k]) for k in ("masks_tif", "masks_png", "seg_npy", "outlines_txt", "rois_zip",
+                                       "cells_csv", "provenance_json") if k in files]
+    return s.files
+
+
+def summary_md(s: common.Session) -> str:
+    if s is None or s.masks is None:
+        return "No result yet."
+    t = s.table
+    n = len(t) if t is not None else 0
+    area_col = "area_px" if "area_px" in t else "volume_px"
+    unit = "px" if area_col == "area_px" else "voxels"
+    med_px = W.fmt_num(np.median(t[area_col]) if n else np.nan, unit, 0)
+    um_col = "area_um2" if "area_um2" in t else "volume_um3"
+    med_um = W.fmt_num(np.nanmedian(t[um_col]) if n and t[um_col].notna().any() else np.nan,
+                       "µm²" if um_col == "area_um2" else "µm³", 1)
+    p = s.provenance
+    lines = [f"<span class='cpw-count'>**{n} cells**</span> · median size {med_px}"
+             + (f" ({med_um})" if med_um != "–" else " (enter the pixel size for µm²)")]
+    if s.puncta is not None:
+        inside = int((s.puncta["label"] > 0).sum()) if len(s.puncta) else 0
+        lines.append(f"**{len(s.puncta)} puncta** ({inside} inside cells, "
+                     f"{inside / n if n else 0:.2f} per cell on average)")
+    lines.append(f"<span class='cpw-small'>model **{p.get('model_name')}** (sha256 {W.short_sha(p.get('model_sha256'))}) · "
+                 f"{p.get('elapsed_s', '–')} s · pixel size {W.fmt_num(s.pixel_size_um, 'µm/px', 4)}</span>")
+    return "\n\n".join(lines)
+
+
+def histogram(s: common.Session) -> pd.DataFrame:
+    if s is None or s.table is None or len(s.table) == 0:
+        return pd.DataFrame({"bin": [], "count": []})
+    h = measure.size_histogram(s.table, bins=15)
+    q = h["quantity"].iloc[0] if len(h) else "area_px"
+    unit = {"area_um2": "µm²", "area_px": "px", "volume_um3": "µm³", "volume_px": "voxels"}.get(q, "")
+    h = h.rename(columns={"bin": f"size ({unit})"})
+    return h
+
+
+def _pixel(v: Any) -> float | None:
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise CellposeWebError("Pixel size must be a number in µm per pixel, e.g. 0.65.") from None
+    if not np.isfinite(f) or f < 0 or f > 1000:
+        raise CellposeWebError("Pixel size must be between 0 and 1000 µm per pixel (blank = unknown).")
+    return f or None
+
+
+def make_params(diameter, flow, cellprob, niter, min_size, ch_axis, z_axis, channels, lo, hi, do3d, aniso,
+                stitch) -> SegmentParams:
+    return SegmentParams(diameter=diameter, flow_threshold=flow, cellprob_threshold=cellprob,
+                         niter=niter or None, min_size=15 if min_size is None else min_size,
+                         channel_axis=common.parse_axis(ch_axis), z_axis=common.parse_axis(z_axis),
+                         channels=common.parse_channels(channels), norm_percentile=(lo, hi), do_3D=bool(do3d),
+                         anisotropy=aniso or None, stitch_threshold=stitch or 0.0)
+
+
+def make_puncta(on, ch, smin, smax, thr) -> PunctaParams | None:
+    if not on:
+        return None
+    if ch is None:
+        raise CellposeWebError("Choose the puncta channel number (0 = first channel).")
+    return PunctaParams(channel=int(ch), sigma_min=float(smin), sigma_max=float(smax), threshold=float(thr))
+
+
+# ------------------------------------------------------------------ layout
+def build(ctx: dict[str, Any]) -> dict[str, Any]:
+    session: gr.State = ctx["session"]
+    names, default = common.model_choices()
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=320):
+            gr.Markdown(INTRO)
+            file_in = gr.File(label="Image (TIFF / PNG / JPEG)", file_types=list(inputs.IMAGE_EXTS),
+                              type="filepath", elem_id="seg-file", height=110)
+            info = gr.Markdown("", elem_id="seg-info")
+            ex = example_files()
+            if ex:
+                gr.Examples(examples=[[p] for p in ex], inputs=[file_in], label="Examples (nuclei, MIT licence)",
+                            example_labels=[Path(p).name for p in ex])
+            model = gr.Dropdown(names, value=default, label="Model", allow_custom_value=False,
+                                info="From the model registry; the best available is pre-selected.",
+                                elem_id="seg-model")
+            with gr.Row():
+                diameter = gr.Number(None, label="Diameter (px)", info="blank = automatic", minimum=0,
+                                     elem_id="seg-diameter")
+                pixel = gr.Number(None, label="Pixel size (µm/px)", info="from metadata if blank", minimum=0,
+                                  elem_id="seg-pixel")
+            with gr.Row():
+                flow = gr.Slider(0, 3, 0.4, step=0.05, label="Flow threshold", info="higher = more cells kept")
+                cellprob = gr.Slider(-6, 6, 0.0, step=0.25, label="Cell probability threshold",
+                                     info="lower = larger / more cells")
+            with gr.Accordion("More parameters", open=False):
+                with gr.Row():
+                    niter = gr.Number(0, label="niter (0 = automatic)", minimum=0, precision=0)
+                    min_size = gr.Number(15, label="Minimum cell size (px)", precision=0)
+                with gr.Row():
+                    ch_axis = gr.Dropdown(common.axis_choices(4), value="auto", label="Channel axis")
+                    z_axis = gr.Dropdown(common.axis_choices(4), value="auto", label="Z axis")
+                    channels = gr.Textbox("", label="Channels to use", placeholder="e.g. 0,1 (blank = all)")
+                with gr.Row():
+                    norm_lo = gr.Number(1.0, label="Normalise: low percentile", minimum=0, maximum=100)
+                    norm_hi = gr.Number(99.0, label="Normalise: high percentile", minimum=0, maximum=100)
+            with gr.Accordion("3D (z-stacks)", open=False):
+                do3d = gr.Checkbox(False, label="do_3D (segment the volume in 3D)")
+                with gr.Row():
+                    aniso = gr.Number(None, label="Anisotropy (z step / xy pixel)", minimum=0)
+                    stitch = gr.Slider(0, 1, 0, step=0.05, label="Stitch threshold (2D planes → 3D, IoU)")
+            with gr.Accordion("Puncta (e.g. PIEZO1)", open=False):
+                p_on = gr.Checkbox(False, label="Detect puncta (Laplacian of Gaussian)", elem_id="seg-puncta-on")
+                with gr.Row():
+                    p_ch = gr.Number(1, label="Puncta channel", precision=0, minimum=0)
+                    p_thr = gr.Number(0.1, label="Threshold (normalised, lower = more)", minimum=0)
+                with gr.Row():
+                    p_smin = gr.Number(1.0, label="Min sigma (px)", minimum=0.1)
+                    p_smax = gr.Number(3.0, label="Max sigma (px)", minimum=0.1)
+                p_btn = gr.Button("Re-detect puncta only", size="sm")
+            run = gr.Button("Run segmentation", variant="primary", elem_id="seg-run")
+        with gr.Column(scale=2, min_width=480):
+            with gr.Row():
+                overlays = gr.CheckboxGroup([W.OVERLAY_MASKS, W.OVERLAY_OUTLINES, W.OVERLAY_PUNCTA],
+                                            value=[W.OVERLAY_MASKS, W.OVERLAY_OUTLINES, W.OVERLAY_PUNCTA],
+                                            label="Overlays", elem_id="seg-overlays")
+                background = gr.Radio([W.BG_IMAGE, W.BG_FLOWS, W.BG_CELLPROB], value=W.BG_IMAGE, label="Show",
+                                      elem_id="seg-background")
+            view = gr.Image(label="Image and masks", type="numpy", interactive=False, elem_id="seg-view",
+                            format="png", height=560, buttons=["download", "fullscreen"],
+                            placeholder="Upload an image or click an example to start.")
+            zslider = gr.Slider(0, 1, 0, step=1, label="z-plane", visible=False, elem_id="seg-z")
+            count = gr.Markdown("No result yet.", elem_id="seg-count")
+            with gr.Tabs():
+                with gr.Tab("Cells table"):
+                    table = gr.Dataframe(label="Per-cell measurements (areas in px and µm², centroids in px/µm)",
+                                         interactive=False, max_height=360, elem_id="seg-table")
+                with gr.Tab("Size histogram"):
+                    hist = gr.BarPlot(pd.DataFrame({"bin": [], "count": []}), x="bin", y="count",
+                                      label="Cell size histogram", height=300, elem_id="seg-hist",
+                                      sort=None)
+                with gr.Tab("Downloads"):
+                    files = gr.File(label="Masks (_cp_masks.tif/.png), _seg.npy, outlines, ImageJ ROIs, CSV",
+                                    file_count="multiple", interactive=False, elem_id="seg-files")
+                with gr.Tab("How it was made"):
+                    prov = gr.JSON(label="Model, sha256 and every parameter", elem_id="seg-prov")
+
+    # ---------------- events
+    @W.user_errors
+    def on_upload(path, s):
+        if not path:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        new, ca, za = load_image(path, s)
+        zs = gr.update(visible=new.is_stack, maximum=max(1, new.image.shape[0] - 1) if new.is_stack else 1,
+                       value=0)
+        nax = new.raw.ndim
+        return (new, render(new, [], W.BG_IMAGE, 0), image_info(new), zs,
+                gr.update(choices=common.axis_choices(nax), value="auto" if ca is None else str(ca)),
+                gr.update(choices=common.axis_choices(nax), value="auto" if za is None else str(za)),
+                gr.update(value=new.pixel_size_um))
+
+    file_in.change(on_upload, [file_in, session], [session, view, info, zslider, ch_axis, z_axis, pixel],
+                   api_visibility="private", concurrency_limit=4, concurrency_id="load")
+
+    seg_inputs = [session, model, diameter, flow, cellprob, niter, min_size, ch_axis, z_axis, channels, norm_lo,
+                  norm_hi, do3d, aniso, stitch, pixel, p_on, p_ch, p_smin, p_smax, p_thr, overlays, background]
+    seg_outputs = [session, view, count, table, hist, files, prov, zslider]
+
+    @W.user_errors
+    def on_run(s, model_name, d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st, px, pon, pch, psmin, psmax,
+               pthr, ov, bg, progress=gr.Progress()):
+        params = make_params(d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st)
+        puncta = make_puncta(pon, pch, psmin, psmax, pthr)
+        new = run_segmentation(s, model_name, params, px, puncta, progress)
+        zs = gr.update(visible=new.is_stack, maximum=max(1, new.masks.shape[0] - 1) if new.is_stack else 1)
+        return (new, render(new, ov, bg, 0), summary_md(new), W.table_for_display(new.table), histogram(new),
+                new.files, new.provenance, zs)
+
+    run.click(on_run, seg_inputs, seg_outputs, api_name="segment_ui", api_visibility="private",
+              concurrency_limit=ctx["limits"].concurrency["segment"], concurrency_id="segment")
+
+    @W.user_errors
+    def on_puncta(s, pon, pch, psmin, psmax, pthr, ov, bg, z):
+        if s is None or s.masks is None:
+            raise CellposeWebError("Run the segmentation first; puncta are counted per cell.")
+        if s.is_stack:
+            raise CellposeWebError("Puncta detection works on 2D images; pick a 2D image or one plane.")
+        puncta = make_puncta(True, pch, psmin, psmax, pthr)
+        new = common.Session(**{**vars(s)})
+        table = new.table.drop(columns=[c for c in new.table.columns if c.startswith("puncta")])
+        ch = puncta.channel
+        if not 0 <= ch < new.image.shape[-1]:
+            raise CellposeWebError(f"Puncta channel {ch} does not exist; this image has channels "
+                                   f"0..{new.image.shape[-1] - 1}.")
+        pts = measure.detect_puncta(new.image[..., ch], puncta.sigma_min, puncta.sigma_max, puncta.threshold,
+                                    masks=new.masks)
+        new.table = measure.add_puncta(table, measure.puncta_per_cell(new.masks, pts, new.pixel_size_um))
+        new.puncta = pts
+        new.provenance = {**new.provenance, "puncta": vars(puncta).copy()}
+        write_files(new)
+        ov = list(ov or []) + ([W.OVERLAY_PUNCTA] if W.OVERLAY_PUNCTA not in (ov or []) else [])
+        return new, render(new, ov, bg, z), summary_md(new), W.table_for_display(new.table), new.files, \
+            new.provenance, ov
+
+    p_btn.click(on_puncta, [session, p_on, p_ch, p_smin, p_smax, p_thr, overlays, background, zslider],
+                [session, view, count, table, files, prov, overlays], api_visibility="private")
+
+    def on_view(s, ov, bg, z):
+        return render(s, ov, bg, z)
+
+    for comp in (overlays, background, zslider):
+        comp.change(on_view, [session, overlays, background, zslider], [view], api_visibility="private",
+                    show_progress="hidden", trigger_mode="always_last")
+
+    # ---------------- scripted API (gradio_client): /segment
+    with gr.Row(visible=False):
+        api_file = gr.File(label="image", type="filepath")
+        api_model = gr.Textbox(label="model")
+        api_diam = gr.Number(None, label="diameter_px")
+        api_flow = gr.Number(0.4, label="flow_threshold")
+        api_cp = gr.Number(0.0, label="cellprob_threshold")
+        api_px = gr.Number(None, label="pixel_size_um")
+        api_masks = gr.File(label="masks_tif")
+        api_csv = gr.File(label="cells_csv")
+        api_n = gr.Number(label="n_cells")
+        api_prov = gr.JSON(label="provenance")
+        api_btn = gr.Button("api")
+
+    @W.user_errors
+    def api_segment(path, model_name, d, fl, cp, px):
+        """Segment one image file; returns (masks .tif, per-cell CSV, number of cells, provenance)."""
+        s, _, _ = load_image(path, None)
+        model_name = model_name or common.model_choices()[1]
+        new = run_segmentation(s, model_name, SegmentParams(diameter=d, flow_threshold=0.4 if fl is None else fl,
+                                                            cellprob_threshold=cp or 0.0), px, None)
+        by = {Path(f).name: f for f in new.files}
+        return (by.get(f"{new.stem}_cp_masks.tif"), by.get(f"{new.stem}_cells.csv"), len(new.table),
+                new.provenance)
+
+    api_btn.click(api_segment, [api_file, api_model, api_diam, api_flow, api_cp, api_px],
+                  [api_masks, api_csv, api_n, api_prov], api_name="segment",
+                  concurrency_limit=ctx["limits"].concurrency["segment"], concurrency_id="segment")
+
+    ctx["model_dropdowns"].append(model)
+    return {"model": model, "view": view, "count": count, "files": files, "file_in": file_in}

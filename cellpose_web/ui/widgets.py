@@ -1,0 +1,223 @@
+"""Shared pieces of the UI: overlay rendering, error handling, formatting, theme, CSS and the
+keyboard-shortcut script. Display only; measurements come from cellpose_web.measure.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+import numpy as np
+
+from cellpose_web.errors import CellposeWebError
+
+log = logging.getLogger("cellpose_web.ui")
+
+MAX_DISPLAY_SIDE = 2048
+
+OVERLAY_MASKS = "Masks (filled)"
+OVERLAY_OUTLINES = "Outlines"
+OVERLAY_PUNCTA = "Puncta"
+BG_IMAGE = "Image"
+BG_FLOWS = "Flow field (RGB)"
+BG_CELLPROB = "Cell probability"
+
+
+# ------------------------------------------------------------------ errors
+def user_errors(fn: Callable) -> Callable:
+    """Run a UI callback; user errors become gr.Error (the message), anything else a short gr.Error
+    (the traceback goes to the server log only). Works for plain functions and generators."""
+    import gradio as gr
+
+    def convert(e: BaseException) -> BaseException:
+        if isinstance(e, gr.Error):
+            return e
+        if isinstance(e, CellposeWebError):
+            return gr.Error(str(e), title="Please check")
+        if isinstance(e, FileNotFoundError):
+            return gr.Error(f"{e} Upload the file again or pick another one.", title="File not found")
+        if isinstance(e, MemoryError):
+            return gr.Error("The server ran out of memory; try a smaller image.", title="Out of memory")
+        log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
+        return gr.Error(f"Something went wrong ({type(e).__name__}). Your earlier results are kept; "
+                        "try again, and tell the admin if it repeats.", title="Unexpected error")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                raise convert(e) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise convert(e) from None
+    return wrapper
+
+
+def username(request: Any) -> str | None:
+    return getattr(request, "username", None) if request is not None else None
+
+
+# ------------------------------------------------------------------ formatting
+def fmt_num(x: Any, unit: str = "", digits: int = 1) -> str:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return "–"
+    if not np.isfinite(v):
+        return "–"
+    s = f"{v:,.{digits}f}" if abs(v) < 1e5 else f"{v:,.0f}"
+    return f"{s} {unit}".strip()
+
+
+def short_sha(sha: str | None) -> str:
+    return (sha or "unknown")[:12]
+
+
+def table_for_display(df, max_rows: int = 5000):
+    """Round floats for the on-screen table (the CSV keeps full precision)."""
+    out = df.head(max_rows).copy()
+    for c in out.columns:
+        if out[c].dtype.kind == "f":
+            out[c] = out[c].round(3 if c in ("eccentricity", "solidity") else 2)
+    return out
+
+
+# ------------------------------------------------------------------ rendering
+def to_display_rgb(img: np.ndarray, lo: float = 1.0, hi: float = 99.5) -> np.ndarray:
+    """(Y, X) or (Y, X, C) any dtype -> (Y, X, 3) uint8, percentile-stretched per channel.
+
+    One channel -> gray; two -> green/magenta; three or more -> the first three as RGB.
+    """
+    x = np.asarray(img, dtype=np.float32)
+    if x.ndim == 2:
+        x = x[..., None]
+    out = np.zeros((*x.shape[:2], x.shape[-1]), np.float32)
+    for c in range(x.shape[-1]):
+        ch = x[..., c]
+        finite = np.isfinite(ch)
+        if not finite.any():
+            continue
+        sub = ch[finite][:: max(1, ch.size // 500_000)]
+        a, b = np.percentile(sub, [lo, hi])
+        out[..., c] = np.clip((ch - a) / max(b - a, 1e-6), 0, 1) if b > a else 0
+    if out.shape[-1] == 1:
+        rgb = np.repeat(out, 3, axis=-1)
+    elif out.shape[-1] == 2:
+        rgb = np.stack([out[..., 1], out[..., 0], out[..., 1]], -1)
+    else:
+        rgb = out[..., :3]
+    return (rgb * 255).astype(np.uint8)
+
+
+def label_colors(n: int, seed: int = 0) -> np.ndarray:
+    """(n+1, 3) uint8 bright colours; row 0 (background) black."""
+    rng = np.random.default_rng(seed)
+    hue = rng.permutation(max(n, 1))[:n] / max(n, 1)
+    h6 = hue * 6
+    i = np.floor(h6).astype(int) % 6
+    f = h6 - np.floor(h6)
+    v, s = 1.0, 0.75
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    tab = np.stack([np.choose(i, [v, q, p, p, t, v]), np.choose(i, [t, v, v, q, p, p]),
+                    np.choose(i, [p, p, t, v, v, q])], -1) if n else np.zeros((0, 3))
+    return np.vstack([[0, 0, 0], (tab * 255).astype(np.uint8)]).astype(np.uint8)
+
+
+def cellprob_rgb(cellprob: np.ndarray) -> np.ndarray:
+    """Cell probability logits -> (Y, X, 3) uint8 (sigmoid, dark = background, bright = cell)."""
+    p = 1.0 / (1.0 + np.exp(-np.clip(np.asarray(cellprob, np.float32), -30, 30)))
+    v = (p * 255).astype(np.uint8)
+    return np.stack([v, (v * 0.85).astype(np.uint8), (255 - v) // 3], -1)
+
+
+def outlines_of(masks: np.ndarray) -> np.ndarray:
+    from skimage.segmentation import find_boundaries
+    return find_boundaries(masks, mode="inner") & (masks > 0)
+
+
+def compose(base_rgb: np.ndarray, masks: np.ndarray | None, show_masks: bool = True, show_outlines: bool = True,
+            puncta_yx: np.ndarray | None = None, selected: list[int] | None = None, alpha: float = 0.45,
+            pending: list[tuple[float, float]] | None = None) -> np.ndarray:
+    """Overlay masks (filled, random colours), outlines, puncta dots, selected cells and an
+    unfinished outline on an RGB image; all (Y, X)."""
+    out = base_rgb.astype(np.float32).copy()
+    if masks is not None and masks.size and masks.shape == out.shape[:2]:
+        n = int(masks.max(initial=0))
+        if show_masks and n:
+            cols = label_colors(n).astype(np.float32)
+            fg = masks > 0
+            out[fg] = (1 - alpha) * out[fg] + alpha * cols[masks[fg]]
+        if selected:
+            sel = np.isin(masks, [s for s in selected if s > 0])
+            out[sel] = 0.4 * out[sel] + 0.6 * np.array([255, 255, 255], np.float32)
+        if show_outlines and n:
+            ol = outlines_of(masks)
+            out[ol] = np.array([255, 40, 40], np.float32)
+    if puncta_yx is not None and len(puncta_yx):
+        yy = np.clip(np.round(puncta_yx[:, 0]).astype(int), 0, out.shape[0] - 1)
+        xx = np.clip(np.round(puncta_yx[:, 1]).astype(int), 0, out.shape[1] - 1)
+        for dy, dx in ((0, 0), (0, 1), (1, 0), (0, -1), (-1, 0)):
+            out[np.clip(yy + dy, 0, out.shape[0] - 1), np.clip(xx + dx, 0, out.shape[1] - 1)] = (255, 255, 0)
+    if pending:
+        from skimage import draw
+        pts = np.asarray(pending, float)
+        for (y0, x0), (y1, x1) in zip(pts[:-1], pts[1:]):
+            rr, cc = draw.line(int(y0), int(x0), int(y1), int(x1))
+            out[np.clip(rr, 0, out.shape[0] - 1), np.clip(cc, 0, out.shape[1] - 1)] = (0, 255, 255)
+        for y, x in pts.astype(int):
+            out[max(0, y - 1):y + 2, max(0, x - 1):x + 2] = (0, 255, 255)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------ look
+CSS = """
+.cpw-header h1 {margin-bottom: 0.2em;}
+.cpw-count {font-size: 1.15em;}
+.cpw-small {font-size: 0.85em; color: var(--body-text-color-subdued);}
+#seg-view img, #cor-view img {image-rendering: pixelated;}
+footer {display: none !important;}
+"""
+
+HEAD = """
+<script>
+(function () {
+  // Keyboard shortcuts as in the Cellpose GUI: M masks, O outlines, Ctrl+Z undo, Ctrl+Y redo,
+  // Delete/Backspace delete the selected cell (Correct tab). Ignored while typing in a field.
+  function toggle(text) {
+    document.querySelectorAll('label').forEach(function (l) {
+      if (l.offsetParent !== null && l.textContent.trim() === text) {
+        var i = l.querySelector('input[type=checkbox]'); if (i) { i.click(); }
+      }
+    });
+  }
+  function press(id) {
+    var b = document.getElementById(id);
+    if (b && b.offsetParent !== null) { b.click(); return true; }
+    return false;
+  }
+  document.addEventListener('keydown', function (e) {
+    var t = e.target && e.target.tagName;
+    if (t === 'INPUT' || t === 'TEXTAREA' || t === 'SELECT' || (e.target && e.target.isContentEditable)) return;
+    var k = e.key.toLowerCase();
+    if (!e.ctrlKey && !e.metaKey && k === 'm') { toggle('Masks (filled)'); e.preventDefault(); }
+    else if (!e.ctrlKey && !e.metaKey && k === 'o') { toggle('Outlines'); e.preventDefault(); }
+    else if ((e.ctrlKey || e.metaKey) && k === 'z' && !e.shiftKey) { if (press('cor-undo')) e.preventDefault(); }
+    else if ((e.ctrlKey || e.metaKey) && (k === 'y' || (k === 'z' && e.shiftKey))) { if (press('cor-redo')) e.preventDefault(); }
+    else if (k === 'delete' || k === 'backspace') { if (press('cor-delete')) e.preventDefault(); }
+  });
+})();
+</script>
+"""
+
+
+def theme():
+    import gradio as gr
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue="slate")
