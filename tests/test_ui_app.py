@@ -1,0 +1,146 @@
+"""The Gradio app at the level of its callbacks and of its API (gradio_client on a launched app).
+
+A stand-in model (threshold + connected components) keeps these fast; the browser tests in
+tests/e2e/ drive the real engine.
+"""
+import json
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from scipy import ndimage as ndi
+
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.service import models_cache
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "u2os_nuclei.tif"
+
+
+class ThresholdModel:
+    def eval(self, img, channel_axis=None, progress=None, **kw):
+        x = np.asarray(img, np.float32)
+        x = x[..., 0] if x.ndim == 3 else x
+        m, _ = ndi.label(ndi.binary_opening(x > np.percentile(x, 70), iterations=2))
+        if progress:
+            progress(1.0, "done")
+        rgb = np.zeros((*m.shape, 3), np.uint8)
+        return m.astype(np.uint16), [rgb, np.zeros((2, *m.shape), np.float32), x - x.mean()], np.zeros(256)
+
+
+@pytest.fixture
+def fake_model(monkeypatch):
+    cm = models_cache.CachedModel(ThresholdModel(), "thresh", "cd" * 32, "/nowhere", "test", threading.Lock())
+    monkeypatch.setattr(models_cache, "get_model", lambda name: cm)
+    monkeypatch.setenv("CELLPOSE_WEB_DEFAULT_MODEL", "thresh")
+    return cm
+
+
+def test_segment_tab_functions(fake_model):
+    from cellpose_web.ui import segment_tab, widgets as W
+    with pytest.raises(CellposeWebError, match="No image"):
+        segment_tab.load_image(None, None)
+    s, ca, za = segment_tab.load_image(str(EXAMPLE), None)
+    assert s.image.shape == (256, 256, 1) and not s.is_stack and ca is None
+    with pytest.raises(CellposeWebError):
+        segment_tab.run_segmentation(None, "thresh", segment_tab.make_params(None, 0.4, 0, 0, 15, "auto", "auto", "",
+                                                                            1, 99, False, None, 0), None, None)
+    params = segment_tab.make_params(None, 0.4, 0, 0, 15, "auto", "auto", "", 1, 99, False, None, 0)
+    out = segment_tab.run_segmentation(s, "thresh", params, 0.65, segment_tab.make_puncta(True, 0, 1, 3, 0.2))
+    n = len(np.unique(out.masks)) - 1
+    assert n > 3 and len(out.table) == n
+    assert out.provenance["model_sha256"] == "cd" * 32 and out.provenance["pixel_size_um"] == 0.65
+    names = {Path(f).name for f in out.files}
+    assert {"u2os_nuclei_cp_masks.tif", "u2os_nuclei_cp_masks.png", "u2os_nuclei_seg.npy",
+            "u2os_nuclei_cp_outlines.txt", "u2os_nuclei_cells.csv"} <= names
+    saved = tifffile.imread(next(f for f in out.files if f.endswith("_cp_masks.tif")))
+    assert (saved == out.masks).all()
+    md = segment_tab.summary_md(out)
+    assert f"{n} cells" in md and "µm²" in md and "sha256" in md
+    img = segment_tab.render(out, [W.OVERLAY_MASKS, W.OVERLAY_OUTLINES], W.BG_IMAGE, 0)
+    assert img.shape == (256, 256, 3) and img.dtype == np.uint8
+    for bg in (W.BG_FLOWS, W.BG_CELLPROB):
+        assert segment_tab.render(out, [], bg, 0).shape == (256, 256, 3)
+    h = segment_tab.histogram(out)
+    assert h["count"].sum() == n and "size (µm²)" in h
+
+
+def test_correct_tab_edit_and_save(fake_model):
+    from cellpose_web.service import training
+    from cellpose_web.ui import correct_tab as C, segment_tab
+    s, _, _ = segment_tab.load_image(str(EXAMPLE), None)
+    s = segment_tab.run_segmentation(s, "thresh", segment_tab.make_params(None, 0.4, 0, 0, 15, "auto", "auto", "",
+                                                                          1, 99, False, None, 0), None, None)
+    st = C.enter(s, C.CorrectState())
+    n0 = int(s.masks.max())
+    ys, xs = np.nonzero(s.masks == 1)
+    st = C.click(s, st, C.MODE_SELECT, 5, int(ys[0]), int(xs[0]))
+    assert st.selected == [1]
+    st = C.delete_selected(st)
+    assert st.history.current.max() == n0 - 1
+    bg = np.argwhere(ndi.binary_erosion(st.history.current == 0, iterations=12))
+    cy, cx = bg[len(bg) // 2]
+    for dy, dx in ((-8, -8), (-8, 8), (8, 8), (8, -8)):
+        st = C.click(s, st, C.MODE_OUTLINE, 5, cy + dy, cx + dx)
+    st = C.finish_outline(st)
+    assert st.history.current[cy, cx] == n0 and st.history.current.max() == n0
+    st = C._undo(st) if hasattr(C, "_undo") else st
+    st.history.redo() if st.history.can_redo else None
+    saved = C.save(s, st)
+    m = tifffile.imread(next(f for f in saved.files if f.endswith("_cp_masks.tif")))
+    assert m[cy, cx] > 0 and m.max() == n0
+    assert saved.provenance["edited"]["manual_edits"] == 2
+    training.add_pair("lab", saved.image, saved.masks, saved.stem)
+    assert training.list_sets()[0]["n_images"] == 1
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_gradio_client_segment_api(fake_model, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from cellpose_web.ui.app import build_app, launch_kwargs
+    demo = build_app()
+    port = _free_port()
+    kw = launch_kwargs()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **kw)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        masks_path, csv_path, n, prov = client.predict(handle_file(str(EXAMPLE)), "thresh", None, 0.4, 0.0, 0.5,
+                                                       api_name="/segment")
+        masks = tifffile.imread(masks_path)
+        assert n == len(np.unique(masks)) - 1 > 3
+        df = pd.read_csv(csv_path, comment="#")
+        assert len(df) == n and np.allclose(df.area_um2, df.area_px * 0.25)
+        assert prov["model_sha256"] == "cd" * 32
+        # a bad file gives a readable error and the server keeps serving
+        bad = tmp_path / "bad.tif"
+        bad.write_bytes(b"not a tiff at all")
+        with pytest.raises(Exception) as e:
+            client.predict(handle_file(str(bad)), "thresh", None, 0.4, 0.0, None, api_name="/segment")
+        assert "Traceback" not in str(e.value)
+        _, _, n2, _ = client.predict(handle_file(str(EXAMPLE)), "thresh", None, 0.4, 0.0, None, api_name="/segment")
+        assert n2 == n
+    finally:
+        demo.close()
+
+
+def test_auth_helpers(tmp_path):
+    from cellpose_web.ui.app import hash_password, make_auth, verify_password
+    h = hash_password("s3cret")
+    assert verify_password("s3cret", h) and not verify_password("wrong", h)
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps({"alice": h}))
+    check = make_auth("bob:pw", str(users))
+    assert check("alice", "s3cret") and check("bob", "pw") and not check("alice", "pw") and not check("eve", "x")
+    with pytest.raises(CellposeWebError):
+        make_auth("nocolon", None)
