@@ -501,13 +501,15 @@ _SAFE_GLOBALS = {
     ("builtins", "complex"),
     ("builtins", "set"),
     ("builtins", "frozenset"),
-    ("builtins", "slice"),
-    ("builtins", "bytearray"),
     ("__builtin__", "set"),
     ("__builtin__", "frozenset"),
     ("collections", "OrderedDict"),
     ("_codecs", "encode"),  # how pickles made by older Pythons store bytes
 }
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle asked for something that is not plain data."""
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -523,10 +525,10 @@ class _SafeUnpickler(pickle.Unpickler):
             cls = getattr(_dts, name, None)
             if isinstance(cls, type) and issubclass(cls, np.dtype):
                 return cls
-        raise pickle.UnpicklingError(f"refused to load '{module}.{name}'")
+        raise _Refused(f"refused to load '{module}.{name}'")
 
     def persistent_load(self, pid):  # pragma: no cover - not used by np.save
-        raise pickle.UnpicklingError("persistent ids are not allowed")
+        raise _Refused("persistent ids are not allowed")
 
 
 def load_seg(path: str | os.PathLike) -> dict:
@@ -558,7 +560,7 @@ def load_seg(path: str | os.PathLike) -> dict:
                 return {"masks": arr}
             try:
                 obj = _SafeUnpickler(fh).load()
-            except pickle.UnpicklingError as e:
+            except _Refused as e:
                 raise CellposeWebError(
                     f"'{path.name}' was refused: it contains objects that are not plain data ({e}). A Cellpose "
                     "_seg.npy only holds arrays, numbers and text; this file may have been crafted to run code."
