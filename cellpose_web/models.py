@@ -1,0 +1,728 @@
+"""``CellposeModel``: load a network and segment images exactly as Cellpose 4 does.
+
+Pipeline of :meth:`CellposeModel.eval` (Cellpose 4.2 numbers, see CELLPOSE_FACTS.md section 2):
+channels -> normalisation -> resize by 30 / diameter -> zero padding -> 256x256 tiles (10%
+overlap) through the network in batches -> sigmoid-taper blending -> resize back -> dynamics
+(Euler integration of the flows, seeds, flow-error check) -> hole filling and ``min_size``.
+3D runs the network on the YX, ZX and ZY planes and sums the results; ``stitch_threshold``
+links per-plane masks instead.
+
+Example
+-------
+>>> from cellpose_web.models import CellposeModel
+>>> model = CellposeModel(pretrained_model="cpsam_v2")          # or "lite", or a file path
+>>> masks, flows, styles = model.eval(img, diameter=30)           # img (Y, X) or (Y, X, C)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from cellpose_web import transforms
+from cellpose_web.device import choose_device, default_dtype, set_cpu_threads
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.nets import build_net, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CellposeModel", "run_net", "run_3D", "normalize_default", "dx_to_circ"]
+
+DIAM_MEAN = 30.0
+MAX_NITER = 10000
+MAX_RESIZED_PIXELS = 600_000_000
+
+normalize_default = {
+    "lowhigh": None,
+    "percentile": None,
+    "normalize": True,
+    "norm3D": True,
+    "sharpen_radius": 0,
+    "smooth_radius": 0,
+    "tile_norm_blocksize": 0,
+    "tile_norm_smooth3D": 1,
+    "invert": False,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# progress reporting
+# --------------------------------------------------------------------------------------------
+class _Progress:
+    """Adapt ``progress`` (callable(fraction, message), tqdm-like, or Qt-like setValue) to one call."""
+
+    def __init__(self, progress: Any, lo: float = 0.0, hi: float = 1.0):
+        self.p, self.lo, self.hi = progress, lo, hi
+        self._last = 0.0
+
+    def sub(self, a: float, b: float) -> "_Progress":
+        span = self.hi - self.lo
+        return _Progress(self.p, self.lo + span * a, self.lo + span * b) if self.p is not None else self
+
+    def __call__(self, frac: float, msg: str = "") -> None:
+        p = self.p
+        if p is None:
+            return
+        f = float(min(1.0, max(0.0, self.lo + (self.hi - self.lo) * frac)))
+        try:
+            if hasattr(p, "update") and hasattr(p, "n") and not callable(getattr(p, "setValue", None)):
+                total = getattr(p, "total", None) or 100
+                if getattr(p, "total", None) is None:
+                    p.total = total
+                target = f * total
+                if target > p.n:
+                    p.update(target - p.n)
+                if msg and hasattr(p, "set_description"):
+                    p.set_description(msg, refresh=False)
+            elif callable(getattr(p, "setValue", None)):
+                p.setValue(int(round(100 * f)))
+            elif callable(p):
+                p(f, msg)
+        except CellposeWebError:
+            raise
+        except Exception as e:  # a broken progress callback must not break segmentation
+            if isinstance(e, (KeyboardInterrupt, SystemExit)) or type(e).__name__ in ("CancelledError", "Cancelled"):
+                raise
+            logger.debug("progress callback failed: %s", e)
+
+
+# --------------------------------------------------------------------------------------------
+# network on tiles
+# --------------------------------------------------------------------------------------------
+def _net_device_dtype(net: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in net.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _forward(net: torch.nn.Module, X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    y = net(X.to(dtype))
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    return y.float()
+
+
+def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment: bool = False,
+            tile_overlap: float = 0.1, bsize: int = 256, rsz: float | None = None,
+            progress: Callable | None = None, whole_image: bool | None = None) -> np.ndarray:
+    """Run the network on a stack of 2D images with Cellpose's tiling.
+
+    Parameters
+    ----------
+    imgs : (N, Ly, Lx, C) float32 normalised images (C <= 3).
+    rsz : resize factor; each image is resized to (int(Ly*rsz), int(Lx*rsz)) first.
+    whole_image : run each padded image in one piece (fully convolutional nets); None = decide
+        from ``net.fully_convolutional`` / ``net.max_whole_pixels``.
+
+    Returns
+    -------
+    yf : (N, Lyr, Lxr, nout) float32 network output at the resized size, [dY, dX, cellprob].
+    """
+    prog = progress if isinstance(progress, _Progress) else _Progress(progress)
+    device, dtype = _net_device_dtype(net)
+    N, Ly0, Lx0, C = imgs.shape
+    if rsz is not None and rsz != 1.0:
+        Lyr, Lxr = int(Ly0 * rsz), int(Lx0 * rsz)
+    else:
+        rsz, Lyr, Lxr = None, Ly0, Lx0
+    if Lyr < 1 or Lxr < 1:
+        raise CellposeWebError(f"the diameter makes the image {Lyr} x {Lxr} pixels; use a smaller diameter")
+    if whole_image is None:
+        mult = int(getattr(net, "multiple", 16))
+        p = transforms.get_pad_yx(Lyr, Lxr, div=mult, extra=1)
+        whole_image = (bool(getattr(net, "fully_convolutional", False)) and not augment
+                       and (Lyr + p[0] + p[1]) * (Lxr + p[2] + p[3]) <= int(getattr(net, "max_whole_pixels", 0)))
+    if whole_image:
+        mult = int(getattr(net, "multiple", 16))
+        ypad1, ypad2, xpad1, xpad2 = transforms.get_pad_yx(Lyr, Lxr, div=mult, extra=1)
+    else:
+        ypad1, ypad2, xpad1, xpad2 = transforms.get_pad_yx(Lyr, Lxr, min_size=(bsize, bsize))
+    Ly, Lx = Lyr + ypad1 + ypad2, Lxr + xpad1 + xpad2
+
+    yf = None
+    if whole_image:
+        group = max(1, min(batch_size, int(getattr(net, "max_whole_pixels", Ly * Lx)) // (Ly * Lx)))
+        ystart = xstart = None
+    else:
+        ystart = transforms.tile_starts(Ly, bsize, augment, tile_overlap)
+        xstart = transforms.tile_starts(Lx, bsize, augment, tile_overlap)
+        by, bx = min(bsize, Ly), min(bsize, Lx)
+        ntiles = len(ystart) * len(xstart)
+        group = max(1, batch_size // ntiles)
+        taper = torch.from_numpy(transforms.taper_mask(by, bx).astype(np.float32)).to(device)
+        wsum = torch.zeros((Ly, Lx), device=device)
+        for y0 in ystart:
+            for x0 in xstart:
+                wsum[y0:y0 + by, x0:x0 + bx] += taper
+    ngroups = (N + group - 1) // group
+    with torch.inference_mode():
+        for gi, g0 in enumerate(range(0, N, group)):
+            g1 = min(N, g0 + group)
+            t = torch.from_numpy(np.ascontiguousarray(imgs[g0:g1], dtype=np.float32)).to(device)
+            t = t.permute(0, 3, 1, 2)  # (G, C, Y, X)
+            if rsz is not None:
+                t = transforms._resize_yx(t, Lyr, Lxr, 2, nearest=False)
+            t = torch.nn.functional.pad(t, (xpad1, xpad2, ypad1, ypad2))
+            G = t.shape[0]
+            if whole_image:
+                out = _forward(net, t, dtype)
+            else:
+                out = None
+                specs = [(i, j, k) for i in range(G) for j in range(len(ystart)) for k in range(len(xstart))]
+                for b0 in range(0, len(specs), batch_size):
+                    chunk = specs[b0:b0 + batch_size]
+                    tiles = []
+                    for i, j, k in chunk:
+                        tile = t[i, :, ystart[j]:ystart[j] + by, xstart[k]:xstart[k] + bx]
+                        if augment:
+                            fy, fx = transforms.augment_flip(j, k)
+                            dims = [d for d, f in ((-2, fy), (-1, fx)) if f]
+                            if dims:
+                                tile = tile.flip(dims)
+                        tiles.append(tile)
+                    y = _forward(net, torch.stack(tiles), dtype)
+                    if out is None:
+                        out = torch.zeros((G, y.shape[1], Ly, Lx), device=device)
+                    for n, (i, j, k) in enumerate(chunk):
+                        yt = y[n]
+                        if augment:
+                            fy, fx = transforms.augment_flip(j, k)
+                            if fy:
+                                yt = yt.flip(-2)
+                                yt[0] = -yt[0]
+                            if fx:
+                                yt = yt.flip(-1)
+                                yt[1] = -yt[1]
+                        out[i, :, ystart[j]:ystart[j] + by, xstart[k]:xstart[k] + bx] += yt * taper
+                    prog((gi + (b0 + len(chunk)) / len(specs)) / ngroups, "running the network")
+                out /= wsum
+            out = out[:, :, ypad1:ypad1 + Lyr, xpad1:xpad1 + Lxr]
+            if yf is None:
+                yf = np.zeros((N, Lyr, Lxr, out.shape[1]), np.float32)
+            yf[g0:g1] = out.permute(0, 2, 3, 1).cpu().numpy()
+            if whole_image:
+                prog((gi + 1) / ngroups, "running the network")
+    return yf
+
+
+def run_3D(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment: bool = False,
+           tile_overlap: float = 0.1, bsize: int = 256, progress: Callable | None = None) -> np.ndarray:
+    """Run the network on the YX, ZX and ZY planes of a (Z, Y, X, C) stack and sum the views.
+
+    Returns (Z, Y, X, 4) float32 = [dZ, dY, dX, cellprob]: each flow component is the sum of the two
+    views that contain its axis, cellprob the sum of all three (as Cellpose does).
+    """
+    prog = progress if isinstance(progress, _Progress) else _Progress(progress)
+    Lz, Ly, Lx = imgs.shape[:3]
+    yf = np.zeros((Lz, Ly, Lx, 4), np.float32)
+    perms = [(0, 1, 2, 3), (1, 0, 2, 3), (2, 0, 1, 3)]
+    inv = [(0, 1, 2), (1, 0, 2), (1, 2, 0)]
+    chans = [(1, 2), (0, 2), (0, 1)]
+    for p in range(3):
+        xsl = np.ascontiguousarray(imgs.transpose(perms[p]))
+        y = run_net(net, xsl, batch_size=batch_size, augment=augment, tile_overlap=tile_overlap,
+                    bsize=bsize, progress=prog.sub(p / 3, (p + 1) / 3))
+        yf[..., -1] += y[..., -1].transpose(inv[p])
+        for j in range(2):
+            yf[..., chans[p][j]] += y[..., j].transpose(inv[p])
+        del y
+    return yf
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def dx_to_circ(dP: np.ndarray) -> np.ndarray:
+    """RGB uint8 (..., 3) picture of flows dP (2, ...) or (3, ...): hue = angle, brightness = magnitude."""
+    dP = np.asarray(dP, dtype=np.float32)
+    mag = 255 * np.clip(transforms.normalize99(np.sqrt(np.sum(dP ** 2, axis=0)), downsample=True), 0, 1.)
+    angles = np.arctan2(dP[1], dP[0]) + np.pi
+    mag /= 2
+    rgb = np.zeros((*dP.shape[1:], 3), np.uint8)
+    for k in range(3):
+        rgb[..., k] = np.clip(mag * (np.cos(angles + 2 * np.pi * k / 3) + 1), 0, 255).astype(np.uint8)
+    return rgb
+
+
+def _dynamics():
+    try:
+        from cellpose_web import dynamics
+    except ImportError as e:  # pragma: no cover - during development
+        raise CellposeWebError("cellpose_web.dynamics is not available; use compute_masks=False") from e
+    return dynamics
+
+
+def _check_finite(x: np.ndarray) -> None:
+    if x.dtype.kind in "fc":
+        bad = ~np.isfinite(x)
+        nbad = int(bad.sum())
+        if nbad:
+            raise CellposeWebError(
+                f"the image contains {nbad} NaN or infinite pixel value(s); replace them (for example with "
+                "numpy.nan_to_num) or crop them away before segmenting.")
+    elif x.dtype.kind not in "biu":
+        raise CellposeWebError(f"the image has data type {x.dtype}; expected numbers (integers or floats).")
+
+
+def _as_array(x: Any) -> np.ndarray:
+    if torch.is_tensor(x):
+        return x.detach().cpu().numpy()
+    if x is None:
+        raise CellposeWebError("no image was given (x is None)")
+    try:
+        a = np.asarray(x)
+    except Exception as e:
+        raise CellposeWebError(f"the image could not be read as an array ({e})") from e
+    if a.dtype == object:
+        raise CellposeWebError("the image is not a regular array (ragged or mixed types); pass one numeric array "
+                               "per image, or a list of images")
+    return a
+
+
+def _check_diameter(diameter: Any) -> float | None:
+    if diameter is None:
+        return None
+    try:
+        d = float(diameter)
+    except (TypeError, ValueError):
+        raise CellposeWebError(f"diameter must be a number of pixels, got {diameter!r}") from None
+    if math.isnan(d) or math.isinf(d) or d < 0:
+        raise CellposeWebError(f"diameter must be a positive number of pixels (or empty/0 for no rescaling), "
+                               f"got {diameter!r}")
+    return d if d > 0 else None
+
+
+def _flow3D_sigma(flow3D_smooth: Any) -> list[float] | None:
+    if flow3D_smooth is None or flow3D_smooth is False:
+        return None
+    if np.isscalar(flow3D_smooth):
+        s = [float(flow3D_smooth)] * 3
+    else:
+        s = [float(v) for v in flow3D_smooth]
+        if len(s) == 1:
+            s = s * 3
+        if len(s) != 3:
+            raise CellposeWebError(f"flow3D_smooth must be one number or three (Z, Y, X); got {flow3D_smooth!r}")
+    if any(v < 0 or math.isnan(v) for v in s):
+        raise CellposeWebError(f"flow3D_smooth must be >= 0, got {flow3D_smooth!r}")
+    return s if any(v > 0 for v in s) else None
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------
+class CellposeModel:
+    """A segmentation model: Cellpose-SAM weights ("cpsam_v2", "cpsam", a file) or cellpose-web ``lite``.
+
+    Parameters
+    ----------
+    gpu : use a GPU (CUDA, else Apple MPS) when available.
+    pretrained_model : model name known to :mod:`cellpose_web.registry` ("cpsam_v2", "cpsam",
+        "lite", a lab model) or a path to a checkpoint file.
+    model_type, diam_mean, nchan : accepted for compatibility; ignored with a warning (as Cellpose 4).
+    device : explicit torch device (wins over ``gpu``).
+    use_bfloat16 : run the network in bfloat16; None = bf16 on CUDA only, float32 elsewhere
+        (Cellpose 4 defaults to bf16 everywhere, which is slow on most CPUs).
+
+    Attributes
+    ----------
+    net, device, dtype, pretrained_model (path), model_name, model_info, diam_mean (30),
+    diam_labels, timing (per image of the last list eval), last_timing, last_eval_params,
+    diam_estimate (lite diameter estimate of the last eval, or None).
+    """
+
+    def __init__(self, gpu: bool = False, pretrained_model: Any = "cpsam_v2", model_type: Any = None,
+                 diam_mean: Any = None, device: Any = None, nchan: Any = None,
+                 use_bfloat16: bool | None = None):
+        if model_type is not None:
+            logger.warning("model_type is not used in Cellpose 4 / cellpose-web; ignoring it")
+        if diam_mean is not None:
+            logger.warning("diam_mean is not used in Cellpose 4 / cellpose-web (objects are rescaled to 30 px); "
+                           "ignoring it")
+        if nchan is not None:
+            logger.warning("nchan is deprecated in Cellpose 4 (channel-agnostic, first 3 channels); ignoring it")
+        if pretrained_model is False:
+            raise CellposeWebError("pretrained_model must be a model name or a file path; training from scratch is "
+                                   "not supported (start from 'cpsam_v2' or 'lite')")
+        self.device = choose_device(gpu, device)
+        self.gpu = self.device.type in ("cuda", "mps")
+        if self.device.type == "cpu":
+            set_cpu_threads()
+        self.model_info = None
+        path, name = self._resolve(pretrained_model)
+        obj = load_checkpoint(path)
+        net = build_net(obj)
+        del obj
+        self.dtype = default_dtype(self.device, use_bfloat16)
+        self.net = net.to(device=self.device, dtype=self.dtype)
+        self.net.eval()
+        self.pretrained_model = str(path)
+        self.model_name = name
+        self.arch = "lite" if getattr(net, "fully_convolutional", False) else "cpsam"
+        self.backbone = "sam_vitl" if self.arch == "cpsam" else "lite"
+        self.diam_mean = DIAM_MEAN
+        dl = getattr(net, "diam_labels", None)
+        self.diam_labels = float(dl.reshape(-1)[0]) if torch.is_tensor(dl) else DIAM_MEAN
+        self.timing: list[float] = []
+        self.last_timing: dict[str, float] = {}
+        self.last_eval_params: dict[str, Any] = {}
+        self.diam_estimate: float | None = None
+
+    def _resolve(self, pretrained_model: Any) -> tuple[Path, str]:
+        try:
+            from cellpose_web.registry import resolve_model
+        except ImportError:
+            resolve_model = None
+        if resolve_model is not None:
+            info = resolve_model(pretrained_model)
+            self.model_info = info
+            if getattr(info, "path", None) is None:
+                raise FileNotFoundError(f"model {pretrained_model!r} has no local weights file")
+            return Path(info.path), str(getattr(info, "name", Path(info.path).name))
+        if pretrained_model is None:
+            raise CellposeWebError("give pretrained_model (a model file path)")
+        p = Path(str(pretrained_model)).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"model file not found: {p}")
+        return p, p.name
+
+    def __repr__(self) -> str:
+        return f"CellposeModel({self.model_name!r}, arch={self.arch}, device={self.device}, dtype={self.dtype})"
+
+    # ------------------------------------------------------------------ eval
+    def eval(self, x: Any, batch_size: int = 8, resample: bool = True, channels: Any = None,
+             channel_axis: int | None = None, z_axis: int | None = None, normalize: bool | dict = True,
+             invert: bool = False, rescale: float | None = None, diameter: Any = None,
+             flow_threshold: float = 0.4, cellprob_threshold: float = 0.0, do_3D: bool = False,
+             anisotropy: float | None = None, flow3D_smooth: Any = 0, stitch_threshold: float = 0.0,
+             min_size: int = 15, max_size_fraction: float = 0.4, niter: int | None = None,
+             augment: bool = False, tile_overlap: float = 0.1, bsize: int | None = None,
+             compute_masks: bool = True, progress: Any = None):
+        """Segment an image, a stack, or a list of images.
+
+        Parameters (as Cellpose 4's ``CellposeModel.eval``)
+        ----------
+        x : (Y, X), (Y, X, C) / (C, Y, X), (N, Y, X, C) batch, (Z, Y, X[, C]) stack with z_axis, or a list.
+        batch_size : tiles per network call (8).
+        resample : compute dynamics at the original size (True) or at the rescaled size.
+        channels : deprecated (Cellpose 4 is channel-agnostic and uses the first 3 channels); warns.
+        channel_axis, z_axis : axes of channels / Z; channel axis guessed when None.
+        normalize : True/False, or a dict with keys lowhigh, percentile, normalize, norm3D,
+            sharpen_radius, smooth_radius, tile_norm_blocksize, tile_norm_smooth3D, invert.
+        invert : invert intensities after normalisation (dark cells on bright background).
+        rescale : zoom factor used when no diameter is given (Cellpose 4 ignores it).
+        diameter : typical object diameter in px; the image is zoomed by 30 / diameter. A list gives
+            one diameter per image of a list input.
+        flow_threshold : maximum flow error of a kept mask (2D; 0 disables the check).
+        cellprob_threshold : pixels with cellprob logit above it are followed.
+        do_3D, anisotropy, flow3D_smooth : 3D segmentation; Z sampling ratio; gaussian sigma (one
+            number or Z, Y, X) on the 3D flows.
+        stitch_threshold : > 0 segments planes in 2D and links masks with IoU above it.
+        min_size, max_size_fraction : drop masks smaller than min_size px / larger than this image fraction.
+        niter : Euler steps; None/0 = 200 * diameter / 30 (200 with resample=False).
+        augment, tile_overlap, bsize : test-time flips; tile overlap fraction; tile size (None = 256).
+        compute_masks : False returns masks = np.zeros(0) (network only).
+        progress : callable(fraction, message), a tqdm-like bar, or a Qt-like bar with setValue.
+
+        Returns
+        -------
+        masks : uint16 (uint32 above 65535 objects) labels, squeezed; 0 = background.
+        flows : [RGB flow picture uint8 (..., 3), dP (2, Y, X) or (3, Z, Y, X) float32 (network units,
+            about 5 x unit vectors), cellprob float32 logits].
+        styles : zeros(256) (kept for compatibility).
+        A list input gives lists.
+        """
+        if channels is not None:
+            logger.warning("channels is deprecated in Cellpose 4 and ignored: Cellpose 4 is channel-agnostic and "
+                           "segments on the first 3 channels of the image (use channel_axis to say where they are)")
+        if isinstance(x, (list, tuple)) or (not isinstance(x, (list, tuple)) and _as_array(x).squeeze().ndim == 5):
+            xs = list(x) if isinstance(x, (list, tuple)) else list(_as_array(x))
+            nimg = len(xs)
+            if isinstance(diameter, (list, tuple, np.ndarray)):
+                diams = list(diameter)
+                if len(diams) != nimg:
+                    raise CellposeWebError(f"{len(diams)} diameters were given for {nimg} images")
+            else:
+                diams = [diameter] * nimg
+            prog = _Progress(progress)
+            self.timing = []
+            masks, flows, styles = [], [], []
+            for i in range(nimg):
+                tic = time.perf_counter()
+                m, f, s = self._eval(xs[i], batch_size=batch_size, resample=resample, channel_axis=channel_axis,
+                                     z_axis=z_axis, normalize=normalize, invert=invert, rescale=rescale,
+                                     diameter=diams[i], flow_threshold=flow_threshold,
+                                     cellprob_threshold=cellprob_threshold, do_3D=do_3D, anisotropy=anisotropy,
+                                     flow3D_smooth=flow3D_smooth, stitch_threshold=stitch_threshold,
+                                     min_size=min_size, max_size_fraction=max_size_fraction, niter=niter,
+                                     augment=augment, tile_overlap=tile_overlap, bsize=bsize,
+                                     compute_masks=compute_masks, progress=prog.sub(i / nimg, (i + 1) / nimg))
+                self.timing.append(time.perf_counter() - tic)
+                masks.append(m)
+                flows.append(f)
+                styles.append(s)
+            return masks, flows, styles
+        tic = time.perf_counter()
+        out = self._eval(x, batch_size=batch_size, resample=resample, channel_axis=channel_axis, z_axis=z_axis,
+                         normalize=normalize, invert=invert, rescale=rescale, diameter=diameter,
+                         flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, do_3D=do_3D,
+                         anisotropy=anisotropy, flow3D_smooth=flow3D_smooth, stitch_threshold=stitch_threshold,
+                         min_size=min_size, max_size_fraction=max_size_fraction, niter=niter, augment=augment,
+                         tile_overlap=tile_overlap, bsize=bsize, compute_masks=compute_masks,
+                         progress=_Progress(progress))
+        self.timing = [time.perf_counter() - tic]
+        return out
+
+    # ------------------------------------------------------------------ one image / stack
+    def _eval(self, x, *, batch_size, resample, channel_axis, z_axis, normalize, invert, rescale, diameter,
+              flow_threshold, cellprob_threshold, do_3D, anisotropy, flow3D_smooth, stitch_threshold, min_size,
+              max_size_fraction, niter, augment, tile_overlap, bsize, compute_masks, progress):
+        t0 = time.perf_counter()
+        timing: dict[str, float] = {}
+        x = _as_array(x)
+        if x.size == 0:
+            raise CellposeWebError(f"the image is empty (shape {x.shape}); check that the file was read correctly")
+        _check_finite(x)
+        diameter = _check_diameter(diameter)
+        try:
+            stitch_threshold = float(stitch_threshold or 0.0)
+        except (TypeError, ValueError):
+            raise CellposeWebError(f"stitch_threshold must be a number, got {stitch_threshold!r}") from None
+        try:
+            batch_size = int(batch_size)
+        except (TypeError, ValueError):
+            raise CellposeWebError(f"batch_size must be a whole number, got {batch_size!r}") from None
+        if batch_size < 1:
+            raise CellposeWebError(f"batch_size must be at least 1, got {batch_size}")
+        bsize = self._check_bsize(bsize)
+        if niter is not None:
+            try:
+                niter = int(niter)
+            except (TypeError, ValueError):
+                raise CellposeWebError(f"niter must be a whole number, got {niter!r}") from None
+            if niter < 0:
+                raise CellposeWebError(f"niter must be >= 0 (0 or empty = automatic), got {niter}")
+        if anisotropy is not None:
+            anisotropy = float(anisotropy)
+            if not (anisotropy > 0) or math.isinf(anisotropy):
+                raise CellposeWebError(f"anisotropy must be a positive number, got {anisotropy}")
+        sigma3d = _flow3D_sigma(flow3D_smooth)
+        stack = do_3D or stitch_threshold > 0
+
+        x = transforms.convert_image(x, channel_axis=channel_axis, z_axis=z_axis, do_3D=stack)
+        if x.ndim < 4:
+            x = x[np.newaxis]
+        nimg = x.shape[0]
+        if min(x.shape[1:3]) < 1:
+            raise CellposeWebError(f"the image has no pixels along Y or X (shape {x.shape[1:3]})")
+        if do_3D and nimg < 2:
+            raise CellposeWebError("3D segmentation needs a stack with at least 2 planes along z_axis")
+
+        # which images are constant (no information -> no masks)
+        if do_3D:
+            constant = np.array([float(np.ptp(x)) == 0.0] * nimg)
+        else:
+            constant = np.array([float(np.ptp(x[i])) == 0.0 for i in range(nimg)])
+
+        if rescale is not None and diameter is None:
+            try:
+                image_scaling = float(rescale)
+            except (TypeError, ValueError):
+                raise CellposeWebError(f"rescale must be a number, got {rescale!r}") from None
+            if not (image_scaling > 0) or math.isinf(image_scaling):
+                raise CellposeWebError(f"rescale must be a positive number, got {rescale!r}")
+        else:
+            image_scaling = DIAM_MEAN / diameter if diameter is not None else 1.0
+        Ly, Lx = x.shape[1:3]
+        zoom_px = Ly * image_scaling * Lx * image_scaling * (nimg if not do_3D else 1)
+        if zoom_px > MAX_RESIZED_PIXELS:
+            raise CellposeWebError(
+                f"diameter {diameter} px would zoom the image to about {int(Ly * image_scaling)} x "
+                f"{int(Lx * image_scaling)} pixels, which is too large; give the diameter of your objects in "
+                "pixels (typically 10-100)")
+        if int(Ly * image_scaling) < 1 or int(Lx * image_scaling) < 1:
+            raise CellposeWebError(
+                f"diameter {diameter} px shrinks the {Ly} x {Lx} image below one pixel; give the object diameter "
+                "in pixels of this image")
+
+        # ---------------- normalisation
+        params = dict(normalize_default)
+        if isinstance(normalize, dict):
+            unknown = set(normalize) - set(params)
+            if unknown:
+                raise CellposeWebError(f"unknown normalize option(s) {sorted(unknown)}; allowed: {sorted(params)}")
+            params.update(normalize)
+            if invert:
+                params["invert"] = True
+        elif isinstance(normalize, (bool, np.bool_)):
+            params["normalize"] = bool(normalize)
+            params["invert"] = bool(invert)
+        else:
+            raise CellposeWebError("normalize must be True/False or a dict of normalisation options")
+        tic = time.perf_counter()
+        do_norm = bool(params["normalize"]) or params["lowhigh"] is not None or params["tile_norm_blocksize"] > 0
+        if nimg > 1 and (stack):
+            if do_3D:
+                params["norm3D"] = True
+        elif nimg > 1:
+            params["norm3D"] = False
+        if do_norm or params["invert"]:
+            x = transforms.normalize_img(x, **params)
+        else:
+            x = x.astype(np.float32, copy=False)
+        timing["normalize"] = time.perf_counter() - tic
+        progress(0.02, "normalised")
+
+        # ---------------- network
+        tic = time.perf_counter()
+        net_prog = progress.sub(0.02, 0.8 if compute_masks else 1.0)
+        shape = x.shape
+        if do_3D:
+            Lz = shape[0]
+            xs = x
+            if image_scaling != 1.0 or (anisotropy is not None and anisotropy != 1.0):
+                aniso = 1.0 if anisotropy is None else anisotropy
+                new_shape = (int(Lz * aniso * image_scaling), int(Ly * image_scaling), int(Lx * image_scaling))
+                if min(new_shape) < 1:
+                    raise CellposeWebError(f"anisotropy/diameter shrink the stack to {new_shape}; check them")
+                xs = transforms.resize_image_3d(x, new_shape)
+            yf = run_3D(self.net, xs, batch_size=batch_size, augment=augment, tile_overlap=tile_overlap,
+                        bsize=bsize, progress=net_prog)
+            del xs
+            if resample and (image_scaling != 1.0 or Lz != yf.shape[0]):
+                yf = transforms.resize_image_3d(yf, shape[:-1])
+            cellprob = yf[..., -1]
+            dP = yf[..., :-1].transpose((3, 0, 1, 2))
+        else:
+            yf = run_net(self.net, x, batch_size=batch_size, augment=augment, tile_overlap=tile_overlap,
+                         bsize=bsize, rsz=image_scaling if image_scaling != 1.0 else None, progress=net_prog)
+            if resample and image_scaling != 1.0:
+                yf = transforms.resize_image(yf, Ly, Lx)
+            cellprob = yf[..., -1]
+            dP = yf[..., -3:-1].transpose((3, 0, 1, 2))
+        del yf
+        dP = np.ascontiguousarray(dP)
+        cellprob = np.ascontiguousarray(cellprob)
+        timing["network"] = time.perf_counter() - tic
+
+        if do_3D and sigma3d is not None:
+            from scipy.ndimage import gaussian_filter
+            dP = gaussian_filter(dP, [0, *sigma3d]).astype(np.float32, copy=False)
+
+        # ---------------- masks
+        tic = time.perf_counter()
+        if niter is None or niter == 0:
+            niter_scale = image_scaling if resample else 1.0
+            niter = int(200 / niter_scale)
+        if niter > MAX_NITER:
+            logger.warning("niter=%d is very large; capping it at %d", niter, MAX_NITER)
+            niter = MAX_NITER
+        if compute_masks:
+            masks = self._compute_masks(shape, dP, cellprob, constant, flow_threshold=flow_threshold,
+                                        cellprob_threshold=cellprob_threshold, min_size=min_size,
+                                        max_size_fraction=max_size_fraction, niter=niter,
+                                        stitch_threshold=stitch_threshold, do_3D=do_3D,
+                                        progress=progress.sub(0.8, 1.0))
+        else:
+            masks = np.zeros(0)
+        timing["masks"] = time.perf_counter() - tic
+        progress(1.0, "done")
+
+        masks, dP, cellprob = masks.squeeze(), dP.squeeze(), cellprob.squeeze()
+        styles = np.zeros((nimg, 256), np.float32).squeeze() if not do_3D else np.zeros(256, np.float32)
+        flows = [dx_to_circ(dP) if dP.ndim >= 3 else dx_to_circ(dP[:, None])[0], dP, cellprob]
+        timing["total"] = time.perf_counter() - t0
+        self.last_timing = timing
+        self.last_eval_params = dict(diameter=diameter, rescale=image_scaling, niter=niter, batch_size=batch_size,
+                                     resample=resample, normalize=params, flow_threshold=flow_threshold,
+                                     cellprob_threshold=cellprob_threshold, do_3D=do_3D, anisotropy=anisotropy,
+                                     flow3D_smooth=flow3D_smooth, stitch_threshold=stitch_threshold,
+                                     min_size=min_size, max_size_fraction=max_size_fraction, augment=augment,
+                                     tile_overlap=tile_overlap, bsize=bsize, shape=tuple(shape),
+                                     model=self.model_name, device=str(self.device), dtype=str(self.dtype).replace(
+                                         "torch.", ""), diameter_estimate=None)
+        # lite: estimate the diameter from a first pass and rerun at the estimated size
+        if (diameter is None and rescale is None and compute_masks and not stack and nimg == 1
+                and getattr(self.net, "estimate_diameter", False) and masks.max() > 0):
+            est = float(_dynamics().diameters(masks)[0])
+            self.diam_estimate = est
+            if est > 0 and abs(est / DIAM_MEAN - 1) > 0.1:
+                kw = dict(batch_size=batch_size, resample=resample, channel_axis=None, z_axis=None,
+                          normalize=False, invert=False, rescale=None, diameter=est, flow_threshold=flow_threshold,
+                          cellprob_threshold=cellprob_threshold, do_3D=False, anisotropy=None, flow3D_smooth=0,
+                          stitch_threshold=0.0, min_size=min_size, max_size_fraction=max_size_fraction,
+                          niter=None, augment=augment, tile_overlap=tile_overlap, bsize=bsize,
+                          compute_masks=True, progress=_Progress(None))
+                # x is already converted and normalised: pass it channels-last
+                masks, flows, styles = self._eval(x[0], **{**kw, "channel_axis": 2})
+                self.diam_estimate = est
+            self.last_eval_params["diameter_estimate"] = est
+            self.last_timing["total"] = time.perf_counter() - t0
+        elif diameter is None and rescale is None and getattr(self.net, "estimate_diameter", False):
+            self.diam_estimate = None
+        return masks, flows, styles
+
+    def _check_bsize(self, bsize: Any) -> int:
+        default = int(getattr(self.net, "bsize", 0) or getattr(self.net, "default_bsize", 256))
+        if bsize is None:
+            return default
+        try:
+            b = int(bsize)
+        except (TypeError, ValueError):
+            raise CellposeWebError(f"bsize must be a whole number of pixels, got {bsize!r}") from None
+        if not getattr(self.net, "fully_convolutional", False):
+            if b != default:
+                raise CellposeWebError(f"bsize must be {default} for Cellpose-SAM (its tiles are fixed), got {b}")
+            return b
+        mult = int(getattr(self.net, "multiple", 16))
+        if b < 2 * mult or b % mult:
+            raise CellposeWebError(f"bsize must be a multiple of {mult} and at least {2 * mult}, got {b}")
+        return b
+
+    def _compute_masks(self, shape, dP, cellprob, constant, flow_threshold=0.4, cellprob_threshold=0.0,
+                       min_size=15, max_size_fraction=0.4, niter=200, do_3D=False, stitch_threshold=0.0,
+                       progress=None):
+        dyn = _dynamics()
+        progress = progress or _Progress(None)
+        device = self.device
+        if device.type == "mps" and do_3D:
+            device = torch.device("cpu")
+        nimg, Ly, Lx = shape[:3]
+        if do_3D:
+            if constant.all():
+                return np.zeros(shape[:3], np.uint16)
+            m = dyn.compute_masks(dP, cellprob, niter=niter, cellprob_threshold=cellprob_threshold,
+                                  flow_threshold=flow_threshold, min_size=-1, max_size_fraction=max_size_fraction,
+                                  do_3D=True, device=device)
+            if tuple(m.shape) != tuple(shape[:3]):
+                m = transforms.resize_image_3d(m, shape[:3], interpolation="nearest", no_channels=True)
+            return dyn.fill_holes_and_remove_small_masks(m, min_size=min_size)
+        per_plane_min = min_size if (stitch_threshold == 0 or nimg == 1) else -1
+        out = []
+        for i in range(nimg):
+            if constant[i]:
+                m = np.zeros((Ly, Lx), np.uint16)
+            else:
+                m = dyn.compute_masks(dP[:, i], cellprob[i], niter=niter, cellprob_threshold=cellprob_threshold,
+                                      flow_threshold=flow_threshold, min_size=-1,
+                                      max_size_fraction=max_size_fraction, do_3D=False, device=device)
+                if m.shape != (Ly, Lx):
+                    m = transforms.resize_image(m, Ly, Lx, interpolation="nearest")
+                m = dyn.fill_holes_and_remove_small_masks(m, min_size=per_plane_min)
+            out.append(np.asarray(m))
+            progress((i + 1) / nimg, "computing masks")
+        if nimg == 1:
+            return out[0]
+        dtype = np.uint32 if any(m.dtype == np.uint32 for m in out) else np.uint16
+        masks = np.stack([m.astype(dtype, copy=False) for m in out])
+        if stitch_threshold > 0:
+            masks = dyn.stitch3D(masks, stitch_threshold=stitch_threshold)
+            masks = dyn.fill_holes_and_remove_small_masks(masks, min_size=min_size)
+        else:
+            logger.warning("a stack was given but stitch_threshold=0 and do_3D=False: masks are made per plane")
+        return masks

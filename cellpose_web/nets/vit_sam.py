@@ -1,0 +1,395 @@
+"""Cellpose-SAM ("cpsam") network, written from scratch in torch.
+
+A SAM ViT image encoder (8x8 patches on a 256x256 tile -> a 32x32 token grid, global attention in
+every block with SAM's decomposed relative-position bias), the SAM neck, a 1x1 readout to
+``nout * ps * ps`` channels and an 8x pixel shuffle back to (B, 3, 256, 256) = [dY, dX, cellprob].
+
+The parameter names, shapes and order are those of a Cellpose 4 checkpoint
+(``encoder.blocks.{i}.attn.qkv.weight`` ...), so an official ``cpsam`` / ``cpsam_v2`` file loads
+unchanged with :meth:`CPSAMNet.from_state_dict`.
+
+Attention uses :func:`torch.nn.functional.scaled_dot_product_attention`. The relative-position
+bias ``q . Rh[qy, ky] + q . Rw[qx, kx]`` is fed to it either as an additive mask (``"mask"``) or,
+equivalently and faster on a CPU, folded into the dot product by appending the two 32-wide bias
+vectors to q and one-hot position codes to k (``"fold"``). ``"explicit"`` is the textbook formula
+(softmax of the full score matrix) kept for tests.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CPSAMNet", "LayerNorm2d", "get_rel_pos", "rel_pos_bias_terms"]
+
+ATTN_IMPLS = ("auto", "fold", "mask", "explicit")
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, H, W) tensor (SAM's neck norm)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in channels-last layout with the fused kernel, then back to (B, C, H, W)
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ps x ps patch projection (a strided Conv2d)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, ps: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=ps, stride=ps)
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(F.gelu(self.lin1(x)))
+
+
+def get_rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative-position table for a ``size``-long axis, shape (size, size, head_dim).
+
+    The learned table (rows, head_dim) is linearly resized (align_corners=False) to 2*size-1 rows
+    when needed, as SAM does, and entry [i, j] is row (i - j) + size - 1.
+    """
+    n = 2 * size - 1
+    if rel_pos.shape[0] != n:
+        table = F.interpolate(rel_pos.t()[None].float(), size=n, mode="linear")[0].t().to(rel_pos.dtype)
+    else:
+        table = rel_pos
+    idx = torch.arange(size, device=rel_pos.device)
+    rel = idx[:, None] - idx[None, :] + (size - 1)
+    return table[rel]
+
+
+def rel_pos_bias_terms(q: torch.Tensor, Rh: torch.Tensor, Rw: torch.Tensor, H: int, W: int):
+    """Decomposed bias terms for queries q (B, heads, H*W, hd) (unscaled).
+
+    Returns rel_h (B, heads, H*W, H) with rel_h[.., (y, x), ky] = q . Rh[y, ky] and
+    rel_w (B, heads, H*W, W) with rel_w[.., (y, x), kx] = q . Rw[x, kx].
+    """
+    B, nh, N, hd = q.shape
+    rq = q.reshape(B * nh, H, W, hd)
+    # (H, BnhW, hd) @ (H, hd, H) batched over y
+    rel_h = torch.matmul(rq.permute(1, 0, 2, 3).reshape(H, B * nh * W, hd), Rh.transpose(1, 2))
+    rel_h = rel_h.reshape(H, B * nh, W, H).permute(1, 0, 2, 3)
+    rel_w = torch.matmul(rq.permute(2, 0, 1, 3).reshape(W, B * nh * H, hd), Rw.transpose(1, 2))
+    rel_w = rel_w.reshape(W, B * nh, H, W).permute(1, 2, 0, 3)
+    return rel_h.reshape(B, nh, N, H), rel_w.reshape(B, nh, N, W)
+
+
+class Attention(nn.Module):
+    """Multi-head self attention with SAM's decomposed relative-position bias (global)."""
+
+    def __init__(self, dim: int, num_heads: int, rel_rows: int, head_dim: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim or dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(rel_rows, self.head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(rel_rows, self.head_dim))
+        self.impl = "auto"
+        self._cache: dict = {}
+
+    def _tables(self, H: int, W: int):
+        """Interpolated (H,H,hd) / (W,W,hd) tables; cached in inference (no grad)."""
+        if torch.is_grad_enabled() and (self.rel_pos_h.requires_grad or self.rel_pos_w.requires_grad):
+            return get_rel_pos(H, self.rel_pos_h), get_rel_pos(W, self.rel_pos_w)
+        key = (H, W, self.rel_pos_h.device, self.rel_pos_h.dtype, self.rel_pos_h._version,
+               self.rel_pos_w._version, self.rel_pos_h.data_ptr(), self.rel_pos_w.data_ptr())
+        hit = self._cache.get("tables")
+        if hit is None or hit[0] != key:
+            hit = (key, get_rel_pos(H, self.rel_pos_h).detach(), get_rel_pos(W, self.rel_pos_w).detach())
+            self._cache["tables"] = hit
+        return hit[1], hit[2]
+
+    def _onehot(self, H: int, W: int, device, dtype):
+        key = (H, W, device, dtype)
+        hit = self._cache.get("onehot")
+        if hit is None or hit[0] != key:
+            iy = torch.arange(H, device=device).repeat_interleave(W)
+            ix = torch.arange(W, device=device).repeat(H)
+            E = torch.cat([F.one_hot(iy, H), F.one_hot(ix, W)], dim=1).to(dtype)  # (N, H+W)
+            hit = (key, E)
+            self._cache["onehot"] = hit
+        return hit[1]
+
+    def _sdpa_mask(self, q, k, v, rel_h, rel_w, H: int, W: int) -> torch.Tensor:
+        """SDPA with the rel-pos bias as an additive (B, heads, N, N) mask.
+
+        On a CPU without autograd the mask is built and consumed in chunks of about 8 MB
+        (a couple of heads of one image), so it stays in cache instead of round-tripping 64 MB per
+        image and head group through memory.
+        """
+        B, nh, N, hd = q.shape
+        if q.device.type != "cpu" or (torch.is_grad_enabled() and q.requires_grad):
+            bias = (rel_h.view(B, nh, N, H, 1) + rel_w.view(B, nh, N, 1, W)).view(B, nh, N, N)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        g = max(1, min(nh, (2 * 1024 * 1024) // (N * N)))
+        out = torch.empty_like(q)
+        for b in range(B):
+            for h0 in range(0, nh, g):
+                h1 = min(nh, h0 + g)
+                gg = h1 - h0
+                bias = (rel_h[b, h0:h1].view(1, gg, N, H, 1) + rel_w[b, h0:h1].view(1, gg, N, 1, W))
+                out[b:b + 1, h0:h1] = F.scaled_dot_product_attention(
+                    q[b:b + 1, h0:h1], k[b:b + 1, h0:h1], v[b:b + 1, h0:h1],
+                    attn_mask=bias.view(1, gg, N, N), scale=self.scale)
+        return out
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """x: (B, N=H*W, dim) tokens -> (B, N, dim)."""
+        B, N, D = x.shape
+        nh, hd = self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(B, N, 3, nh, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nh, N, hd)
+        Rh, Rw = self._tables(H, W)
+        Rh, Rw = Rh.to(q.dtype), Rw.to(q.dtype)
+        impl = self.impl
+        if impl == "auto":
+            impl = "mask"
+        rel_h, rel_w = rel_pos_bias_terms(q, Rh, Rw, H, W)
+        if impl == "fold":
+            # q.k*scale + rel_h[ky] + rel_w[kx] == [q, rel_h/scale, rel_w/scale] . [k, onehot(ky), onehot(kx)] * scale
+            E = self._onehot(H, W, x.device, q.dtype).expand(B, nh, N, H + W)
+            qf = torch.cat([q, rel_h / self.scale, rel_w / self.scale], dim=-1)
+            kf = torch.cat([k, E], dim=-1)
+            vf = F.pad(v, (0, H + W)) if x.device.type != "cpu" else v
+            o = F.scaled_dot_product_attention(qf, kf, vf, scale=self.scale)[..., :hd]
+        elif impl == "mask":
+            o = self._sdpa_mask(q, k, v, rel_h, rel_w, H, W)
+        elif impl == "explicit":
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = (attn.view(B, nh, N, H, W) + rel_h.view(B, nh, N, H, 1) + rel_w.view(B, nh, N, 1, W))
+            o = attn.view(B, nh, N, N).softmax(dim=-1) @ v
+        else:
+            raise ValueError(f"unknown attention implementation {impl!r}; use one of {ATTN_IMPLS}")
+        o = o.transpose(1, 2).reshape(B, N, D)
+        return self.proj(o)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, rel_rows: int, head_dim: int | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, rel_rows, head_dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, mlp_dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), H, W)
+        return x + self.mlp(self.norm2(x))
+
+
+class Encoder(nn.Module):
+    """SAM ViT image encoder as used by Cellpose-SAM (key names of ``ImageEncoderViT``)."""
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, mlp_dim: int, rel_rows: list[int],
+                 grid: int, ps: int, out_chans: int, in_chans: int = 3, head_dim: int | None = None):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, ps)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_dim, rel_rows[i], head_dim) for i in range(depth)])
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+
+class CPSAMNet(nn.Module):
+    """Cellpose-SAM network: (B, C<=3, 256, 256) -> (y (B, nout, 256, 256), style zeros (B, 256)).
+
+    y channels are [dY, dX, cellprob logit]; flows are in network units (about 5 x unit vectors).
+    Input channels are normalised intensities (1st percentile -> 0, 99th -> 1); fewer than 3 input
+    channels use the first slices of the patch weight (the same as zero-padding to 3 channels).
+
+    Parameters
+    ----------
+    embed_dim, depth, num_heads, mlp_dim : ViT width, number of blocks, heads, MLP hidden size
+        (ViT-L defaults: 1024, 24, 16, 4096).
+    global_attn_indexes : blocks that were global in SAM (their rel_pos tables have 2*64-1 = 127
+        rows; the others keep 2*14-1 = 27). Every block runs global attention at run time.
+    ps, bsize, nout, out_chans : patch size (8), tile size (256), output channels (3), neck width (256).
+    rdrop : layer-drop rate used in training mode (linearly 0 .. rdrop over the blocks).
+    """
+
+    style_dim = 256
+    fully_convolutional = False
+
+    def __init__(self, embed_dim: int = 1024, depth: int = 24, num_heads: int = 16, mlp_dim: int | None = None,
+                 global_attn_indexes: tuple[int, ...] = (5, 11, 17, 23), ps: int = 8, bsize: int = 256,
+                 nout: int = 3, out_chans: int = 256, rdrop: float = 0.4, rel_rows: list[int] | None = None,
+                 head_dim: int | None = None, window_size: int = 14, sam_img_size: int = 1024,
+                 sam_patch: int = 16):
+        super().__init__()
+        mlp_dim = mlp_dim or 4 * embed_dim
+        head_dim = head_dim or embed_dim // num_heads
+        if rel_rows is None:
+            glob = 2 * (sam_img_size // sam_patch) - 1
+            win = 2 * window_size - 1
+            rel_rows = [glob if i in set(global_attn_indexes) else win for i in range(depth)]
+        self.config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                           ps=ps, bsize=bsize, nout=nout, out_chans=out_chans, rel_rows=list(rel_rows),
+                           head_dim=head_dim)
+        self.ps, self.bsize, self.nout, self.rdrop = ps, bsize, nout, rdrop
+        self.global_attn_indexes = tuple(i for i, r in enumerate(rel_rows) if r == max(rel_rows)) \
+            if len(set(rel_rows)) > 1 else tuple(global_attn_indexes)
+        self.grid = bsize // ps
+        # own parameters first: same order as a Cellpose 4.2 checkpoint
+        self.diam_labels = nn.Parameter(torch.full((1,), 30.0), requires_grad=False)
+        self.diam_mean = nn.Parameter(torch.full((1,), 30.0), requires_grad=False)
+        nw = nout * ps * ps
+        self.W2 = nn.Parameter(torch.eye(nw).reshape(nw, nout, ps, ps), requires_grad=False)
+        self.encoder = Encoder(embed_dim, depth, num_heads, mlp_dim, list(rel_rows), self.grid, ps,
+                               out_chans, head_dim=head_dim)
+        self.out = nn.Conv2d(out_chans, nw, kernel_size=1)
+        #: 4.2 behaviour: the patch projection is read through ``.detach()`` so it is not fine-tuned.
+        self.train_patch_embed = False
+        self._w2_is_shuffle = True
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.out.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out.weight.dtype
+
+    def set_attention(self, impl: str) -> None:
+        """Choose the attention kernel: "auto" (fold on CPU, mask elsewhere), "fold", "mask", "explicit"."""
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attention implementation {impl!r}; use one of {ATTN_IMPLS}")
+        for blk in self.encoder.blocks:
+            blk.attn.impl = impl
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, C, Hin, Win = x.shape
+        if C > 3 or C < 1:
+            raise ValueError(f"CPSAMNet takes 1 to 3 input channels, got {C}")
+        enc = self.encoder
+        w = enc.patch_embed.proj.weight
+        b = enc.patch_embed.proj.bias
+        if not self.train_patch_embed:
+            w, b = w.detach(), b.detach()
+        x = x.to(w.dtype)
+        x = F.conv2d(x, w[:, :C], b, stride=self.ps)  # (B, D, h, w)
+        H, W = x.shape[-2:]
+        if (H, W) != tuple(enc.pos_embed.shape[1:3]):
+            raise ValueError(f"CPSAMNet needs {self.bsize}x{self.bsize} tiles, got {Hin}x{Win}")
+        x = x.flatten(2).transpose(1, 2) + enc.pos_embed.reshape(1, H * W, -1)  # (B, N, D)
+        blocks = enc.blocks
+        if self.training and self.rdrop > 0:
+            nlay = len(blocks)
+            keep_prev = (torch.rand((B, nlay), device=x.device)
+                         < torch.linspace(0, self.rdrop, nlay, device=x.device)).to(x.dtype)
+            for i, blk in enumerate(blocks):
+                m = keep_prev[:, i].view(B, 1, 1)
+                x = x * m + blk(x, H, W) * (1 - m)
+        else:
+            for blk in blocks:
+                x = blk(x, H, W)
+        x = x.transpose(1, 2).reshape(B, -1, H, W)
+        x = enc.neck(x)
+        x = self.out(x)
+        if self._w2_is_shuffle:
+            y = F.pixel_shuffle(x, self.ps)
+        else:
+            y = F.conv_transpose2d(x, self.W2.to(x.dtype), stride=self.ps)
+        style = torch.zeros((B, self.style_dim), device=y.device, dtype=y.dtype)
+        return y, style
+
+    # ------------------------------------------------------------------ loading
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        res = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._check_w2()
+        for blk in self.encoder.blocks:
+            blk.attn._cache.clear()
+        return res
+
+    def _check_w2(self) -> None:
+        W2 = self.W2
+        if W2.is_meta:
+            self._w2_is_shuffle = True
+            return
+        nw = W2.shape[0]
+        eye = torch.eye(nw, device=W2.device, dtype=W2.dtype).reshape(W2.shape)
+        self._w2_is_shuffle = bool(torch.equal(W2.detach(), eye))
+
+    @staticmethod
+    def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict:
+        """Read width, depth, heads, MLP size, patch size, tile size and rel_pos rows from a state dict."""
+        pe = sd["encoder.pos_embed"]
+        embed_dim = int(pe.shape[-1])
+        grid = int(pe.shape[1])
+        depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
+        head_dim = int(sd["encoder.blocks.0.attn.rel_pos_h"].shape[1])
+        if head_dim <= 0 or embed_dim % head_dim:
+            raise ValueError(f"cannot infer the head count: width {embed_dim}, rel_pos head dim {head_dim}")
+        num_heads = embed_dim // head_dim
+        mlp_dim = int(sd["encoder.blocks.0.mlp.lin1.weight"].shape[0])
+        ps = int(sd["encoder.patch_embed.proj.weight"].shape[-1])
+        out_chans = int(sd["encoder.neck.0.weight"].shape[0])
+        nout = int(sd["out.weight"].shape[0]) // (ps * ps)
+        rel_rows = [int(sd[f"encoder.blocks.{i}.attn.rel_pos_h"].shape[0]) for i in range(depth)]
+        return dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, ps=ps,
+                    bsize=grid * ps, nout=nout, out_chans=out_chans, rel_rows=rel_rows, head_dim=head_dim)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> "CPSAMNet":
+        """Build a network whose shape matches ``sd`` and load the weights (``module.`` prefix stripped)."""
+        if any(k.startswith("module.") for k in sd):
+            sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+        cfg = cls.config_from_state_dict(sd)
+        with torch.device("meta"):
+            net = cls(**cfg)
+        sd = dict(sd)
+        for k in ("diam_labels", "diam_mean"):  # older files may lack them
+            if k not in sd:
+                sd[k] = torch.full((1,), 30.0)
+        if "W2" not in sd:
+            nw = cfg["nout"] * cfg["ps"] ** 2
+            sd["W2"] = torch.eye(nw).reshape(nw, cfg["nout"], cfg["ps"], cfg["ps"])
+        own = net.state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} Cellpose-SAM weights, e.g. {missing[:3]}")
+        wrong = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)]
+        if wrong:
+            raise ValueError(f"checkpoint weights have unexpected shapes, e.g. {wrong[:3]}")
+        clean = {k: sd[k] for k in own}
+        if dtype is not None:
+            clean = {k: v.to(dtype) if v.is_floating_point() else v for k, v in clean.items()}
+        if device is not None:
+            clean = {k: v.to(device) for k, v in clean.items()}
+        net.load_state_dict(clean, strict=True, assign=True)
+        for n in ("diam_labels", "diam_mean", "W2"):
+            getattr(net, n).requires_grad_(False)
+        net.ignored_keys = unexpected
+        net.eval()
+        return net
