@@ -62,9 +62,9 @@ def test_segment_tab_functions(fake_model):
     md = segment_tab.summary_md(out)
     assert f"{n} cells" in md and "µm²" in md and "sha256" in md
     img = segment_tab.render(out, [W.OVERLAY_MASKS, W.OVERLAY_OUTLINES], W.BG_IMAGE, 0)
-    assert img.shape == (256, 256, 3) and img.dtype == np.uint8
+    assert img.shape == (512, 512, 3) and img.dtype == np.uint8
     for bg in (W.BG_FLOWS, W.BG_CELLPROB):
-        assert segment_tab.render(out, [], bg, 0).shape == (256, 256, 3)
+        assert segment_tab.render(out, [], bg, 0).shape == (512, 512, 3)
     h = segment_tab.histogram(out)
     assert h["count"].sum() == n and "size (µm²)" in h
 

@@ -71,7 +71,7 @@ def build(ctx: dict[str, Any]) -> None:
                             file_types=[".zip", ".tif", ".tiff", ".png", ".jpg", ".jpeg"], elem_id="batch-files")
             model = gr.Dropdown(names, value=default, label="Model", elem_id="batch-model")
             with gr.Row():
-                diameter = gr.Number(None, label="Diameter (px)", info="blank = automatic", minimum=0)
+                diameter = gr.Number(None, label="Diameter (px)", info="0 or blank = automatic", minimum=0)
                 pixel = gr.Number(None, label="Pixel size (µm/px)", info="used when a file has none", minimum=0)
             with gr.Row():
                 flow = gr.Slider(0, 3, 0.4, step=0.05, label="Flow threshold")
@@ -96,7 +96,8 @@ def build(ctx: dict[str, Any]) -> None:
             status = gr.Markdown("No batch running.", elem_id="batch-status")
             result = gr.File(label="Results (zip, summary CSV, all-cells CSV)", file_count="multiple",
                              interactive=False, elem_id="batch-result")
-            summary = gr.Dataframe(label="Summary: one row per image (cell count, median area px / µm², "
+            summary = gr.Dataframe(pd.DataFrame(columns=["image", "status", "n_cells", "median_area_px",
+                                                         "median_area_um2", "reason"]), label="Summary: one row per image (cell count, median area px / µm², "
                                          "puncta)", interactive=False, max_height=320, elem_id="batch-summary")
             with gr.Accordion("Earlier batches (kept on the server)", open=False):
                 history = gr.Dataframe(jobs_table(None), interactive=False, elem_id="batch-history")
@@ -105,7 +106,7 @@ def build(ctx: dict[str, Any]) -> None:
                     old_btn = gr.Button("Get results of this job", size="sm")
                     refresh = gr.Button("Refresh list", size="sm")
 
-    @W.user_errors
+    @W.user_errors(outputs=5)
     def on_run(fs, m, d, fl, cp, ni, ms, chs, px, pon, pch, psmin, psmax, pthr, request: gr.Request,
                progress=gr.Progress()):
         params = segment_tab.make_params(d, fl, cp, ni, ms, "auto", "auto", chs, 1.0, 99.0, False, None, 0)
@@ -133,7 +134,7 @@ def build(ctx: dict[str, Any]) -> None:
 
     cancel.click(on_cancel, [job_id], [status], api_visibility="private", queue=False)
 
-    @W.user_errors
+    @W.user_errors(outputs=3)
     def on_old(jid, request: gr.Request):
         st = jobs.manager(W.username(request)).get((jid or "").strip())
         if not st or st.get("kind") != "batch":

@@ -39,8 +39,8 @@ def _render(s: common.Session, st: CorrectState, overlays: list[str]) -> np.ndar
     if s is None or s.image is None or s.is_stack:
         return None
     base = W.to_display_rgb(s.image)
-    return W.compose(base, st.history.current, W.OVERLAY_MASKS in (overlays or []),
-                     W.OVERLAY_OUTLINES in (overlays or []), selected=st.selected, pending=st.pending)
+    return W.upscale(W.compose(base, st.history.current, W.OVERLAY_MASKS in (overlays or []),
+                               W.OVERLAY_OUTLINES in (overlays or []), selected=st.selected, pending=st.pending))
 
 
 def _status(st: CorrectState) -> str:
@@ -195,25 +195,26 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
 
     outs = [state, view, status]
 
-    @W.user_errors
+    @W.user_errors(outputs=3)
     def on_enter(s, st):
         st = enter(s, st)
         if s is not None and s.is_stack:
             gr.Warning("Correcting works on 2D images; this image is a z-stack.")
         return st, _render(s, st, [W.OVERLAY_MASKS, W.OVERLAY_OUTLINES]), _status(st)
 
-    @W.user_errors
+    @W.user_errors(outputs=3)
     def on_click(s, st, md, r, ov, evt: gr.SelectData):
         st = enter(s, st)
-        x, y = evt.index[0], evt.index[1]
-        st = click(s, st, md, r, int(y), int(x))
+        k = W.display_scale(s.image.shape) if s is not None and s.image is not None else 1
+        x, y = int(evt.index[0]) // k, int(evt.index[1]) // k
+        st = click(s, st, md, r, y, x)
         return st, _render(s, st, ov), _status(st)
 
     view.select(on_click, [session, state, mode, radius, overlays], outs, api_visibility="private",
                 show_progress="hidden")
 
     def simple(fn):
-        @W.user_errors
+        @W.user_errors(outputs=3)
         def handler(s, st, ov):
             st = enter(s, st)
             st = fn(st)
@@ -243,7 +244,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
     overlays.change(lambda s, st, ov: _render(s, st, ov), [session, state, overlays], [view],
                     api_visibility="private", show_progress="hidden")
 
-    @W.user_errors
+    @W.user_errors(outputs=2)
     def on_save(s, st):
         st = enter(s, st)
         new = save(s, st)
@@ -252,7 +253,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
 
     save_btn.click(on_save, [session, state], [session, files], api_visibility="private")
 
-    @W.user_errors
+    @W.user_errors(outputs=1)
     def on_add(s, st, name, request: gr.Request):
         st = enter(s, st)
         if s is None or s.image is None or st.history.current is None:

@@ -106,7 +106,7 @@ def build(ctx: dict[str, Any]) -> None:
     refresh.click(on_refresh, None, [sets, set_name], api_visibility="private")
     ctx["refreshers"].append((on_refresh, [sets, set_name]))
 
-    @W.user_errors
+    @W.user_errors(outputs=3)
     def on_upload(fs, name, request: gr.Request):
         if not fs:
             raise CellposeWebError("Choose a zip or files with image + mask pairs first.")
@@ -121,7 +121,7 @@ def build(ctx: dict[str, Any]) -> None:
 
     dds = list(ctx["model_dropdowns"])
 
-    @W.user_errors
+    @W.user_errors(outputs=4 + len(dds))
     def on_start(sn, b, nn, ep, lr_, wd_, request: gr.Request):
         user = W.username(request)
         job = start_finetune(sn, b, nn, ep, lr_, wd_, user, ctx["limits"])

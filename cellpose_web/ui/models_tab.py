@@ -84,7 +84,7 @@ def build(ctx: dict[str, Any]) -> None:
     refresh.click(lambda: refreshed(), None, outs, api_visibility="private")
     ctx["refreshers"].append((lambda: (registry_table(), gr.update(choices=lab_names())), [table, sel]))
 
-    @W.user_errors
+    @W.user_errors(outputs=len(outs))
     def on_upload(path, name):
         from cellpose_web import registry
         if not path:
@@ -96,7 +96,7 @@ def build(ctx: dict[str, Any]) -> None:
 
     up_btn.click(on_upload, [up_file, up_name], outs, api_visibility="private")
 
-    @W.user_errors
+    @W.user_errors(outputs=len(outs))
     def on_fetch(repo, fname, name, progress=gr.Progress()):
         from cellpose_web import registry
         if not repo or not fname:
@@ -107,7 +107,7 @@ def build(ctx: dict[str, Any]) -> None:
 
     hub_btn.click(on_fetch, [hub_repo, hub_file, hub_name], outs, api_visibility="private")
 
-    @W.user_errors
+    @W.user_errors(outputs=1)
     def on_download(name):
         from cellpose_web import registry
         if not name:
@@ -119,7 +119,7 @@ def build(ctx: dict[str, Any]) -> None:
 
     dl_btn.click(on_download, [sel], [dl_file], api_visibility="private")
 
-    @W.user_errors
+    @W.user_errors(outputs=len(outs))
     def on_delete(name):
         from cellpose_web import registry
         if not name:
@@ -130,7 +130,7 @@ def build(ctx: dict[str, Any]) -> None:
 
     del_btn.click(on_delete, [sel], outs, api_visibility="private")
 
-    @W.user_errors
+    @W.user_errors(outputs=len(outs))
     def on_rename(name, new):
         from cellpose_web import registry
         if not name or not new:
@@ -141,7 +141,7 @@ def build(ctx: dict[str, Any]) -> None:
 
     ren_btn.click(on_rename, [sel, new_name], outs, api_visibility="private")
 
-    @W.user_errors
+    @W.user_errors(outputs=len(outs))
     def on_push(name, repo, token):
         from cellpose_web import registry
         if not name or not repo:

@@ -48,8 +48,8 @@ def render(s: common.Session, overlays: list[str], background: str, z: int) -> n
     pts = None
     if W.OVERLAY_PUNCTA in (overlays or []) and s.puncta is not None and len(s.puncta) and not s.is_stack:
         pts = s.puncta[["y_px", "x_px"]].to_numpy()
-    return W.compose(base, masks, W.OVERLAY_MASKS in (overlays or []), W.OVERLAY_OUTLINES in (overlays or []),
-                     pts)
+    return W.upscale(W.compose(base, masks, W.OVERLAY_MASKS in (overlays or []),
+                               W.OVERLAY_OUTLINES in (overlays or []), pts))
 
 
 def image_info(s: common.Session) -> str:
@@ -193,9 +193,9 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                                 info="From the model registry; the best available is pre-selected.",
                                 elem_id="seg-model")
             with gr.Row():
-                diameter = gr.Number(None, label="Diameter (px)", info="blank = automatic", minimum=0,
+                diameter = gr.Number(None, label="Diameter (px)", info="0 or blank = automatic", minimum=0,
                                      elem_id="seg-diameter")
-                pixel = gr.Number(None, label="Pixel size (µm/px)", info="from metadata if blank", minimum=0,
+                pixel = gr.Number(None, label="Pixel size (µm/px)", info="filled from the file; 0 = unknown", minimum=0,
                                   elem_id="seg-pixel")
             with gr.Row():
                 flow = gr.Slider(0, 3, 0.4, step=0.05, label="Flow threshold", info="higher = more cells kept")
@@ -241,7 +241,10 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             count = gr.Markdown("No result yet.", elem_id="seg-count")
             with gr.Tabs():
                 with gr.Tab("Cells table"):
-                    table = gr.Dataframe(label="Per-cell measurements (areas in px and µm², centroids in px/µm)",
+                    table = gr.Dataframe(pd.DataFrame(columns=["label", "area_px", "area_um2", "centroid_y_px",
+                                                                "centroid_x_px", "eccentricity", "solidity",
+                                                                "mean_intensity_ch0"]),
+                                         label="Per-cell measurements (areas in px and µm², centroids in px/µm)",
                                          interactive=False, max_height=360, elem_id="seg-table")
                 with gr.Tab("Size histogram"):
                     hist = gr.BarPlot(pd.DataFrame({"bin": [], "count": []}), x="bin", y="count",
@@ -254,7 +257,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                     prov = gr.JSON(label="Model, sha256 and every parameter", elem_id="seg-prov")
 
     # ---------------- events
-    @W.user_errors
+    @W.user_errors(outputs=7)
     def on_upload(path, s):
         if not path:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -274,7 +277,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                   norm_hi, do3d, aniso, stitch, pixel, p_on, p_ch, p_smin, p_smax, p_thr, overlays, background]
     seg_outputs = [session, view, count, table, hist, files, prov, zslider]
 
-    @W.user_errors
+    @W.user_errors(outputs=8)
     def on_run(s, model_name, d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st, px, pon, pch, psmin, psmax,
                pthr, ov, bg, progress=gr.Progress()):
         params = make_params(d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st)
@@ -287,7 +290,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
     run.click(on_run, seg_inputs, seg_outputs, api_name="segment_ui", api_visibility="private",
               concurrency_limit=ctx["limits"].concurrency["segment"], concurrency_id="segment")
 
-    @W.user_errors
+    @W.user_errors(outputs=7)
     def on_puncta(s, pon, pch, psmin, psmax, pthr, ov, bg, z):
         if s is None or s.masks is None:
             raise CellposeWebError("Run the segmentation first; puncta are counted per cell.")

@@ -25,23 +25,41 @@ BG_CELLPROB = "Cell probability"
 
 
 # ------------------------------------------------------------------ errors
-def user_errors(fn: Callable) -> Callable:
-    """Run a UI callback; user errors become gr.Error (the message), anything else a short gr.Error
-    (the traceback goes to the server log only). Works for plain functions and generators."""
+def _message(e: BaseException, fn: Callable) -> tuple[str, str]:
+    """(title, message) for an exception; unexpected ones are logged with their traceback."""
+    if isinstance(e, CellposeWebError):
+        return "Please check", str(e)
+    if isinstance(e, FileNotFoundError):
+        return "File not found", f"{e} Upload the file again or pick another one."
+    if isinstance(e, MemoryError):
+        return "Out of memory", "The server ran out of memory; try a smaller image."
+    log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
+    return "Unexpected error", (f"Something went wrong ({type(e).__name__}). Your earlier results are kept; "
+                                "try again, and tell the admin if it repeats.")
+
+
+def user_errors(fn: Callable | None = None, *, outputs: int | None = None) -> Callable:
+    """Guard a UI callback so no traceback reaches the browser.
+
+    With ``outputs=None`` an error is raised as gr.Error (the API caller sees it as a failure).
+    With ``outputs=n`` the message is shown as a gr.Warning toast and every output is left as it
+    was (gr.skip()), so earlier results stay on screen. Works for functions and generators.
+    """
+    if fn is None:
+        return lambda f: user_errors(f, outputs=outputs)
     import gradio as gr
 
-    def convert(e: BaseException) -> BaseException:
-        if isinstance(e, gr.Error):
+    def handle(e: BaseException):
+        if isinstance(e, gr.Error) and outputs is None:
             return e
-        if isinstance(e, CellposeWebError):
-            return gr.Error(str(e), title="Please check")
-        if isinstance(e, FileNotFoundError):
-            return gr.Error(f"{e} Upload the file again or pick another one.", title="File not found")
-        if isinstance(e, MemoryError):
-            return gr.Error("The server ran out of memory; try a smaller image.", title="Out of memory")
-        log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
-        return gr.Error(f"Something went wrong ({type(e).__name__}). Your earlier results are kept; "
-                        "try again, and tell the admin if it repeats.", title="Unexpected error")
+        title, msg = (e.title or "Error", e.message) if isinstance(e, gr.Error) else _message(e, fn)
+        if outputs is None:
+            return gr.Error(msg, title=title)
+        gr.Warning(msg, title=title, duration=15)
+        return None
+
+    def skips():
+        return gr.skip() if outputs == 1 else tuple(gr.skip() for _ in range(outputs))
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -49,7 +67,10 @@ def user_errors(fn: Callable) -> Callable:
             try:
                 yield from fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001
-                raise convert(e) from None
+                err = handle(e)
+                if err is not None:
+                    raise err from None
+                yield skips()
         return gen_wrapper
 
     @functools.wraps(fn)
@@ -57,7 +78,10 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
-            raise convert(e) from None
+            err = handle(e)
+            if err is not None:
+                raise err from None
+            return skips()
     return wrapper
 
 
@@ -175,6 +199,22 @@ def compose(base_rgb: np.ndarray, masks: np.ndarray | None, show_masks: bool = T
         for y, x in pts.astype(int):
             out[max(0, y - 1):y + 2, max(0, x - 1):x + 2] = (0, 255, 255)
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def display_scale(shape: tuple[int, ...], target: int = 640) -> int:
+    """Integer zoom for small images so the viewer shows them large (clicks divide by it)."""
+    side = max(int(shape[0]), int(shape[1]))
+    return max(1, min(8, target // max(side, 1)))
+
+
+def upscale(rgb: np.ndarray | None) -> np.ndarray | None:
+    """Nearest-neighbour zoom by display_scale (pixels stay crisp squares)."""
+    if rgb is None:
+        return None
+    k = display_scale(rgb.shape)
+    if k == 1:
+        return rgb
+    return np.repeat(np.repeat(rgb, k, axis=0), k, axis=1)
 
 
 # ------------------------------------------------------------------ look

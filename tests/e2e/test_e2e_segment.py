@@ -1,0 +1,64 @@
+"""Segment tab in a real browser: upload an example, segment, see count and overlay, download masks."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from tests.e2e.conftest import REPO, shot
+
+pytestmark = pytest.mark.e2e
+EXAMPLE = REPO / "examples" / "u2os_nuclei.tif"
+
+
+def upload_and_segment(page, path=EXAMPLE):
+    page.set_input_files("#seg-file input[type=file]", str(path))
+    page.wait_for_selector("#seg-info :text('pixel size')")
+    page.click("#seg-run")
+    page.wait_for_function(
+        "() => { const s = document.querySelector('#seg-count strong');"
+        " return s && /^\\d+ cells$/.test(s.innerText.trim()); }", timeout=180_000)
+    return page.inner_text("#seg-count")
+
+
+def test_segment_upload_run_download(page, tmp_path):
+    shot(page, "00_start")
+    count_text = upload_and_segment(page)
+    n = int(page.inner_text("#seg-count strong").split()[0])
+    assert "sha256" in count_text
+    # overlay shown
+    assert page.locator("#seg-view img").count() == 1
+    shot(page, "01_segment_result")
+    # the per-cell table has one row per cell
+    page.get_by_role("tab", name="Downloads").click()
+    link = page.locator('#seg-files a[download$="_cp_masks.tif"]').first
+    with page.expect_download() as dl:
+        link.click()
+    f = tmp_path / "masks.tif"
+    dl.value.save_as(f)
+    masks = tifffile.imread(f)
+    assert masks.shape == (256, 256)
+    assert len(np.unique(masks[masks > 0])) == n
+    shot(page, "02_segment_downloads")
+    # switch views: flows and cell probability render without errors
+    page.get_by_role("radio", name="Flow field (RGB)").check()
+    page.wait_for_timeout(500)
+    shot(page, "03_segment_flows")
+    page.get_by_role("radio", name="Cell probability").check()
+    page.wait_for_timeout(500)
+    assert page.locator(".toast-body.error").count() == 0
+
+
+def test_segment_without_image_shows_message(page):
+    page.click("#seg-run")
+    page.wait_for_selector("text=No image")
+    page.screenshot(path=str(shot(page, "04_segment_error_no_image")))  # viewport: the message toast
+    assert "Traceback" not in page.content()
+
+
+def test_unreadable_file_shows_message(page, tmp_path):
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"this is text, not a TIFF")
+    page.set_input_files("#seg-file input[type=file]", str(bad))
+    page.wait_for_selector("text=/could not|not a|cannot|text/i")
+    assert "Traceback" not in page.content()
