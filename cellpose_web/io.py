@@ -20,7 +20,6 @@ lists, dicts and plain values, so a crafted file cannot run code.
 from __future__ import annotations
 
 import datetime as _dt
-import io as _io
 import logging
 import os
 import pickle
@@ -764,9 +763,18 @@ def _percentile_norm(img: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> np.n
     return (img - a) / (b - a)
 
 
-def _image_to_rgb(image: np.ndarray, shape2d: tuple[int, int]) -> np.ndarray:
-    """Normalised uint8 RGB view of a (Y, X), (Y, X, C) or (C, Y, X) image for overlays."""
+def _image_to_rgb(image: np.ndarray | None, shape2d: tuple[int, int]) -> np.ndarray:
+    """Normalised uint8 RGB view of a (Y, X), (Y, X, C) or (C, Y, X) image for overlays (black if unusable)."""
+    try:
+        return _image_to_rgb_strict(image, shape2d)
+    except Exception:  # an image we cannot show (None, 5-D, odd channels): draw on black
+        return np.zeros((*shape2d, 3), np.uint8)
+
+
+def _image_to_rgb_strict(image: np.ndarray, shape2d: tuple[int, int]) -> np.ndarray:
     img = np.asarray(image)
+    if img.dtype.kind not in "biuf":
+        raise TypeError(f"cannot display dtype {img.dtype}")
     if img.ndim == 3 and img.shape[-2:] == tuple(shape2d) and img.shape[0] <= 4 and img.shape[:2] != tuple(shape2d):
         img = np.moveaxis(img, 0, -1)
     if img.ndim == 2:

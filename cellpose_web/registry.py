@@ -736,10 +736,14 @@ def add_lab_model(src_path: str | os.PathLike, name: str, metadata: dict | None 
             fo.flush()
             os.fsync(fo.fileno())
         sha = h.hexdigest()
-        training = dict(meta_in.pop("training", {}) or {})
-        ckpt_meta = info.get("meta") or {}
-        if ckpt_meta and not training:
-            training = dict(ckpt_meta)
+        # training facts: the checkpoint's own meta, then meta_in["training"], then any other keys given
+        training = dict(info.get("meta") or {})
+        training.update(dict(meta_in.pop("training", {}) or {}))
+        top = {k: meta_in.pop(k) for k in ("repo_id", "filename", "revision") if k in meta_in}
+        description = str(meta_in.pop("description", "") or "")
+        base_model = meta_in.pop("base_model", None)
+        test_ap = meta_in.pop("test_ap", None)
+        training.update(meta_in)
         record = {
             "format": 1,
             "name": name,
@@ -747,13 +751,13 @@ def add_lab_model(src_path: str | os.PathLike, name: str, metadata: dict | None 
             "sha256": sha,
             "size_bytes": size,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "description": str(meta_in.pop("description", "") or ""),
-            "base_model": meta_in.pop("base_model", None),
-            "test_ap": meta_in.pop("test_ap", None),
+            "description": description,
+            "base_model": base_model,
+            "test_ap": test_ap,
             "training": training,
             "source_file": src.name,
+            **top,
         }
-        record.update({k: v for k, v in meta_in.items() if k not in record})
         _write_json_atomic(tmp / "model.json", record)
         with _LOCK:
             if final.exists():

@@ -1,0 +1,660 @@
+"""Command line: ``python -m cellpose_web`` with Cellpose 4's flags, plus ``serve``, ``models`` and ``batch``.
+
+Segment a folder (writes ``_seg.npy`` and, as asked, ``_cp_masks.png/.tif``, outlines, flows, ROIs)::
+
+    python -m cellpose_web --dir images/ --pretrained_model lite --save_png --save_txt --save_rois
+
+Fine-tune (saves to ``images/models/<name>`` as Cellpose does, and registers a lab model)::
+
+    python -m cellpose_web --train --dir train/ --test_dir val/ --pretrained_model lite --n_epochs 50 \\
+        --model_name_out nuclei_lab
+
+Models::
+
+    python -m cellpose_web models list
+    python -m cellpose_web models add weights.pth --name nuclei_lab
+    python -m cellpose_web models fetch mylab/models nuclei_v2 --name nuclei_v2
+    python -m cellpose_web models push nuclei_lab mylab/models
+
+The web app: ``python -m cellpose_web serve [--port 7860 ...]``.
+
+Exit status: 0 on success, 2 for bad input (one ``error: ...`` line on stderr), 1 for an
+unexpected failure (one line; ``--verbose`` prints the traceback), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cellpose_web.errors import CellposeWebError
+
+logger = logging.getLogger("cellpose_web.cli")
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPT = 0, 1, 2, 130
+SUBCOMMANDS = ("serve", "models", "batch")
+
+
+class _UsageError(Exception):
+    """A bad command line (argparse's error, as one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + error
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# ----------------------------------------------------------------------------------------------
+# output helpers
+# ----------------------------------------------------------------------------------------------
+class ProgressLine:
+    """A tiny stderr progress bar: ``[#####-----] 3/10 name`` (redrawn in place on a terminal)."""
+
+    def __init__(self, total: int, stream=None, width: int = 24):
+        self.total = max(int(total), 1)
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last = ""
+
+    def show(self, done: int, label: str = "") -> None:
+        if not self.tty:
+            return
+        frac = min(max(done / self.total, 0.0), 1.0)
+        n = int(round(frac * self.width))
+        line = f"[{'#' * n}{'-' * (self.width - n)}] {done}/{self.total} {label}"[:120]
+        pad = max(0, len(self._last) - len(line))
+        self.stream.write("\r" + line + " " * pad)
+        self.stream.flush()
+        self._last = line
+
+    def clear(self) -> None:
+        if self.tty and self._last:
+            self.stream.write("\r" + " " * len(self._last) + "\r")
+            self.stream.flush()
+            self._last = ""
+
+
+def _download_progress(name: str):
+    stream = sys.stderr
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    state = {"t": 0.0, "said": False}
+
+    def cb(done: int, total: int | None) -> None:
+        now = time.time()
+        if not state["said"]:
+            stream.write(f"downloading model '{name}'" + (f" ({total / 1e6:.0f} MB)" if total else "") + "\n")
+            state["said"] = True
+        if tty and (now - state["t"] > 0.2 or (total and done >= total)):
+            state["t"] = now
+            pct = f"{100 * done / total:5.1f}%" if total else ""
+            stream.write(f"\r  {pct} {done / 1e6:.0f} MB")
+            if total and done >= total:
+                stream.write("\n")
+            stream.flush()
+
+    return cb
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------------
+def _float_or_none(v: str) -> float | None:
+    if v is None or str(v).strip().lower() in ("none", ""):
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+
+
+def _int_or_none(v: str) -> int | None:
+    if v is None or str(v).strip().lower() in ("none", ""):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
+
+
+def build_parser(prog: str = "python -m cellpose_web") -> argparse.ArgumentParser:
+    """The Cellpose-4-compatible parser (segmentation and training flags)."""
+    p = _Parser(prog=prog, description="Cellpose 4 (Cellpose-SAM) segmentation, Cellpose-compatible command line. "
+                "Subcommands: serve (web app), models (list/add/rename/delete/fetch/push), batch.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--verbose", action="store_true", help="log progress and print tracebacks")
+
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--use_gpu", action="store_true", help="use a GPU (CUDA, else Apple MPS) if there is one")
+    hw.add_argument("--gpu_device", default=None, help="CUDA device index with --use_gpu, e.g. 0")
+    hw.add_argument("--device", default=None, help="explicit torch device: cpu, cuda, cuda:1, mps")
+
+    inp = p.add_argument_group("input")
+    inp.add_argument("--dir", default=None, help="folder of images to segment (or to train on with --train)")
+    inp.add_argument("--image_path", default=None, nargs="+", help="one or more image files")
+    inp.add_argument("--look_one_level_down", action="store_true", help="also use images in sub-folders")
+    inp.add_argument("--img_filter", default=None, help="only images whose name ends with this (before the extension)")
+    inp.add_argument("--channel_axis", type=_int_or_none, default=None, help="axis of the channels")
+    inp.add_argument("--z_axis", type=_int_or_none, default=None, help="axis of the planes of a stack")
+    inp.add_argument("--chan", type=int, default=None, help=argparse.SUPPRESS)
+    inp.add_argument("--chan2", type=int, default=None, help=argparse.SUPPRESS)
+    inp.add_argument("--invert", action="store_true", help="invert intensities (dark cells on bright background)")
+    inp.add_argument("--all_channels", action="store_true", help=argparse.SUPPRESS)
+    inp.add_argument("--max_pixels", type=int, default=None, help="refuse images with more values than this")
+
+    mod = p.add_argument_group("model")
+    mod.add_argument("--pretrained_model", default=None,
+                     help="model name (lite, cpsam_v2, cpsam, a lab model, owner/repo:file) or a file path; "
+                          "default: cpsam_v2/cpsam if already downloaded, else lite")
+    mod.add_argument("--add_model", default=None, help="register this model file as a lab model and exit")
+    mod.add_argument("--token", default=None, help="Hugging Face token for private Hub models (default: HF_TOKEN)")
+    for dep in ("--pretrained_model_ortho", "--restore_type", "--chan2_restore", "--transformer"):
+        mod.add_argument(dep, default=None, help=argparse.SUPPRESS)
+
+    alg = p.add_argument_group("algorithm")
+    alg.add_argument("--no_norm", action="store_true", help="do not normalise images")
+    alg.add_argument("--norm_percentile", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                     help="percentiles for normalisation (default 1 99)")
+    alg.add_argument("--do_3D", action="store_true", help="segment stacks in 3D")
+    alg.add_argument("--diameter", type=_float_or_none, default=None,
+                     help="object diameter in px (default: none = no rescaling, as Cellpose 4)")
+    alg.add_argument("--stitch_threshold", type=float, default=0.0, help="> 0: 2D per plane, stitched by IoU")
+    alg.add_argument("--min_size", type=int, default=15, help="drop masks smaller than this (px)")
+    alg.add_argument("--max_size_fraction", type=float, default=0.4, help="drop masks larger than this image fraction")
+    alg.add_argument("--flow3D_smooth", type=float, nargs="+", default=[0.0], help="gaussian sigma on 3D flows")
+    alg.add_argument("--flow_threshold", type=float, default=0.4, help="max flow error of a mask (0 = off)")
+    alg.add_argument("--cellprob_threshold", type=float, default=0.0, help="cell probability threshold (logit)")
+    alg.add_argument("--niter", type=int, default=0, help="dynamics steps (0 = automatic)")
+    alg.add_argument("--anisotropy", type=float, default=1.0, help="z step / xy pixel size for 3D")
+    alg.add_argument("--exclude_on_edges", action="store_true", help="drop masks touching the image border")
+    alg.add_argument("--augment", action="store_true", help="test-time augmentation (flips)")
+    alg.add_argument("--batch_size", type=int, default=8, help="tiles per network call")
+    alg.add_argument("--bsize", type=int, default=None, help="tile size (default: the model's)")
+    alg.add_argument("--no_resample", action="store_true", help="run dynamics at the rescaled size")
+    alg.add_argument("--no_interp", action="store_true", help=argparse.SUPPRESS)
+
+    out = p.add_argument_group("output")
+    out.add_argument("--save_png", action="store_true", help="save masks as <name>_cp_masks.png")
+    out.add_argument("--save_tif", action="store_true", help="save masks as <name>_cp_masks.tif")
+    out.add_argument("--output_name", default=None, help="suffix of mask files (default _cp_masks)")
+    out.add_argument("--no_npy", action="store_true", help="do not save <name>_seg.npy")
+    out.add_argument("--savedir", default=None, help="folder for the outputs (default: beside the images)")
+    out.add_argument("--dir_above", action="store_true", help="save in the folder above the images")
+    out.add_argument("--in_folders", action="store_true", help="save into masks/, outlines/, flows/ sub-folders")
+    out.add_argument("--save_flows", action="store_true", help="save _flows, _dP and _cellprob TIFFs")
+    out.add_argument("--save_outlines", action="store_true", help="save an outline overlay PNG")
+    out.add_argument("--save_rois", action="store_true", help="save ImageJ ROIs (<name>_rois.zip)")
+    out.add_argument("--save_txt", action="store_true", help="save outlines as text (<name>_cp_outlines.txt)")
+    out.add_argument("--save_mpl", action="store_true", help="save a summary figure (<name>_cp_output.png)")
+
+    tr = p.add_argument_group("training")
+    tr.add_argument("--train", action="store_true", help="fine-tune the model on --dir (images + _masks files)")
+    tr.add_argument("--test_dir", default=None, help="folder of held-out images with masks")
+    tr.add_argument("--file_list", default=None, help=argparse.SUPPRESS)
+    tr.add_argument("--mask_filter", default="_masks", help="label file suffix (_masks, or _seg.npy)")
+    tr.add_argument("--learning_rate", type=float, default=1e-5)
+    tr.add_argument("--weight_decay", type=float, default=0.1)
+    tr.add_argument("--n_epochs", type=int, default=100)
+    tr.add_argument("--train_batch_size", type=int, default=1)
+    tr.add_argument("--nimg_per_epoch", type=int, default=None)
+    tr.add_argument("--nimg_test_per_epoch", type=int, default=None)
+    tr.add_argument("--min_train_masks", type=int, default=5)
+    tr.add_argument("--save_every", type=int, default=100)
+    tr.add_argument("--save_each", action="store_true")
+    tr.add_argument("--model_name_out", default=None, help="name of the trained model (and of its lab entry)")
+    tr.add_argument("--seed", type=int, default=0, help="random seed for training")
+    for dep, kw in (("--SGD", dict(type=int, default=None)), ("--diam_mean", dict(type=float, default=None)),
+                    ("--train_size", dict(action="store_true")), ("--Zstack", dict(action="store_true"))):
+        tr.add_argument(dep, help=argparse.SUPPRESS, **kw)
+    return p
+
+
+def _deprecation_notices(args: argparse.Namespace) -> None:
+    if args.chan is not None or args.chan2 is not None:
+        _say("notice: --chan/--chan2 are not used by Cellpose 4 (channel-agnostic: the first 3 channels are used); "
+             "use --channel_axis to say where the channels are")
+    if args.all_channels:
+        _say("notice: --all_channels is the default in Cellpose 4 (first 3 channels); ignored")
+    for dep in ("pretrained_model_ortho", "restore_type", "chan2_restore", "transformer"):
+        if getattr(args, dep) is not None:
+            _say(f"notice: --{dep} is deprecated in Cellpose 4 and ignored")
+    if args.SGD:
+        _say("notice: --SGD is not used in Cellpose 4 (AdamW); ignored")
+    if args.diam_mean is not None or args.train_size:
+        _say("notice: --diam_mean/--train_size are not used in Cellpose 4; ignored")
+    if args.no_interp:
+        _say("notice: --no_interp is not used; ignored")
+
+
+# ----------------------------------------------------------------------------------------------
+# segmentation
+# ----------------------------------------------------------------------------------------------
+def _collect_images(args) -> list[Path]:
+    from cellpose_web import io
+
+    files: list[Path] = []
+    if args.image_path:
+        for f in args.image_path:
+            p = Path(f).expanduser()
+            if not p.exists():
+                raise FileNotFoundError(f"image not found: {p}")
+            if p.is_dir():
+                raise CellposeWebError(f"'{p}' is a folder: use --dir for folders")
+            files.append(p)
+    if args.dir:
+        d = Path(args.dir).expanduser()
+        if not d.exists():
+            raise FileNotFoundError(f"folder not found: {d}")
+        if not d.is_dir():
+            raise CellposeWebError(f"--dir '{d}' is not a folder (use --image_path for a file)")
+        mf = args.mask_filter if args.mask_filter else "_masks"
+        files += [Path(f) for f in io.get_image_files(d, mf, imf=args.img_filter,
+                                                      look_one_level_down=args.look_one_level_down)]
+    if not files:
+        raise CellposeWebError("no images: give --dir FOLDER or --image_path FILE")
+    return files
+
+
+def _model_spec(args) -> str:
+    from cellpose_web import registry
+
+    spec = args.pretrained_model
+    if spec is None or str(spec).strip() in ("", "None", "False", "0"):
+        spec = registry.best_available_model()
+        _say(f"model: {spec} (default; choose with --pretrained_model)")
+    return spec
+
+
+def _device_arg(args) -> str | None:
+    if args.device:
+        return args.device
+    if args.use_gpu and args.gpu_device not in (None, ""):
+        g = str(args.gpu_device)
+        return f"cuda:{g}" if g.isdigit() else g
+    return None
+
+
+def _load_model(args, spec: str, for_training: bool = False):
+    from cellpose_web import registry
+    from cellpose_web.models import CellposeModel
+
+    info = registry.resolve_model(spec, progress=_download_progress(spec), token=args.token)
+    model = CellposeModel(gpu=args.use_gpu, pretrained_model=info.path, device=_device_arg(args),
+                          use_bfloat16=False if for_training else None)
+    model.model_info = info  # keep the registry name (CellposeModel saw a path)
+    return model, info
+
+
+def _eval_kwargs(args) -> dict[str, Any]:
+    if args.no_norm:
+        normalize: Any = False
+    elif args.norm_percentile is not None:
+        lo, hi = args.norm_percentile
+        if not (0 <= lo < hi <= 100):
+            raise CellposeWebError(f"--norm_percentile needs 0 <= LOW < HIGH <= 100, got {lo} {hi}")
+        normalize = {"percentile": [float(lo), float(hi)]}
+    else:
+        normalize = True
+    diameter = args.diameter if args.diameter not in (None, 0) else None
+    smooth = args.flow3D_smooth
+    smooth = smooth[0] if isinstance(smooth, list) and len(smooth) == 1 else smooth
+    return dict(diameter=diameter, flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold,
+                niter=args.niter or None, min_size=args.min_size, max_size_fraction=args.max_size_fraction,
+                do_3D=args.do_3D, anisotropy=args.anisotropy, flow3D_smooth=smooth,
+                stitch_threshold=args.stitch_threshold, batch_size=args.batch_size, augment=args.augment,
+                resample=not args.no_resample, normalize=normalize, invert=args.invert, bsize=args.bsize)
+
+
+def _axes_for(args, meta, img: np.ndarray) -> tuple[int | None, int | None]:
+    """channel_axis, z_axis: the flags, else what the file says, else Cellpose's guess for stacks."""
+    ch, z = args.channel_axis, args.z_axis
+    stack = args.do_3D or args.stitch_threshold > 0
+    axes = meta.axes if meta is not None and len(meta.axes) == img.ndim else ""
+    if ch is None and "C" in axes and img.shape[axes.index("C")] > 1:
+        ch = axes.index("C")
+    if stack and z is None:
+        if "Z" in axes:
+            z = axes.index("Z")
+        elif img.ndim == 3:
+            z = 0
+        elif img.ndim == 4:
+            ch = int(np.argmin(img.shape)) if ch is None else ch
+            z = [i for i in range(4) if i != ch][0]
+    return ch, z
+
+
+def _provenance(model, info, params: dict, img_path: Path, seconds: float) -> dict:
+    from cellpose_web import __version__
+
+    return {
+        "model": {"name": info.name, "source": info.source, "arch": info.arch, "sha256": info.sha256,
+                  "path": info.path},
+        "eval_params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()},
+        "device": str(model.device),
+        "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
+        "image": str(img_path),
+        "seconds": round(seconds, 3),
+        "est_diam": getattr(model, "diam_estimate", None),
+        "cellpose_web_version": __version__,
+        "command": "python -m cellpose_web " + " ".join(sys.argv[1:]) if sys.argv else "",
+    }
+
+
+def run_segmentation(args) -> int:
+    from cellpose_web import dynamics, io
+
+    files = _collect_images(args)
+    spec = _model_spec(args)
+    model, info = _load_model(args, spec)
+    params = _eval_kwargs(args)
+    savedir = Path(args.savedir).expanduser() if args.savedir else None
+    if savedir is not None:
+        savedir.mkdir(parents=True, exist_ok=True)
+    suffix = args.output_name or "_cp_masks"
+    _say(f"segmenting {len(files)} image(s) with '{info.name}' ({info.arch}) on {model.device}")
+    bar = ProgressLine(len(files))
+    failed = 0
+    t_all = time.perf_counter()
+    for i, f in enumerate(files):
+        bar.show(i, f.name)
+        try:
+            img, meta = io.imread_with_meta(f, max_pixels=args.max_pixels)
+            ch, z = _axes_for(args, meta, img)
+            t0 = time.perf_counter()
+            masks, flows, _styles = model.eval(img, channel_axis=ch, z_axis=z, **params)
+            if args.exclude_on_edges:
+                masks = dynamics.remove_edge_masks(masks)
+            secs = time.perf_counter() - t0
+            masks = np.asarray(masks)
+            n = int(len(np.unique(masks)) - (1 if (masks == 0).any() else 0)) if masks.size else 0
+            target = (savedir / f.name) if savedir is not None else f
+            prov = _provenance(model, info, dict(params, channel_axis=ch, z_axis=z,
+                                                exclude_on_edges=args.exclude_on_edges), f, secs)
+            if not args.no_npy:
+                io.masks_flows_to_seg(img, masks, flows, str(target), diameter=params["diameter"],
+                                      metadata=dict(prov))
+            if args.save_png or args.save_tif or args.save_flows or args.save_txt or args.save_outlines \
+                    or args.save_mpl:
+                io.save_masks(img, masks, flows, str(f), png=args.save_png, tif=args.save_tif, suffix=suffix,
+                              save_flows=args.save_flows, save_outlines=args.save_outlines, dir_above=args.dir_above,
+                              in_folders=args.in_folders, savedir=savedir, save_txt=args.save_txt,
+                              save_mpl=args.save_mpl)
+            if args.save_rois:
+                if masks.ndim == 2 and n > 0:
+                    rdir = savedir if savedir is not None else (f.resolve().parent.parent if args.dir_above else None)
+                    io.save_rois(masks, f, savedir=rdir)
+                elif masks.ndim != 2:
+                    _say(f"notice: {f.name}: ImageJ ROIs are written for 2D masks only")
+            bar.clear()
+            print(f"{f.name}: {n} masks, {secs:.2f} s, {model.device} [{i + 1}/{len(files)}]", flush=True)
+        except (CellposeWebError, FileNotFoundError) as e:
+            bar.clear()
+            failed += 1
+            _say(f"error: {f.name}: {e}")
+    bar.clear()
+    total = time.perf_counter() - t_all
+    if failed:
+        _say(f"error: {failed} of {len(files)} image(s) failed (see above); the others were saved")
+        return EXIT_INPUT
+    _say(f"done: {len(files)} image(s) in {total:.1f} s")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+def run_training(args) -> int:
+    from cellpose_web import io, registry
+    from cellpose_web import train as train_mod
+
+    if not args.dir:
+        raise CellposeWebError("--train needs --dir FOLDER with images and their _masks files")
+    if args.file_list:
+        raise CellposeWebError("--file_list is not supported; put the images in --dir (and --test_dir)")
+    name = args.model_name_out or f"cellpose_{time.strftime('%Y%m%d_%H%M%S')}"
+    registry.validate_name(name)
+    if (registry.models_dir() / name).exists():
+        raise CellposeWebError(f"a lab model named '{name}' already exists; choose another --model_name_out")
+    images, labels, names, timgs, tlabels, tnames = io.load_train_test_data(
+        args.dir, args.test_dir, image_filter=args.img_filter, mask_filter=args.mask_filter,
+        look_one_level_down=args.look_one_level_down)
+    spec = _model_spec(args)
+    model, info = _load_model(args, spec, for_training=True)
+    if info.arch == "cpsam" and args.bsize not in (None, 256):
+        raise CellposeWebError(f"Cellpose-SAM models train on 256x256 tiles; --bsize {args.bsize} is not possible")
+    _say(f"training '{name}' from '{info.name}' on {len(images)} image(s)"
+         + (f", testing on {len(timgs)}" if timgs else "") + f", {args.n_epochs} epochs, on {model.device}")
+    bar = ProgressLine(args.n_epochs)
+
+    def cb(epoch, train_loss, test_loss, elapsed):
+        bar.show(epoch + 1, f"loss {train_loss:.4f}" + (f" test {test_loss:.4f}" if test_loss is not None else "")
+                 + f" {elapsed:.0f}s")
+        if args.verbose:
+            logger.info("epoch %d train %.4f test %s", epoch, train_loss, test_loss)
+
+    t0 = time.perf_counter()
+    model_path, train_losses, test_losses = train_mod.train_seg(
+        model.net, train_data=images, train_labels=labels, test_data=timgs, test_labels=tlabels,
+        channel_axis=args.channel_axis, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        n_epochs=args.n_epochs, batch_size=args.train_batch_size, save_path=args.dir, model_name=name,
+        min_train_masks=args.min_train_masks, nimg_per_epoch=args.nimg_per_epoch,
+        nimg_test_per_epoch=args.nimg_test_per_epoch, save_every=args.save_every, save_each=args.save_each,
+        bsize=args.bsize or 256, seed=args.seed, callback=cb)
+    bar.clear()
+    secs = time.perf_counter() - t0
+    tl = np.asarray(train_losses, float)
+    meta = {
+        "description": f"fine-tuned from {info.name} with the command line on {Path(args.dir).name}",
+        "base_model": info.name,
+        "training": {"base_sha256": info.sha256, "train_images": [Path(n).name for n in names],
+                     "test_images": [Path(n).name for n in (tnames or [])], "learning_rate": args.learning_rate,
+                     "weight_decay": args.weight_decay, "n_epochs": args.n_epochs,
+                     "batch_size": args.train_batch_size, "min_train_masks": args.min_train_masks,
+                     "seed": args.seed, "train_seconds": round(secs, 1),
+                     "train_losses": [float(x) for x in tl],
+                     "test_losses": [float(x) for x in np.asarray(test_losses, float)]},
+    }
+    entry = registry.add_lab_model(model_path, name, meta)
+    print(f"model saved: {model_path}", flush=True)
+    print(f"registered lab model '{entry.name}' (sha256 {entry.sha256[:12]}); train loss "
+          f"{tl[0]:.4f} -> {tl[-1]:.4f} in {secs:.0f} s", flush=True)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------
+# models subcommand
+# ----------------------------------------------------------------------------------------------
+def _models_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m cellpose_web models", description="Manage models: list, add, rename, delete, "
+                "fetch from / push to the Hugging Face Hub.")
+    p.add_argument("--verbose", action="store_true")
+    sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ls = sub.add_parser("list", help="list models")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    a = sub.add_parser("add", help="add a model file as a lab model")
+    a.add_argument("file")
+    a.add_argument("--name", default=None, help="lab name (default: the file name)")
+    a.add_argument("--description", default="")
+    a.add_argument("--overwrite", action="store_true")
+    r = sub.add_parser("rename", help="rename a lab model")
+    r.add_argument("old")
+    r.add_argument("new")
+    d = sub.add_parser("delete", help="delete a lab model")
+    d.add_argument("name")
+    i = sub.add_parser("info", help="show everything known about a model")
+    i.add_argument("name")
+    f = sub.add_parser("fetch", help="download a Hub file and add it as a lab model")
+    f.add_argument("repo_id")
+    f.add_argument("filename")
+    f.add_argument("--name", default=None)
+    f.add_argument("--revision", default=None)
+    f.add_argument("--token", default=None)
+    f.add_argument("--overwrite", action="store_true")
+    pu = sub.add_parser("push", help="upload a lab model to a Hub repository")
+    pu.add_argument("name")
+    pu.add_argument("repo_id")
+    pu.add_argument("--token", default=None)
+    pu.add_argument("--public", action="store_true", help="create the repository as public (default private)")
+    return p
+
+
+def run_models(argv: Sequence[str]) -> int:
+    from cellpose_web import registry
+
+    args = _models_parser().parse_args(list(argv))
+    _setup_logging(args.verbose)
+    if args.action == "list":
+        models = registry.list_models()
+        if args.json:
+            print(json.dumps([m.to_dict() for m in models], indent=1, default=str))
+            return EXIT_OK
+        print(f"{'name':<24} {'source':<8} {'arch':<6} {'here':<4} {'size':>9} {'sha256':<12} {'AP':>5}  description")
+        for m in models:
+            size = f"{m.size_bytes / 1e6:.1f}MB" if m.size_bytes else "-"
+            ap = f"{m.test_ap:.3f}" if isinstance(m.test_ap, (int, float)) else "-"
+            print(f"{m.name:<24} {m.source:<8} {m.arch or '-':<6} {'yes' if m.available else 'no':<4} {size:>9} "
+                  f"{(m.sha256 or '-')[:12]:<12} {ap:>5}  {m.description}")
+        print(f"(lab models in {registry.models_dir()})")
+        return EXIT_OK
+    if args.action == "add":
+        name = args.name or Path(args.file).name.split(".")[0]
+        info = registry.add_lab_model(args.file, name, {"description": args.description}, overwrite=args.overwrite)
+        print(f"added lab model '{info.name}' ({info.arch}, {info.size_bytes / 1e6:.1f} MB, sha256 {info.sha256[:12]})")
+        return EXIT_OK
+    if args.action == "rename":
+        info = registry.rename_lab_model(args.old, args.new)
+        print(f"renamed '{args.old}' to '{info.name}'")
+        return EXIT_OK
+    if args.action == "delete":
+        registry.delete_lab_model(args.name)
+        print(f"deleted lab model '{args.name}'")
+        return EXIT_OK
+    if args.action == "info":
+        info = registry.resolve_model(args.name, download=False)
+        print(json.dumps(info.to_dict(), indent=1, default=str))
+        return EXIT_OK
+    if args.action == "fetch":
+        info = registry.fetch_from_hub(args.repo_id, args.filename, name=args.name, token=args.token,
+                                       revision=args.revision, progress=_download_progress(args.filename),
+                                       overwrite=args.overwrite)
+        print(f"fetched {args.repo_id}/{args.filename} as lab model '{info.name}' ({info.arch}, sha256 "
+              f"{info.sha256[:12]})")
+        return EXIT_OK
+    if args.action == "push":
+        url = registry.push_to_hub(args.name, args.repo_id, token=args.token, private=not args.public)
+        print(f"pushed '{args.name}' to {url}")
+        return EXIT_OK
+    raise _UsageError(f"unknown models action {args.action!r}")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------
+# serve / batch
+# ----------------------------------------------------------------------------------------------
+def run_serve(argv: Sequence[str]) -> int:
+    try:
+        from cellpose_web.ui.app import main as serve_main
+    except ImportError as e:
+        raise CellposeWebError(f"the web app is not available in this installation ({e})") from None
+    return int(serve_main(list(argv)) or 0)
+
+
+def run_batch(argv: Sequence[str]) -> int:
+    """``batch``: the segmentation flags plus ``--dask-scheduler ADDRESS`` (scale-out, issue 6)."""
+    p = build_parser(prog="python -m cellpose_web batch")
+    p.add_argument("--dask-scheduler", dest="dask_scheduler", default=None,
+                   help="tcp://HOST:8786 of a Dask scheduler ('local' for a LocalCluster)")
+    p.add_argument("--workers", type=int, default=2, help="workers of a LocalCluster")
+    args = p.parse_args(list(argv))
+    _setup_logging(args.verbose)
+    if args.dask_scheduler:
+        try:
+            from cellpose_web.service import dask_batch  # type: ignore[attr-defined]
+        except ImportError:
+            raise CellposeWebError("Dask scale-out is not available in this installation; run without "
+                                   "--dask-scheduler to process the folder in this process") from None
+        return int(dask_batch.main(args) or 0)
+    return run_segmentation(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def _setup_logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    root.setLevel(level)
+    if not verbose:  # keep third-party chatter out of the way
+        for name in ("huggingface_hub", "httpx", "httpx2", "urllib3", "tifffile", "PIL"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] in SUBCOMMANDS:
+        cmd, rest = argv[0], argv[1:]
+        if cmd == "serve":
+            return run_serve(rest)
+        if cmd == "models":
+            return run_models(rest)
+        return run_batch(rest)
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.version:
+        from cellpose_web import __version__
+
+        print(f"cellpose-web {__version__}")
+        return EXIT_OK
+    _deprecation_notices(args)
+    if args.add_model:
+        return run_models(["add", args.add_model])
+    if args.train:
+        return run_training(args)
+    if not args.dir and not args.image_path:
+        raise _UsageError("give --dir FOLDER or --image_path FILE to segment (or `serve` to start the web app; "
+                          "see --help)")
+    return run_segmentation(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (never raises, except SystemExit from --help)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    try:
+        return _dispatch(argv)
+    except _UsageError as e:
+        _say(f"error: {e}")
+        return EXIT_INPUT
+    except (CellposeWebError, FileNotFoundError) as e:  # ModelNotAvailableError is both
+        msg = " ".join(str(e).split())
+        _say(f"error: {msg}")
+        if verbose:
+            traceback.print_exc()
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return EXIT_INTERRUPT
+    except MemoryError:
+        _say("error: out of memory: use smaller images, a smaller --batch_size, or a machine with more memory")
+        return EXIT_FAIL
+    except Exception as e:  # unexpected: one line, traceback with --verbose
+        msg = " ".join(str(e).split())[:300]
+        _say(f"error: unexpected {type(e).__name__}: {msg} (run with --verbose for the traceback)")
+        if verbose:
+            traceback.print_exc()
+        return EXIT_FAIL
