@@ -308,8 +308,8 @@ def _diffuse_flows(lab: np.ndarray, nlab: int, device: torch.device, niter: int 
 
     cpix = flat_padded(conflict)
     off_flat = torch.tensor([sum(o[k] * strides[k] for k in range(ndim)) for o in offs], device=device)
-    nb_idx = (cpix[:, None] + off_flat[None, :]).contiguous()  # (nc, nst)
-    nb_w = (Lf[nb_idx] == Lf[cpix][:, None]).to(dtype)
+    nb_idx = (cpix[None, :] + off_flat[:, None]).contiguous()  # (nst, nc)
+    nb_w = (Lf[nb_idx] == Lf[cpix][None, :]).to(dtype)
     fix_idx = torch.cat([flat_inner(conflict), flat_inner(near)])
     n_conf = cpix.numel()
     fix_vals = torch.zeros(fix_idx.numel(), dtype=dtype, device=device)
@@ -321,25 +321,21 @@ def _diffuse_flows(lab: np.ndarray, nlab: int, device: torch.device, niter: int 
     T2 = torch.zeros_like(T)
     S = torch.empty(shape, dtype=dtype, device=device)
     Sf = S.view(-1)
-    if ndim == 2:
-        H = torch.empty((pshape[0], shape[1]), dtype=dtype, device=device)
     for _ in range(n_iter):
         Tf = T.view(-1)
         Tf[cflat] += 1.0
-        if ndim == 2:
-            torch.add(T[:, :-2], T[:, 1:-1], out=H)
-            H.add_(T[:, 2:])
-            torch.add(H[:-2], H[1:-1], out=S)
-            S.add_(H[2:])
-        else:
-            torch.add(T[1:-1, 1:-1, 1:-1], T[2:, 1:-1, 1:-1], out=S)
-            S.add_(T[:-2, 1:-1, 1:-1])
-            S.add_(T[1:-1, 2:, 1:-1])
-            S.add_(T[1:-1, :-2, 1:-1])
-            S.add_(T[1:-1, 1:-1, 2:])
-            S.add_(T[1:-1, 1:-1, :-2])
+        # neighbours summed one after the other in Cellpose's order, so the heat is bit-identical
+        views = [shifted(T, off) for off in offs]
+        torch.add(views[0], views[1], out=S)
+        for v in views[2:]:
+            S.add_(v)
         if n_conf:
-            fix_vals[:n_conf] = (Tf[nb_idx] * nb_w).sum(1)
+            g = Tf[nb_idx]  # (nst, nc)
+            g.mul_(nb_w)
+            acc = fix_vals[:n_conf]
+            torch.add(g[0], g[1], out=acc)
+            for k in range(2, nst):
+                acc.add_(g[k])
         if fix_idx.numel():
             Sf[fix_idx] = fix_vals
         torch.div(S, nst, out=T2[inner])
@@ -994,8 +990,11 @@ def _contour_pixels(cnt: np.ndarray, fp: np.ndarray) -> np.ndarray:
         pr, pc = pr[:-1], pc[:-1]
     if len(pr) == 0:
         return np.zeros((0, 2), dtype=np.int64)
+    # start at the top-most, left-most pixel and run counter-clockwise (as displayed), like OpenCV
     start = np.lexsort((pc, pr))[0]
     pr, pc = np.roll(pr, -start), np.roll(pc, -start)
+    pr = np.concatenate([pr[:1], pr[1:][::-1]])
+    pc = np.concatenate([pc[:1], pc[1:][::-1]])
     return np.stack([pc, pr], axis=1).astype(np.int64)
 
 
