@@ -19,7 +19,7 @@ MODE_OUTLINE = "Draw outline"
 MODE_BRUSH = "Brush"
 MODE_ERASE = "Erase"
 
-HELP = ("Click a cell to **select** it (click a second cell to select two for merging). **Draw outline**: "
+HELP = ("Click a cell to **select** it (tick *Select two* to pick a second cell for merging). **Draw outline**: "
         "click points around a cell, then *Finish outline*. **Brush** paints a disk (extends the selected "
         "cell, or starts a new one); **Erase** clears a disk. New drawing only takes background pixels, so "
         "masks never overlap. Shortcuts: **Delete** selected, **Ctrl+Z** undo, **Ctrl+Y** redo, "
@@ -79,7 +79,8 @@ def _edit(st: CorrectState, new_masks: np.ndarray) -> CorrectState:
     return st
 
 
-def click(s: common.Session, st: CorrectState, mode: str, radius: float, y: int, x: int) -> CorrectState:
+def click(s: common.Session, st: CorrectState, mode: str, radius: float, y: int, x: int,
+          multi: bool = False) -> CorrectState:
     if s is None or s.image is None:
         raise CellposeWebError("No image: segment an image in the Segment tab first (or upload one there).")
     if s.is_stack:
@@ -92,8 +93,10 @@ def click(s: common.Session, st: CorrectState, mode: str, radius: float, y: int,
             st.selected = []
         elif lab in st.selected:
             st.selected.remove(lab)
-        else:
+        elif multi:
             st.selected = (st.selected + [lab])[-2:]
+        else:
+            st.selected = [lab]
         return st
     if mode == MODE_OUTLINE:
         st = _copy(st)
@@ -121,7 +124,6 @@ def finish_outline(st: CorrectState, min_pixels: int = 5) -> CorrectState:
     new, lab = edit.add_mask(m, region, min_pixels=min_pixels)
     st2 = _edit(st, new)
     st2.pending = []
-    st2.selected = [lab]
     return st2
 
 
@@ -172,7 +174,9 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             gr.Markdown(HELP)
             mode = gr.Radio([MODE_SELECT, MODE_OUTLINE, MODE_BRUSH, MODE_ERASE], value=MODE_SELECT, label="Tool",
                             elem_id="cor-mode")
-            radius = gr.Slider(1, 50, 5, step=1, label="Brush / eraser radius (px)")
+            with gr.Row():
+                radius = gr.Slider(1, 50, 5, step=1, label="Brush / eraser radius (px)", scale=2)
+                multi = gr.Checkbox(False, label="Select two (merge)", scale=1, elem_id="cor-multi")
             overlays = gr.CheckboxGroup([W.OVERLAY_MASKS, W.OVERLAY_OUTLINES],
                                         value=[W.OVERLAY_MASKS, W.OVERLAY_OUTLINES], label="Overlays",
                                         elem_id="cor-overlays")
@@ -186,7 +190,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 undo = gr.Button("Undo", elem_id="cor-undo", size="sm")
                 redo = gr.Button("Redo", elem_id="cor-redo", size="sm")
             save_btn = gr.Button("Save corrected masks", variant="primary", elem_id="cor-save")
-            files = gr.File(label="Corrected masks and tables", file_count="multiple", interactive=False,
+            files = gr.File(label="Corrected masks and tables", file_count="multiple", interactive=False, height=140,
                             elem_id="cor-files")
             with gr.Group():
                 set_name = gr.Textbox("lab", label="Training set name", elem_id="cor-set")
@@ -203,14 +207,14 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         return st, _render(s, st, [W.OVERLAY_MASKS, W.OVERLAY_OUTLINES]), _status(st)
 
     @W.user_errors(outputs=3)
-    def on_click(s, st, md, r, ov, evt: gr.SelectData):
+    def on_click(s, st, md, r, mu, ov, evt: gr.SelectData):
         st = enter(s, st)
         k = W.display_scale(s.image.shape) if s is not None and s.image is not None else 1
         x, y = int(evt.index[0]) // k, int(evt.index[1]) // k
-        st = click(s, st, md, r, y, x)
+        st = click(s, st, md, r, y, x, bool(mu))
         return st, _render(s, st, ov), _status(st)
 
-    view.select(on_click, [session, state, mode, radius, overlays], outs, api_visibility="private",
+    view.select(on_click, [session, state, mode, radius, multi, overlays], outs, api_visibility="private",
                 show_progress="hidden")
 
     def simple(fn):

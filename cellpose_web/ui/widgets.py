@@ -229,6 +229,8 @@ footer {display: none !important;}
 HEAD = """
 <script>
 (function () {
+  if (window.__cpwKeys) { return; }
+  window.__cpwKeys = true;
   // Keyboard shortcuts as in the Cellpose GUI: M masks, O outlines, Ctrl+Z undo, Ctrl+Y redo,
   // Delete/Backspace delete the selected cell (Correct tab). Ignored while typing in a field.
   function toggle(text) {
