@@ -320,6 +320,78 @@ def _eval_kwargs(args) -> dict[str, Any]:
                 resample=not args.no_resample, normalize=normalize, invert=args.invert, bsize=args.bsize)
 
 
+def _check_params(args, training: bool = False) -> None:
+    """Refuse absurd parameters before any model is loaded (one clear message)."""
+    def bad(msg):
+        raise CellposeWebError(msg)
+
+    finite = lambda v: v is None or np.isfinite(v)  # noqa: E731
+    if args.diameter is not None and (not finite(args.diameter) or args.diameter < 0):
+        bad(f"--diameter must be a positive number of pixels (0 or None: no rescaling), got {args.diameter}")
+    if args.batch_size < 1:
+        bad(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.niter < 0 or args.niter > 10000:
+        bad(f"--niter must be between 0 (automatic) and 10000, got {args.niter}")
+    if not finite(args.anisotropy) or args.anisotropy <= 0:
+        bad(f"--anisotropy must be a positive number, got {args.anisotropy}")
+    if not finite(args.flow_threshold) or args.flow_threshold < 0:
+        bad(f"--flow_threshold must be >= 0 (0 turns the check off), got {args.flow_threshold}")
+    if not finite(args.cellprob_threshold) or abs(args.cellprob_threshold) > 1000:
+        bad(f"--cellprob_threshold must be a number between -1000 and 1000 (typically -6..6), "
+            f"got {args.cellprob_threshold}")
+    if not (0 <= args.stitch_threshold <= 1):
+        bad(f"--stitch_threshold must be between 0 and 1, got {args.stitch_threshold}")
+    if not (0 < args.max_size_fraction <= 1):
+        bad(f"--max_size_fraction must be in (0, 1], got {args.max_size_fraction}")
+    if args.min_size < -1:
+        bad(f"--min_size must be >= 0 (or -1 to keep all sizes), got {args.min_size}")
+    if any((not np.isfinite(v)) or v < 0 for v in args.flow3D_smooth):
+        bad(f"--flow3D_smooth must be >= 0, got {args.flow3D_smooth}")
+    if args.bsize is not None and not (16 <= args.bsize <= 4096):
+        bad(f"--bsize must be between 16 and 4096, got {args.bsize}")
+    if training:
+        if args.n_epochs < 1 or args.n_epochs > 100000:
+            bad(f"--n_epochs must be between 1 and 100000, got {args.n_epochs}")
+        if not (0 < args.learning_rate < 1):
+            bad(f"--learning_rate must be between 0 and 1, got {args.learning_rate}")
+        if not finite(args.weight_decay) or args.weight_decay < 0:
+            bad(f"--weight_decay must be >= 0, got {args.weight_decay}")
+        if args.train_batch_size < 1:
+            bad(f"--train_batch_size must be at least 1, got {args.train_batch_size}")
+
+
+def _prepare_image(img: np.ndarray, meta):
+    """Refuse arrays that are not images; drop singleton axes (keeping the axes string in step)."""
+    a = np.asarray(img)
+    if a.dtype.kind not in "biuf":
+        what = "complex numbers (save the magnitude as a normal image)" if a.dtype.kind == "c" else \
+            f"data of type {a.dtype} (expected numbers)"
+        raise CellposeWebError(f"the image holds {what}")
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8)
+    axes = meta.axes if meta is not None and len(meta.axes) == a.ndim else ""
+    if a.ndim > 2 and 1 in a.shape:
+        keep = [i for i, n in enumerate(a.shape) if n > 1]
+        if len(keep) >= 2:
+            axes = "".join(axes[i] for i in keep) if axes else ""
+            a = a.reshape([a.shape[i] for i in keep])
+    if axes and "Y" in axes and "X" in axes:
+        yx = (a.shape[axes.index("Y")], a.shape[axes.index("X")])
+    elif a.ndim == 3 and a.shape[-1] <= 4:
+        yx = a.shape[:2]
+    else:
+        yx = a.shape[-2:]
+    if a.ndim < 2 or min(yx) < 3:
+        raise CellposeWebError(f"the image has shape {tuple(np.shape(img))}: an image needs at least 3 pixels along "
+                               "Y and X")
+    if a.ndim > 4:
+        raise CellposeWebError(f"the image has {a.ndim} dimensions {a.shape}; segment 2D images or 3D stacks (with "
+                               "channels) and split time series or positions into separate files first")
+    if meta is not None:
+        meta.axes = axes if len(axes) == a.ndim else ""
+    return a, meta
+
+
 def _axes_for(args, meta, img: np.ndarray) -> tuple[int | None, int | None]:
     """channel_axis, z_axis: the flags, else what the file says, else Cellpose's guess for stacks."""
     ch, z = args.channel_axis, args.z_axis
@@ -358,6 +430,7 @@ def _provenance(model, info, params: dict, img_path: Path, seconds: float) -> di
 def run_segmentation(args) -> int:
     from cellpose_web import dynamics, io
 
+    _check_params(args)
     files = _collect_images(args)
     spec = _model_spec(args)
     model, info = _load_model(args, spec)
@@ -374,6 +447,7 @@ def run_segmentation(args) -> int:
         bar.show(i, f.name)
         try:
             img, meta = io.imread_with_meta(f, max_pixels=args.max_pixels)
+            img, meta = _prepare_image(img, meta)
             ch, z = _axes_for(args, meta, img)
             t0 = time.perf_counter()
             masks, flows, _styles = model.eval(img, channel_axis=ch, z_axis=z, **params)
@@ -408,8 +482,11 @@ def run_segmentation(args) -> int:
             _say(f"error: {f.name}: {e}")
     bar.clear()
     total = time.perf_counter() - t_all
+    if failed and len(files) == 1:
+        return EXIT_INPUT
     if failed:
-        _say(f"error: {failed} of {len(files)} image(s) failed (see above); the others were saved")
+        _say(f"error: all {len(files)} image(s) failed (see above)" if failed == len(files) else
+             f"error: {failed} of {len(files)} image(s) failed (see above); the others were saved")
         return EXIT_INPUT
     _say(f"done: {len(files)} image(s) in {total:.1f} s")
     return EXIT_OK
@@ -426,6 +503,7 @@ def run_training(args) -> int:
         raise CellposeWebError("--train needs --dir FOLDER with images and their _masks files")
     if args.file_list:
         raise CellposeWebError("--file_list is not supported; put the images in --dir (and --test_dir)")
+    _check_params(args, training=True)
     name = args.model_name_out or f"cellpose_{time.strftime('%Y%m%d_%H%M%S')}"
     registry.validate_name(name)
     if (registry.models_dir() / name).exists():

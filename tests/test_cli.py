@@ -163,6 +163,41 @@ def test_bad_input_exits_2_with_one_line(argv, expect, capsys, stub, monkeypatch
     assert expect.lower() in line.lower(), line
 
 
+def _odd_arrays(tmp: Path) -> dict[str, str]:
+    rng = np.random.default_rng(0)
+    np.save(tmp / "complex.npy", rng.random((64, 64)) + 1j)
+    np.save(tmp / "row.npy", rng.random((1, 300)))
+    np.save(tmp / "five_d.npy", rng.random((2, 2, 2, 32, 32)))
+    np.save(tmp / "text.npy", np.array(["a", "b"]))
+    np.save(tmp / "empty.npy", np.zeros((0, 5)))
+    (tmp / "zero.tif").write_bytes(b"")
+    (tmp / "fake.png").write_text("hello")
+    return {"complex.npy": "complex", "row.npy": "at least 3 pixels", "five_d.npy": "5 dimensions",
+            "text.npy": "expected numbers", "empty.npy": "empty", "zero.tif": "empty", "fake.png": "not a valid PNG"}
+
+
+def test_odd_arrays_refused_one_line(tmp_path, stub, capsys):
+    for name, expect in _odd_arrays(tmp_path).items():
+        rc, out, err = _run(["--image_path", str(tmp_path / name), "--no_npy"], capsys)
+        assert rc == 2, name
+        line = _one_error_line(err)
+        assert name in line and expect in line, line
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--diameter", "-5"], "--diameter"), (["--niter", "1000000000"], "--niter"), (["--batch_size", "0"], "--batch_size"),
+    (["--flow_threshold", "-1"], "--flow_threshold"), (["--anisotropy", "0"], "--anisotropy"),
+    (["--cellprob_threshold", "1e308"], "--cellprob_threshold"), (["--stitch_threshold", "2"], "--stitch_threshold"),
+    (["--diameter", "nan"], "--diameter"), (["--bsize", "3"], "--bsize"),
+    (["--train", "--n_epochs", "0"], "--n_epochs"), (["--train", "--learning_rate", "5"], "--learning_rate"),
+])
+def test_absurd_parameters_refused_before_work(folder, stub, capsys, flags, expect):
+    d, _ = folder
+    rc, out, err = _run(["--dir", str(d), *flags], capsys)
+    assert rc == 2 and expect in _one_error_line(err)
+    assert stub.calls == [] and not list(d.glob("*_seg.npy"))
+
+
 def test_unknown_model_one_line(folder, capsys):
     d, _ = folder
     rc, out, err = _run(["--dir", str(d), "--pretrained_model", "no_such_model"], capsys)
