@@ -656,11 +656,13 @@ def outlines_list(masks: np.ndarray) -> list[np.ndarray]:
         comp, n = ndi.label(crop, structure=eight)
         if n > 1:
             best = None
-            for c in range(1, n + 1):  # trace every piece, keep the longest contour
+            # trace every piece and keep the contour with the most points; OpenCV lists contours
+            # bottom-up and takes the first maximum, so on a tie the piece found last in raster order wins
+            for c in range(1, n + 1):
                 b = np.pad(comp == c, 1)
                 ys, xs = np.nonzero(b)
                 pts = _trace_boundary(b, int(ys[0]), int(xs[0]))
-                if best is None or len(pts) > len(best):
+                if best is None or len(pts) >= len(best):
                     best = pts
             pts = best
         else:
