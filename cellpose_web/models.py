@@ -687,7 +687,6 @@ class CellposeModel:
     def _compute_masks(self, shape, dP, cellprob, constant, flow_threshold=0.4, cellprob_threshold=0.0,
                        min_size=15, max_size_fraction=0.4, niter=200, do_3D=False, stitch_threshold=0.0,
                        progress=None):
-        dyn = _dynamics()
         progress = progress or _Progress(None)
         device = self.device
         if device.type == "mps" and do_3D:
@@ -696,6 +695,7 @@ class CellposeModel:
         if do_3D:
             if constant.all():
                 return np.zeros(shape[:3], np.uint16)
+            dyn = _dynamics()
             m = dyn.compute_masks(dP, cellprob, niter=niter, cellprob_threshold=cellprob_threshold,
                                   flow_threshold=flow_threshold, min_size=-1, max_size_fraction=max_size_fraction,
                                   do_3D=True, device=device)
@@ -708,6 +708,7 @@ class CellposeModel:
             if constant[i]:
                 m = np.zeros((Ly, Lx), np.uint16)
             else:
+                dyn = _dynamics()
                 m = dyn.compute_masks(dP[:, i], cellprob[i], niter=niter, cellprob_threshold=cellprob_threshold,
                                       flow_threshold=flow_threshold, min_size=-1,
                                       max_size_fraction=max_size_fraction, do_3D=False, device=device)
@@ -721,6 +722,9 @@ class CellposeModel:
         dtype = np.uint32 if any(m.dtype == np.uint32 for m in out) else np.uint16
         masks = np.stack([m.astype(dtype, copy=False) for m in out])
         if stitch_threshold > 0:
+            if not masks.any():
+                return masks
+            dyn = _dynamics()
             masks = dyn.stitch3D(masks, stitch_threshold=stitch_threshold)
             masks = dyn.fill_holes_and_remove_small_masks(masks, min_size=min_size)
         else:

@@ -1,0 +1,159 @@
+"""The Cellpose-SAM network: layout of the official checkpoint, fixture forward, attention maths."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.nets import build_net, load_checkpoint
+from cellpose_web.nets.vit_sam import Attention, CPSAMNet, get_rel_pos
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(reference_dir):
+    return load_checkpoint(reference_dir / "tiny_cpsam.pth")
+
+
+def test_full_size_layout_matches_cpsam_checkpoint(reference_dir):
+    ref = json.loads((reference_dir / "cpsam_state_dict.json").read_text())
+    with torch.device("meta"):
+        net = CPSAMNet()
+    sd = net.state_dict()
+    assert list(sd.keys()) == list(ref.keys())
+    for k, v in sd.items():
+        assert list(v.shape) == ref[k]["shape"], k
+        assert str(v.dtype).replace("torch.", "") == ref[k]["dtype"], k
+    n = sum(v.numel() for v in sd.values())
+    assert n == sum(int(np.prod(v["shape"])) for v in ref.values())
+    assert not net.W2.requires_grad and not net.diam_labels.requires_grad and not net.diam_mean.requires_grad
+
+
+def test_tiny_checkpoint_config_is_read_from_weights(tiny_sd, reference_dir):
+    manifest = json.loads((reference_dir / "manifest.json").read_text())["tiny_cpsam"]
+    net = CPSAMNet.from_state_dict(tiny_sd)
+    cfg = net.config
+    assert cfg["embed_dim"] == manifest["embed_dim"]
+    assert cfg["depth"] == manifest["depth"]
+    assert cfg["num_heads"] == manifest["num_heads"]
+    assert list(net.global_attn_indexes) == manifest["global_attn_indexes"]
+    assert cfg["bsize"] == manifest["bsize"] and cfg["ps"] == manifest["ps"] and cfg["nout"] == manifest["nout"]
+
+
+@pytest.mark.parametrize("impl", ["auto", "mask", "fold", "explicit"])
+def test_tiny_forward_matches_reference(tiny_sd, reference_dir, impl):
+    io = np.load(reference_dir / "tiny_cpsam_io.npz")
+    net = CPSAMNet.from_state_dict(tiny_sd)
+    net.set_attention(impl)
+    with torch.inference_mode():
+        y, style = net(torch.from_numpy(io["x"]))
+    assert y.shape == io["y"].shape and style.shape == (io["x"].shape[0], 256)
+    assert not style.any()
+    assert np.abs(y.numpy() - io["y"]).max() < 1e-4
+
+
+def _sam_get_rel_pos(size, rel_pos):
+    """SAM's formula written out: (L, C) table -> resized (2*size-1, C) -> [q - k + size - 1]."""
+    n = 2 * size - 1
+    r = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=n, mode="linear")
+    r = r.reshape(-1, n).permute(1, 0)
+    q = torch.arange(size)[:, None]
+    k = torch.arange(size)[None, :]
+    return r[(q - k + size - 1).long()]
+
+
+def test_get_rel_pos_interpolation():
+    torch.manual_seed(0)
+    for rows in (27, 127, 63):
+        t = torch.randn(rows, 16)
+        torch.testing.assert_close(get_rel_pos(32, t), _sam_get_rel_pos(32, t))
+
+
+def _explicit_attention(attn: Attention, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The textbook formula (SAM's Attention.forward): softmax(q*s @ k^T + rel_h + rel_w) @ v."""
+    B, N, D = x.shape
+    nh = attn.num_heads
+    qkv = attn.qkv(x).reshape(B, N, 3, nh, -1).permute(2, 0, 3, 1, 4).reshape(3, B * nh, N, -1)
+    q, k, v = qkv.unbind(0)
+    s = (q * attn.scale) @ k.transpose(-2, -1)
+    Rh = _sam_get_rel_pos(H, attn.rel_pos_h)
+    Rw = _sam_get_rel_pos(W, attn.rel_pos_w)
+    rq = q.reshape(B * nh, H, W, -1)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", rq, Rh)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", rq, Rw)
+    s = (s.view(B * nh, H, W, H, W) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(B * nh, N, N)
+    o = (s.softmax(-1) @ v).view(B, nh, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, N, D)
+    return attn.proj(o)
+
+
+@pytest.mark.parametrize("impl", ["mask", "fold", "explicit"])
+def test_sdpa_relpos_attention_equals_explicit_formula(impl):
+    torch.manual_seed(1)
+    H = W = 12
+    attn = Attention(dim=48, num_heads=3, rel_rows=27)
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    attn.impl = impl
+    x = torch.randn(2, H * W, 48)
+    ref = _explicit_attention(attn, x, H, W)
+    with torch.inference_mode():
+        out = attn(x, H, W)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    # training path (autograd through SDPA): same values and same gradients
+    xg = x.clone().requires_grad_(True)
+    out_g = attn(xg, H, W)
+    out_g.square().sum().backward()
+    g1 = (xg.grad.clone(), attn.rel_pos_h.grad.clone())
+    xg.grad = None
+    attn.zero_grad()
+    xr = x.clone().requires_grad_(True)
+    _explicit_attention(attn, xr, H, W).square().sum().backward()
+    torch.testing.assert_close(out_g.detach(), ref.detach(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(g1[0], xr.grad, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(g1[1], attn.rel_pos_h.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_fewer_channels_equal_zero_padding(tiny_sd):
+    net = CPSAMNet.from_state_dict(tiny_sd)
+    torch.manual_seed(2)
+    x = torch.randn(1, 2, 256, 256)
+    with torch.inference_mode():
+        y2 = net(x)[0]
+        y3 = net(F.pad(x, (0, 0, 0, 0, 0, 1)))[0]
+    torch.testing.assert_close(y2, y3, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        net(torch.zeros(1, 3, 128, 128))
+
+
+def test_module_prefix_and_cellpose3_refused(tiny_sd):
+    prefixed = {"module." + k: v for k, v in tiny_sd.items()}
+    net = build_net(prefixed)
+    assert isinstance(net, CPSAMNet)
+    cp3 = {"downsample.down.res_down_0.conv.conv_0.0.weight": torch.zeros(2),
+           "output.2.weight": torch.zeros(2)}
+    with pytest.raises(CellposeWebError, match="Cellpose 3"):
+        build_net(cp3)
+    with pytest.raises(CellposeWebError):
+        build_net({"foo": torch.zeros(1)})
+
+
+def test_training_mode_layer_drop_and_gradients(tiny_sd):
+    net = CPSAMNet.from_state_dict(tiny_sd)
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        ye = net(x)[0]
+    net.train()
+    net.rdrop = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[0], ye, atol=1e-5, rtol=1e-5)
+    net.rdrop = 0.4
+    torch.manual_seed(0)
+    y = net(x)[0]
+    y.square().mean().backward()
+    assert net.out.weight.grad is not None and net.encoder.blocks[0].attn.qkv.weight.grad is not None
+    assert net.encoder.patch_embed.proj.weight.grad is None  # as Cellpose 4.2: patch embed not fine-tuned
+    assert net.W2.grad is None
