@@ -131,6 +131,10 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
         for name, reason in errors:
             rows.append({"image": name, "status": "error", "reason": reason})
         summary = pd.DataFrame(rows)
+        if "reason" not in summary:
+            summary["reason"] = ""
+        first = ["image", "status", "reason"]
+        summary = summary[first + [c for c in summary.columns if c not in first]]
         all_cells = pd.concat(cells, ignore_index=True) if cells else pd.DataFrame(columns=["image", "label"])
         prov = {"model_name": model_name, "params": asdict(params),
                 "model_sha256": rows[0].get("model_sha256") if rows and rows[0].get("status") == "ok" else None,

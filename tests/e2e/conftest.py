@@ -102,14 +102,27 @@ def browser():
         b.close()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
 @pytest.fixture
-def page(browser, app_url):
+def page(browser, app_url, request):
     ctx = browser.new_context(viewport={"width": 1440, "height": 1000}, accept_downloads=True)
     pg = ctx.new_page()
     pg.set_default_timeout(60_000)
     pg.goto(app_url)
     pg.wait_for_selector("#seg-run")
     yield pg
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        try:
+            shot(pg, f"FAILED_{request.node.name}")
+        except Exception:  # noqa: BLE001
+            pass
     ctx.close()
 
 
