@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,18 +32,21 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     for mmap in (True, False):
         try:
             return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
-        except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # torch raises many types for corrupt files (KeyError, RuntimeError, ...)
             errors.append(e)
             continue
     e = errors[-1]
-    msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    if "weights_only" in msg or "Unsupported global" in msg or "WeightsUnpickler" in msg:
+    full = str(e)
+    msg = full.splitlines()[0][:200] if full else type(e).__name__
+    if zipfile.is_zipfile(p) and ("Unsupported global" in full or "Unsupported class" in full):
         raise CellposeWebError(
-            f"{p} contains Python objects besides weights and is not loaded for safety ({msg}); "
+            f"{p} contains Python objects besides weights and is not loaded for safety; "
             "save a plain state_dict with torch.save(net.state_dict(), path)") from e
     raise CellposeWebError(
-        f"{p.name}: file is not a complete PyTorch checkpoint (it may be truncated or corrupt: {msg}); "
-        "re-download it (or copy it again)") from e
+        f"{p.name}: file is not a complete PyTorch checkpoint (it may be truncated by an interrupted download, "
+        f"or be another kind of file); re-download it (or copy it again). Path: {p}") from e
 
 
 def _strip_module(sd: Mapping[str, Any]) -> dict:

@@ -1,0 +1,233 @@
+"""CellposeModel: loading, eval equal to the reference fixtures, validation, lite network paths."""
+from __future__ import annotations
+
+import logging
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from cellpose_web import models as M
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.models import CellposeModel
+
+
+@pytest.fixture(scope="module")
+def tiny_path(reference_dir):
+    return str(reference_dir / "tiny_cpsam.pth")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path):
+    return CellposeModel(pretrained_model=tiny_path, use_bfloat16=False)
+
+
+@pytest.fixture(scope="module")
+def io(reference_dir):
+    return np.load(reference_dir / "tiny_cpsam_io.npz")
+
+
+def _has_dynamics() -> bool:
+    try:
+        from cellpose_web import dynamics  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_model_attributes_and_forward(model, io):
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    assert model.pretrained_model.endswith("tiny_cpsam.pth")
+    with torch.inference_mode():
+        y, style = model.net(torch.from_numpy(io["x"]))
+    assert y.shape == (2, 3, 256, 256) and style.shape == (2, 256)
+    assert np.abs(y.numpy() - io["y"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("case,img,kwargs", [
+    ("gray_d30", "image_gray", dict(diameter=30)),
+    ("gray_d45", "image_gray", dict(diameter=45)),
+    ("twochan", "image_twochan", dict(channel_axis=-1)),
+    ("stack_stitch", "image_stack", dict(stitch_threshold=0.3, z_axis=0, diameter=30)),
+])
+def test_eval_matches_reference(model, io, case, img, kwargs):
+    masks, flows, styles = model.eval(io[img], compute_masks=False, **kwargs)
+    dP, cellprob = io[f"{case}_dP"], io[f"{case}_cellprob"]
+    assert flows[1].shape == dP.shape and flows[2].shape == cellprob.shape
+    assert np.abs(flows[1] - dP).max() < 1e-3
+    assert np.abs(flows[2] - cellprob).max() < 1e-3
+    assert flows[0].dtype == np.uint8 and flows[0].shape == (*cellprob.shape, 3)
+    assert flows[1].dtype == np.float32 and flows[2].dtype == np.float32
+    assert styles.shape[-1] == 256 and not styles.any()
+    assert masks.size == 0
+
+
+@pytest.mark.skipif(not _has_dynamics(), reason="dynamics not available")
+def test_eval_masks_match_reference(model, io):
+    masks, flows, _ = model.eval(io["image_gray"], diameter=45)
+    ref = io["gray_d45_masks"]
+    assert np.abs(flows[1] - io["gray_d45_dP"]).max() < 1e-3
+    assert masks.shape == ref.shape and masks.dtype == np.uint16
+    assert len(np.unique(masks)) == len(np.unique(ref))
+    from cellpose_web.metrics import average_precision
+    ap = average_precision(ref, masks, threshold=[0.5])[0]
+    assert float(np.ravel(ap)[0]) == 1.0
+
+
+@pytest.mark.slow
+def test_eval_3d_matches_reference(model, io):
+    masks, flows, styles = model.eval(io["image_stack"], do_3D=True, z_axis=0, diameter=30, flow3D_smooth=1,
+                                      compute_masks=_has_dynamics())
+    assert np.abs(flows[1] - io["stack_do3d_dP"]).max() < 1e-3
+    assert np.abs(flows[2] - io["stack_do3d_cellprob"]).max() < 1e-3
+    if masks.size:
+        assert masks.shape == io["stack_do3d_masks"].shape
+
+
+def test_list_input_gives_lists(model, io):
+    img = io["image_gray"][:200, :260]
+    masks, flows, styles = model.eval([img, img[::-1]], diameter=[30, 45], compute_masks=False)
+    assert isinstance(masks, list) and len(flows) == 2 and len(styles) == 2
+    assert len(model.timing) == 2
+    one = model.eval(img[::-1], diameter=45, compute_masks=False)[1]
+    np.testing.assert_allclose(flows[1][1], one[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("x,kwargs,match", [
+    (np.zeros((2, 3, 4, 5, 6, 2), np.float32), {}, "dimension"),
+    (np.zeros(10, np.float32), {}, "dimension"),
+    (np.zeros((50, 60, 2), np.float32), dict(channel_axis=3), "channel_axis"),
+    (np.full((50, 60), np.nan, np.float32), {}, "NaN"),
+    (np.array([[0, np.inf], [1, 2]], np.float32), {}, "NaN or infinite"),
+    (np.zeros((4, 50, 60), np.float32), dict(z_axis=0), "z_axis"),
+    (np.zeros((50, 60), np.float32), dict(diameter=-5), "diameter"),
+    (np.zeros((50, 60), np.float32), dict(diameter=float("nan")), "diameter"),
+    (np.zeros((50, 60), np.float32), dict(niter=-3), "niter"),
+    (np.zeros((0, 60), np.float32), {}, "empty"),
+    (np.zeros((50, 60), np.float32), dict(bsize=128), "bsize"),
+    (np.zeros((50, 60), np.float32), dict(diameter=1e-4), "diameter"),
+])
+def test_bad_input_raises_clear_error(model, x, kwargs, match):
+    with pytest.raises(CellposeWebError, match=match):
+        model.eval(x, **kwargs)
+
+
+def test_constant_and_background_images_give_empty_masks(model):
+    masks, flows, _ = model.eval(np.full((120, 140), 7, np.uint16))
+    assert masks.shape == (120, 140) and masks.max() == 0
+    masks, flows, _ = model.eval(np.zeros((90, 100, 3), np.float32))
+    assert masks.shape == (90, 100) and masks.max() == 0
+    if _has_dynamics():
+        noise = np.random.default_rng(0).normal(100, 1, (90, 110)).astype(np.float32)
+        masks, flows, _ = model.eval(noise, flow_threshold=0.4)
+        assert masks.shape == (90, 110)
+
+
+def test_missing_and_truncated_checkpoints(tmp_path, tiny_path):
+    with pytest.raises(FileNotFoundError):
+        CellposeModel(pretrained_model=str(tmp_path / "nope.pth"))
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(open(tiny_path, "rb").read()[:5000])
+    with pytest.raises(CellposeWebError):
+        CellposeModel(pretrained_model=str(bad))
+    cp3 = tmp_path / "cp3_model"
+    torch.save({"downsample.down.res_down_0.conv.conv_0.0.weight": torch.zeros(3)}, cp3)
+    with pytest.raises(CellposeWebError):
+        CellposeModel(pretrained_model=str(cp3))
+
+
+def test_load_checkpoint_errors(tmp_path):
+    from cellpose_web.nets import load_checkpoint
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_checkpoint(tmp_path / "nope")
+    p = tmp_path / "junk"
+    p.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CellposeWebError, match="re-download"):
+        load_checkpoint(p)
+
+
+def test_channels_deprecated_and_progress(model, io, caplog):
+    seen = []
+    with caplog.at_level(logging.WARNING):
+        model.eval(io["image_gray"][:150, :150], channels=[0, 0], compute_masks=False,
+                   progress=lambda f, msg: seen.append(f))
+    assert "channel" in caplog.text.lower() and "first 3" in caplog.text
+    assert seen and seen[-1] == pytest.approx(1.0) and all(b >= a - 1e-9 for a, b in zip(seen, seen[1:]))
+
+    class Bar:  # tqdm-like
+        def __init__(self):
+            self.n, self.total = 0, None
+
+        def update(self, k):
+            self.n += k
+
+    bar = Bar()
+    model.eval(io["image_gray"][:150, :150], compute_masks=False, progress=bar)
+    assert bar.n == pytest.approx(bar.total)
+
+
+def test_bfloat16_on_cpu_when_asked(tiny_path, io):
+    m = CellposeModel(pretrained_model=tiny_path, use_bfloat16=True)
+    assert m.dtype == torch.bfloat16
+    _, flows, _ = m.eval(io["image_gray"][:200, :200], compute_masks=False)
+    assert flows[1].dtype == np.float32 and np.isfinite(flows[1]).all()
+
+
+# ------------------------------------------------------------------ lite (fully convolutional) paths
+@pytest.fixture()
+def lite_model(tmp_path):
+    from cellpose_web.nets.unet import LiteUNet
+    torch.manual_seed(0)
+    net = LiteUNet()
+    p = tmp_path / "lite_test.pth"
+    torch.save(net.checkpoint_dict(), p)
+    return CellposeModel(pretrained_model=str(p))
+
+
+def _record_shapes(net):
+    shapes = []
+    orig = net.forward
+
+    def fwd(x):
+        shapes.append(tuple(x.shape))
+        return orig(x)
+    net.forward = fwd
+    return shapes
+
+
+def test_lite_runs_whole_image_or_tiles(lite_model):
+    assert lite_model.arch == "lite"
+    shapes = _record_shapes(lite_model.net)
+    img = np.random.default_rng(1).random((200, 260)).astype(np.float32)
+    _, flows, _ = lite_model.eval(img, diameter=30, compute_masks=False)
+    assert len(shapes) == 1 and shapes[0][-2] % 16 == 0 and shapes[0][-1] % 16 == 0
+    assert shapes[0][-2] >= 200 and shapes[0][-1] >= 260
+    assert flows[1].shape == (2, 200, 260)
+    shapes.clear()
+    lite_model.net.max_whole_pixels = 10_000
+    _, flows2, _ = lite_model.eval(img, diameter=30, compute_masks=False, bsize=128)
+    assert len(shapes) > 1 and all(s[-2:] == (128, 128) for s in shapes)
+    assert flows2[1].shape == (2, 200, 260)
+
+
+def test_lite_estimates_diameter_and_reruns(lite_model, monkeypatch):
+    calls = []
+
+    def compute_masks(dP, cellprob, **kw):
+        calls.append(cellprob.shape)
+        m = np.zeros(cellprob.shape, np.uint16)
+        yy, xx = np.mgrid[:m.shape[0], :m.shape[1]]
+        m[(yy - m.shape[0] // 2) ** 2 + (xx - m.shape[1] // 2) ** 2 < 30 ** 2] = 1
+        return m
+
+    stub = types.SimpleNamespace(compute_masks=compute_masks,
+                                 fill_holes_and_remove_small_masks=lambda m, min_size=15: m,
+                                 diameters=lambda m: (60.0, np.array([60.0])))
+    monkeypatch.setattr(M, "_dynamics", lambda: stub)
+    img = np.random.default_rng(2).random((200, 240)).astype(np.float32)
+    masks, flows, _ = lite_model.eval(img)
+    assert lite_model.diam_estimate == pytest.approx(60.0)
+    assert lite_model.last_eval_params["diameter_estimate"] == pytest.approx(60.0)
+    assert lite_model.last_eval_params["rescale"] == pytest.approx(0.5)
+    assert len(calls) == 2 and masks.shape == (200, 240) and flows[1].shape == (2, 200, 240)
