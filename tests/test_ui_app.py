@@ -65,8 +65,8 @@ def test_segment_tab_functions(fake_model):
     assert img.shape == (512, 512, 3) and img.dtype == np.uint8
     for bg in (W.BG_FLOWS, W.BG_CELLPROB):
         assert segment_tab.render(out, [], bg, 0).shape == (512, 512, 3)
-    h = segment_tab.histogram(out)
-    assert h["count"].sum() == n and "size (µm²)" in h
+    h, title = segment_tab.histogram(out)
+    assert h["count"].sum() == n and title == "cell area (µm²)"
 
 
 def test_correct_tab_edit_and_save(fake_model):

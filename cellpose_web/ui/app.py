@@ -39,6 +39,7 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
     if default_model:
         os.environ["CELLPOSE_WEB_DEFAULT_MODEL"] = str(default_model)
     limits = limits or Limits.from_env()
+    _recover_after_restart()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.HTML(HEADER)
         session = gr.State(common.new_session())
@@ -72,6 +73,24 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
     demo.queue(default_concurrency_limit=4, max_size=200)
     demo._cpw_ctx = ctx  # for tests
     return demo
+
+
+def _recover_after_restart() -> None:
+    """Mark jobs a killed server left 'running' as interrupted; drop half-written lab models."""
+    from cellpose_web.service import jobs
+    try:
+        fixed = jobs.manager(None).recover()
+        if fixed:
+            log.warning("jobs interrupted by the last shutdown: %s", ", ".join(map(str, fixed)))
+    except Exception:  # noqa: BLE001 - never block start-up
+        log.exception("job recovery failed")
+    try:
+        from cellpose_web import registry
+        removed = registry.cleanup_incomplete()
+        if removed:
+            log.warning("removed incomplete lab model folders: %s", ", ".join(removed))
+    except Exception:  # noqa: BLE001
+        log.exception("registry cleanup failed")
 
 
 def launch_kwargs() -> dict[str, Any]:

@@ -48,7 +48,7 @@ def _status(st: CorrectState) -> str:
     n = int(len(np.unique(m[m > 0]))) if m is not None else 0
     sel = ", ".join(str(x) for x in st.selected) if st.selected else "none"
     pend = f" · outline: {len(st.pending)} point(s)" if st.pending else ""
-    return (f"**{n} cells** · selected: {sel}{pend} · edits: {st.n_edits}"
+    return (f"**{W.plural(n, 'cell')}** · selected: {sel}{pend} · edits: {st.n_edits}"
             f"{' · undo available' if st.history.can_undo else ''}")
 
 

@@ -32,7 +32,8 @@ def loss_frame(losses: list) -> pd.DataFrame:
         rows.append({"epoch": e, "loss": tr, "curve": "train"})
         if te is not None and np.isfinite(te):
             rows.append({"epoch": e, "loss": te, "curve": "held-out"})
-    return pd.DataFrame(rows, columns=["epoch", "loss", "curve"])
+    df = pd.DataFrame(rows, columns=["epoch", "loss", "curve"])
+    return df.astype({"epoch": "int64", "loss": "float64", "curve": "str"})
 
 
 def start_finetune(set_name: str, base: str, new_name: str, epochs, lr, wd, user: str | None,

@@ -50,7 +50,7 @@ def build(ctx: dict[str, Any]) -> None:
         with gr.Column():
             with gr.Accordion("Upload a model file", open=True):
                 up_file = gr.File(label="Checkpoint (Cellpose-SAM state dict or lite)", type="filepath",
-                                  elem_id="models-upload")
+                                  elem_id="models-upload", height=120)
                 up_name = gr.Textbox(label="Name for it", placeholder="e.g. nuclei_lab_v2")
                 up_btn = gr.Button("Add to lab models", size="sm")
             with gr.Accordion("Fetch from the HuggingFace Hub", open=False):
@@ -64,7 +64,7 @@ def build(ctx: dict[str, Any]) -> None:
                 with gr.Row():
                     dl_btn = gr.Button("Download", size="sm")
                     del_btn = gr.Button("Delete", variant="stop", size="sm")
-                dl_file = gr.File(label="Model file", interactive=False)
+                dl_file = gr.File(label="Model file", interactive=False, height=90)
                 with gr.Row():
                     new_name = gr.Textbox(label="Rename to")
                     ren_btn = gr.Button("Rename", size="sm")

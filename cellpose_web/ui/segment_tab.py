@@ -125,7 +125,7 @@ def summary_md(s: common.Session) -> str:
     med_um = W.fmt_num(np.nanmedian(t[um_col]) if n and t[um_col].notna().any() else np.nan,
                        "µm²" if um_col == "area_um2" else "µm³", 1)
     p = s.provenance
-    lines = [f"<span class='cpw-count'>**{n} cells**</span> · median size {med_px}"
+    lines = [f"<span class='cpw-count'>**{W.plural(n, 'cell')}**</span> · median size {med_px}"
              + (f" ({med_um})" if med_um != "–" else " (enter the pixel size for µm²)")]
     if s.puncta is not None:
         inside = int((s.puncta["label"] > 0).sum()) if len(s.puncta) else 0
@@ -136,14 +136,20 @@ def summary_md(s: common.Session) -> str:
     return "\n\n".join(lines)
 
 
-def histogram(s: common.Session) -> pd.DataFrame:
+def histogram(s: common.Session) -> tuple[pd.DataFrame, str]:
+    """(bar-plot frame with columns bin, count; axis title with the unit)."""
     if s is None or s.table is None or len(s.table) == 0:
-        return pd.DataFrame({"bin": [], "count": []})
+        return pd.DataFrame({"bin": pd.Series(dtype="str"), "count": pd.Series(dtype="int64")}), "cell size"
     h = measure.size_histogram(s.table, bins=15)
     q = h["quantity"].iloc[0] if len(h) else "area_px"
-    unit = {"area_um2": "µm²", "area_px": "px", "volume_um3": "µm³", "volume_px": "voxels"}.get(q, "")
-    h = h.rename(columns={"bin": f"size ({unit})"})
-    return h
+    unit = {"area_um2": "area (µm²)", "area_px": "area (px)", "volume_um3": "volume (µm³)",
+            "volume_px": "volume (voxels)"}.get(q, q)
+    return h[["bin", "count"]], f"cell {unit}"
+
+
+def histogram_update(s: common.Session):
+    df, title = histogram(s)
+    return gr.update(value=df, x_title=title, y_title="number of cells")
 
 
 def _pixel(v: Any) -> float | None:
@@ -247,7 +253,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                                          label="Per-cell measurements (areas in px and µm², centroids in px/µm)",
                                          interactive=False, max_height=360, elem_id="seg-table")
                 with gr.Tab("Size histogram"):
-                    hist = gr.BarPlot(pd.DataFrame({"bin": [], "count": []}), x="bin", y="count",
+                    hist = gr.BarPlot(pd.DataFrame({"bin": pd.Series(dtype="str"), "count": pd.Series(dtype="int64")}),
+                                      x="bin", y="count",
                                       label="Cell size histogram", height=300, elem_id="seg-hist",
                                       sort=None)
                 with gr.Tab("Downloads"):
@@ -284,7 +291,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         puncta = make_puncta(pon, pch, psmin, psmax, pthr)
         new = run_segmentation(s, model_name, params, px, puncta, progress)
         zs = gr.update(visible=new.is_stack, maximum=max(1, new.masks.shape[0] - 1) if new.is_stack else 1)
-        return (new, render(new, ov, bg, 0), summary_md(new), W.table_for_display(new.table), histogram(new),
+        return (new, render(new, ov, bg, 0), summary_md(new), W.table_for_display(new.table), histogram_update(new),
                 new.files, new.provenance, zs)
 
     run.click(on_run, seg_inputs, seg_outputs, api_name="segment_ui", api_visibility="private",

@@ -101,6 +101,10 @@ def fmt_num(x: Any, unit: str = "", digits: int = 1) -> str:
     return f"{s} {unit}".strip()
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def short_sha(sha: str | None) -> str:
     return (sha or "unknown")[:12]
 

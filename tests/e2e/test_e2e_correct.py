@@ -34,6 +34,12 @@ def wait_status(page, text):
     page.wait_for_function(f"() => document.querySelector('#cor-status').innerText.includes({text!r})")
 
 
+def wait_count(page, n):
+    word = "cell" if n == 1 else "cells"
+    page.wait_for_function(
+        f"() => document.querySelector('#cor-status').innerText.startsWith('{n} {word} ')")
+
+
 def test_correct_draw_delete_save(page, tmp_path):
     upload_and_segment(page)
     page.get_by_role("tab", name="Downloads").click()
@@ -41,7 +47,7 @@ def test_correct_draw_delete_save(page, tmp_path):
     n0 = int(before.max())
     page.get_by_role("tab", name="Correct").click()
     page.wait_for_selector("#cor-view img")
-    wait_status(page, f"{n0} cells")
+    wait_count(page, n0)
     # draw a square outline on free background
     free = ndi.binary_erosion(before == 0, iterations=14, border_value=0)
     cy, cx = np.argwhere(free)[len(np.argwhere(free)) // 2]
@@ -52,17 +58,21 @@ def test_correct_draw_delete_save(page, tmp_path):
     wait_status(page, "outline: 4 point(s)")
     shot(page, "10_correct_outline")
     page.click("#cor-finish")
-    wait_status(page, f"{n0 + 1} cells")
+    wait_count(page, n0 + 1)
     # select a cell and delete it with the keyboard shortcut (Delete)
     target = 1 if n0 > 0 else n0 + 1
-    ys, xs = np.nonzero(before == target) if n0 > 0 else (np.array([cy]), np.array([cx]))
-    iy, ix = np.argwhere(ndi.binary_erosion(before == target, iterations=2))[0] if n0 > 0 else (cy, cx)
+    if n0 > 0:
+        cell = before == target
+        inner = ndi.binary_erosion(cell, iterations=2)
+        iy, ix = np.argwhere(inner if inner.any() else cell)[0]
+    else:
+        iy, ix = cy, cx
     page.get_by_role("radio", name="Select").check()
     click_pixel(page, iy, ix, before.shape)
     wait_status(page, "selected: ")
     page.wait_for_function("() => !document.querySelector('#cor-status').innerText.includes('selected: none')")
     page.locator("body").press("Delete")
-    wait_status(page, f"{n0} cells")
+    wait_count(page, n0)
     shot(page, "11_correct_after_edits")
     page.click("#cor-save")
     page.wait_for_selector('#cor-files a[download$="_cp_masks.tif"]')

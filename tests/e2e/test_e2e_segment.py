@@ -17,7 +17,7 @@ def upload_and_segment(page, path=EXAMPLE):
     page.click("#seg-run")
     page.wait_for_function(
         "() => { const s = document.querySelector('#seg-count strong');"
-        " return s && /^\\d+ cells$/.test(s.innerText.trim()); }", timeout=180_000)
+        " return s && /^\\d+ cells?$/.test(s.innerText.trim()); }", timeout=180_000)
     return page.inner_text("#seg-count")
 
 
@@ -29,6 +29,9 @@ def test_segment_upload_run_download(page, tmp_path):
     # overlay shown
     assert page.locator("#seg-view img").count() == 1
     shot(page, "01_segment_result")
+    page.get_by_role("tab", name="Size histogram").click()
+    page.wait_for_timeout(800)
+    shot(page, "01b_segment_histogram")
     # the per-cell table has one row per cell
     page.get_by_role("tab", name="Downloads").click()
     link = page.locator('#seg-files a[download$="_cp_masks.tif"]').first
