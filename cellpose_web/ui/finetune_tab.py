@@ -15,7 +15,7 @@ from cellpose_web.service.config import Limits
 from cellpose_web.ui import common, widgets as W
 
 INTRO = ("Fine-tuning starts from a **base model** (as Cellpose advises) and trains on your corrected "
-         "images. About 20 % of the images are held out to measure **AP@0.5 before and after**. "
+         "images. About 20 % of the images are held out to measure **AP (IoU 0.5) before and after**. "
          "Cellpose-SAM: learning rate 1e-5, weight decay 0.1, ~100 epochs; `lite`: 1e-3 works better. "
          "The new model appears in every model list when it finishes.")
 
@@ -96,7 +96,9 @@ def build(ctx: dict[str, Any]) -> None:
                 cancel = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
         with gr.Column(scale=2, min_width=480):
             status = gr.Markdown("No training running.", elem_id="ft-status")
-            curve = gr.LinePlot(loss_frame([]), x="epoch", y="loss", color="curve", label="Loss per epoch",
+            curve = gr.LinePlot(None, x="epoch", y="loss", color="curve",
+                                label="Loss per epoch (drawn live while training)",
+                                color_map={"train": "#4c6ef5", "held-out": "#f59f00"},
                                 height=320, elem_id="ft-curve", x_title="epoch", y_title="loss")
             result = gr.JSON(label="Result: AP before/after, recipe, where the model is", elem_id="ft-result")
 
@@ -128,7 +130,7 @@ def build(ctx: dict[str, Any]) -> None:
         job = start_finetune(sn, b, nn, ep, lr_, wd_, user, ctx["limits"])
         jm = jobs.manager(user)
         keep = [gr.skip() for _ in dds]
-        yield (job.id, f"Training job **{job.id}** started…", loss_frame([]), None, *keep)
+        yield (job.id, f"Training job **{job.id}** started…", gr.skip(), None, *keep)
         last = None
         while True:
             st = jm.get(job.id) or {}
@@ -136,7 +138,8 @@ def build(ctx: dict[str, Any]) -> None:
             if sig != last:
                 last = sig
                 msg = f"**{st.get('state')}** — {st.get('message', '')} ({100 * st.get('progress', 0):.0f} %)"
-                yield (job.id, msg, loss_frame(st.get("losses", [])), gr.skip(), *keep)
+                losses = st.get("losses", [])
+                yield (job.id, msg, loss_frame(losses) if losses else gr.skip(), gr.skip(), *keep)
             if st.get("state") not in jobs.ACTIVE:
                 break
             time.sleep(0.5)
@@ -149,7 +152,7 @@ def build(ctx: dict[str, Any]) -> None:
             return
         names_now, default_now = common.model_choices()
         ap_b, ap_a = r.get("ap_before"), r.get("ap_after")
-        msg = (f"Done: model **{r['name']}** saved to the registry. AP@0.5 on held-out images: "
+        msg = (f"Done: model **{r['name']}** saved to the registry. AP (IoU 0.5) on held-out images: "
                f"{W.fmt_num(ap_b, '', 3)} before → **{W.fmt_num(ap_a, '', 3)}** after.")
         ups = [gr.update(choices=names_now) for _ in dds]
         yield (job.id, msg, loss_frame(st.get("losses", [])),

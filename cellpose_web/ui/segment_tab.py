@@ -253,8 +253,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                                          label="Per-cell measurements (areas in px and µm², centroids in px/µm)",
                                          interactive=False, max_height=360, elem_id="seg-table")
                 with gr.Tab("Size histogram"):
-                    hist = gr.BarPlot(pd.DataFrame({"bin": pd.Series(dtype="str"), "count": pd.Series(dtype="int64")}),
-                                      x="bin", y="count",
+                    hist = gr.BarPlot(None, x="bin", y="count",
                                       label="Cell size histogram", height=300, elem_id="seg-hist",
                                       sort=None)
                 with gr.Tab("Downloads"):

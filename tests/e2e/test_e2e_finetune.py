@@ -50,7 +50,7 @@ def test_finetune_two_epochs_new_model_everywhere(page, data_dir, tmp_path):
     page.click("#ft-start")
     page.wait_for_selector("#ft-status :text('Done: model')", timeout=540_000)
     status = page.inner_text("#ft-status")
-    assert "e2e_tuned" in status and "AP@0.5" in status
+    assert "e2e_tuned" in status and "AP (IoU 0.5)" in status
     shot(page, "31_finetune_done")
     # Models tab lists it with its training metadata
     page.get_by_role("tab", name="Models").click()
