@@ -316,6 +316,8 @@ def _diffuse_flows(lab: np.ndarray, nlab: int, device: torch.device, niter: int 
 
     cflat = torch.from_numpy(centers).to(device)
     cflat = sum((cflat[:, k] + 1) * strides[k] for k in range(ndim))
+    ones_c = torch.ones(cflat.numel(), dtype=dtype, device=device)
+    nb_flat = nb_idx.reshape(-1)
 
     T = torch.zeros(pshape, dtype=dtype, device=device)
     T2 = torch.zeros_like(T)
@@ -323,21 +325,21 @@ def _diffuse_flows(lab: np.ndarray, nlab: int, device: torch.device, niter: int 
     Sf = S.view(-1)
     for _ in range(n_iter):
         Tf = T.view(-1)
-        Tf[cflat] += 1.0
+        Tf.index_add_(0, cflat, ones_c)
         # neighbours summed one after the other in Cellpose's order, so the heat is bit-identical
         views = [shifted(T, off) for off in offs]
         torch.add(views[0], views[1], out=S)
         for v in views[2:]:
             S.add_(v)
         if n_conf:
-            g = Tf[nb_idx]  # (nst, nc)
+            g = Tf.index_select(0, nb_flat).view(nst, n_conf)
             g.mul_(nb_w)
             acc = fix_vals[:n_conf]
             torch.add(g[0], g[1], out=acc)
             for k in range(2, nst):
                 acc.add_(g[k])
         if fix_idx.numel():
-            Sf[fix_idx] = fix_vals
+            Sf.index_copy_(0, fix_idx, fix_vals)
         torch.div(S, nst, out=T2[inner])
         T, T2 = T2, T
 
@@ -474,8 +476,11 @@ def follow_flows(dP, inds, niter: int = 200, device=None) -> torch.Tensor:
     pt *= 2
     pt -= 1
 
+    # Trajectories merge (bit-identical positions) as pixels reach their attractor; from then on they
+    # are integrated once. Check every ~niter/20 steps, less often while little merges.
     rep = torch.arange(npts, device=device)
-    interval, next_check = 8, 8
+    base = max(4, round(niter / 20))
+    interval = next_check = base
     for t in range(niter):
         d = F.grid_sample(im, pt, align_corners=False)  # (1, ndim, *[1]*(ndim-1), M)
         pt += torch.movedim(d, 1, -1)
@@ -483,8 +488,7 @@ def follow_flows(dP, inds, niter: int = 200, device=None) -> torch.Tensor:
         if t + 1 == next_check and t + 1 < niter:
             m0 = pt.shape[-2]
             pt, rep = _dedupe(pt, rep)
-            ratio = pt.shape[-2] / max(m0, 1)
-            interval = 8 if ratio < 0.9 else min(2 * interval, 64)
+            interval = base if pt.shape[-2] < 0.95 * m0 else min(2 * interval, 4 * base)
             next_check = t + 1 + interval
     pt = pt.reshape(-1, ndim)[rep]
     pt += 1
@@ -746,13 +750,17 @@ def fill_holes_and_remove_small_masks(masks, min_size: int = 15) -> np.ndarray:
     else:
         lab, _ = _renumber_sorted(lab)
     lab = np.ascontiguousarray(lab)
+    nmax = int(lab.max())
     slices = ndi.find_objects(lab)
-    for i, slc in enumerate(slices):
+    # in 2D only masks that have a hole need work (the others are left as they are by the fill)
+    todo = _labels_with_holes_2d(lab, nmax) if (lab.ndim == 2 and nmax > 0) else np.arange(1, nmax + 1)
+    for v in todo:
+        slc = slices[v - 1]
         if slc is None:
             continue
         crop = lab[slc]
-        filled = _fill_object_holes(crop, i + 1)
-        crop[filled] = i + 1
+        filled = _fill_object_holes(crop, int(v))
+        crop[filled] = v
     if min_size > 0:
         lab = _remove_small(lab, min_size)
         lab = _renumber_first(lab, dtype=np.int64)
@@ -894,20 +902,24 @@ def _outlines_2d(lab: np.ndarray) -> np.ndarray:
 
 
 def _labels_with_holes_2d(lab: np.ndarray, nmax: int) -> np.ndarray:
-    """Labels whose mask has at least one hole (Euler number < number of 8-connected pieces)."""
+    """Labels whose mask has at least one hole (4-connected background enclosed by the mask).
+
+    Uses the Euler number (8-connected foreground) from 2x2 pixel quads, evaluated only on quads that
+    mix labels, and the number of 8-connected pieces: holes = pieces - Euler number.
+    """
     from skimage.measure import label as sk_label
 
-    p = np.pad(lab.astype(np.int64, copy=False), 1)
+    p = np.pad(lab, 1)
     a, b, c, d = p[:-1, :-1], p[:-1, 1:], p[1:, :-1], p[1:, 1:]
-    euler4 = np.zeros(nmax + 1, dtype=np.int64)  # 4 x Euler number (8-connected foreground)
-    quads = (a, b, c, d)
+    idx = np.nonzero((a != b) | (a != c) | (a != d))
+    quads = tuple(q[idx].astype(np.int64) for q in (a, b, c, d))
+    qa, qb, qc, qd = quads
+    euler4 = np.zeros(nmax + 1, dtype=np.int64)  # 4 x Euler number per label
     for j, v in enumerate(quads):
         valid = v > 0
         for q in quads[:j]:
             valid &= q != v
-        if not valid.any():
-            continue
-        ea, eb, ec, ed = (a == v), (b == v), (c == v), (d == v)
+        ea, eb, ec, ed = (qa == v), (qb == v), (qc == v), (qd == v)
         n = ea.astype(np.int8) + eb + ec + ed
         diag = (ea & ed & ~eb & ~ec) | (eb & ec & ~ea & ~ed)
         contrib = (n == 1).astype(np.int64) - (n == 3) - 2 * diag

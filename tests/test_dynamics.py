@@ -1,0 +1,312 @@
+"""cellpose_web.dynamics against the Cellpose 4.2.1.1 fixtures, plus properties and error handling."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cellpose_web import dynamics as dy
+from cellpose_web import metrics
+from cellpose_web.errors import CellposeWebError
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _disk(shape, center, r):
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= r**2
+
+
+def _same_up_to_relabel(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when a and b are the same partition (a bijection between their labels)."""
+    if a.shape != b.shape or ((a > 0) != (b > 0)).any():
+        return False
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+@pytest.fixture(scope="module")
+def flows_ref(reference_dir):
+    return np.load(reference_dir / "flows.npz")
+
+
+@pytest.fixture(scope="module")
+def masks_ref(reference_dir):
+    return np.load(reference_dir / "masks_from_flows.npz")
+
+
+@pytest.fixture(scope="module")
+def manifest(reference_dir):
+    return json.loads((reference_dir / "manifest.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ flows
+def test_masks_to_flows_2d_matches_reference(flows_ref):
+    out = dy.masks_to_flows(flows_ref["labels"])
+    assert out.dtype == np.float32 and out.shape == flows_ref["flows"].shape
+    assert np.abs(out - flows_ref["flows"]).max() < 1e-4
+
+
+def test_masks_to_flows_3d_matches_reference(flows_ref):
+    out = dy.masks_to_flows(flows_ref["labels_3d"])
+    assert out.dtype == np.float32 and out.shape == flows_ref["flows_3d"].shape
+    assert np.abs(out - flows_ref["flows_3d"]).max() < 1e-4
+
+
+def test_masks_to_flows_nonconsecutive_labels_and_types(flows_ref):
+    lab = flows_ref["labels"].astype(np.int64)
+    ref = dy.masks_to_flows(lab)
+    sparse = np.where(lab > 0, lab * 7 + 1000, 0).astype(np.uint32)
+    assert np.array_equal(dy.masks_to_flows(sparse), ref)
+    assert np.array_equal(dy.masks_to_flows(torch.from_numpy(lab)), ref)
+    assert np.array_equal(dy.masks_to_flows(lab.astype(np.float32)), ref)
+
+
+def test_masks_to_flows_unit_vectors_and_background():
+    lab = np.zeros((40, 50), np.uint16)
+    lab[_disk(lab.shape, (20, 18), 9)] = 1
+    lab[_disk(lab.shape, (22, 36), 7)] = 2
+    f = dy.masks_to_flows(lab)
+    norm = np.sqrt((f**2).sum(0))
+    assert np.all(f[:, lab == 0] == 0)
+    inside = (lab > 0) & (norm > 0)
+    assert np.allclose(norm[inside], 1, atol=1e-5)
+    # flows point towards the centre: left of the centre of object 1, dX > 0
+    assert f[1, 20, 12] > 0.5 and f[1, 20, 24] < -0.5
+
+
+def test_masks_to_flows_empty_and_niter():
+    assert not dy.masks_to_flows(np.zeros((8, 9), np.uint8)).any()
+    assert dy.masks_to_flows(np.zeros((3, 8, 9), np.uint8)).shape == (3, 3, 8, 9)
+    lab = np.zeros((30, 30), np.uint8)
+    lab[5:25, 5:25] = 1
+    a = dy.masks_to_flows(lab, niter=5)
+    b = dy.masks_to_flows(lab)
+    assert not np.allclose(a, b)  # niter is honoured
+
+
+def test_labels_to_flows_layout(flows_ref):
+    lab = flows_ref["labels"]
+    shuffled = lab.copy()
+    shuffled[lab > 0] = (lab[lab > 0].astype(np.int64) * 3 + 5).astype(np.uint16)
+    out = dy.labels_to_flows([shuffled, lab[None]])
+    assert len(out) == 2
+    for o in out:
+        assert o.shape == (4, *lab.shape) and o.dtype == np.float32
+        assert np.array_equal(o[1], (lab > 0).astype(np.float32))
+        assert np.abs(o[2:] - flows_ref["flows"]).max() < 1e-4
+    # labels renumbered 1..N in order of first appearance
+    first = out[0][0].ravel()
+    seen = first[first > 0]
+    _, idx = np.unique(seen, return_index=True)
+    assert np.array_equal(seen[np.sort(idx)], np.arange(1, int(seen.max()) + 1))
+    out3 = dy.labels_to_flows([flows_ref["labels_3d"]])[0]
+    assert out3.shape == (5, *flows_ref["labels_3d"].shape)
+
+
+# ------------------------------------------------------------------------------------------ masks
+@pytest.mark.parametrize("case", ["default", "permissive", "strict"])
+def test_compute_masks_matches_reference(masks_ref, manifest, case):
+    kw = manifest["cases"][f"masks_{case}"]
+    out = dy.compute_masks(masks_ref["dP"], masks_ref["cellprob"], max_size_fraction=0.4, **kw)
+    ref = masks_ref[case]
+    assert out.dtype == np.uint16 and out.shape == ref.shape
+    ap, tp, fp, fn = metrics.average_precision(ref, out, threshold=[0.5])
+    assert ap[0] == 1.0
+    iout, preds = metrics.mask_ious(ref, out)
+    assert (preds > 0).all() and iout.min() >= 0.99
+    assert _same_up_to_relabel(out, ref)
+
+
+def test_compute_masks_recovers_labels_2d_and_3d(flows_ref):
+    lab = flows_ref["labels"]
+    dP = 5 * dy.masks_to_flows(lab)
+    cp = np.where(lab > 0, 4.0, -4.0).astype(np.float32)
+    out = dy.compute_masks(dP, cp)
+    ap = metrics.average_precision(lab, out, threshold=[0.5])[0]
+    assert ap[0] > 0.95
+    lab3 = flows_ref["labels_3d"]
+    dP3 = 5 * dy.masks_to_flows(lab3)
+    cp3 = np.where(lab3 > 0, 4.0, -4.0).astype(np.float32)
+    out3 = dy.compute_masks(dP3, cp3, do_3D=True, niter=100)
+    assert out3.shape == lab3.shape and out3.dtype == np.uint16
+    assert metrics.average_precision(lab3, out3, threshold=[0.5])[0][0] > 0.9
+
+
+def test_compute_masks_single_object_and_empty():
+    lab = _disk((64, 64), (30, 33), 12).astype(np.uint8)
+    dP = 5 * dy.masks_to_flows(lab)
+    cp = np.where(lab > 0, 3.0, -3.0).astype(np.float32)
+    out = dy.compute_masks(dP, cp)
+    assert out.max() == 1
+    inter = ((out > 0) & (lab > 0)).sum()
+    assert inter / ((out > 0) | (lab > 0)).sum() > 0.95
+    # all background: zeros, no error
+    z = dy.compute_masks(np.zeros((2, 20, 30), np.float32), -np.ones((20, 30), np.float32))
+    assert z.dtype == np.uint16 and z.shape == (20, 30) and not z.any()
+    z3 = dy.compute_masks(np.zeros((3, 4, 20, 30), np.float32), -np.ones((4, 20, 30), np.float32))
+    assert z3.shape == (4, 20, 30) and not z3.any()
+    # foreground but no flow: every pixel stays put, no seed reaches 11 hits -> no masks, no error
+    none = dy.compute_masks(np.zeros((2, 20, 30), np.float32), np.ones((20, 30), np.float32))
+    assert not none.any()
+
+
+def test_compute_masks_max_size_fraction():
+    lab = _disk((64, 64), (32, 32), 20).astype(np.uint8)
+    dP = 5 * dy.masks_to_flows(lab)
+    cp = np.where(lab > 0, 3.0, -3.0).astype(np.float32)
+    assert dy.compute_masks(dP, cp, max_size_fraction=0.4).max() == 1
+    assert dy.compute_masks(dP, cp, max_size_fraction=0.1).max() == 0
+
+
+def test_compute_masks_bad_input():
+    dP = np.zeros((2, 10, 12), np.float32)
+    cp = np.zeros((10, 12), np.float32)
+    with pytest.raises(CellposeWebError, match="shape"):
+        dy.compute_masks(dP, np.zeros((10, 13), np.float32))
+    with pytest.raises(CellposeWebError, match="shape"):
+        dy.compute_masks(np.zeros((3, 10, 12), np.float32), cp)
+    with pytest.raises(CellposeWebError, match="2D|3D"):
+        dy.compute_masks(np.zeros((2, 12), np.float32), np.zeros(12, np.float32))
+    bad = dP.copy()
+    bad[0, 3, 3] = np.nan
+    with pytest.raises(CellposeWebError, match="NaN"):
+        dy.compute_masks(bad, cp)
+    with pytest.raises(ValueError):  # CellposeWebError is a ValueError
+        dy.compute_masks(dP, np.full((10, 12), np.inf, np.float32))
+    with pytest.raises(CellposeWebError):
+        dy.masks_to_flows(np.zeros((2, 3, 4, 5), np.uint8))
+    with pytest.raises(CellposeWebError, match="negative"):
+        dy.masks_to_flows(-np.ones((4, 5), np.int32))
+    with pytest.raises(CellposeWebError, match="whole"):
+        dy.masks_to_flows(np.full((4, 5), 0.5))
+
+
+def test_flow_error_and_remove_bad_flow_masks():
+    lab = np.zeros((60, 80), np.uint16)
+    lab[_disk(lab.shape, (30, 20), 12)] = 1
+    lab[_disk(lab.shape, (30, 55), 12)] = 2
+    dP = 5 * dy.masks_to_flows(lab)
+    err, mu = dy.flow_error(lab, dP)
+    assert err.shape == (2,) and np.allclose(err, 0, atol=1e-10)
+    assert mu.shape == dP.shape
+    bad = dP.copy()
+    bad[:, lab == 2] *= -1  # flows of mask 2 point outwards
+    err2, _ = dy.flow_error(lab, bad)
+    assert err2[0] < 1e-10 and err2[1] > 1
+    kept = dy.remove_bad_flow_masks(lab, bad, threshold=0.4)
+    assert kept.max() == 1 and np.array_equal(kept > 0, lab == 1)
+
+
+# ------------------------------------------------------------------------------------------ utilities
+def test_fill_holes_and_remove_small_masks():
+    lab = np.zeros((40, 40), np.uint16)
+    lab[5:20, 5:20] = 3
+    lab[9:13, 9:13] = 0  # a hole
+    lab[25:35, 25:35] = 7
+    lab[28:31, 28:31] = 9  # an object inside object 7 (absorbed, as in Cellpose)
+    lab[1:3, 30:33] = 5  # 6 pixels: too small
+    out = dy.fill_holes_and_remove_small_masks(lab, min_size=15)
+    assert out.dtype == np.uint16
+    assert out.max() == 2
+    assert (out[5:20, 5:20] == out[5, 5]).all() and (out[25:35, 25:35] == out[25, 25]).all()
+    assert out[1, 30] == 0
+    keep = dy.fill_holes_and_remove_small_masks(lab, min_size=0)
+    assert keep[1, 30] > 0 and keep[10, 10] > 0 and sorted(np.unique(keep)) == [0, 1, 2, 3]
+    # 3D: a cavity is filled
+    v = np.zeros((7, 9, 9), np.uint8)
+    v[1:6, 1:8, 1:8] = 1
+    v[3, 4, 4] = 0
+    assert dy.fill_holes_and_remove_small_masks(v)[3, 4, 4] == 1
+    with pytest.raises(CellposeWebError):
+        dy.fill_holes_and_remove_small_masks(np.zeros(5, np.uint8))
+
+
+def test_fill_holes_uint32_many_labels():
+    n = 300
+    lab = np.arange(1, n * n + 1, dtype=np.uint32).reshape(n, n)  # 90000 one-pixel masks
+    out = dy.fill_holes_and_remove_small_masks(lab, min_size=0)
+    assert out.dtype == np.uint32 and out.max() == n * n
+    assert dy.fill_holes_and_remove_small_masks(lab, min_size=2).max() == 0
+
+
+def test_masks_to_outlines_and_outlines_list():
+    lab = np.zeros((20, 20), np.uint16)
+    lab[2:10, 2:10] = 1
+    lab[4:6, 4:6] = 0  # hole: its rim is not an outline
+    lab[12:18, 3:9] = 2
+    o = dy.masks_to_outlines(lab)
+    assert o.dtype == bool and o.shape == lab.shape
+    ring = np.zeros_like(o)
+    ring[2:10, 2:10] = True
+    ring[3:9, 3:9] = False
+    assert np.array_equal(o[:11], ring[:11])
+    assert o[12, 3:9].all() and o[17, 3:9].all() and not o[14, 5]
+    o3 = dy.masks_to_outlines(np.stack([lab, lab]))
+    assert o3.shape == (2, 20, 20) and np.array_equal(o3[1], o)
+
+    ol = dy.outlines_list(lab)
+    assert len(ol) == 2
+    pts = ol[0]
+    assert pts.shape == (28, 2)  # 8x8 square: 28 boundary pixels, each once
+    assert tuple(pts[0]) == (2, 2)  # (x, y): top-most, left-most pixel first
+    assert set(map(tuple, pts)) == {(x, y) for y, x in zip(*np.nonzero(ring))}
+    steps = np.abs(np.diff(np.vstack([pts, pts[:1]]), axis=0)).max(1)
+    assert (steps == 1).all()  # an ordered, closed 8-connected trace
+    assert tuple(pts[1]) == (2, 3)  # runs down the left side first (counter-clockwise)
+    assert dy.outlines_list(np.zeros((5, 5), np.uint8)) == []
+
+
+def test_stitch3D():
+    a = np.zeros((4, 30, 30), np.uint16)
+    a[0, 5:15, 5:15] = 1
+    a[1, 6:16, 6:16] = 2  # overlaps plane-0 mask 1 -> becomes 1
+    a[1, 20:25, 20:25] = 1  # new object -> new label
+    a[3, 6:16, 6:16] = 1  # after an empty plane: a new label, never reused
+    out = dy.stitch3D(a, stitch_threshold=0.25)
+    assert (out[1, 6:16, 6:16] == 1).all()
+    assert out[1, 22, 22] == 2
+    assert out[3, 10, 10] == 3
+    # a high threshold splits everything
+    out2 = dy.stitch3D(a, stitch_threshold=0.99)
+    assert out2[1, 10, 10] != 1
+
+
+def test_remove_edge_masks_and_diameters():
+    lab = np.zeros((30, 30), np.uint16)
+    lab[0:5, 10:15] = 4
+    lab[10:20, 10:20] = 6
+    lab[25:30, 0:3] = 9
+    out = dy.remove_edge_masks(lab)
+    assert np.array_equal(out, (lab == 6).astype(np.uint16))
+    out2 = dy.remove_edge_masks(lab, change_index=False)
+    assert np.array_equal(out2, np.where(lab == 6, 6, 0))
+    md, per = dy.diameters(lab)
+    areas = np.array([25, 100, 15])
+    assert np.allclose(per, np.sqrt(areas))
+    assert np.isclose(md, np.median(np.sqrt(areas)) / (np.sqrt(np.pi) / 2))
+    assert dy.diameters(np.zeros((4, 4), np.uint8))[0] == 0
+
+
+def test_dx_to_circ():
+    lab = _disk((40, 40), (20, 20), 15).astype(np.uint8)
+    dP = 5 * dy.masks_to_flows(lab)
+    rgb = dy.dx_to_circ(dP)
+    assert rgb.dtype == np.uint8 and rgb.shape == (40, 40, 3)
+    assert not rgb[0, 0].any()  # no flow -> black
+    # opposite directions give different colours
+    assert not np.array_equal(rgb[20, 8], rgb[20, 32])
+    rgb3 = dy.dx_to_circ(np.stack([dP[0][None], dP[0][None], dP[1][None]]))
+    assert rgb3.shape == (1, 40, 40, 3)
+    with pytest.raises(CellposeWebError):
+        dy.dx_to_circ(np.zeros((4, 5, 5)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(flows_ref, masks_ref):
+    dev = torch.device("cuda")
+    f = dy.masks_to_flows(flows_ref["labels"], device=dev)
+    assert np.abs(f - flows_ref["flows"]).max() < 1e-4
+    out = dy.compute_masks(masks_ref["dP"], masks_ref["cellprob"], device=dev)
+    assert metrics.average_precision(masks_ref["default"], out, threshold=[0.5])[0][0] == 1.0
