@@ -155,7 +155,9 @@ def build_parser(prog: str = "python -m cellpose_web") -> argparse.ArgumentParse
     inp.add_argument("--chan2", type=int, default=None, help=argparse.SUPPRESS)
     inp.add_argument("--invert", action="store_true", help="invert intensities (dark cells on bright background)")
     inp.add_argument("--all_channels", action="store_true", help=argparse.SUPPRESS)
-    inp.add_argument("--max_pixels", type=int, default=None, help="refuse images with more values than this")
+    inp.add_argument("--max_pixels", type=int, default=None,
+                     help="refuse images with more values than this, checked from the file header before "
+                          "reading (default: CELLPOSE_WEB_MAX_PIXELS, else 250 million)")
 
     mod = p.add_argument_group("model")
     mod.add_argument("--pretrained_model", default=None,
@@ -410,9 +412,11 @@ def _axes_for(args, meta, img: np.ndarray) -> tuple[int | None, int | None]:
     return ch, z
 
 
-def _provenance(model, info, params: dict, img_path: Path, seconds: float) -> dict:
+def _provenance(model, info, params: dict, img_path: Path, seconds: float, command: str | None = None) -> dict:
     from cellpose_web import __version__
 
+    if command is None:
+        command = "python -m cellpose_web " + " ".join(sys.argv[1:]) if sys.argv else ""
     return {
         "model": {"name": info.name, "source": info.source, "arch": info.arch, "sha256": info.sha256,
                   "path": info.path},
@@ -423,65 +427,78 @@ def _provenance(model, info, params: dict, img_path: Path, seconds: float) -> di
         "seconds": round(seconds, 3),
         "est_diam": getattr(model, "diam_estimate", None),
         "cellpose_web_version": __version__,
-        "command": "python -m cellpose_web " + " ".join(sys.argv[1:]) if sys.argv else "",
+        "command": command,
     }
 
 
-def run_segmentation(args) -> int:
+# the per-file options of a run (plain values: they travel to Dask workers)
+FILE_OPTIONS = ("channel_axis", "z_axis", "do_3D", "stitch_threshold", "max_pixels", "exclude_on_edges", "no_npy",
+                "save_png", "save_tif", "save_flows", "save_outlines", "save_txt", "save_mpl", "save_rois",
+                "in_folders", "dir_above", "output_name")
+
+
+def default_max_pixels() -> int:
+    """The pixel limit when --max_pixels is not given: CELLPOSE_WEB_MAX_PIXELS, else 250 million values."""
+    from cellpose_web.service.config import Limits
+
+    return Limits.from_env().max_pixels
+
+
+def file_options(args) -> dict[str, Any]:
+    """What :func:`segment_file` needs from the command line, as a plain (picklable) dict."""
+    opts = {k: getattr(args, k) for k in FILE_OPTIONS}
+    if opts["max_pixels"] is None:
+        opts["max_pixels"] = default_max_pixels()
+    opts["command"] = "python -m cellpose_web " + " ".join(sys.argv[1:]) if sys.argv else ""
+    return opts
+
+
+def segment_file(model, info, f: str | Path, params: dict[str, Any], opts: dict[str, Any],
+                 savedir: str | Path | None = None) -> dict[str, Any]:
+    """Segment one image file and write its outputs, as ``python -m cellpose_web`` does.
+
+    model : a loaded ``CellposeModel``; info : its ``registry.ModelInfo`` (recorded in the files).
+    params : ``CellposeModel.eval`` keywords (:func:`_eval_kwargs`); opts : :func:`file_options`.
+    Returns {"name", "n_masks", "seconds", "device", "notices"}. Raises CellposeWebError for a bad image.
+    Used by the single-process loop and by each Dask worker (:mod:`cellpose_web.distributed`).
+    """
+    from types import SimpleNamespace
+
     from cellpose_web import dynamics, io
 
-    _check_params(args)
-    files = _collect_images(args)
-    spec = _model_spec(args)
-    model, info = _load_model(args, spec)
-    params = _eval_kwargs(args)
-    savedir = Path(args.savedir).expanduser() if args.savedir else None
-    if savedir is not None:
-        savedir.mkdir(parents=True, exist_ok=True)
-    suffix = args.output_name or "_cp_masks"
-    _say(f"segmenting {len(files)} image(s) with '{info.name}' ({info.arch}) on {model.device}")
-    bar = ProgressLine(len(files))
-    failed = 0
-    t_all = time.perf_counter()
-    for i, f in enumerate(files):
-        bar.show(i, f.name)
-        try:
-            img, meta = io.imread_with_meta(f, max_pixels=args.max_pixels)
-            img, meta = _prepare_image(img, meta)
-            ch, z = _axes_for(args, meta, img)
-            t0 = time.perf_counter()
-            masks, flows, _styles = model.eval(img, channel_axis=ch, z_axis=z, **params)
-            if args.exclude_on_edges:
-                masks = dynamics.remove_edge_masks(masks)
-            secs = time.perf_counter() - t0
-            masks = np.asarray(masks)
-            n = int(len(np.unique(masks)) - (1 if (masks == 0).any() else 0)) if masks.size else 0
-            target = (savedir / f.name) if savedir is not None else f
-            prov = _provenance(model, info, dict(params, channel_axis=ch, z_axis=z,
-                                                exclude_on_edges=args.exclude_on_edges), f, secs)
-            if not args.no_npy:
-                io.masks_flows_to_seg(img, masks, flows, str(target), diameter=params["diameter"],
-                                      metadata=dict(prov))
-            if args.save_png or args.save_tif or args.save_flows or args.save_txt or args.save_outlines \
-                    or args.save_mpl:
-                io.save_masks(img, masks, flows, str(f), png=args.save_png, tif=args.save_tif, suffix=suffix,
-                              save_flows=args.save_flows, save_outlines=args.save_outlines, dir_above=args.dir_above,
-                              in_folders=args.in_folders, savedir=savedir, save_txt=args.save_txt,
-                              save_mpl=args.save_mpl)
-            if args.save_rois:
-                if masks.ndim == 2 and n > 0:
-                    rdir = savedir if savedir is not None else (f.resolve().parent.parent if args.dir_above else None)
-                    io.save_rois(masks, f, savedir=rdir)
-                elif masks.ndim != 2:
-                    _say(f"notice: {f.name}: ImageJ ROIs are written for 2D masks only")
-            bar.clear()
-            print(f"{f.name}: {n} masks, {secs:.2f} s, {model.device} [{i + 1}/{len(files)}]", flush=True)
-        except (CellposeWebError, FileNotFoundError) as e:
-            bar.clear()
-            failed += 1
-            _say(f"error: {f.name}: {e}")
-    bar.clear()
-    total = time.perf_counter() - t_all
+    f = Path(f)
+    savedir = Path(savedir) if savedir is not None else None
+    o = SimpleNamespace(**opts)
+    notices: list[str] = []
+    img, meta = io.imread_with_meta(f, max_pixels=o.max_pixels)
+    img, meta = _prepare_image(img, meta)
+    ch, z = _axes_for(o, meta, img)
+    t0 = time.perf_counter()
+    masks, flows, _styles = model.eval(img, channel_axis=ch, z_axis=z, **params)
+    if o.exclude_on_edges:
+        masks = dynamics.remove_edge_masks(masks)
+    secs = time.perf_counter() - t0
+    masks = np.asarray(masks)
+    n = int(len(np.unique(masks)) - (1 if (masks == 0).any() else 0)) if masks.size else 0
+    target = (savedir / f.name) if savedir is not None else f
+    prov = _provenance(model, info, dict(params, channel_axis=ch, z_axis=z, exclude_on_edges=o.exclude_on_edges),
+                       f, secs, command=opts.get("command"))
+    if not o.no_npy:
+        io.masks_flows_to_seg(img, masks, flows, str(target), diameter=params["diameter"], metadata=dict(prov))
+    if o.save_png or o.save_tif or o.save_flows or o.save_txt or o.save_outlines or o.save_mpl:
+        io.save_masks(img, masks, flows, str(f), png=o.save_png, tif=o.save_tif, suffix=o.output_name or "_cp_masks",
+                      save_flows=o.save_flows, save_outlines=o.save_outlines, dir_above=o.dir_above,
+                      in_folders=o.in_folders, savedir=savedir, save_txt=o.save_txt, save_mpl=o.save_mpl)
+    if o.save_rois:
+        if masks.ndim == 2 and n > 0:
+            rdir = savedir if savedir is not None else (f.resolve().parent.parent if o.dir_above else None)
+            io.save_rois(masks, f, savedir=rdir)
+        elif masks.ndim != 2:
+            notices.append(f"notice: {f.name}: ImageJ ROIs are written for 2D masks only")
+    return {"name": f.name, "n_masks": n, "seconds": secs, "device": str(model.device), "notices": notices}
+
+
+def _finish(files: list[Path], failed: int, total: float) -> int:
     if failed and len(files) == 1:
         return EXIT_INPUT
     if failed:
@@ -490,6 +507,37 @@ def run_segmentation(args) -> int:
         return EXIT_INPUT
     _say(f"done: {len(files)} image(s) in {total:.1f} s")
     return EXIT_OK
+
+
+def run_segmentation(args) -> int:
+    _check_params(args)
+    files = _collect_images(args)
+    spec = _model_spec(args)
+    model, info = _load_model(args, spec)
+    params = _eval_kwargs(args)
+    opts = file_options(args)
+    savedir = Path(args.savedir).expanduser() if args.savedir else None
+    if savedir is not None:
+        savedir.mkdir(parents=True, exist_ok=True)
+    _say(f"segmenting {len(files)} image(s) with '{info.name}' ({info.arch}) on {model.device}")
+    bar = ProgressLine(len(files))
+    failed = 0
+    t_all = time.perf_counter()
+    for i, f in enumerate(files):
+        bar.show(i, f.name)
+        try:
+            r = segment_file(model, info, f, params, opts, savedir)
+            bar.clear()
+            for line in r["notices"]:
+                _say(line)
+            print(f"{f.name}: {r['n_masks']} masks, {r['seconds']:.2f} s, {r['device']} [{i + 1}/{len(files)}]",
+                  flush=True)
+        except (CellposeWebError, FileNotFoundError) as e:
+            bar.clear()
+            failed += 1
+            _say(f"error: {f.name}: {e}")
+    bar.clear()
+    return _finish(files, failed, time.perf_counter() - t_all)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -652,21 +700,79 @@ def run_serve(argv: Sequence[str]) -> int:
 
 
 def run_batch(argv: Sequence[str]) -> int:
-    """``batch``: the segmentation flags plus ``--dask-scheduler ADDRESS`` (scale-out, issue 6)."""
+    """``batch``: the segmentation flags, in this process or spread over a Dask cluster (issue 6).
+
+    ``--dask-scheduler tcp://HOST:8786`` uses a running cluster; ``--dask-scheduler local`` or
+    ``--dask-workers N`` alone starts a LocalCluster of N worker processes on this machine.
+    """
     p = build_parser(prog="python -m cellpose_web batch")
-    p.add_argument("--dask-scheduler", dest="dask_scheduler", default=None,
-                   help="tcp://HOST:8786 of a Dask scheduler ('local' for a LocalCluster)")
-    p.add_argument("--workers", type=int, default=2, help="workers of a LocalCluster")
+    dk = p.add_argument_group("Dask scale-out (pip install 'dask[distributed]')")
+    dk.add_argument("--dask-scheduler", dest="dask_scheduler", default=None,
+                    help="address of a Dask scheduler, tcp://HOST:8786, or 'local' for a LocalCluster here; the "
+                         "images, the output folder and the model file must be at the same paths on every worker")
+    dk.add_argument("--dask-workers", "--workers", dest="dask_workers", type=int, default=None,
+                    help="worker processes of a LocalCluster (default 2; implies --dask-scheduler local)")
+    dk.add_argument("--dask-retries", dest="dask_retries", type=int, default=2,
+                    help="times an image is retried when its worker dies or fails unexpectedly")
+    dk.add_argument("--dask-timeout", dest="dask_timeout", type=float, default=20.0,
+                    help="seconds to wait when connecting to the scheduler")
     args = p.parse_args(list(argv))
     _setup_logging(args.verbose)
-    if args.dask_scheduler:
-        try:
-            from cellpose_web.service import dask_batch  # type: ignore[attr-defined]
-        except ImportError:
-            raise CellposeWebError("Dask scale-out is not available in this installation; run without "
-                                   "--dask-scheduler to process the folder in this process") from None
-        return int(dask_batch.main(args) or 0)
-    return run_segmentation(args)
+    if args.dask_scheduler is None and args.dask_workers is None:
+        return run_segmentation(args)
+    return run_segmentation_dask(args)
+
+
+def run_segmentation_dask(args) -> int:
+    """The ``batch`` loop on a Dask cluster: same files as :func:`run_segmentation`, one line per image."""
+    from cellpose_web import distributed, registry
+
+    if args.train:
+        raise CellposeWebError("--train does not run on Dask; drop --dask-scheduler/--dask-workers")
+    if args.dask_workers is not None and not (1 <= args.dask_workers <= 256):
+        raise CellposeWebError(f"--dask-workers must be between 1 and 256, got {args.dask_workers}")
+    if not (0 <= args.dask_retries <= 100):
+        raise CellposeWebError(f"--dask-retries must be between 0 and 100, got {args.dask_retries}")
+    _check_params(args)
+    distributed.require_dask()
+    sched = args.dask_scheduler
+    if sched not in (None, "", "local"):
+        sched = distributed.scheduler_address(sched)
+    files = _collect_images(args)
+    spec = _model_spec(args)
+    info = registry.resolve_model(spec, progress=_download_progress(spec), token=args.token)
+    params = _eval_kwargs(args)
+    opts = file_options(args)
+    savedir = Path(args.savedir).expanduser().resolve() if args.savedir else None
+    if savedir is not None:
+        savedir.mkdir(parents=True, exist_ok=True)
+    where = "a local Dask cluster" if sched in (None, "", "local") else f"the Dask cluster at {sched}"
+    _say(f"segmenting {len(files)} image(s) with '{info.name}' ({info.arch}) on {where}")
+    bar = ProgressLine(len(files))
+    state = {"done": 0, "failed": 0}
+
+    def progress(done: int, total: int, result: dict[str, Any]) -> None:
+        state["done"] = done
+        bar.clear()
+        name = result.get("name", "?")
+        if result.get("error"):
+            state["failed"] += 1
+            _say(f"error: {name}: {result['error']}")
+        else:
+            for line in result.get("notices", []):
+                _say(line)
+            print(f"{name}: {result['n_masks']} masks, {result['seconds']:.2f} s, {result['device']} "
+                  f"(worker {result.get('worker', '?')}) [{done}/{total}]", flush=True)
+        bar.show(done, name)
+
+    t0 = time.perf_counter()
+    distributed.run_batch_dask(
+        [str(Path(f).resolve()) for f in files], savedir, info, params, opts,
+        scheduler=None if sched in (None, "", "local") else sched, n_workers=args.dask_workers or 2,
+        retries=args.dask_retries, progress=progress, device=_device_arg(args), use_gpu=args.use_gpu,
+        timeout=args.dask_timeout)
+    bar.clear()
+    return _finish(files, state["failed"], time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -267,13 +267,19 @@ def test_serve_passes_arguments(monkeypatch):
     assert seen["argv"] == ["--port", "7999", "--host", "127.0.0.1"]
 
 
-def test_batch_runs_like_eval_and_reserves_dask(folder, stub, capsys):
+def test_batch_runs_like_eval_and_dask_errors(folder, stub, capsys, reference_dir):
     d, labels = folder
     rc, out, err = _run(["batch", "--dir", str(d), "--save_png"], capsys)
     assert rc == 0 and (d / "cells1_cp_masks.png").is_file()
-    rc, out, err = _run(["batch", "--dir", str(d), "--dask-scheduler", "tcp://127.0.0.1:1"], capsys)
-    if rc != 0:
-        assert rc == 2 and "Dask" in _one_error_line(err)
+    pytest.importorskip("dask.distributed")
+    tiny = str(reference_dir / "tiny_cpsam.pth")
+    rc, out, err = _run(["batch", "--dir", str(d), "--pretrained_model", tiny, "--dask-scheduler",
+                         "tcp://127.0.0.1:1", "--dask-timeout", "1"], capsys)
+    assert rc == 2 and "could not connect to the Dask scheduler" in _one_error_line(err)
+    rc, out, err = _run(["batch", "--dir", str(d), "--dask-scheduler", "not-an-address"], capsys)
+    assert rc == 2 and "not a scheduler address" in _one_error_line(err)
+    rc, out, err = _run(["batch", "--dir", str(d), "--dask-workers", "0"], capsys)
+    assert rc == 2 and "--dask-workers" in _one_error_line(err)
 
 
 def test_version(capsys):
