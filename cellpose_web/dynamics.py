@@ -268,7 +268,8 @@ def _diffuse_flows(lab: np.ndarray, nlab: int, device: torch.device, niter: int 
     pshape = tuple(s + 2 for s in shape)
     # Cellpose switches to float32 for very large images
     dtype = torch.float32 if (math.prod(pshape) > 4e7 or device.type == "mps") else torch.float64
-    Lp = F.pad(torch.from_numpy(lab.astype(np.int64, copy=False)).to(device), (1, 1) * ndim)
+    ldt = np.int32 if nlab < 2**31 - 1 else np.int64
+    Lp = F.pad(torch.from_numpy(lab.astype(ldt, copy=False)).to(device), (1, 1) * ndim)
     Lf = Lp.reshape(-1)
     strides = [math.prod(pshape[k + 1:]) for k in range(ndim)]
     inner = tuple(slice(1, -1) for _ in range(ndim))

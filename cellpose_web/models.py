@@ -696,12 +696,14 @@ class CellposeModel:
             if constant.all():
                 return np.zeros(shape[:3], np.uint16)
             dyn = _dynamics()
+            same_size = tuple(cellprob.shape) == tuple(shape[:3])
             m = dyn.compute_masks(dP, cellprob, niter=niter, cellprob_threshold=cellprob_threshold,
-                                  flow_threshold=flow_threshold, min_size=-1, max_size_fraction=max_size_fraction,
-                                  do_3D=True, device=device)
-            if tuple(m.shape) != tuple(shape[:3]):
+                                  flow_threshold=flow_threshold, min_size=min_size if same_size else -1,
+                                  max_size_fraction=max_size_fraction, do_3D=True, device=device)
+            if not same_size:
                 m = transforms.resize_image_3d(m, shape[:3], interpolation="nearest", no_channels=True)
-            return dyn.fill_holes_and_remove_small_masks(m, min_size=min_size)
+                m = dyn.fill_holes_and_remove_small_masks(m, min_size=min_size)
+            return m
         per_plane_min = min_size if (stitch_threshold == 0 or nimg == 1) else -1
         out = []
         for i in range(nimg):
@@ -709,12 +711,15 @@ class CellposeModel:
                 m = np.zeros((Ly, Lx), np.uint16)
             else:
                 dyn = _dynamics()
+                same_size = tuple(cellprob[i].shape) == (Ly, Lx)
+                # dynamics.compute_masks fills holes and applies min_size itself; with resample=False the
+                # masks are resized first (nearest) and filled / filtered at the original size (Cellpose 4.2)
                 m = dyn.compute_masks(dP[:, i], cellprob[i], niter=niter, cellprob_threshold=cellprob_threshold,
-                                      flow_threshold=flow_threshold, min_size=-1,
+                                      flow_threshold=flow_threshold, min_size=per_plane_min if same_size else -1,
                                       max_size_fraction=max_size_fraction, do_3D=False, device=device)
-                if m.shape != (Ly, Lx):
+                if not same_size:
                     m = transforms.resize_image(m, Ly, Lx, interpolation="nearest")
-                m = dyn.fill_holes_and_remove_small_masks(m, min_size=per_plane_min)
+                    m = dyn.fill_holes_and_remove_small_masks(m, min_size=per_plane_min)
             out.append(np.asarray(m))
             progress((i + 1) / nimg, "computing masks")
         if nimg == 1:

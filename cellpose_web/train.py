@@ -81,8 +81,10 @@ def prepare_training_data(images: Sequence[np.ndarray], labels: Sequence[np.ndar
         name = names[i] if names is not None else f"image {i}"
         x = _to_chw(img, channel_axis)
         lbl = np.asarray(lbl)
-        if lbl.ndim == 3 and lbl.shape[0] >= 3 and lbl.shape[1:] == x.shape[1:]:
-            lbl = lbl[0]  # precomputed [labels, ...] flows: use the labels
+        precomputed = None
+        if lbl.ndim == 3 and lbl.shape[0] == 4 and lbl.shape[1:] == x.shape[1:]:
+            precomputed = lbl.astype(np.float32)  # [labels, foreground, dY, dX] from labels_to_flows
+            lbl = lbl[0]
         if lbl.shape != x.shape[1:]:
             raise CellposeWebError(f"{name}: mask shape {lbl.shape} does not match image shape {x.shape[1:]}")
         lbl = lbl.astype(np.int64)
@@ -92,7 +94,7 @@ def prepare_training_data(images: Sequence[np.ndarray], labels: Sequence[np.ndar
             continue
         if normalize:
             x = _normalize_chw(x)
-        fl = dynamics.labels_to_flows([lbl], device=device)[0]  # (4, Y, X) [labels, fg, dY, dX]
+        fl = precomputed if precomputed is not None else dynamics.labels_to_flows([lbl], device=device)[0]
         imgs.append(x)
         flows.append(np.ascontiguousarray(fl[1:]).astype(np.float32))
         diams.append(max(5.0, float(dynamics.diameters(lbl)[0])))
@@ -184,7 +186,8 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
     Parameters
     ----------
     net : the network of a ``CellposeModel`` (Cellpose-SAM or lite); trained in fp32 in place.
-    train_data, train_labels : lists of images ((Y, X), (Y, X, C) or (C, Y, X)) and (Y, X) labels.
+    train_data, train_labels : lists of images ((Y, X), (Y, X, C) or (C, Y, X)) and (Y, X) labels
+        (or (4, Y, X) precomputed ``dynamics.labels_to_flows`` outputs, as Cellpose accepts).
     test_data, test_labels : optional held-out images for the test loss.
     learning_rate, weight_decay, n_epochs, batch_size : AdamW recipe (Cellpose defaults).
     rescale : scale each image so its median object diameter becomes the net's diameter (30 px).

@@ -77,6 +77,16 @@ def list_model_names() -> list[str]:
     return [v for _, v in list_model_choices()]
 
 
+def check_offered(name: str | None) -> str:
+    """Refuse model names the server does not offer (web requests may not name arbitrary files)."""
+    if not name:
+        raise ModelNotAvailableError("No model chosen: pick a model in the list (the Models tab shows them all).")
+    if name not in list_model_names():
+        raise ModelNotAvailableError(f"{str(name)[:80]!r} is not a model on this server; pick one from the list "
+                                     "(the Models tab shows them all, and can add more).")
+    return name
+
+
 def default_model_name() -> str | None:
     env = os.environ.get("CELLPOSE_WEB_DEFAULT_MODEL")
     if env:

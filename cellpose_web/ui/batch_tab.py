@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import batch, jobs
+from cellpose_web.service import batch, jobs, models_cache
 from cellpose_web.service.segment import SegmentParams
 from cellpose_web.ui import common, segment_tab, widgets as W
 
@@ -45,6 +45,7 @@ def start_batch(files: list[str], model: str, params: SegmentParams, px: float |
     if not files:
         raise CellposeWebError("No files: upload a zip of images (or several image files) first.")
     params = params.validated()
+    models_cache.check_offered(model)
     jm = jobs.manager(user)
     job = jm.create("batch", {"model": model, "params": vars(params), "pixel_size_um": px,
                               "puncta": vars(puncta) if puncta else None,

@@ -44,6 +44,8 @@ def start_finetune(set_name: str, base: str, new_name: str, epochs, lr, wd, user
         raise CellposeWebError("Choose a base model to start from.")
     if not new_name or not str(new_name).strip():
         raise CellposeWebError("Give the new model a name, e.g. 'nuclei_lab_v1'.")
+    from cellpose_web.service import models_cache
+    models_cache.check_offered(base)
     training.load_set(set_name, user)  # fails early with a clear message if empty
     jm = jobs.manager(user)
     job = jm.create("train", {"set": set_name, "base": base, "name": new_name, "epochs": epochs, "lr": lr,

@@ -11,7 +11,7 @@ import pandas as pd
 
 from cellpose_web import measure
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import inputs, outputs
+from cellpose_web.service import inputs, models_cache, outputs
 from cellpose_web.service.batch import PunctaParams, measure_result
 from cellpose_web.service.config import Limits
 from cellpose_web.service.segment import SegmentParams, segment, to_channels_last
@@ -81,6 +81,7 @@ def run_segmentation(s: common.Session, model: str, params: SegmentParams, pixel
     if s is None or s.raw is None:
         raise CellposeWebError("No image: upload an image (or click an example) before running.")
     px = _pixel(pixel_size_um) or s.pixel_size_um
+    models_cache.check_offered(model)
 
     def prog(f, msg=""):
         if progress is not None:
