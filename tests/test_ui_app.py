@@ -88,8 +88,9 @@ def test_correct_tab_edit_and_save(fake_model):
         st = C.click(s, st, C.MODE_OUTLINE, 5, cy + dy, cx + dx)
     st = C.finish_outline(st)
     assert st.history.current[cy, cx] == n0 and st.history.current.max() == n0
-    st = C._undo(st) if hasattr(C, "_undo") else st
-    st.history.redo() if st.history.can_redo else None
+    st = C.undo(st)
+    assert st.history.current[cy, cx] == 0
+    st = C.redo(st)
     saved = C.save(s, st)
     m = tifffile.imread(next(f for f in saved.files if f.endswith("_cp_masks.tif")))
     assert m[cy, cx] > 0 and m.max() == n0
@@ -144,3 +145,87 @@ def test_auth_helpers(tmp_path):
     assert check("alice", "s3cret") and check("bob", "pw") and not check("alice", "pw") and not check("eve", "x")
     with pytest.raises(CellposeWebError):
         make_auth("nocolon", None)
+
+
+@pytest.mark.slow
+def test_concurrent_clients_get_their_own_masks(fake_model, tmp_path):
+    """Several gradio_client clients at once: every request succeeds and returns the masks of its image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    from cellpose_web.ui.app import build_app
+    demo = build_app()
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        base = tifffile.imread(EXAMPLE)
+        paths, expected = [], []
+        for i in range(8):
+            img = np.rot90(base, i % 4)[: 200 + 7 * i, : 180 + 5 * i].copy()
+            p = tmp_path / f"img{i}.tif"
+            tifffile.imwrite(p, img)
+            paths.append(p)
+            expected.append(ThresholdModel().eval(img)[0])
+
+        def one(i):
+            c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            masks_path, _, n, prov = c.predict(handle_file(str(paths[i])), "thresh", None, 0.4, 0.0, None,
+                                               api_name="/segment")
+            return i, tifffile.imread(masks_path), n, prov
+
+        with ThreadPoolExecutor(8) as ex:
+            results = list(ex.map(one, range(8)))
+        for i, masks, n, prov in results:
+            assert prov["image"] == f"img{i}.tif"
+            assert masks.shape == expected[i].shape
+            # same partition as the direct call (labels may be renumbered)
+            assert n == len(np.unique(expected[i])) - 1
+            assert ((masks > 0) == (expected[i] > 0)).all()
+    finally:
+        demo.close()
+
+
+def test_stack_plane_by_plane_and_render(fake_model, tmp_path):
+    from cellpose_web.ui import segment_tab, widgets as W
+    stack = np.stack([np.roll(tifffile.imread(EXAMPLE)[:96, :96], 5 * z, axis=1) for z in range(5)])
+    p = tmp_path / "stack.tif"
+    tifffile.imwrite(p, stack, imagej=True, metadata={"axes": "ZYX"})
+    s, ca, za = segment_tab.load_image(str(p), None)
+    assert s.is_stack and s.image.shape == (5, 96, 96, 1)
+    out = segment_tab.run_segmentation(s, "thresh", segment_tab.make_params(
+        None, 0.4, 0, 0, 15, "auto", "auto", "", 1, 99, False, None, 0), None, None)
+    assert out.masks.shape == (5, 96, 96) and "volume_px" in out.table
+    assert segment_tab.render(out, [W.OVERLAY_MASKS], W.BG_IMAGE, 3).shape[-1] == 3
+    with pytest.raises(CellposeWebError, match="2D"):
+        from cellpose_web.ui import correct_tab as C
+        C.click(out, C.enter(out, C.CorrectState()), C.MODE_SELECT, 5, 3, 3)
+
+
+def test_correct_brush_erase_merge(fake_model):
+    from cellpose_web.ui import correct_tab as C, segment_tab
+    s, _, _ = segment_tab.load_image(str(EXAMPLE), None)
+    s = segment_tab.run_segmentation(s, "thresh", segment_tab.make_params(
+        None, 0.4, 0, 0, 15, "auto", "auto", "", 1, 99, False, None, 0), None, None)
+    st = C.enter(s, C.CorrectState())
+    m0 = st.history.current.copy()
+    bg = np.argwhere(ndi.binary_erosion(m0 == 0, iterations=8))
+    y, x = bg[len(bg) // 3]
+    st = C.click(s, st, C.MODE_BRUSH, 4, int(y), int(x))          # new cell from a brush dab
+    new = int(st.history.current[y, x])
+    assert new == m0.max() + 1 and st.selected == [new]
+    st = C.click(s, st, C.MODE_BRUSH, 4, int(y), int(x) + 3)      # extends the selected cell
+    assert st.history.current[y, x + 6] == new
+    st = C.click(s, st, C.MODE_ERASE, 2, int(y), int(x))
+    assert st.history.current[y, x] == 0
+    a, b = 1, 2
+    ya, xa = np.argwhere(m0 == a)[0]
+    yb, xb = np.argwhere(m0 == b)[0]
+    st = C.click(s, st, C.MODE_SELECT, 1, int(ya), int(xa))
+    st = C.click(s, st, C.MODE_SELECT, 1, int(yb), int(xb), multi=True)
+    assert st.selected == [a, b]
+    n_before = len(np.unique(st.history.current)) - 1
+    st = C.merge_selected(st)
+    assert len(np.unique(st.history.current)) - 1 == n_before - 1
+    st = C.undo(st)
+    assert len(np.unique(st.history.current)) - 1 == n_before

@@ -139,6 +139,26 @@ def merge_selected(st: CorrectState) -> CorrectState:
     return _edit(st, edit.merge_labels(st.history.current, *st.selected))
 
 
+def undo(st: CorrectState) -> CorrectState:
+    st = _copy(st)
+    st.history.undo()
+    st.selected = []
+    return st
+
+
+def redo(st: CorrectState) -> CorrectState:
+    st = _copy(st)
+    st.history.redo()
+    st.selected = []
+    return st
+
+
+def cancel_outline(st: CorrectState) -> CorrectState:
+    st = _copy(st)
+    st.pending = []
+    return st
+
+
 def save(s: common.Session, st: CorrectState) -> common.Session:
     """Put the edited masks into the session, re-measure and rewrite every download."""
     if s is None or s.image is None or st.history.current is None:
@@ -187,8 +207,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 delete = gr.Button("Delete selected", variant="stop", elem_id="cor-delete", size="sm")
                 merge = gr.Button("Merge 2 selected", elem_id="cor-merge", size="sm")
             with gr.Row():
-                undo = gr.Button("Undo", elem_id="cor-undo", size="sm")
-                redo = gr.Button("Redo", elem_id="cor-redo", size="sm")
+                undo_btn = gr.Button("Undo", elem_id="cor-undo", size="sm")
+                redo_btn = gr.Button("Redo", elem_id="cor-redo", size="sm")
             save_btn = gr.Button("Save corrected masks", variant="primary", elem_id="cor-save")
             files = gr.File(label="Corrected masks and tables", file_count="multiple", interactive=False, height=140,
                             elem_id="cor-files")
@@ -225,25 +245,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             return st, _render(s, st, ov), _status(st)
         return handler
 
-    def _undo(st):
-        st = _copy(st)
-        st.history.undo()
-        st.selected = []
-        return st
-
-    def _redo(st):
-        st = _copy(st)
-        st.history.redo()
-        st.selected = []
-        return st
-
-    def _cancel(st):
-        st = _copy(st)
-        st.pending = []
-        return st
-
-    for btn, fn in ((finish, finish_outline), (cancel, _cancel), (delete, delete_selected),
-                    (merge, merge_selected), (undo, _undo), (redo, _redo)):
+    for btn, fn in ((finish, finish_outline), (cancel, cancel_outline), (delete, delete_selected),
+                    (merge, merge_selected), (undo_btn, undo), (redo_btn, redo)):
         btn.click(simple(fn), [session, state, overlays], outs, api_visibility="private", show_progress="hidden")
     overlays.change(lambda s, st, ov: _render(s, st, ov), [session, state, overlays], [view],
                     api_visibility="private", show_progress="hidden")
