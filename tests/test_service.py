@@ -263,3 +263,73 @@ def test_training_set_add_import_load(tmp_path):
     with pytest.raises(CellposeWebError):
         training.add_pair("x", img, np.zeros_like(m), "empty")
     assert training.split_holdout(5) == ([0, 1, 2, 4], [3]) or len(training.split_holdout(5)[1]) == 1
+
+
+# ---------------------------------------------------------------- kill during fine-tuning
+_CHILD = r'''
+import sys, time, numpy as np, tifffile, torch
+torch.set_num_threads(1)
+from pathlib import Path
+from cellpose_web import registry
+from cellpose_web.service import jobs, training
+data = Path(sys.argv[1])
+registry.add_lab_model(sys.argv[2], "earlier", {"description": "made before the crash"})
+for n in sorted(p.name[:-10] for p in (data / "nuclei_2d/train").glob("*_masks.tif"))[:3]:
+    training.add_pair("s", tifffile.imread(data / f"nuclei_2d/train/{n}.tif")[:128, :128],
+                      tifffile.imread(data / f"nuclei_2d/train/{n}_masks.tif")[:128, :128], n)
+jm = jobs.manager(None)
+job = jm.create("train", {"set": "s"})
+def work(j):
+    def on_epoch(e, tr, te, el):
+        j.update(losses=(j.status.get("losses") or []) + [[e, tr, te]])
+    return training.run_finetune("s", sys.argv[2], "after_crash", 500, 1e-3, 0.1, work_dir=j.dir / "work",
+                                 on_epoch=on_epoch, cancelled=lambda: j.cancelled)
+jm.start(job, work)
+print(job.id, flush=True)
+time.sleep(600)
+'''
+
+
+@pytest.mark.slow
+def test_kill_during_finetune_leaves_consistent_state(tmp_path, shared_dir, _isolated_home):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    tiny = shared_dir / "reference" / "tiny_cpsam.pth"
+    if not tiny.is_file():
+        pytest.skip("needs ../shared/reference/tiny_cpsam.pth")
+    from cellpose_web import registry
+    env = dict(os.environ, CELLPOSE_WEB_HOME=str(_isolated_home))
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(shared_dir / "data"), str(tiny)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(Path(__file__).resolve().parents[1]))
+    try:
+        jid = proc.stdout.readline().strip()
+        assert jid, proc.stderr.read()
+        st_path = _isolated_home / "jobs" / jid / "status.json"
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            st = json.loads(st_path.read_text()) if st_path.exists() else {}
+            if len(st.get("losses") or []) >= 1:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("training did not start")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # "restart": a fresh manager and registry view of the same data folder
+    jm = jobs.JobManager()
+    st = jm.get(jid)
+    assert st["state"] == "interrupted" and "finished results are kept" in st["message"]
+    registry.cleanup_incomplete()
+    names = [m.name for m in registry.list_models() if m.source == "lab"]
+    assert names == ["earlier"]
+    earlier = registry.get_lab_model("earlier")
+    assert earlier.sha256 == registry.file_sha256(tiny)
+    assert training.list_sets()[0]["n_images"] == 3
+    assert not [p for p in (_isolated_home / "models").iterdir() if p.name.startswith(".")]
