@@ -11,9 +11,12 @@ pytestmark = pytest.mark.e2e
 EXAMPLE = REPO / "examples" / "u2os_nuclei.tif"
 
 
-def upload_and_segment(page, path=EXAMPLE):
-    page.set_input_files("#seg-file input[type=file]", str(path))
-    page.wait_for_selector("#seg-info :text('pixel size')")
+def upload_and_segment(page, path=EXAMPLE, example=False):
+    if example:  # click the example button under the uploader
+        page.get_by_role("button", name=path.name).first.click()
+    else:
+        page.set_input_files("#seg-file input[type=file]", str(path))
+    page.wait_for_selector(f"#seg-info :text('{path.name}')")
     page.click("#seg-run")
     page.wait_for_function(
         "() => { const s = document.querySelector('#seg-count strong');"
@@ -23,7 +26,7 @@ def upload_and_segment(page, path=EXAMPLE):
 
 def test_segment_upload_run_download(page, tmp_path):
     shot(page, "00_start")
-    count_text = upload_and_segment(page)
+    count_text = upload_and_segment(page, example=True)
     n = int(page.inner_text("#seg-count strong").split()[0])
     assert "sha256" in count_text
     # overlay shown
