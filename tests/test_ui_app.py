@@ -229,3 +229,21 @@ def test_correct_brush_erase_merge(fake_model):
     assert len(np.unique(st.history.current)) - 1 == n_before - 1
     st = C.undo(st)
     assert len(np.unique(st.history.current)) - 1 == n_before
+
+
+def test_load_existing_masks(fake_model, tmp_path, data_dir):
+    from cellpose_web.ui import segment_tab
+    img = tifffile.imread(data_dir / "nuclei_2d/val/2022-10-14-U2OS-1.tif")[:128, :128]
+    m = tifffile.imread(data_dir / "nuclei_2d/val/2022-10-14-U2OS-1_masks.tif")[:128, :128]
+    tifffile.imwrite(tmp_path / "x.tif", img)
+    tifffile.imwrite(tmp_path / "x_masks.tif", m)
+    s, _, _ = segment_tab.load_image(str(tmp_path / "x.tif"), None)
+    out = segment_tab.load_masks(str(tmp_path / "x_masks.tif"), s)
+    assert (out.masks == m).all() and len(out.table) == len(np.unique(m)) - 1
+    assert "x_masks.tif" in segment_tab.summary_md(out)
+    seg = next(f for f in out.files if f.endswith("_seg.npy"))
+    again = segment_tab.load_masks(seg, s)  # a _seg.npy written by the app loads back
+    assert (again.masks == m).all()
+    tifffile.imwrite(tmp_path / "wrong.tif", m[:64])
+    with pytest.raises(CellposeWebError, match="shape"):
+        segment_tab.load_masks(str(tmp_path / "wrong.tif"), s)

@@ -105,6 +105,39 @@ def run_segmentation(s: common.Session, model: str, params: SegmentParams, pixel
     return out
 
 
+def load_masks(path: str | None, s: common.Session | None) -> common.Session:
+    """Attach existing masks (a Cellpose _seg.npy or a label image) to the loaded image."""
+    if s is None or s.image is None:
+        raise CellposeWebError("Upload the image first, then its masks file.")
+    if not path:
+        raise CellposeWebError("Choose a _seg.npy, _cp_masks.tif/.png or _masks.tif file.")
+    p = Path(path)
+    if p.name.endswith(".npy"):
+        from cellpose_web import io as cpio
+        inputs.check_file_size(p, Limits.from_env())
+        m = np.asarray(cpio.load_seg(str(p))["masks"])
+    else:
+        m = inputs.read_image(p).data
+    if not np.issubdtype(m.dtype, np.integer) or m.min() < 0:
+        raise CellposeWebError(f"{p.name} is not a label image (whole numbers, 0 = background).")
+    want = s.image.shape[:-1]
+    if m.shape != want:
+        raise CellposeWebError(f"{p.name} has shape {m.shape} but the image is {want}; load the masks made "
+                               "from this image.")
+    out = common.Session(**{**vars(s)})
+    out.masks = m.astype(np.uint16 if m.max(initial=0) < 65535 else np.uint32)
+    out.flow_rgb = out.cellprob = out.dP = None
+    res = type("R", (), {"masks": out.masks, "image": out.image})
+    out.table, out.puncta = measure_result(res, out.pixel_size_um, None)
+    from cellpose_web import __version__
+    out.provenance = {"model_name": None, "model_sha256": None, "params": {}, "masks_from_file": p.name,
+                      "image": s.name, "image_shape": list(s.raw.shape), "pixel_size_um": s.pixel_size_um,
+                      "cellpose_web_version": __version__}
+    out.version = s.version + 1
+    write_files(out)
+    return out
+
+
 def write_files(s: common.Session) -> list[str]:
     """(Re)write every download for the session's current masks."""
     d = s.out_dir()
@@ -132,6 +165,10 @@ def summary_md(s: common.Session) -> str:
         inside = int((s.puncta["label"] > 0).sum()) if len(s.puncta) else 0
         lines.append(f"**{len(s.puncta)} puncta** ({inside} inside cells, "
                      f"{inside / n if n else 0:.2f} per cell on average)")
+    if p.get("masks_from_file"):
+        lines.append(f"<span class='cpw-small'>masks loaded from **{p['masks_from_file']}** · pixel size "
+                     f"{W.fmt_num(s.pixel_size_um, 'µm/px', 4)}</span>")
+        return "\n\n".join(lines)
     lines.append(f"<span class='cpw-small'>model **{p.get('model_name')}** (sha256 {W.short_sha(p.get('model_sha256'))}) · "
                  f"{p.get('elapsed_s', '–')} s · pixel size {W.fmt_num(s.pixel_size_um, 'µm/px', 4)}</span>")
     return "\n\n".join(lines)
@@ -233,6 +270,10 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                     p_smin = gr.Number(1.0, label="Min sigma (px)", minimum=0.1)
                     p_smax = gr.Number(3.0, label="Max sigma (px)", minimum=0.1)
                 p_btn = gr.Button("Re-detect puncta only", size="sm")
+            with gr.Accordion("Load existing masks instead (to inspect or correct them)", open=False):
+                masks_in = gr.File(label="_seg.npy, _cp_masks.tif/.png or _masks.tif of this image",
+                                   file_types=[".npy", ".tif", ".tiff", ".png"], type="filepath", height=100,
+                                   elem_id="seg-masks-file")
             run = gr.Button("Run segmentation", variant="primary", elem_id="seg-run")
         with gr.Column(scale=2, min_width=480):
             with gr.Row():
@@ -319,6 +360,18 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         ov = list(ov or []) + ([W.OVERLAY_PUNCTA] if W.OVERLAY_PUNCTA not in (ov or []) else [])
         return new, render(new, ov, bg, z), summary_md(new), W.table_for_display(new.table), new.files, \
             new.provenance, ov
+
+    @W.user_errors(outputs=8)
+    def on_masks(path, s, ov, bg):
+        if not path:
+            return tuple(gr.skip() for _ in range(8))
+        new = load_masks(path, s)
+        zs = gr.update(visible=new.is_stack, maximum=max(1, new.masks.shape[0] - 1) if new.is_stack else 1)
+        gr.Info(f"Loaded {len(new.table)} cells from {Path(path).name}; open the Correct tab to edit them.")
+        return (new, render(new, ov, bg, 0), summary_md(new), W.table_for_display(new.table), histogram_update(new),
+                new.files, new.provenance, zs)
+
+    masks_in.upload(on_masks, [masks_in, session, overlays, background], seg_outputs, api_visibility="private")
 
     p_btn.click(on_puncta, [session, p_on, p_ch, p_smin, p_smax, p_thr, overlays, background, zslider],
                 [session, view, count, table, files, prov, overlays], api_visibility="private")
