@@ -20,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cellpose_web import train  # noqa: E402
+from cellpose_web import dynamics, train  # noqa: E402
 from cellpose_web.nets.unet import LiteUNet  # noqa: E402
 from cellpose_web.synthetic import synthetic_sample  # noqa: E402
 
@@ -62,25 +62,39 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save_every", type=int, default=20)
+    p.add_argument("--cache", default=str(REPO / "runs"), help="folder for the synthetic data cache ('' = none)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
     real_imgs, real_labels, names = load_folder(Path(args.data) / "train")
-    rng = np.random.default_rng(args.seed)
-    syn_imgs, syn_labels, styles = [], [], []
-    for i in range(args.n_synthetic):
-        side = int(rng.choice([256, 320, 384]))
-        s = synthetic_sample(rng, (side, side))
-        syn_imgs.append(s.image)
-        syn_labels.append(s.labels)
-        styles.append(s.style)
+    cache = Path(args.cache) / f"synthetic_seed{args.seed}_n{args.n_synthetic}.npz" if args.cache else None
+    if cache is not None and cache.exists():
+        with np.load(cache) as z:
+            syn_imgs = [z[f"img{i}"] for i in range(args.n_synthetic)]
+            syn_labels = [z[f"flow{i}"] for i in range(args.n_synthetic)]
+            styles = [str(s) for s in z["styles"]]
+        logging.info("synthetic data from cache %s", cache)
+    else:
+        rng = np.random.default_rng(args.seed)
+        syn_imgs, syn_labels, styles = [], [], []
+        for i in range(args.n_synthetic):
+            side = int(rng.choice([256, 320, 384]))
+            s = synthetic_sample(rng, (side, side))
+            syn_imgs.append(s.image)
+            syn_labels.append(dynamics.labels_to_flows([s.labels])[0])  # (4, Y, X), computed once
+            styles.append(s.style)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, styles=np.array(styles), **{f"img{i}": a for i, a in enumerate(syn_imgs)},
+                     **{f"flow{i}": a for i, a in enumerate(syn_labels)})
+    real_flows = dynamics.labels_to_flows(real_labels)
     logging.info("data: %d real, %d synthetic (%.0fs)", len(real_imgs), len(syn_imgs), time.time() - t0)
 
     # real images are (Y, X); synthetic ones (C, Y, X) -> pass both as (C, Y, X)
     data = [im[None] if im.ndim == 2 else im for im in real_imgs] + syn_imgs
-    labels = real_labels + syn_labels
+    labels = list(real_flows) + syn_labels
     n_real = len(real_imgs)
     w_real = (1 - args.synthetic_fraction) / n_real
     w_syn = args.synthetic_fraction / max(1, len(syn_imgs))
@@ -92,6 +106,7 @@ def main(argv=None):
 
     def cb(epoch, loss, test_loss, elapsed):
         log_epochs.append((epoch, round(loss, 4), round(elapsed, 1)))
+        logging.info("epoch %d loss %.4f elapsed %.0fs", epoch, loss, elapsed)
         if epoch % args.save_every == 0 and epoch > 0:
             train.save_network(net, out.with_suffix(".partial.pt"), {"epoch": epoch})
         return True
