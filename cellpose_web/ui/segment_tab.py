@@ -286,7 +286,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                             format="png", height=560, buttons=["download", "fullscreen"],
                             placeholder="Upload an image or click an example to start.")
             zslider = gr.Slider(0, 1, 0, step=1, label="z-plane", visible=False, elem_id="seg-z")
-            count = gr.Markdown("No result yet.", elem_id="seg-count")
+            count = gr.Markdown("No result yet — upload an image (or click an example), then press "
+                                "**Run segmentation**.", elem_id="seg-count")
             with gr.Tabs():
                 with gr.Tab("Cells table"):
                     table = gr.Dataframe(pd.DataFrame(columns=["label", "area_px", "area_um2", "centroid_y_px",
