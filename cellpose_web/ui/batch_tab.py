@@ -108,12 +108,15 @@ def build(ctx: dict[str, Any]) -> None:
                     refresh = gr.Button("Refresh list", size="sm")
 
     @W.user_errors(outputs=5)
-    def on_run(fs, m, d, fl, cp, ni, ms, chs, px, pon, pch, psmin, psmax, pthr, request: gr.Request,
-               progress=gr.Progress()):
-        params = segment_tab.make_params(d, fl, cp, ni, ms, "auto", "auto", chs, 1.0, 99.0, False, None, 0)
-        puncta = segment_tab.make_puncta(pon, pch, psmin, psmax, pthr)
+    def on_run(files, model, diameter_px, flow_threshold, cellprob_threshold, niter, min_size_px, channels,
+               pixel_size_um, puncta, puncta_channel, puncta_sigma_min_px, puncta_sigma_max_px, puncta_threshold,
+               request: gr.Request, progress=gr.Progress()):
+        params = segment_tab.make_params(diameter_px, flow_threshold, cellprob_threshold, niter, min_size_px, "auto",
+                                         "auto", channels, 1.0, 99.0, False, None, 0)
+        pp = segment_tab.make_puncta(puncta, puncta_channel, puncta_sigma_min_px, puncta_sigma_max_px,
+                                     puncta_threshold)
         user = W.username(request)
-        job = start_batch([f for f in (fs or [])], m, params, segment_tab._pixel(px), puncta, user)
+        job = start_batch([f for f in (files or [])], model, params, segment_tab._pixel(pixel_size_um), pp, user)
         jm = jobs.manager(user)
         yield job.id, f"Batch **{job.id}** queued…", gr.skip(), gr.skip(), jobs_table(user)
         while True:

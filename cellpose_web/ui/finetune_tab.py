@@ -127,9 +127,11 @@ def build(ctx: dict[str, Any]) -> None:
     dds = list(ctx["model_dropdowns"])
 
     @W.user_errors(outputs=4 + len(dds))
-    def on_start(sn, b, nn, ep, lr_, wd_, request: gr.Request):
+    def on_start(training_set, base_model, new_model_name, epochs_, learning_rate, weight_decay,
+                 request: gr.Request):
         user = W.username(request)
-        job = start_finetune(sn, b, nn, ep, lr_, wd_, user, ctx["limits"])
+        job = start_finetune(training_set, base_model, new_model_name, epochs_, learning_rate, weight_decay, user,
+                             ctx["limits"])
         jm = jobs.manager(user)
         keep = [gr.skip() for _ in dds]
         yield (job.id, f"Training job **{job.id}** started…", gr.skip(), None, *keep)

@@ -387,7 +387,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
     # ---------------- scripted API (gradio_client): /segment
     with gr.Row(visible=False):
         api_file = gr.File(label="image", type="filepath")
-        api_model = gr.Textbox(label="model")
+        api_model = gr.Textbox("", label="model")
         api_diam = gr.Number(None, label="diameter_px")
         api_flow = gr.Number(0.4, label="flow_threshold")
         api_cp = gr.Number(0.0, label="cellprob_threshold")
@@ -399,12 +399,13 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         api_btn = gr.Button("api")
 
     @W.user_errors
-    def api_segment(path, model_name, d, fl, cp, px):
+    def api_segment(image, model, diameter_px, flow_threshold, cellprob_threshold, pixel_size_um):
         """Segment one image file; returns (masks .tif, per-cell CSV, number of cells, provenance)."""
-        s, _, _ = load_image(path, None)
-        model_name = model_name or common.model_choices()[1]
-        new = run_segmentation(s, model_name, SegmentParams(diameter=d, flow_threshold=0.4 if fl is None else fl,
-                                                            cellprob_threshold=cp or 0.0), px, None)
+        s, _, _ = load_image(image, None)
+        model = model or common.model_choices()[1]
+        params = SegmentParams(diameter=diameter_px, cellprob_threshold=cellprob_threshold or 0.0,
+                               flow_threshold=0.4 if flow_threshold is None else flow_threshold)
+        new = run_segmentation(s, model, params, pixel_size_um, None)
         by = {Path(f).name: f for f in new.files}
         return (by.get(f"{new.stem}_cp_masks.tif"), by.get(f"{new.stem}_cells.csv"), len(new.table),
                 new.provenance)
