@@ -129,7 +129,9 @@ def test_gradio_client_segment_api(fake_model, tmp_path):
         with pytest.raises(Exception) as e:
             client.predict(handle_file(str(bad)), "thresh", None, 0.4, 0.0, None, api_name="/segment")
         assert "Traceback" not in str(e.value)
-        _, _, n2, _ = client.predict(handle_file(str(EXAMPLE)), "thresh", None, 0.4, 0.0, None, api_name="/segment")
+        _, _, n2, _ = client.predict(image=handle_file(str(EXAMPLE)), model="thresh", diameter_px=None,
+                                     flow_threshold=0.4, cellprob_threshold=0.0, pixel_size_um=None,
+                                     api_name="/segment")
         assert n2 == n
     finally:
         demo.close()
