@@ -333,3 +333,14 @@ def test_kill_during_finetune_leaves_consistent_state(tmp_path, shared_dir, _iso
     assert earlier.sha256 == registry.file_sha256(tiny)
     assert training.list_sets()[0]["n_images"] == 3
     assert not [p for p in (_isolated_home / "models").iterdir() if p.name.startswith(".")]
+
+
+def test_training_pairs_stored_channels_last():
+    m = np.zeros((40, 50), np.uint16)
+    m[5:15, 5:15] = 1
+    training.add_pair("s", np.zeros((2, 40, 50), np.uint8), m, "chw")
+    training.add_pair("s", np.zeros((40, 50, 1), np.uint8), m, "yx1")
+    imgs, _, names = training.load_set("s")
+    assert [i.shape for i in imgs] == [(40, 50, 2), (40, 50)]
+    with pytest.raises(CellposeWebError, match="do not match"):
+        training.add_pair("s", np.zeros((30, 50), np.uint8), m, "bad")

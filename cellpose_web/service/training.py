@@ -54,6 +54,14 @@ def add_pair(set_name: str, image: np.ndarray, masks: np.ndarray, name: str, use
     d.mkdir(parents=True, exist_ok=True)
     stem = safe_name(name, "image name")
     img = np.asarray(image)
+    # store as (Y, X) or channels-last (Y, X, C) so every image of a set has one layout
+    if img.ndim == 3 and img.shape[:2] != masks.shape and img.shape[1:] == masks.shape:
+        img = np.moveaxis(img, 0, -1)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.shape[:2] != masks.shape or img.ndim > 3:
+        raise CellposeWebError(f"Image {img.shape} and masks {masks.shape} do not match; a training pair needs "
+                               "a 2D image (optionally with channels) and masks of the same Y, X size.")
     atomic_save(d / f"{stem}.tif", lambda p: tifffile.imwrite(p, img, compression="zlib"))
     m = masks.astype(np.uint16 if masks.max() < 65535 else np.uint32)
     atomic_save(d / f"{stem}_masks.tif", lambda p: tifffile.imwrite(p, m, compression="zlib"))
@@ -108,8 +116,6 @@ def import_pairs(files: list[str | Path], set_name: str, user: str | None = None
             try:
                 img = inputs.read_image(p, limits).data
                 m = _read_labels(lab, limits)
-                if m.shape != img.shape[: m.ndim] and m.shape != img.shape[-m.ndim:] and m.shape != img.shape[:2]:
-                    raise CellposeWebError(f"masks {m.shape} do not match the image {img.shape}")
                 if not np.issubdtype(m.dtype, np.integer):
                     m = m.astype(np.int64)
                 add_pair(set_name, img, m, p.stem, user, {"source": "upload"})
@@ -211,7 +217,7 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int = 
     from cellpose_web.train import train_seg
     say("loading the base model")
     model = CellposeModel(gpu=models_cache.use_gpu(), pretrained_model=info["path"] or info["name"])
-    ca = -1 if imgs[0].ndim == 3 and imgs[0].shape[-1] <= 4 else (0 if imgs[0].ndim == 3 else None)
+    ca = -1 if any(np.ndim(i) == 3 for i in imgs) else None  # sets are stored (Y, X) or (Y, X, C)
     say("measuring AP of the base model on held-out images")
     ap_before = _ap_on(model, [imgs[i] for i in ho], [labs[i] for i in ho], ca)
 
