@@ -12,8 +12,8 @@ Conventions
   the heavy loops run in torch on that device.
 
 Speed notes (equal results, less work than Cellpose):
-- Heat diffusion runs as a dense 3x3 (2D) / 7-point (3D) box sum over the image, with an exact
-  per-pixel correction only where two different labels touch.
+- Heat diffusion runs as dense sums of shifted images (3x3 in 2D, 7-point in 3D, same summation order
+  as Cellpose, so the heat is bit-identical), with a per-pixel gather only where two labels touch.
 - Euler integration drops duplicate trajectories: pixels whose float32 positions became identical
   follow the same path from then on, so only one of them is integrated.
 - Seed growth runs for all seeds at once as a 5-step max-dilation of a "seed rank" image limited to
@@ -276,8 +276,9 @@ def _diffuse_flows(lab: np.ndarray, nlab: int, device: torch.device, niter: int 
     Lc = Lp[inner]
     fg = Lc > 0
 
-    # neighbour offsets of the stencil (self first), and the pixels where a neighbour of the stencil
-    # carries another (non-zero) label: there the plain box sum is wrong and we gather exactly.
+    # Neighbour offsets of the stencil in Cellpose's order (self first). The update is a dense sum of
+    # the shifted heat images (background holds 0, so it adds nothing); only at "conflict" pixels, whose
+    # stencil reaches another (non-zero) label, the sum is recomputed from a gather without that label.
     if ndim == 2:
         offs = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]
     else:
