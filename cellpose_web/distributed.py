@@ -28,7 +28,7 @@ from cellpose_web.errors import CellposeWebError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_batch_dask", "require_dask", "segment_task"]
+__all__ = ["run_batch_dask", "map_on_dask", "require_dask", "segment_task", "scheduler_address"]
 
 INSTALL_HINT = "pip install 'dask[distributed]'"
 
@@ -208,23 +208,45 @@ def run_batch_dask(files: Sequence[str | os.PathLike], savedir: str | os.PathLik
         sd = Path(savedir).expanduser().resolve()
         sd.mkdir(parents=True, exist_ok=True)
         sd = str(sd)
+    calls = [((f, sd, info, eval_kwargs, opts, device, use_gpu), {}) for f in files]
+    results = map_on_dask(segment_task, calls, [Path(f).name for f in files], scheduler=scheduler,
+                          n_workers=n_workers, retries=retries, progress=progress, timeout=timeout, client=client)
+    for r, f in zip(results, files):
+        r.setdefault("path", f)
+    return results
+
+
+def map_on_dask(func: Callable[..., dict], calls: Sequence[tuple[tuple, dict]], names: Sequence[str],
+                scheduler: str | None = None, n_workers: int = 2, retries: int = 2,
+                progress: ProgressFn | None = None, timeout: float = 20.0, client: Any = None,
+                cancelled: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+    """Run ``func(*args, **kwargs)`` for each (args, kwargs) of ``calls`` as Dask tasks; results in order.
+
+    The generic driver behind :func:`run_batch_dask`, for any per-image function that returns a
+    dict and reports a bad input by returning {"error": ...} (not raising). ``func`` must be
+    importable on the workers (a module-level function of this package). An exception, or a worker
+    that dies, is retried ``retries`` times; after that the item's result is {"name", "error"}.
+    progress(done, total, result) follows completion; cancelled() is checked between results and
+    cancels what has not run yet (those items get {"name", "error": "cancelled"}).
+    """
+    dd = require_dask()
+    if len(names) != len(calls):
+        raise ValueError("one name per call")
     own = client is None
     cluster = None
     if own:
         client, cluster = _connect(scheduler, n_workers, retries, timeout)
-    dd = require_dask()
     token = uuid.uuid4().hex[:8]
-    results: list[dict[str, Any] | None] = [None] * len(files)
+    results: list[dict[str, Any] | None] = [None] * len(calls)
     futures: dict[Any, int] = {}
     try:
-        for i, f in enumerate(files):
-            fut = client.submit(segment_task, f, sd, info, eval_kwargs, opts, device, use_gpu,
-                                key=f"cellpose-web-{token}-{i}", retries=int(retries), pure=False)
+        for i, (args, kwargs) in enumerate(calls):
+            fut = client.submit(func, *args, key=f"cellpose-web-{token}-{i}", retries=int(retries), pure=False,
+                                **kwargs)
             futures[fut] = i
         done = 0
         for fut in dd.as_completed(list(futures), loop=client.loop):
             i = futures[fut]
-            name = Path(files[i]).name
             try:
                 r = fut.result()
             except Exception as e:  # noqa: BLE001 - the worker died too often or failed unexpectedly
@@ -232,13 +254,21 @@ def run_batch_dask(files: Sequence[str | os.PathLike], savedir: str | os.PathLik
                 if kind == "KilledWorker":
                     msg = (f"the worker segmenting it died {retries + 1} time(s) (out of memory or killed); "
                            "try fewer workers per machine or a smaller image")
+                elif kind in ("CancelledError", "FutureCancelledError"):
+                    msg = "not processed: the batch was cancelled"
                 else:
                     msg = f"unexpected {kind} on the worker after {retries} retries: {' '.join(str(e).split())[:200]}"
-                r = {"name": name, "path": files[i], "error": msg}
+                r = {"name": names[i], "error": msg}
+            if isinstance(r, dict):
+                r.setdefault("name", names[i])
             results[i] = r
             done += 1
             if progress is not None:
-                progress(done, len(files), r)
+                progress(done, len(calls), r)
+            if cancelled is not None and cancelled():
+                for f2 in futures:
+                    if not f2.done():
+                        f2.cancel()
     except BaseException:
         for fut in list(futures):
             fut.cancel()
@@ -248,4 +278,4 @@ def run_batch_dask(files: Sequence[str | os.PathLike], savedir: str | os.PathLik
             client.close()
             if cluster is not None:
                 cluster.close()
-    return [r for r in results if r is not None]
+    return [r if r is not None else {"name": names[i], "error": "not processed"} for i, r in enumerate(results)]
