@@ -711,7 +711,7 @@ def run_batch(argv: Sequence[str]) -> int:
                     help="address of a Dask scheduler, tcp://HOST:8786, or 'local' for a LocalCluster here; the "
                          "images, the output folder and the model file must be at the same paths on every worker")
     dk.add_argument("--dask-workers", "--workers", dest="dask_workers", type=int, default=None,
-                    help="worker processes of a LocalCluster (default 2; implies --dask-scheduler local)")
+                    help="worker processes of a LocalCluster; implies --dask-scheduler local (None: 2 workers)")
     dk.add_argument("--dask-retries", dest="dask_retries", type=int, default=2,
                     help="times an image is retried when its worker dies or fails unexpectedly")
     dk.add_argument("--dask-timeout", dest="dask_timeout", type=float, default=20.0,

@@ -26,7 +26,7 @@ def test_six_concurrent_clients(tmp_path, data_dir, reference_dir, _isolated_hom
     lt = _load_test_module()
     monkeypatch.setenv("CELLPOSE_WEB_CPU", "1")
     model, flow, cellprob = lt.model_choice(reference_dir)
-    paths = lt.make_crops(tmp_path / "images", 6, 80, data_dir / "nuclei_2d" / "val")
+    paths = lt.make_crops(tmp_path / "images", 6, 96, data_dir / "nuclei_2d" / "val")
     refs = lt.reference_masks(paths, model, flow, cellprob)
     assert sum(r.max() > 0 for r in refs) >= 3, "need non-empty masks to tell the clients' results apart"
     proc, url = lt.start_app(_isolated_home, model, env_extra={"CELLPOSE_WEB_THREADS": "1"})
