@@ -344,3 +344,45 @@ def test_training_pairs_stored_channels_last():
     assert [i.shape for i in imgs] == [(40, 50, 2), (40, 50)]
     with pytest.raises(CellposeWebError, match="do not match"):
         training.add_pair("s", np.zeros((30, 50), np.uint8), m, "bad")
+
+
+@pytest.mark.slow
+def test_batch_on_dask_localcluster_matches_single_process(tmp_path, shared_dir):
+    pytest.importorskip("dask.distributed")
+    tiny = shared_dir / "reference" / "tiny_cpsam.pth"
+    if not tiny.is_file():
+        pytest.skip("needs ../shared/reference/tiny_cpsam.pth")
+    repo = Path(__file__).resolve().parents[1]
+    files = []
+    for n in ("rpe1_nuclei.tif", "u2os_nuclei.tif"):  # small crops keep the test fast
+        for k, (y, x) in enumerate(((0, 0), (128, 128))):
+            f = tmp_path / "in" / f"{Path(n).stem}_{k}.tif"
+            f.parent.mkdir(exist_ok=True)
+            tifffile.imwrite(f, tifffile.imread(repo / "examples" / n)[y:y + 128, x:x + 128])
+            files.append(f)
+    files = files[:3]
+    params = segment.SegmentParams(cellprob_threshold=-2.0)
+    one = batch.run_batch(files, params, str(tiny), tmp_path / "one" / "results")
+    many = batch.run_batch(files, params, str(tiny), tmp_path / "dask" / "results", scheduler="local", n_workers=2)
+    assert one["n_ok"] == many["n_ok"] == 3
+    for f in files:
+        a = tifffile.imread(tmp_path / "one" / "results" / f.stem / f"{f.stem}_cp_masks.tif")
+        b = tifffile.imread(tmp_path / "dask" / "results" / f.stem / f"{f.stem}_cp_masks.tif")
+        assert np.array_equal(a, b)
+    s1 = pd.read_csv(one["summary_csv"], comment="#")
+    s2 = pd.read_csv(many["summary_csv"], comment="#")
+    assert s1.drop(columns=["reason"]).equals(s2.drop(columns=["reason"]))
+
+
+def test_zero_gpu_duration_tiers():
+    from cellpose_web.service import gpu
+    assert gpu.gpu_duration((512, 512)) == 10
+    assert gpu.gpu_duration((1000, 800, 3)) == 10
+    assert gpu.gpu_duration((2048, 2048)) == 60
+    assert gpu.gpu_duration((6000, 4000)) == 240
+    assert gpu.gpu_duration((30, 512, 512)) > 10      # a stack asks for more time per plane
+    with pytest.raises(CellposeWebError, match="20,000"):
+        gpu.gpu_duration((25000, 100))
+    if not gpu.on_zero_gpu():
+        f = lambda x: x  # noqa: E731
+        assert gpu.gpu_task(lambda *a: 10)(f) is f

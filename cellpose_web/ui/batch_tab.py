@@ -2,6 +2,7 @@
 Runs as a background job: it survives a closed browser, and the server keeps its status."""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -56,7 +57,9 @@ def start_batch(files: list[str], model: str, params: SegmentParams, px: float |
 
     def work(j: jobs.Job):
         return batch.run_batch(local, params, model, j.results_dir / "batch_results", pixel_size_um=px,
-                               puncta=puncta, progress=j.progress, cancelled=lambda: j.cancelled)
+                               puncta=puncta, progress=j.progress, cancelled=lambda: j.cancelled,
+                               scheduler=batch.dask_scheduler_from_env(),
+                               n_workers=int(os.environ.get("CELLPOSE_WEB_DASK_WORKERS", "2")))
 
     jm.start(job, work)
     return job
