@@ -386,3 +386,18 @@ def test_zero_gpu_duration_tiers():
     if not gpu.on_zero_gpu():
         f = lambda x: x  # noqa: E731
         assert gpu.gpu_task(lambda *a: 10)(f) is f
+
+
+def test_per_user_storage_is_separate(monkeypatch):
+    monkeypatch.setenv("CELLPOSE_WEB_PER_USER", "1")
+    m = np.zeros((20, 20), np.uint16)
+    m[2:8, 2:8] = 1
+    training.add_pair("mine", np.zeros((20, 20), np.uint8), m, "a", user="alice")
+    assert [s["name"] for s in training.list_sets("alice")] == ["mine"]
+    assert training.list_sets("bob") == []
+    assert jobs.manager("alice").root != jobs.manager("bob").root
+    from cellpose_web.service.config import home_dir
+    evil = storage.user_root("../../etc")
+    assert home_dir() in evil.parents          # a hostile user name stays inside the data folder
+    with pytest.raises(CellposeWebError):
+        storage.safe_join(storage.user_root("x"), "..", "..", "y")
