@@ -54,8 +54,11 @@ def test_masks_to_flows_3d_matches_reference(flows_ref):
     assert np.abs(out - flows_ref["flows_3d"]).max() < 1e-4
 
 
-def test_masks_to_flows_nonconsecutive_labels_and_types(flows_ref):
-    lab = flows_ref["labels"].astype(np.int64)
+def test_masks_to_flows_nonconsecutive_labels_and_types():
+    lab = np.zeros((48, 64), np.int64)
+    lab[_disk(lab.shape, (20, 18), 9)] = 1
+    lab[_disk(lab.shape, (24, 34), 10)] = 2  # touches object 1
+    lab[35:45, 45:60] = 3
     ref = dy.masks_to_flows(lab)
     sparse = np.where(lab > 0, lab * 7 + 1000, 0).astype(np.uint32)
     assert np.array_equal(dy.masks_to_flows(sparse), ref)
@@ -90,19 +93,23 @@ def test_labels_to_flows_layout(flows_ref):
     lab = flows_ref["labels"]
     shuffled = lab.copy()
     shuffled[lab > 0] = (lab[lab > 0].astype(np.int64) * 3 + 5).astype(np.uint16)
-    out = dy.labels_to_flows([shuffled, lab[None]])
-    assert len(out) == 2
-    for o in out:
-        assert o.shape == (4, *lab.shape) and o.dtype == np.float32
-        assert np.array_equal(o[1], (lab > 0).astype(np.float32))
-        assert np.abs(o[2:] - flows_ref["flows"]).max() < 1e-4
-    # labels renumbered 1..N in order of first appearance
-    first = out[0][0].ravel()
+    out = dy.labels_to_flows([shuffled[None]])
+    assert len(out) == 1
+    o = out[0]
+    assert o.shape == (4, *lab.shape) and o.dtype == np.float32
+    assert np.array_equal(o[1], (lab > 0).astype(np.float32))
+    assert np.abs(o[2:] - flows_ref["flows"]).max() < 1e-4
+    # labels renumbered 1..N in order of first appearance, same objects
+    first = o[0].ravel()
     seen = first[first > 0]
     _, idx = np.unique(seen, return_index=True)
     assert np.array_equal(seen[np.sort(idx)], np.arange(1, int(seen.max()) + 1))
-    out3 = dy.labels_to_flows([flows_ref["labels_3d"]])[0]
-    assert out3.shape == (5, *flows_ref["labels_3d"].shape)
+    assert _same_up_to_relabel(o[0].astype(np.int64), lab.astype(np.int64))
+    vol = np.zeros((6, 20, 24), np.uint16)
+    vol[1:5, 3:12, 4:14] = 4
+    vol[1:5, 10:18, 14:22] = 9
+    out3 = dy.labels_to_flows([vol])[0]
+    assert out3.shape == (5, *vol.shape) and set(np.unique(out3[0])) == {0, 1, 2}
 
 
 # ------------------------------------------------------------------------------------------ masks
@@ -119,15 +126,9 @@ def test_compute_masks_matches_reference(masks_ref, manifest, case):
     assert _same_up_to_relabel(out, ref)
 
 
-def test_compute_masks_recovers_labels_2d_and_3d(flows_ref):
-    lab = flows_ref["labels"]
-    dP = 5 * dy.masks_to_flows(lab)
-    cp = np.where(lab > 0, 4.0, -4.0).astype(np.float32)
-    out = dy.compute_masks(dP, cp)
-    ap = metrics.average_precision(lab, out, threshold=[0.5])[0]
-    assert ap[0] > 0.95
+def test_compute_masks_recovers_labels_3d(flows_ref):
     lab3 = flows_ref["labels_3d"]
-    dP3 = 5 * dy.masks_to_flows(lab3)
+    dP3 = 5 * flows_ref["flows_3d"]
     cp3 = np.where(lab3 > 0, 4.0, -4.0).astype(np.float32)
     out3 = dy.compute_masks(dP3, cp3, do_3D=True, niter=100)
     assert out3.shape == lab3.shape and out3.dtype == np.uint16
