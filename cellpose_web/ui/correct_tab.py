@@ -45,6 +45,9 @@ def _render(s: common.Session, st: CorrectState, overlays: list[str]) -> np.ndar
 
 def _status(st: CorrectState) -> str:
     m = st.history.current
+    if m is None:
+        return ("No masks loaded — segment an image in the Segment tab (or load existing masks there), "
+                "then come back here to correct them.")
     n = int(len(np.unique(m[m > 0]))) if m is not None else 0
     sel = ", ".join(str(x) for x in st.selected) if st.selected else "none"
     pend = f" · outline: {len(st.pending)} point(s)" if st.pending else ""
@@ -189,7 +192,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                             elem_id="cor-view", format="png", height=600, buttons=["fullscreen"],
                             placeholder="Segment an image in the Segment tab first; it appears here for "
                                         "correction.")
-            status = gr.Markdown("No masks loaded.", elem_id="cor-status")
+            status = gr.Markdown("No masks loaded — segment an image in the Segment tab (or load existing masks "
+                                 "there), then come back here to correct them.", elem_id="cor-status")
         with gr.Column(scale=1, min_width=300):
             gr.Markdown(HELP)
             mode = gr.Radio([MODE_SELECT, MODE_OUTLINE, MODE_BRUSH, MODE_ERASE], value=MODE_SELECT, label="Tool",

@@ -102,7 +102,8 @@ def build(ctx: dict[str, Any]) -> None:
                                 label="Loss per epoch (drawn live while training)",
                                 color_map={"train": "#4c6ef5", "held-out": "#f59f00"},
                                 height=320, elem_id="ft-curve", x_title="epoch", y_title="loss")
-            result = gr.JSON(label="Result: AP before/after, recipe, where the model is", elem_id="ft-result")
+            result = gr.JSON(label="Result: AP before/after, recipe, where the model is", elem_id="ft-result",
+                             visible=False)
 
     def on_refresh(request: gr.Request):
         user = W.username(request)
@@ -152,7 +153,7 @@ def build(ctx: dict[str, Any]) -> None:
             raise CellposeWebError(st.get("message") or "Training failed.")
         if st.get("state") != "done" or not r.get("name"):
             yield (job.id, f"Training **{st.get('state')}**: {st.get('message', '')}",
-                   loss_frame(st.get("losses", [])), r or None, *keep)
+                   loss_frame(st.get("losses", [])), gr.update(value=r or None, visible=bool(r)), *keep)
             return
         names_now, default_now = common.model_choices()
         ap_b, ap_a = r.get("ap_before"), r.get("ap_after")
@@ -160,7 +161,8 @@ def build(ctx: dict[str, Any]) -> None:
                f"{W.fmt_num(ap_b, '', 3)} before → **{W.fmt_num(ap_a, '', 3)}** after.")
         ups = [gr.update(choices=names_now) for _ in dds]
         yield (job.id, msg, loss_frame(st.get("losses", [])),
-               {k: v for k, v in r.items() if k not in ("train_losses", "test_losses")}, *ups)
+               gr.update(value={k: v for k, v in r.items() if k not in ("train_losses", "test_losses")},
+                         visible=True), *ups)
 
     start.click(on_start, [set_name, base, new_name, epochs, lr, wd], [job_id, status, curve, result, *dds],
                 api_name="finetune", concurrency_limit=ctx["limits"].concurrency["train"], concurrency_id="train")

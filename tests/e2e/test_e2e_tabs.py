@@ -1,0 +1,15 @@
+"""Every tab opens without errors; screenshots of each for a look (test-artifacts/screenshots/)."""
+import pytest
+
+from tests.e2e.conftest import shot
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize("tab", ["Segment", "Correct", "Batch", "Fine-tune", "Models"])
+def test_tab_opens_clean(page, tab):
+    page.get_by_role("tab", name=tab).click()
+    page.wait_for_timeout(700)
+    shot(page, f"40_tab_{tab.lower().replace('-', '')}")
+    body = page.inner_text("body")
+    assert "Traceback" not in body and "Error" not in body
