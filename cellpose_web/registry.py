@@ -263,9 +263,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
                 f"Model file '{name}' was refused: it contains Python objects other than weights, and loading it "
                 "could run code. Save a plain state dict (torch.save(net.state_dict(), path))."
             ) from None
+        detail = "" if msg.lower().startswith("weights only load failed") else f" ({type(e).__name__}: {msg[:160]})"
         raise CellposeWebError(
-            f"Model file '{name}' is not a loadable PyTorch checkpoint: it is truncated or damaged "
-            f"({type(e).__name__}: {msg[:160]}). Download or copy it again."
+            f"Model file '{name}' is not a loadable PyTorch checkpoint: it is truncated or damaged"
+            f"{detail}. Download or copy it again."
         ) from None
     if isinstance(obj, dict) and obj.get("arch") == "lite":
         sd = obj.get("state_dict")

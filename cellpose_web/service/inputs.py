@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from cellpose_web import io as cpio
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service.config import Limits
 
@@ -48,36 +49,6 @@ def check_file_size(path: str | Path, limits: Limits) -> int:
     return size
 
 
-def _fallback_read(path: Path) -> tuple[np.ndarray, dict]:
-    ext = path.suffix.lower()
-    if ext in (".tif", ".tiff"):
-        import tifffile
-        with tifffile.TiffFile(path) as tf:
-            arr = tf.asarray()
-            px = None
-            try:
-                ij = tf.imagej_metadata or {}
-                page = tf.pages[0]
-                xr = page.tags.get("XResolution")
-                if xr is not None:
-                    num, den = xr.value
-                    if num > 0:
-                        unit = (ij.get("unit") or "").lower()
-                        if unit in ("micron", "um", "µm", "\\u00B5m"):
-                            px = den / num
-            except Exception:
-                px = None
-        return arr, {"pixel_size_um": px}
-    from PIL import Image
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I"):
-            arr = np.asarray(im)
-        else:
-            arr = np.asarray(im.convert("RGB") if im.mode in ("P", "CMYK", "YCbCr", "LA", "RGBA") else im)
-    return arr, {"pixel_size_um": None}
-
-
 def read_image(path: str | Path, limits: Limits | None = None) -> LoadedImage:
     """Read and validate one image file (TIFF/PNG/JPEG; 2D, channels, or a z-stack)."""
     limits = limits or Limits.from_env()
@@ -87,12 +58,8 @@ def read_image(path: str | Path, limits: Limits | None = None) -> LoadedImage:
         raise CellposeWebError(f"{p.name}: unsupported file type {p.suffix or '(none)'}; "
                                "use TIFF, PNG or JPEG.")
     try:
-        try:
-            from cellpose_web import io as cpio
-            arr, meta = cpio.imread_with_meta(str(p))
-            meta = dict(meta) if isinstance(meta, dict) else dict(getattr(meta, "__dict__", {}))
-        except (ImportError, AttributeError):
-            arr, meta = _fallback_read(p)
+        arr, meta = cpio.imread_with_meta(str(p), max_pixels=limits.max_pixels)
+        meta = dict(meta) if isinstance(meta, dict) else dict(getattr(meta, "__dict__", {}))
     except CellposeWebError:
         raise
     except FileNotFoundError:
