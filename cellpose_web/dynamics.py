@@ -703,6 +703,9 @@ def compute_masks(
     device = _device(device)
     shape0 = cellprob.shape
     fg = cellprob > cellprob_threshold
+    if min(shape0) < 2:
+        logger.warning("image of shape %s is too small for flow dynamics: no masks.", shape0)
+        return np.zeros(shape0, np.uint16)
     if not fg.any():
         logger.info("No cell pixels found.")
         return np.zeros(shape0, np.uint16)
