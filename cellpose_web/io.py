@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from cellpose_web import dynamics
 from cellpose_web.errors import CellposeWebError
 
 logger = logging.getLogger(__name__)
@@ -585,113 +586,21 @@ def load_seg(path: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------------------------
 # outlines
 # --------------------------------------------------------------------------------------------
-# 8 neighbours in counter-clockwise order as seen on screen (y down): W, SW, S, SE, E, NE, N, NW
-_DY = np.array([0, 1, 1, 1, 0, -1, -1, -1])
-_DX = np.array([-1, -1, 0, 1, 1, 1, 0, -1])
-
-
-def _trace_boundary(b: np.ndarray, y0: int, x0: int) -> np.ndarray:
-    """Moore-neighbour trace of the outer border of the 8-connected component holding (y0, x0).
-
-    ``b`` is a bool image padded with a 1-pixel False border; (y0, x0) is the component's first
-    pixel in raster order. Returns (N, 2) int [y, x] border pixels in the order OpenCV's
-    ``findContours(RETR_EXTERNAL, CHAIN_APPROX_NONE)`` gives them (down the left side first).
-    """
-    pts = [(y0, x0)]
-    y, x = y0, x0
-    search_from = 1  # the west neighbour (index 0) of the raster-first pixel is background
-    first_move = -1
-    for _ in range(4 * b.size + 8):
-        found = -1
-        for k in range(8):
-            d = (search_from + k) % 8
-            if b[y + _DY[d], x + _DX[d]]:
-                found = d
-                break
-        if found < 0:  # isolated pixel
-            break
-        if first_move < 0:
-            first_move = found
-        elif (y, x) == (y0, x0) and found == first_move:
-            break  # back at the start about to repeat the first step: closed
-        y, x = y + int(_DY[found]), x + int(_DX[found])
-        pts.append((y, x))
-        search_from = (found + 5) % 8  # the neighbour after the one we came from
-    if len(pts) > 1 and pts[-1] == (y0, x0):
-        pts.pop()
-    return np.asarray(pts, dtype=np.int64)
-
-
 def outlines_list(masks: np.ndarray) -> list[np.ndarray]:
-    """Outer outline of each mask, in ascending label order.
+    """Outer outline of each mask as (N, 2) int [x, y] points, ascending label order.
 
-    Parameters
-    ----------
-    masks : (Y, X) integer labels, 0 = background.
-
-    Returns
-    -------
-    list of (N, 2) int arrays of [x, y] pixel coordinates (x = column), one per label 1..max
-    present in ``masks``; the largest 8-connected piece is traced, and outlines with <= 4 points
-    are returned empty (as Cellpose does).
+    Same as :func:`cellpose_web.dynamics.outlines_list` (OpenCV's point order, largest piece,
+    <= 4 points -> empty), checked for 2D here so file writers get a clear message.
     """
-    from scipy import ndimage as ndi
-
     masks = np.asarray(masks)
     if masks.ndim != 2:
         raise CellposeWebError(f"outlines need a 2D mask image, got shape {masks.shape}")
-    out: list[np.ndarray] = []
-    labels = np.unique(masks)
-    labels = labels[labels > 0]
-    if labels.size == 0:
-        return out
-    slices = ndi.find_objects(masks.astype(np.int64, copy=False) if masks.dtype.kind != "i" else masks)
-    eight = np.ones((3, 3), bool)
-    for lab in labels:
-        sl = slices[int(lab) - 1]
-        if sl is None:
-            continue
-        sy, sx = sl
-        crop = masks[sy, sx] == lab
-        comp, n = ndi.label(crop, structure=eight)
-        if n > 1:
-            best = None
-            # trace every piece and keep the contour with the most points; OpenCV lists contours
-            # bottom-up and takes the first maximum, so on a tie the piece found last in raster order wins
-            for c in range(1, n + 1):
-                b = np.pad(comp == c, 1)
-                ys, xs = np.nonzero(b)
-                pts = _trace_boundary(b, int(ys[0]), int(xs[0]))
-                if best is None or len(pts) >= len(best):
-                    best = pts
-            pts = best
-        else:
-            b = np.pad(crop, 1)
-            ys, xs = np.nonzero(b)
-            pts = _trace_boundary(b, int(ys[0]), int(xs[0]))
-        if len(pts) <= 4:
-            out.append(np.zeros((0, 2), dtype=np.int64))
-            continue
-        xy = np.stack([pts[:, 1] - 1 + sx.start, pts[:, 0] - 1 + sy.start], axis=1)
-        out.append(xy)
-    return out
+    return dynamics.outlines_list(masks)
 
 
 def _masks_to_outlines(masks: np.ndarray) -> np.ndarray:
-    """Bool image of mask border pixels (a pixel whose 4-neighbour has another label)."""
-    try:
-        from cellpose_web import dynamics
-
-        fn = getattr(dynamics, "masks_to_outlines", None)
-    except Exception:  # dynamics not there yet / import error
-        fn = None
-    if fn is not None:
-        return np.asarray(fn(masks)).astype(bool)
-    m = np.asarray(masks)
-    p = np.pad(m, 1)
-    c = p[1:-1, 1:-1]
-    diff = (p[:-2, 1:-1] != c) | (p[2:, 1:-1] != c) | (p[1:-1, :-2] != c) | (p[1:-1, 2:] != c)
-    return diff & (c > 0)
+    """Bool image of mask border pixels (see :func:`cellpose_web.dynamics.masks_to_outlines`)."""
+    return np.asarray(dynamics.masks_to_outlines(masks)).astype(bool)
 
 
 def outlines_to_text(base: str | os.PathLike, outlines: Iterable[np.ndarray]) -> Path:
