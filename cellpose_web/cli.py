@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import CellposeWebError, ModelNotAvailableError
 
 logger = logging.getLogger("cellpose_web.cli")
 
@@ -295,7 +295,15 @@ def _load_model(args, spec: str, for_training: bool = False):
     from cellpose_web import registry
     from cellpose_web.models import CellposeModel
 
-    info = registry.resolve_model(spec, progress=_download_progress(spec), token=args.token)
+    try:
+        info = registry.resolve_model(spec, progress=_download_progress(spec), token=args.token)
+    except ModelNotAvailableError as e:
+        # Cellpose-SAM weights unreachable (offline, no cache): segmenting still works with the
+        # built-in model, as Cellpose falls back to its default; training must not change base silently.
+        if for_training or str(spec) not in registry.HUB_MODELS:
+            raise
+        print(f"notice: {e}\nnotice: using the built-in 'lite' model instead of {spec!r}.", file=sys.stderr)
+        info = registry.resolve_model("lite")
     model = CellposeModel(gpu=args.use_gpu, pretrained_model=info.path, device=_device_arg(args),
                           use_bfloat16=False if for_training else None)
     model.model_info = info  # keep the registry name (CellposeModel saw a path)
