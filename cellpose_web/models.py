@@ -55,7 +55,10 @@ normalize_default = {
 # progress reporting
 # --------------------------------------------------------------------------------------------
 class _Progress:
-    """Adapt ``progress`` (callable(fraction, message), tqdm-like, or Qt-like setValue) to one call."""
+    """Adapt ``progress`` (callable(fraction, message), tqdm-like, or Qt-like setValue) to one call.
+
+    An exception raised by the callback stops the eval (use it to cancel).
+    """
 
     def __init__(self, progress: Any, lo: float = 0.0, hi: float = 1.0):
         self.p, self.lo, self.hi = progress, lo, hi
@@ -70,26 +73,20 @@ class _Progress:
         if p is None:
             return
         f = float(min(1.0, max(0.0, self.lo + (self.hi - self.lo) * frac)))
-        try:
-            if hasattr(p, "update") and hasattr(p, "n") and not callable(getattr(p, "setValue", None)):
-                total = getattr(p, "total", None) or 100
-                if getattr(p, "total", None) is None:
-                    p.total = total
-                target = f * total
-                if target > p.n:
-                    p.update(target - p.n)
-                if msg and hasattr(p, "set_description"):
-                    p.set_description(msg, refresh=False)
-            elif callable(getattr(p, "setValue", None)):
-                p.setValue(int(round(100 * f)))
-            elif callable(p):
-                p(f, msg)
-        except CellposeWebError:
-            raise
-        except Exception as e:  # a broken progress callback must not break segmentation
-            if isinstance(e, (KeyboardInterrupt, SystemExit)) or type(e).__name__ in ("CancelledError", "Cancelled"):
-                raise
-            logger.debug("progress callback failed: %s", e)
+        # exceptions raised by the callback propagate: that is how a caller cancels a running eval
+        if hasattr(p, "update") and hasattr(p, "n") and not callable(getattr(p, "setValue", None)):
+            total = getattr(p, "total", None) or 100
+            if getattr(p, "total", None) is None:
+                p.total = total
+            target = f * total
+            if target > p.n:
+                p.update(target - p.n)
+            if msg and hasattr(p, "set_description"):
+                p.set_description(msg, refresh=False)
+        elif callable(getattr(p, "setValue", None)):
+            p.setValue(int(round(100 * f)))
+        elif callable(p):
+            p(f, msg)
 
 
 # --------------------------------------------------------------------------------------------

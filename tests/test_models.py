@@ -231,3 +231,14 @@ def test_lite_estimates_diameter_and_reruns(lite_model, monkeypatch):
     assert lite_model.last_eval_params["diameter_estimate"] == pytest.approx(60.0)
     assert lite_model.last_eval_params["rescale"] == pytest.approx(0.5)
     assert len(calls) == 2 and masks.shape == (200, 240) and flows[1].shape == (2, 200, 240)
+
+
+def test_progress_callback_can_cancel(model, io):
+    class Stop(Exception):
+        pass
+
+    def cb(f, msg):
+        if f > 0.1:
+            raise Stop()
+    with pytest.raises(Stop):
+        model.eval(io["image_gray"], compute_masks=False, progress=cb)
