@@ -13,6 +13,9 @@ weights (seed 0, written once to a temporary file). When ``CELLPOSE_REF_PYTHON``
 ``/work/refvenv/bin/python``) has ``cellpose==4.2.1.1`` installed, the reference runs in it and the
 script prints the ratio ours/reference and the largest absolute output difference.
 On a CUDA machine it also reports tiles/s and images/s in bf16. No asserts: it only prints.
+
+On a machine shared with other jobs, ``--threads 1`` gives steadier ratios: with 2 threads, every
+parallel op waits for the thread that shares its core with the other job.
 """
 from __future__ import annotations
 

@@ -562,13 +562,13 @@ class CellposeModel:
         else:
             raise CellposeWebError("normalize must be True/False or a dict of normalisation options")
         tic = time.perf_counter()
-        do_norm = bool(params["normalize"]) or params["lowhigh"] is not None or params["tile_norm_blocksize"] > 0
+        do_norm = bool(params["normalize"])  # as Cellpose: normalize=False skips lowhigh / tile norm / invert too
         if nimg > 1 and (stack):
             if do_3D:
                 params["norm3D"] = True
         elif nimg > 1:
             params["norm3D"] = False
-        if do_norm or params["invert"]:
+        if do_norm:
             x = transforms.normalize_img(x, **params)
         else:
             x = x.astype(np.float32, copy=False)
