@@ -47,6 +47,33 @@ def mixed_scales(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.where(rng.random(n) < 0.6, narrow, broad)
 
 
+def validate(path: Path, val_dir: Path) -> dict:
+    """AP at IoU 0.5/0.75/0.9 on the validation folder (diameter=None), pooled over objects."""
+    from cellpose_web import metrics
+    from cellpose_web.models import CellposeModel
+
+    model = CellposeModel(pretrained_model=str(path))
+    imgs, labels, names = load_folder(val_dir)
+    preds = [model.eval(im, diameter=None)[0] for im in imgs]
+    ap, tp, fp, fn = metrics.average_precision(labels, preds)
+    pooled = tp.sum(0) / (tp.sum(0) + fp.sum(0) + fn.sum(0))
+    return {"test_set": f"{val_dir.parent.name}/{val_dir.name} ({len(imgs)} images, {int(tp[:, 0].sum() + fn[:, 0].sum())} objects)",
+            "diameter": "None (estimated)",
+            "ap_mean_over_images": {t: round(float(a), 4) for t, a in zip(("0.5", "0.75", "0.9"), ap.mean(0))},
+            "ap_pooled": {t: round(float(a), 4) for t, a in zip(("0.5", "0.75", "0.9"), pooled)}}
+
+
+def finalize(path: Path, val_dir: Path) -> dict:
+    """Write validation AP into the checkpoint's metadata (shown by the registry as the model card)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    result = validate(path, val_dir)
+    obj["meta"]["validation"] = result
+    obj["meta"]["test_ap"] = result["ap_mean_over_images"]["0.5"]
+    net = LiteUNet.from_checkpoint(obj)
+    train.save_network(net, path, obj["meta"])
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "nuclei_2d"))
@@ -62,11 +89,18 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save_every", type=int, default=20)
+    p.add_argument("--finalize", default=None, metavar="CKPT",
+                   help="only evaluate CKPT on <data>/val and write the AP into its metadata")
+    p.add_argument("--init", default=None, help="start from this lite checkpoint (second stage)")
+    p.add_argument("--narrow_scales", action="store_true", help="scales U(0.75, 1.25) only (Cellpose's range)")
     p.add_argument("--cache", default=str(REPO / "runs"), help="folder for the synthetic data cache ('' = none)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.finalize:
+        logging.info("validation: %s", json.dumps(finalize(Path(args.finalize), Path(args.data) / "val")))
+        return
 
     real_imgs, real_labels, names = load_folder(Path(args.data) / "train")
     cache = Path(args.cache) / f"synthetic_seed{args.seed}_n{args.n_synthetic}.npz" if args.cache else None
@@ -100,7 +134,10 @@ def main(argv=None):
     w_syn = args.synthetic_fraction / max(1, len(syn_imgs))
     probs = [w_real] * n_real + [w_syn] * len(syn_imgs)
 
-    net = LiteUNet(widths=tuple(int(w) for w in args.widths.split(",")))
+    if args.init:
+        net = LiteUNet.from_checkpoint(torch.load(args.init, map_location="cpu", weights_only=True))
+    else:
+        net = LiteUNet(widths=tuple(int(w) for w in args.widths.split(",")))
     out = Path(args.out)
     log_epochs = []
 
@@ -114,7 +151,8 @@ def main(argv=None):
     path, losses, _ = train.train_seg(
         net, data, labels, channel_axis=0, train_probs=probs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, n_epochs=args.n_epochs,
-        nimg_per_epoch=args.nimg_per_epoch, rescale=True, scale_sampler=mixed_scales,
+        nimg_per_epoch=args.nimg_per_epoch, rescale=True,
+        scale_sampler=None if args.narrow_scales else mixed_scales, scale_range=0.5,
         min_train_masks=1, save_path=str(out.parent / "_runs"), model_name="lite", seed=args.seed,
         callback=cb, augment_intensity=True, save_every=10**9)
     meta = {
@@ -122,7 +160,7 @@ def main(argv=None):
         "description": "embedded residual U-Net (cellpose-web), flows + cell probability",
         "params": int(sum(p.numel() for p in net.parameters())),
         "config": net.config,
-        "recipe": {k: getattr(args, k) for k in ("n_epochs", "nimg_per_epoch", "batch_size", "learning_rate",
+        "recipe": {k: getattr(args, k) for k in ("init", "narrow_scales", "n_epochs", "nimg_per_epoch", "batch_size", "learning_rate",
                                                   "weight_decay", "seed", "n_synthetic", "synthetic_fraction")}
         | {"optimizer": "AdamW", "scale": "rescale to 30 px x mixed_scales", "augment_intensity": True,
            "command": "python scripts/train_lite.py " + " ".join(argv or sys.argv[1:])},
@@ -134,6 +172,7 @@ def main(argv=None):
     }
     train.save_network(net, out, meta)
     logging.info("saved %s: %s", out, json.dumps(meta)[:400])
+    logging.info("validation: %s", json.dumps(finalize(out, Path(args.data) / "val")))
 
 
 if __name__ == "__main__":
