@@ -67,23 +67,21 @@ _FOLDER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".
 # --------------------------------------------------------------------------------------------
 # atomic writes
 # --------------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Write a file atomically.
+def atomic_save(path: str | os.PathLike, writer: Callable[[str], Any]) -> Path:
+    """Write a file atomically through a writer that takes a path (tifffile, np.save, zipfile).
 
-    ``write(fh)`` receives an open file object for a temporary file in the same folder; when it
-    returns, the file is flushed, synced and renamed over ``path`` (``os.replace``), so readers
-    see either the old file or the complete new one, never half a file.
-
-    Returns the final path.
+    ``writer(tmp)`` writes a temporary file in the same folder (same suffix, so writers that
+    add an extension do not); it is then synced and renamed over ``path`` (``os.replace``), so
+    readers see either the old file or the complete new one, never half a file. On error the
+    temporary file is removed and the old file is untouched. Returns the final path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
     try:
-        with open(tmp, mode) as fh:
-            write(fh)
-            fh.flush()
+        writer(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -93,6 +91,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             pass
         raise
     return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Write a file atomically: ``write(fh)`` gets an open temporary file (see :func:`atomic_save`)."""
+    def writer(tmp: str) -> None:
+        with open(tmp, mode) as fh:
+            write(fh)
+
+    return atomic_save(path, writer)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellpose_web import dynamics, transforms
+from cellpose_web.io import atomic_write
 from cellpose_web.errors import CellposeWebError
 
 log = logging.getLogger(__name__)
@@ -151,20 +151,12 @@ def flow_loss(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def save_network(net: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Save a network atomically in the format its loader expects (lite dict or Cellpose 4 state dict)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(net, "checkpoint_dict"):
         obj = net.checkpoint_dict(meta)
     else:
         obj = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
                for k, v in net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda fh: torch.save(obj, fh))
     return path
 
 

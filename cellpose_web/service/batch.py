@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 
 from cellpose_web import measure
@@ -20,7 +19,8 @@ from cellpose_web.errors import CellposeWebError
 from cellpose_web.service import inputs, outputs
 from cellpose_web.service.config import Limits
 from cellpose_web.service.segment import SegmentParams, segment
-from cellpose_web.service.storage import atomic_save, atomic_write_bytes, atomic_write_json, safe_name
+from cellpose_web.io import atomic_save
+from cellpose_web.service.storage import atomic_write_bytes, atomic_write_json, safe_name
 
 log = logging.getLogger(__name__)
 

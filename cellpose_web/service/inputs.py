@@ -4,7 +4,6 @@ Every failure is a CellposeWebError whose message says what was wrong and what t
 """
 from __future__ import annotations
 
-import os
 import stat
 import zipfile
 from dataclasses import dataclass, field

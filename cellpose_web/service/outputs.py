@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellpose_web.service.storage import atomic_save, atomic_write_bytes, atomic_write_json
+from cellpose_web.io import atomic_save
+from cellpose_web.service.storage import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -6,13 +6,12 @@ alphabet and every joined path is checked to stay below its root.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.io import atomic_write
 from cellpose_web.service.config import home_dir, per_user
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -37,45 +36,12 @@ def safe_join(root: Path, *parts: str) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    """Write bytes atomically (temporary file in the same folder, fsync, rename)."""
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> Path:
     return atomic_write_bytes(path, json.dumps(obj, indent=2, default=_json_default).encode())
-
-
-def atomic_save(path: Path, writer) -> Path:
-    """Call writer(tmp_path) to write a file, then rename it to `path` (for tifffile, np.save, zip)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def read_json(path: Path, default: Any = None) -> Any:
