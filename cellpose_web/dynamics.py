@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from cellpose_web import transforms
 from cellpose_web.errors import CellposeWebError
 
 logger = logging.getLogger(__name__)
@@ -1046,26 +1047,6 @@ def _contour_pixels(cnt: np.ndarray, fp: np.ndarray) -> np.ndarray:
     return np.stack([pc, pr], axis=1).astype(np.int64)
 
 
-def _normalize99(x: np.ndarray) -> np.ndarray:
-    """Cellpose ``normalize99(..., downsample=True)``: (x - p1) / (p99 - p1), zeros when flat."""
-    X = x.astype(np.float32) if x.dtype not in (np.float32, np.float64) else x.copy()
-    if X.size > 224**3:
-        nskip = [max(1, X.shape[i] // 224) for i in range(X.ndim)]
-        if X.ndim == 3:
-            nskip[0] = max(1, X.shape[0] // 50)
-        sub = X[tuple(slice(0, X.shape[i], nskip[i]) for i in range(X.ndim))]
-    else:
-        sub = X
-    x01 = np.percentile(sub, 1)
-    x99 = np.percentile(sub, 99)
-    if x99 - x01 > 1e-3:
-        X -= x01
-        X /= x99 - x01
-    else:
-        X[:] = 0
-    return X
-
-
 def dx_to_circ(dP) -> np.ndarray:
     """RGB uint8 (..., 3) picture of flows: hue = direction, brightness = normalised magnitude.
 
@@ -1077,7 +1058,7 @@ def dx_to_circ(dP) -> np.ndarray:
         raise CellposeWebError(f"dP must have shape (2, Y, X) or (3, Z, Y, X), got {dP.shape}.")
     if dP.dtype.kind != "f":
         dP = dP.astype(np.float32)
-    mag = 255 * np.clip(_normalize99(np.sqrt(np.sum(dP**2, axis=0))), 0, 1.0)
+    mag = 255 * np.clip(transforms.normalize99(np.sqrt(np.sum(dP**2, axis=0)), downsample=True), 0, 1.0)
     angles = np.arctan2(dP[1], dP[0]) + np.pi
     mag /= 2
     rgb = np.zeros((*dP.shape[1:], 3), "uint8")

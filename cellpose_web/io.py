@@ -719,16 +719,6 @@ def _image_to_rgb_strict(image: np.ndarray, shape2d: tuple[int, int]) -> np.ndar
     return rgb
 
 
-def _flow_to_rgb(dP: np.ndarray) -> np.ndarray:
-    """Colour-wheel picture of a flow field (2, Y, X) -> (Y, X, 3) uint8 (hue = angle, value = magnitude)."""
-    dP = np.asarray(dP, dtype=np.float32)
-    mag = np.sqrt((dP**2).sum(axis=0))
-    mag = np.clip(_percentile_norm(mag, 1, 99), 0, 1) * 255 / 2
-    ang = np.arctan2(dP[1], dP[0]) + np.pi
-    rgb = np.stack([mag * (np.cos(ang + k * 2 * np.pi / 3) + 1) for k in range(3)], axis=-1)
-    return np.clip(rgb, 0, 255).astype(np.uint8)
-
-
 def _label_colors(n: int, seed: int = 0) -> np.ndarray:
     """n distinct-ish bright colours (n, 3) uint8, reproducible."""
     rng = np.random.default_rng(seed)
@@ -873,7 +863,7 @@ def save_masks(
     if save_flows:
         frgb, dP, cp = _split_flows(flows, masks.shape)
         if frgb is None and dP is not None:
-            frgb = _flow_to_rgb(dP[-2:]) if masks.ndim == 2 else None
+            frgb = dynamics.dx_to_circ(dP)
         if frgb is not None:
             written.append(imsave(flowdir / f"{base}_flows{suffix}.tif", np.asarray(frgb, np.uint8)))
         if dP is not None:
@@ -891,7 +881,7 @@ def _summary_panel(rgb: np.ndarray, overlay: np.ndarray, masks: np.ndarray, flow
     blend = np.where(masks[..., None] > 0, (0.5 * rgb + 0.5 * cm).astype(np.uint8), rgb)
     frgb, dP, _ = _split_flows(flows, masks.shape)
     if frgb is None and dP is not None:
-        frgb = _flow_to_rgb(dP)
+        frgb = dynamics.dx_to_circ(dP)
     if frgb is None:
         frgb = np.zeros_like(rgb)
     frgb = _resize_nearest(np.asarray(frgb, np.uint8), masks.shape, (0, 1))
@@ -920,7 +910,7 @@ def _seg_flows(flows: Any, masks: np.ndarray) -> list:
     dP = _resize_nearest(dP, shape, sp_axes)
     cp = _resize_nearest(cp, shape, tuple(range(masks.ndim)))
     if rgb is None:
-        rgb = _flow_to_rgb(dP[-2:]) if not is3d else np.stack([_flow_to_rgb(dP[1:, z]) for z in range(shape[0])])
+        rgb = dynamics.dx_to_circ(dP)
     rgb = np.asarray(rgb, np.uint8)
     if is3d:
         rgb = _resize_nearest(rgb, shape, (0, 1, 2))

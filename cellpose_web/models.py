@@ -18,14 +18,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from cellpose_web import transforms
+from cellpose_web import dynamics, transforms
+from cellpose_web.dynamics import dx_to_circ  # re-exported: Cellpose has it in models' namespace too
 from cellpose_web.device import choose_device, default_dtype, set_cpu_threads
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.nets import build_net, load_checkpoint
@@ -234,26 +234,6 @@ def run_3D(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def dx_to_circ(dP: np.ndarray) -> np.ndarray:
-    """RGB uint8 (..., 3) picture of flows dP (2, ...) or (3, ...): hue = angle, brightness = magnitude."""
-    dP = np.asarray(dP, dtype=np.float32)
-    mag = 255 * np.clip(transforms.normalize99(np.sqrt(np.sum(dP ** 2, axis=0)), downsample=True), 0, 1.)
-    angles = np.arctan2(dP[1], dP[0]) + np.pi
-    mag /= 2
-    rgb = np.zeros((*dP.shape[1:], 3), np.uint8)
-    for k in range(3):
-        rgb[..., k] = np.clip(mag * (np.cos(angles + 2 * np.pi * k / 3) + 1), 0, 255).astype(np.uint8)
-    return rgb
-
-
-def _dynamics():
-    try:
-        from cellpose_web import dynamics
-    except ImportError as e:  # pragma: no cover - during development
-        raise CellposeWebError("cellpose_web.dynamics is not available; use compute_masks=False") from e
-    return dynamics
-
-
 def _check_finite(x: np.ndarray) -> None:
     if x.dtype.kind in "fc":
         bad = ~np.isfinite(x)
@@ -646,7 +626,7 @@ class CellposeModel:
         # lite: estimate the diameter from a first pass and rerun at the estimated size
         if (diameter is None and rescale is None and compute_masks and not stack and nimg == 1
                 and getattr(self.net, "estimate_diameter", False) and masks.max() > 0):
-            est = float(_dynamics().diameters(masks)[0])
+            est = float(dynamics.diameters(masks)[0])
             self.diam_estimate = est
             if est > 0 and abs(est / DIAM_MEAN - 1) > 0.1:
                 kw = dict(batch_size=batch_size, resample=resample, channel_axis=None, z_axis=None,
@@ -692,14 +672,13 @@ class CellposeModel:
         if do_3D:
             if constant.all():
                 return np.zeros(shape[:3], np.uint16)
-            dyn = _dynamics()
             same_size = tuple(cellprob.shape) == tuple(shape[:3])
-            m = dyn.compute_masks(dP, cellprob, niter=niter, cellprob_threshold=cellprob_threshold,
+            m = dynamics.compute_masks(dP, cellprob, niter=niter, cellprob_threshold=cellprob_threshold,
                                   flow_threshold=flow_threshold, min_size=min_size if same_size else -1,
                                   max_size_fraction=max_size_fraction, do_3D=True, device=device)
             if not same_size:
                 m = transforms.resize_image_3d(m, shape[:3], interpolation="nearest", no_channels=True)
-                m = dyn.fill_holes_and_remove_small_masks(m, min_size=min_size)
+                m = dynamics.fill_holes_and_remove_small_masks(m, min_size=min_size)
             return m
         per_plane_min = min_size if (stitch_threshold == 0 or nimg == 1) else -1
         out = []
@@ -707,16 +686,15 @@ class CellposeModel:
             if constant[i]:
                 m = np.zeros((Ly, Lx), np.uint16)
             else:
-                dyn = _dynamics()
                 same_size = tuple(cellprob[i].shape) == (Ly, Lx)
                 # dynamics.compute_masks fills holes and applies min_size itself; with resample=False the
                 # masks are resized first (nearest) and filled / filtered at the original size (Cellpose 4.2)
-                m = dyn.compute_masks(dP[:, i], cellprob[i], niter=niter, cellprob_threshold=cellprob_threshold,
+                m = dynamics.compute_masks(dP[:, i], cellprob[i], niter=niter, cellprob_threshold=cellprob_threshold,
                                       flow_threshold=flow_threshold, min_size=per_plane_min if same_size else -1,
                                       max_size_fraction=max_size_fraction, do_3D=False, device=device)
                 if not same_size:
                     m = transforms.resize_image(m, Ly, Lx, interpolation="nearest")
-                    m = dyn.fill_holes_and_remove_small_masks(m, min_size=per_plane_min)
+                    m = dynamics.fill_holes_and_remove_small_masks(m, min_size=per_plane_min)
             out.append(np.asarray(m))
             progress((i + 1) / nimg, "computing masks")
         if nimg == 1:
@@ -726,9 +704,8 @@ class CellposeModel:
         if stitch_threshold > 0:
             if not masks.any():
                 return masks
-            dyn = _dynamics()
-            masks = dyn.stitch3D(masks, stitch_threshold=stitch_threshold)
-            masks = dyn.fill_holes_and_remove_small_masks(masks, min_size=min_size)
+            masks = dynamics.stitch3D(masks, stitch_threshold=stitch_threshold)
+            masks = dynamics.fill_holes_and_remove_small_masks(masks, min_size=min_size)
         else:
             logger.warning("a stack was given but stitch_threshold=0 and do_3D=False: masks are made per plane")
         return masks

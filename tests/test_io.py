@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 from skimage.draw import polygon as draw_polygon
 
-from cellpose_web import io
+from cellpose_web import dynamics, io
 from cellpose_web.errors import CellposeWebError
 
 VAL = "nuclei_2d/val"
@@ -39,7 +39,7 @@ def _fake_flows(shape, seed=0):
     rng = np.random.default_rng(seed)
     dP = rng.standard_normal((2, *shape)).astype(np.float32)
     cp = rng.standard_normal(shape).astype(np.float32)
-    return [io._flow_to_rgb(dP), dP, cp]
+    return [dynamics.dx_to_circ(dP), dP, cp]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import types
 
 import numpy as np
 import pytest
@@ -26,14 +25,6 @@ def model(tiny_path):
 @pytest.fixture(scope="module")
 def io(reference_dir):
     return np.load(reference_dir / "tiny_cpsam_io.npz")
-
-
-def _has_dynamics() -> bool:
-    try:
-        from cellpose_web import dynamics  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 def test_model_attributes_and_forward(model, io):
@@ -63,7 +54,6 @@ def test_eval_matches_reference(model, io, case, img, kwargs):
     assert masks.size == 0
 
 
-@pytest.mark.skipif(not _has_dynamics(), reason="dynamics not available")
 def test_eval_masks_match_reference(model, io):
     masks, flows, _ = model.eval(io["image_gray"], diameter=45)
     ref = io["gray_d45_masks"]
@@ -78,7 +68,7 @@ def test_eval_masks_match_reference(model, io):
 @pytest.mark.slow
 def test_eval_3d_matches_reference(model, io):
     masks, flows, styles = model.eval(io["image_stack"], do_3D=True, z_axis=0, diameter=30, flow3D_smooth=1,
-                                      compute_masks=_has_dynamics())
+                                      compute_masks=True)
     assert np.abs(flows[1] - io["stack_do3d_dP"]).max() < 1e-3
     assert np.abs(flows[2] - io["stack_do3d_cellprob"]).max() < 1e-3
     if masks.size:
@@ -118,10 +108,9 @@ def test_constant_and_background_images_give_empty_masks(model):
     assert masks.shape == (120, 140) and masks.max() == 0
     masks, flows, _ = model.eval(np.zeros((90, 100, 3), np.float32))
     assert masks.shape == (90, 100) and masks.max() == 0
-    if _has_dynamics():
-        noise = np.random.default_rng(0).normal(100, 1, (90, 110)).astype(np.float32)
-        masks, flows, _ = model.eval(noise, flow_threshold=0.4)
-        assert masks.shape == (90, 110)
+    noise = np.random.default_rng(0).normal(100, 1, (90, 110)).astype(np.float32)
+    masks, flows, _ = model.eval(noise, flow_threshold=0.4)
+    assert masks.shape == (90, 110)
 
 
 def test_missing_and_truncated_checkpoints(tmp_path, tiny_path):
@@ -221,10 +210,9 @@ def test_lite_estimates_diameter_and_reruns(lite_model, monkeypatch):
         m[(yy - m.shape[0] // 2) ** 2 + (xx - m.shape[1] // 2) ** 2 < 30 ** 2] = 1
         return m
 
-    stub = types.SimpleNamespace(compute_masks=compute_masks,
-                                 fill_holes_and_remove_small_masks=lambda m, min_size=15: m,
-                                 diameters=lambda m: (60.0, np.array([60.0])))
-    monkeypatch.setattr(M, "_dynamics", lambda: stub)
+    monkeypatch.setattr(M.dynamics, "compute_masks", compute_masks)
+    monkeypatch.setattr(M.dynamics, "fill_holes_and_remove_small_masks", lambda m, min_size=15: m)
+    monkeypatch.setattr(M.dynamics, "diameters", lambda m: (60.0, np.array([60.0])))
     img = np.random.default_rng(2).random((200, 240)).astype(np.float32)
     masks, flows, _ = lite_model.eval(img)
     assert lite_model.diam_estimate == pytest.approx(60.0)
