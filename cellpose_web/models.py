@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cellpose_web import dynamics, transforms
+from cellpose_web import dynamics, registry, transforms
 from cellpose_web.dynamics import dx_to_circ  # re-exported: Cellpose has it in models' namespace too
 from cellpose_web.device import choose_device, default_dtype, set_cpu_threads
 from cellpose_web.errors import CellposeWebError
@@ -351,22 +351,12 @@ class CellposeModel:
         self.diam_estimate: float | None = None
 
     def _resolve(self, pretrained_model: Any) -> tuple[Path, str]:
-        try:
-            from cellpose_web.registry import resolve_model
-        except ImportError:
-            resolve_model = None
-        if resolve_model is not None:
-            info = resolve_model(pretrained_model)
-            self.model_info = info
-            if getattr(info, "path", None) is None:
-                raise FileNotFoundError(f"model {pretrained_model!r} has no local weights file")
-            return Path(info.path), str(getattr(info, "name", Path(info.path).name))
-        if pretrained_model is None:
-            raise CellposeWebError("give pretrained_model (a model file path)")
-        p = Path(str(pretrained_model)).expanduser()
-        if not p.exists():
-            raise FileNotFoundError(f"model file not found: {p}")
-        return p, p.name
+        """Name or path -> (weights file, model name), through the registry (Hub, lab, built-in)."""
+        info = registry.resolve_model(pretrained_model)
+        self.model_info = info
+        if info.path is None:
+            raise FileNotFoundError(f"model {pretrained_model!r} has no local weights file")
+        return Path(info.path), str(info.name or Path(info.path).name)
 
     def __repr__(self) -> str:
         return f"CellposeModel({self.model_name!r}, arch={self.arch}, device={self.device}, dtype={self.dtype})"

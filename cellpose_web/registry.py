@@ -278,8 +278,6 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
             LiteUNet.from_checkpoint(obj)
         except CellposeWebError:
             raise
-        except ImportError:  # pragma: no cover - the lite net ships with the package
-            pass
         except Exception as e:
             raise CellposeWebError(f"Model file '{name}' is a damaged 'lite' checkpoint ({_short(e)}).") from None
         return {"arch": "lite", "n_tensors": len(sd), "config": dict(obj.get("config") or {}),
@@ -302,8 +300,6 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
 
         config = CPSAMNet.config_from_state_dict(sd)
         CPSAMNet.from_state_dict(sd)  # meta-device build + shape check; tensors stay memory-mapped
-    except ImportError:  # pragma: no cover - network module not there
-        pass
     except Exception as e:
         raise CellposeWebError(f"Model file '{name}' has Cellpose-SAM keys but does not fit the network ({_short(e)}).") from None
     return {"arch": "cpsam", "n_tensors": len(sd), "config": config}

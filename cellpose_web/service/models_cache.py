@@ -127,11 +127,7 @@ def get_model(name: str) -> CachedModel:
         cm = _cache.get(key)
         if cm is not None:
             return cm
-    try:
-        from cellpose_web.models import CellposeModel
-    except ImportError:
-        raise ModelNotAvailableError("The segmentation engine is not installed on this server; "
-                                     "contact the admin.") from None
+    from cellpose_web.models import CellposeModel
     try:
         model = CellposeModel(gpu=gpu, pretrained_model=info["path"] or info["name"])
     except (CellposeWebError, FileNotFoundError):

@@ -1,5 +1,4 @@
 """Batch tab in a real browser: a zip of three images (and one bad file) -> CSVs and a result zip."""
-import io
 import zipfile
 
 import pandas as pd

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from playwright.sync_api import expect
 
-from tests.e2e.conftest import pick_model, shot
+from tests.e2e.conftest import shot
 
 pytestmark = pytest.mark.e2e
 
@@ -30,11 +30,6 @@ def _pairs_zip(data_dir, tmp_path):
 
 
 def test_finetune_two_epochs_new_model_everywhere(page, data_dir, tmp_path):
-    model, why = pick_model()
-    if model not in ("lite", "standin") and "tiny" not in why:
-        pytest.skip(f"fine-tuning needs a trainable model: {why}")
-    if model == "standin":
-        pytest.skip("fine-tuning needs the real engine (stand-in model in use)")
     z, names = _pairs_zip(data_dir, tmp_path)
     page.get_by_role("tab", name="Fine-tune").click()
     page.locator("#ft-set input").fill("e2e_set")

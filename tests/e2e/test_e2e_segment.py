@@ -1,5 +1,4 @@
 """Segment tab in a real browser: upload an example, segment, see count and overlay, download masks."""
-from pathlib import Path
 
 import numpy as np
 import pytest
