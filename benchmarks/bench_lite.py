@@ -71,6 +71,47 @@ def synthetic_check(model, seed=12345, n_per=4):
               f"estimated diameter median {np.nanmedian(ests):.1f} px")
 
 
+def perturbed_check(model, folder: Path, seed=0):
+    """The validation images changed the way other microscopes and labs change them, diameter=None.
+
+    zoom 0.5x / 2x (nuclei of ~15 / ~60 px, labels zoomed by nearest neighbour), inverted contrast
+    (as in phase or brightfield), strong shot noise, blur, dim 8-bit with a background gradient.
+    """
+    from skimage.transform import rescale as sk_rescale
+
+    rng = np.random.default_rng(seed)
+
+    def zoom(img, lbl, f):
+        return (sk_rescale(img.astype(np.float32), f, order=1, preserve_range=True, anti_aliasing=f < 1),
+                sk_rescale(lbl, f, order=0, preserve_range=True, anti_aliasing=False).astype(lbl.dtype))
+
+    def dim_gradient(img):
+        x = img.astype(np.float32)
+        x = (x - x.min()) / max(1e-6, np.ptp(x))
+        ramp = np.linspace(0, 1, x.shape[1])[None, :]
+        return np.clip(12 + 25 * x + 20 * ramp + rng.normal(0, 2, x.shape), 0, 255).astype(np.uint8)
+
+    changes = {
+        "zoom 0.5x": lambda im, lb: zoom(im, lb, 0.5),
+        "zoom 2x": lambda im, lb: zoom(im, lb, 2.0),
+        "inverted": lambda im, lb: (im.max() - im.astype(np.float32), lb),
+        "noise": lambda im, lb: (rng.poisson(np.maximum(im.astype(np.float32), 0) / max(1.0, np.percentile(im, 99) / 20))
+                                 .astype(np.float32), lb),
+        "blur 2px": lambda im, lb: (__import__("scipy.ndimage", fromlist=["x"]).gaussian_filter(
+            im.astype(np.float32), 2), lb),
+        "dim 8-bit + gradient": lambda im, lb: (dim_gradient(im), lb),
+    }
+    print("\nvalidation images, changed (diameter=None): mean AP50 / AP75 over images")
+    data = [(img, lbl) for _, img, lbl in pairs(folder)]
+    for name, change in changes.items():
+        aps = []
+        for img, lbl in data:
+            im2, lb2 = change(img, lbl)
+            aps.append(metrics.average_precision(lb2, model.eval(im2, diameter=None)[0])[0])
+        aps = np.array(aps).mean(0)
+        print(f"  {name:22s} AP50 {aps[0]:.3f}  AP75 {aps[1]:.3f}")
+
+
 def cells3d_check(model, data_root: Path):
     """Planes of the Allen cells3d nuclei stack (another microscope; labels machine-made)."""
     f = data_root / "nuclei_3d" / "cells3d_nuclei.tif"
@@ -106,6 +147,7 @@ def main(argv=None):
         print(f"mean over images: AP50 {mean_ap[0]:.3f}  AP75 {mean_ap[1]:.3f}  AP90 {mean_ap[2]:.3f}")
         print(f"pooled objects:   AP50 {pooled[0]:.3f}  AP75 {pooled[1]:.3f}  AP90 {pooled[2]:.3f}")
 
+    perturbed_check(model, Path(args.data))
     synthetic_check(model)
     cells3d_check(model, Path(args.data).parents[1])
 

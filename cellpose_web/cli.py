@@ -335,28 +335,17 @@ def _check_params(args, training: bool = False) -> None:
     def bad(msg):
         raise CellposeWebError(msg)
 
+    from cellpose_web.models import check_eval_params
+
     finite = lambda v: v is None or np.isfinite(v)  # noqa: E731
-    if args.diameter is not None and (not finite(args.diameter) or args.diameter < 0):
-        bad(f"--diameter must be a positive number of pixels (0 or None: no rescaling), got {args.diameter}")
-    if args.batch_size < 1:
-        bad(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.niter < 0 or args.niter > 10000:
-        bad(f"--niter must be between 0 (automatic) and 10000, got {args.niter}")
-    if not finite(args.anisotropy) or args.anisotropy <= 0:
-        bad(f"--anisotropy must be a positive number, got {args.anisotropy}")
-    if not finite(args.flow_threshold) or args.flow_threshold < 0:
-        bad(f"--flow_threshold must be >= 0 (0 turns the check off), got {args.flow_threshold}")
-    if not finite(args.cellprob_threshold) or abs(args.cellprob_threshold) > 1000:
-        bad(f"--cellprob_threshold must be a number between -1000 and 1000 (typically -6..6), "
-            f"got {args.cellprob_threshold}")
-    if not (0 <= args.stitch_threshold <= 1):
-        bad(f"--stitch_threshold must be between 0 and 1, got {args.stitch_threshold}")
-    if not (0 < args.max_size_fraction <= 1):
-        bad(f"--max_size_fraction must be in (0, 1], got {args.max_size_fraction}")
-    if args.min_size < -1:
-        bad(f"--min_size must be >= 0 (or -1 to keep all sizes), got {args.min_size}")
-    if any((not np.isfinite(v)) or v < 0 for v in args.flow3D_smooth):
-        bad(f"--flow3D_smooth must be >= 0, got {args.flow3D_smooth}")
+    try:
+        check_eval_params(
+            diameter=args.diameter, flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold,
+            niter=args.niter, min_size=args.min_size, max_size_fraction=args.max_size_fraction,
+            anisotropy=args.anisotropy, stitch_threshold=args.stitch_threshold, flow3D_smooth=args.flow3D_smooth,
+            batch_size=args.batch_size)
+    except CellposeWebError as e:
+        bad(f"--{e}")  # the message starts with the parameter's name, which is also the flag's
     if args.bsize is not None and not (16 <= args.bsize <= 4096):
         bad(f"--bsize must be between 16 and 4096, got {args.bsize}")
     if training:

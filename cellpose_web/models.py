@@ -261,30 +261,67 @@ def _as_array(x: Any) -> np.ndarray:
     return a
 
 
-def _check_diameter(diameter: Any) -> float | None:
-    if diameter is None:
-        return None
+def _number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False, whole: bool = False, hint: str = "") -> float | int:
+    """``value`` as a finite float (int if ``whole``) within [lo, hi]; else a CellposeWebError naming it."""
     try:
-        d = float(diameter)
+        v = float(value)
     except (TypeError, ValueError):
-        raise CellposeWebError(f"diameter must be a number of pixels, got {diameter!r}") from None
-    if math.isnan(d) or math.isinf(d) or d < 0:
-        raise CellposeWebError(f"diameter must be a positive number of pixels (or empty/0 for no rescaling), "
-                               f"got {diameter!r}")
-    return d if d > 0 else None
+        raise CellposeWebError(f"{name} must be a {'whole ' if whole else ''}number, got {value!r}") from None
+    if whole and math.isfinite(v) and v != int(v):
+        raise CellposeWebError(f"{name} must be a whole number, got {value!r}")
+    too_low = lo is not None and (v <= lo if lo_open else v < lo)
+    if not math.isfinite(v) or too_low or (hi is not None and v > hi):
+        rng = (f"> {lo}" if lo_open else f">= {lo}") if hi is None else \
+            f"{'in (' if lo_open else 'between '}{lo}{', ' if lo_open else ' and '}{hi}{']' if lo_open else ''}"
+        raise CellposeWebError(f"{name} must be {rng}{hint}, got {value!r}")
+    return int(v) if whole else v
+
+
+def check_eval_params(diameter: Any = None, flow_threshold: Any = 0.4, cellprob_threshold: Any = 0.0,
+                      niter: Any = None, min_size: Any = 15, max_size_fraction: Any = 0.4,
+                      anisotropy: Any = None, stitch_threshold: Any = 0.0, flow3D_smooth: Any = 0,
+                      batch_size: Any = 8) -> dict[str, Any]:
+    """Check and normalise the parameters of :meth:`CellposeModel.eval` (the one place that does).
+
+    The CLI and the web service call this too, so a bad value gets the same message everywhere.
+    Returns the values converted: diameter float or None (0/None = no rescaling / automatic),
+    niter int or None (0/None = automatic), anisotropy float or None, flow3D_smooth a list of three
+    sigmas (Z, Y, X) or None. Raises :class:`CellposeWebError` naming the parameter and the range.
+    """
+    if diameter is not None:
+        diameter = _number("diameter", diameter, lo=0,
+                           hint=" pixels (0 or None: no rescaling, or estimated for 'lite')") or None
+    if niter is not None:
+        niter = _number("niter", niter, lo=0, hi=MAX_NITER, whole=True, hint=" (0 or None: automatic)") or None
+    if anisotropy is not None:
+        anisotropy = _number("anisotropy", anisotropy, lo=0, lo_open=True)
+    return {
+        "diameter": diameter,
+        "flow_threshold": _number("flow_threshold", flow_threshold, lo=0, hint=" (0 turns the check off)"),
+        "cellprob_threshold": _number("cellprob_threshold", cellprob_threshold, lo=-1000, hi=1000,
+                                      hint=" (typically -6..6)"),
+        "niter": niter,
+        "min_size": _number("min_size", min_size, lo=-1, whole=True, hint=" pixels (-1 keeps all sizes)"),
+        "max_size_fraction": _number("max_size_fraction", max_size_fraction, lo=0, hi=1, lo_open=True),
+        "anisotropy": anisotropy,
+        "stitch_threshold": _number("stitch_threshold", stitch_threshold or 0.0, lo=0, hi=1),
+        "flow3D_smooth": _flow3D_sigma(flow3D_smooth),
+        "batch_size": _number("batch_size", batch_size, lo=1, whole=True),
+    }
 
 
 def _flow3D_sigma(flow3D_smooth: Any) -> list[float] | None:
     if flow3D_smooth is None or flow3D_smooth is False:
         return None
-    if np.isscalar(flow3D_smooth):
-        s = [float(flow3D_smooth)] * 3
-    else:
-        s = [float(v) for v in flow3D_smooth]
-        if len(s) == 1:
-            s = s * 3
-        if len(s) != 3:
-            raise CellposeWebError(f"flow3D_smooth must be one number or three (Z, Y, X); got {flow3D_smooth!r}")
+    try:
+        s = [float(flow3D_smooth)] * 3 if np.isscalar(flow3D_smooth) else [float(v) for v in flow3D_smooth]
+    except (TypeError, ValueError):
+        raise CellposeWebError(f"flow3D_smooth must be one number or three (Z, Y, X); got {flow3D_smooth!r}") from None
+    if len(s) == 1:
+        s = s * 3
+    if len(s) != 3:
+        raise CellposeWebError(f"flow3D_smooth must be one number or three (Z, Y, X); got {flow3D_smooth!r}")
     if any(v < 0 or math.isnan(v) for v in s):
         raise CellposeWebError(f"flow3D_smooth must be >= 0, got {flow3D_smooth!r}")
     return s if any(v > 0 for v in s) else None
@@ -455,30 +492,18 @@ class CellposeModel:
         if x.size == 0:
             raise CellposeWebError(f"the image is empty (shape {x.shape}); check that the file was read correctly")
         _check_finite(x)
-        diameter = _check_diameter(diameter)
-        try:
-            stitch_threshold = float(stitch_threshold or 0.0)
-        except (TypeError, ValueError):
-            raise CellposeWebError(f"stitch_threshold must be a number, got {stitch_threshold!r}") from None
-        try:
-            batch_size = int(batch_size)
-        except (TypeError, ValueError):
-            raise CellposeWebError(f"batch_size must be a whole number, got {batch_size!r}") from None
-        if batch_size < 1:
-            raise CellposeWebError(f"batch_size must be at least 1, got {batch_size}")
+        checked = check_eval_params(diameter=diameter, flow_threshold=flow_threshold,
+                                    cellprob_threshold=cellprob_threshold, niter=niter, min_size=min_size,
+                                    max_size_fraction=max_size_fraction, anisotropy=anisotropy,
+                                    stitch_threshold=stitch_threshold, flow3D_smooth=flow3D_smooth,
+                                    batch_size=batch_size)
+        diameter, flow_threshold, cellprob_threshold = (checked[k] for k in ("diameter", "flow_threshold",
+                                                                             "cellprob_threshold"))
+        niter, min_size, max_size_fraction = checked["niter"], checked["min_size"], checked["max_size_fraction"]
+        anisotropy, stitch_threshold, batch_size = checked["anisotropy"], checked["stitch_threshold"], \
+            checked["batch_size"]
+        sigma3d = checked["flow3D_smooth"]
         bsize = self._check_bsize(bsize)
-        if niter is not None:
-            try:
-                niter = int(niter)
-            except (TypeError, ValueError):
-                raise CellposeWebError(f"niter must be a whole number, got {niter!r}") from None
-            if niter < 0:
-                raise CellposeWebError(f"niter must be >= 0 (0 or empty = automatic), got {niter}")
-        if anisotropy is not None:
-            anisotropy = float(anisotropy)
-            if not (anisotropy > 0) or math.isinf(anisotropy):
-                raise CellposeWebError(f"anisotropy must be a positive number, got {anisotropy}")
-        sigma3d = _flow3D_sigma(flow3D_smooth)
         stack = do_3D or stitch_threshold > 0
 
         x = transforms.convert_image(x, channel_axis=channel_axis, z_axis=z_axis, do_3D=stack)

@@ -243,66 +243,34 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """
     import torch
 
-    path = Path(path)
-    name = path.name
-    if not path.is_file():
-        raise FileNotFoundError(f"Model file not found: {path}")
-    if path.stat().st_size == 0:
-        raise CellposeWebError(f"Model file '{name}' is empty (0 bytes); the download or copy was interrupted.")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e).lower():
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = " ".join(str(e).split())
-        if re.search(r"unsupported global|GLOBAL \S+ whose module|is blocked", msg, re.I):
-            raise CellposeWebError(
-                f"Model file '{name}' was refused: it contains Python objects other than weights, and loading it "
-                "could run code. Save a plain state dict (torch.save(net.state_dict(), path))."
-            ) from None
-        detail = "" if msg.lower().startswith("weights only load failed") else f" ({type(e).__name__}: {msg[:160]})"
-        raise CellposeWebError(
-            f"Model file '{name}' is not a loadable PyTorch checkpoint: it is truncated or damaged"
-            f"{detail}. Download or copy it again."
-        ) from None
-    if isinstance(obj, dict) and obj.get("arch") == "lite":
+    from cellpose_web import nets
+
+    name = Path(path).name
+    obj = nets.load_checkpoint(path)  # FileNotFoundError / CellposeWebError with what to do
+    arch = nets.checkpoint_arch(obj)
+    if arch == "lite":
         sd = obj.get("state_dict")
         if not isinstance(sd, dict) or not sd:
             raise CellposeWebError(f"Model file '{name}' says it is a 'lite' model but holds no weights.")
-        try:
-            from cellpose_web.nets.unet import LiteUNet
-
-            LiteUNet.from_checkpoint(obj)
-        except CellposeWebError:
-            raise
-        except Exception as e:
-            raise CellposeWebError(f"Model file '{name}' is a damaged 'lite' checkpoint ({_short(e)}).") from None
-        return {"arch": "lite", "n_tensors": len(sd), "config": dict(obj.get("config") or {}),
-                "meta": dict(obj.get("meta") or {})}
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    elif not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CellposeWebError(
-            f"Model file '{name}' is a PyTorch file but not a Cellpose model (expected a state dict of tensors)."
-        )
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
-    if "W2" not in sd and "encoder.cls_token" in sd:
-        raise CellposeWebError(f"Model file '{name}' is a Cellpose-DINO model, which cellpose-web does not run yet.")
-    if "W2" not in sd or "encoder.pos_embed" not in sd or "out.weight" not in sd:
-        raise CellposeWebError(
-            f"Model file '{name}' does not appear to be a Cellpose 4 (Cellpose-SAM) model (no 'W2' / encoder "
-            "weights). Cellpose 3 and older models (cyto3, nuclei, ...) cannot be used; fine-tune Cellpose-SAM instead."
-        )
-    config: dict = {}
+            f"Model file '{name}' is a PyTorch file but not a Cellpose model (expected a state dict of tensors).")
+    else:
+        sd = nets._strip_module(obj)
+        if arch == "cpsam" and not all(k in sd for k in ("W2", "encoder.pos_embed", "out.weight")):
+            arch = "unknown"
     try:
-        from cellpose_web.nets.vit_sam import CPSAMNet
-
-        config = CPSAMNet.config_from_state_dict(sd)
-        CPSAMNet.from_state_dict(sd)  # meta-device build + shape check; tensors stay memory-mapped
+        net = nets.build_net(obj)  # meta-device build + shape check for cpsam; tensors stay memory-mapped
+    except CellposeWebError as e:
+        if arch in ("lite", "cpsam"):
+            raise CellposeWebError(f"Model file '{name}' is a damaged '{arch}' checkpoint: {e}") from None
+        raise CellposeWebError(f"Model file '{name}': {e}") from None
     except Exception as e:
-        raise CellposeWebError(f"Model file '{name}' has Cellpose-SAM keys but does not fit the network ({_short(e)}).") from None
-    return {"arch": "cpsam", "n_tensors": len(sd), "config": config}
+        raise CellposeWebError(f"Model file '{name}' is a damaged '{arch}' checkpoint ({_short(e)}).") from None
+    info = {"arch": arch, "n_tensors": len(sd), "config": dict(getattr(net, "config", None) or {})}
+    if arch == "lite":
+        info["meta"] = dict(obj.get("meta") or {})
+    return info
 
 
 def _short(e: BaseException, n: int = 160) -> str:

@@ -91,7 +91,11 @@ def main(argv=None):
     p.add_argument("--save_every", type=int, default=20)
     p.add_argument("--finalize", default=None, metavar="CKPT",
                    help="only evaluate CKPT on <data>/val and write the AP into its metadata")
-    p.add_argument("--init", default=None, help="start from this lite checkpoint (second stage)")
+    p.add_argument("--refine", type=int, default=16,
+                   help="channels of the full-resolution refinement branch (0 = none)")
+    p.add_argument("--init", default=None,
+                   help="start from this lite checkpoint (later stage); layers it lacks (e.g. the "
+                        "refinement branch of a checkpoint trained without one) start fresh")
     p.add_argument("--narrow_scales", action="store_true", help="scales U(0.75, 1.25) only (Cellpose's range)")
     p.add_argument("--cache", default=str(REPO / "runs"), help="folder for the synthetic data cache ('' = none)")
     args = p.parse_args(argv)
@@ -135,9 +139,15 @@ def main(argv=None):
     probs = [w_real] * n_real + [w_syn] * len(syn_imgs)
 
     if args.init:
-        net = LiteUNet.from_checkpoint(torch.load(args.init, map_location="cpu", weights_only=True))
+        init = torch.load(args.init, map_location="cpu", weights_only=True)
+        net = LiteUNet(widths=tuple(init["config"]["widths"]), diam_mean=init["config"]["diam_mean"],
+                       refine=args.refine)
+        missing, unexpected = net.load_state_dict(init["state_dict"], strict=False)
+        if unexpected or any(not k.startswith(("full.", "refine.")) for k in missing):
+            raise SystemExit(f"--init {args.init} does not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        logging.info("initialised from %s (fresh: %s)", args.init, sorted({k.split(".")[0] for k in missing}))
     else:
-        net = LiteUNet(widths=tuple(int(w) for w in args.widths.split(",")))
+        net = LiteUNet(widths=tuple(int(w) for w in args.widths.split(",")), refine=args.refine)
     out = Path(args.out)
     log_epochs = []
 
@@ -160,7 +170,7 @@ def main(argv=None):
         "description": "embedded residual U-Net (cellpose-web), flows + cell probability",
         "params": int(sum(p.numel() for p in net.parameters())),
         "config": net.config,
-        "recipe": {k: getattr(args, k) for k in ("init", "narrow_scales", "n_epochs", "nimg_per_epoch", "batch_size", "learning_rate",
+        "recipe": {k: getattr(args, k) for k in ("init", "refine", "narrow_scales", "n_epochs", "nimg_per_epoch", "batch_size", "learning_rate",
                                                   "weight_decay", "seed", "n_synthetic", "synthetic_fraction")}
         | {"optimizer": "AdamW", "scale": "rescale to 30 px x mixed_scales", "augment_intensity": True,
            "command": "python scripts/train_lite.py " + " ".join(argv or sys.argv[1:])},

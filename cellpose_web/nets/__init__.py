@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import zipfile
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,15 +38,16 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
             errors.append(e)
             continue
     e = errors[-1]
-    full = str(e)
-    msg = full.splitlines()[0][:200] if full else type(e).__name__
-    if zipfile.is_zipfile(p) and ("Unsupported global" in full or "Unsupported class" in full):
+    full = " ".join(str(e).split())
+    if re.search(r"unsupported (global|class)|GLOBAL \S+ whose module|is blocked", full, re.I):
         raise CellposeWebError(
-            f"{p} contains Python objects besides weights and is not loaded for safety; "
-            "save a plain state_dict with torch.save(net.state_dict(), path)") from e
+            f"Model file '{p.name}' was refused: it contains Python objects other than weights, and loading it "
+            "could run code. Save a plain state dict (torch.save(net.state_dict(), path)).") from None
+    detail = "" if full.lower().startswith("weights only load failed") or not full else \
+        f" ({type(e).__name__}: {full[:160]})"
     raise CellposeWebError(
-        f"{p.name}: file is not a complete PyTorch checkpoint (it may be truncated by an interrupted download, "
-        f"or be another kind of file); re-download it (or copy it again). Path: {p}") from e
+        f"Model file '{p.name}' is not a loadable PyTorch checkpoint: it is truncated (an interrupted download) "
+        f"or another kind of file{detail}. Re-download it (or copy it again). Path: {p}") from None
 
 
 def _strip_module(sd: Mapping[str, Any]) -> dict:

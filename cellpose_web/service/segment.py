@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.models import check_eval_params
 from cellpose_web.service import gpu, models_cache
 from cellpose_web.service.config import Limits
 
@@ -53,19 +54,22 @@ class SegmentParams:
                 raise CellposeWebError(f"{name} must be between {lo} and {hi}; got {v}.")
             return x
 
-        d = num("Diameter (px)", p.diameter, 0, 5000, allow_none=True)
-        p.diameter = None if not d else d
-        if self.diameter is not None and not (isinstance(self.diameter, str) and not self.diameter.strip()):
-            if float(self.diameter) < 0:
-                raise CellposeWebError("Diameter cannot be negative; leave it blank (or 0) for automatic.")
-        p.flow_threshold = num("Flow threshold", p.flow_threshold, 0, 10)
-        p.cellprob_threshold = num("Cell probability threshold", p.cellprob_threshold, -20, 20)
-        n = num("niter", p.niter, 0, limits.max_niter, allow_none=True)
-        p.niter = int(n) if n else None
-        p.min_size = int(num("Minimum size (px)", p.min_size, -1, 10**7))
-        a = num("Anisotropy", p.anisotropy, 0.01, 100, allow_none=True)
-        p.anisotropy = a
-        p.stitch_threshold = num("Stitch threshold", p.stitch_threshold, 0, 1)
+        # the form's own limits (a shared server caps the work one request may ask for) ...
+        d = num("Diameter (px)", p.diameter, -math.inf, 5000, allow_none=True)
+        if d is not None and d < 0:
+            raise CellposeWebError("Diameter cannot be negative; leave it blank (or 0) for automatic.")
+        p.diameter = d or None
+        p.niter = num("niter", p.niter, 0, limits.max_niter, allow_none=True)
+        p.anisotropy = num("Anisotropy", p.anisotropy, 0.01, 100, allow_none=True)
+        # ... then the engine's rules, the same check scripts and the CLI get
+        checked = check_eval_params(
+            diameter=p.diameter, flow_threshold=num("Flow threshold", p.flow_threshold, 0, 10),
+            cellprob_threshold=num("Cell probability threshold", p.cellprob_threshold, -20, 20),
+            niter=p.niter, min_size=num("Minimum size (px)", p.min_size, -1, 10**7), anisotropy=p.anisotropy,
+            stitch_threshold=num("Stitch threshold", p.stitch_threshold, 0, 1))
+        for name in ("diameter", "flow_threshold", "cellprob_threshold", "niter", "min_size", "anisotropy",
+                     "stitch_threshold"):
+            setattr(p, name, checked[name])
         lo, hi = (float(v) for v in p.norm_percentile)
         if not (0 <= lo < hi <= 100):
             raise CellposeWebError(f"Normalisation percentiles must satisfy 0 ≤ low < high ≤ 100; got {lo}, {hi}.")
@@ -190,18 +194,9 @@ def _eval_locked(model_name: str, img: np.ndarray, params: SegmentParams, stack:
         if not stack:
             masks, flows, _ = cm.model.eval(img, channel_axis=2, progress=progress, **kw)
             return masks, list(flows), cm
-        # a stack without 3D options: each plane on its own
-        ms, rgbs, dps, cps = [], [], [], []
-        for z in range(img.shape[0]):
-            sub = None
-            if progress:
-                def sub(f, msg="", z=z):
-                    progress((z + float(f)) / img.shape[0], f"plane {z + 1}/{img.shape[0]}: {msg}")
-            m, f, _ = cm.model.eval(img[z], channel_axis=2, progress=sub, **kw)
-            ms.append(m)
-            rgbs.append(f[0])
-            dps.append(f[1])
-            cps.append(f[2])
+        # a stack without 3D options: each plane on its own (eval takes a list of images)
+        ms, flows, _ = cm.model.eval(list(img), channel_axis=2, progress=progress, **kw)
+        rgbs, dps, cps = ([f[i] for f in flows] for i in range(3))
         return np.stack(ms), [np.stack(rgbs), np.stack(dps, 1), np.stack(cps)], cm
 
 
