@@ -7,6 +7,7 @@ MSE(y[:, :2], 5 * unit flows) / 2 + BCE-with-logits(y[:, 2], foreground).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -103,7 +104,8 @@ def prepare_training_data(images: Sequence[np.ndarray], labels: Sequence[np.ndar
 
 
 def _intensity_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random gamma, contrast, blur, noise, channel drop and inversion on normalised (B, C, H, W)."""
+    """Random gamma, contrast, uneven illumination, blur, noise, channel drop and inversion on
+    normalised (B, C, H, W)."""
     B, C = x.shape[:2]
     dev = x.device
 
@@ -115,6 +117,18 @@ def _intensity_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     # gamma on the positive part
     g = torch.exp(u(B, 1, 1, 1, lo=-0.5, hi=0.5))
     x = torch.sign(x) * x.abs().clamp_min(1e-6) ** g
+    # uneven illumination for a quarter of the batch: a tilted plane plus one broad bump, added to
+    # the non-empty channels (amplitude up to 0.35 of the normalised range)
+    H, W = x.shape[-2:]
+    yy = torch.linspace(-1, 1, H, device=dev)[None, :, None]
+    xx = torch.linspace(-1, 1, W, device=dev)[None, None, :]
+    ang = u(B, lo=0.0, hi=2 * math.pi)[:, None, None]
+    cy, cx, width = (u(B, lo=lo, hi=hi)[:, None, None] for lo, hi in ((-1, 1), (-1, 1), (0.3, 1.0)))
+    shade = 0.5 * (torch.cos(ang) * xx + torch.sin(ang) * yy) + \
+        torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width ** 2))
+    amp = u(B, lo=0.0, hi=0.35) * (u(B) < 0.25)
+    filled = (x.abs().amax(dim=(-2, -1), keepdim=True) > 0).float()
+    x = x + (amp[:, None, None] * shade)[:, None] * filled
     # gaussian blur for a random third of the batch
     sig = u(B, lo=0.0, hi=2.0) * (u(B) < 0.35)
     if (sig > 0.3).any():

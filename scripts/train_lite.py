@@ -1,8 +1,10 @@
-"""Train the embedded `lite` model from scratch: real nuclei (train split only) + synthetic cells.
+"""Train the embedded `lite` model: real nuclei (train split only) + synthetic cells.
 
-Reproducible: ``python scripts/train_lite.py --out cellpose_web/weights/lite.pt`` (about 1.5 h on
-2 CPU cores at the defaults). Writes the recipe, data, time and (with --val) validation AP into the
-checkpoint's metadata, which the registry shows as the model card.
+The shipped weights come from four stages, each starting from the previous one (``--init``); the
+commands are in README.md's model card and in the checkpoint's metadata (``earlier_stages``).
+Each run writes the recipe, data, time and validation AP (nuclei_2d/val, diameter=None; never
+trained on) into the checkpoint's metadata, which the registry shows as the model card.
+``--finalize CKPT`` only re-measures validation AP.
 """
 from __future__ import annotations
 
@@ -63,6 +65,15 @@ def validate(path: Path, val_dir: Path) -> dict:
             "ap_pooled": {t: round(float(a), 4) for t, a in zip(("0.5", "0.75", "0.9"), pooled)}}
 
 
+def earlier_stages(init: str | None) -> list[dict]:
+    """The recipes of the checkpoints this one was trained from (oldest first), for the model card."""
+    if not init:
+        return []
+    meta = torch.load(init, map_location="cpu", weights_only=True).get("meta") or {}
+    stage = {k: meta[k] for k in ("recipe", "train_seconds", "created", "validation") if k in meta}
+    return list(meta.get("earlier_stages", [])) + [stage]
+
+
 def finalize(path: Path, val_dir: Path) -> dict:
     """Write validation AP into the checkpoint's metadata (shown by the registry as the model card)."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -78,7 +89,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "nuclei_2d"))
     p.add_argument("--out", default=str(REPO / "cellpose_web" / "weights" / "lite.pt"))
-    p.add_argument("--n_synthetic", type=int, default=360)
+    p.add_argument("--n_synthetic", type=int, default=300)
     p.add_argument("--synthetic_fraction", type=float, default=0.5)
     p.add_argument("--n_epochs", type=int, default=400)
     p.add_argument("--nimg_per_epoch", type=int, default=64)
@@ -177,6 +188,7 @@ def main(argv=None):
         "data": {"real": f"nuclei_2d/train ({n_real} images)", "synthetic": len(syn_imgs),
                  "synthetic_styles": sorted(set(styles))},
         "train_seconds": round(time.time() - t0, 1),
+        "earlier_stages": earlier_stages(args.init),
         "final_train_loss": float(losses[-1]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
