@@ -25,6 +25,11 @@ class ThresholdModel:
     """Stand-in for CellposeModel: labels connected bright regions."""
 
     def eval(self, img, channel_axis=None, progress=None, **kw):
+        if isinstance(img, list):  # as CellposeModel.eval: a list of images gives lists
+            outs = [self.eval(im, channel_axis=channel_axis, **kw) for im in img]
+            if progress:
+                progress(1.0, "done")
+            return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
         x = np.asarray(img, np.float32)
         if x.ndim == 3:
             x = x[..., 0] if channel_axis in (2, -1) else x[0]

@@ -23,6 +23,11 @@ EXAMPLE = REPO / "examples" / "u2os_nuclei.tif"
 
 class ThresholdModel:
     def eval(self, img, channel_axis=None, progress=None, **kw):
+        if isinstance(img, list):  # as CellposeModel.eval: a list of images gives lists
+            outs = [self.eval(im, channel_axis=channel_axis, **kw) for im in img]
+            if progress:
+                progress(1.0, "done")
+            return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
         x = np.asarray(img, np.float32)
         x = x[..., 0] if x.ndim == 3 else x
         m, _ = ndi.label(ndi.binary_opening(x > np.percentile(x, 70), iterations=2))

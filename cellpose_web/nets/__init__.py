@@ -47,7 +47,7 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         f" ({type(e).__name__}: {full[:160]})"
     raise CellposeWebError(
         f"Model file '{p.name}' is not a loadable PyTorch checkpoint: it is truncated (an interrupted download) "
-        f"or another kind of file{detail}. Re-download it (or copy it again). Path: {p}") from None
+        f"or another kind of file{detail}; re-download it (or copy it again). Path: {p}") from None
 
 
 def _strip_module(sd: Mapping[str, Any]) -> dict:
