@@ -65,13 +65,12 @@ def validate(path: Path, val_dir: Path) -> dict:
             "ap_pooled": {t: round(float(a), 4) for t, a in zip(("0.5", "0.75", "0.9"), pooled)}}
 
 
-def earlier_stages(init: str | None) -> list[dict]:
+def earlier_stages(init_meta: dict | None) -> list[dict]:
     """The recipes of the checkpoints this one was trained from (oldest first), for the model card."""
-    if not init:
+    if not init_meta:
         return []
-    meta = torch.load(init, map_location="cpu", weights_only=True).get("meta") or {}
-    stage = {k: meta[k] for k in ("recipe", "train_seconds", "created", "validation") if k in meta}
-    return list(meta.get("earlier_stages", [])) + [stage]
+    stage = {k: init_meta[k] for k in ("recipe", "train_seconds", "created", "validation") if k in init_meta}
+    return list(init_meta.get("earlier_stages", [])) + [stage]
 
 
 def finalize(path: Path, val_dir: Path) -> dict:
@@ -150,13 +149,9 @@ def main(argv=None):
     probs = [w_real] * n_real + [w_syn] * len(syn_imgs)
 
     if args.init:
-        init = torch.load(args.init, map_location="cpu", weights_only=True)
-        net = LiteUNet(widths=tuple(init["config"]["widths"]), diam_mean=init["config"]["diam_mean"],
-                       refine=args.refine)
-        missing, unexpected = net.load_state_dict(init["state_dict"], strict=False)
-        if unexpected or any(not k.startswith(("full.", "refine.")) for k in missing):
-            raise SystemExit(f"--init {args.init} does not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        logging.info("initialised from %s (fresh: %s)", args.init, sorted({k.split(".")[0] for k in missing}))
+        net = LiteUNet.from_checkpoint(torch.load(args.init, map_location="cpu", weights_only=True),
+                                       refine=args.refine)
+        logging.info("initialised from %s", args.init)
     else:
         net = LiteUNet(widths=tuple(int(w) for w in args.widths.split(",")), refine=args.refine)
     out = Path(args.out)
@@ -183,12 +178,13 @@ def main(argv=None):
         "config": net.config,
         "recipe": {k: getattr(args, k) for k in ("init", "refine", "narrow_scales", "n_epochs", "nimg_per_epoch", "batch_size", "learning_rate",
                                                   "weight_decay", "seed", "n_synthetic", "synthetic_fraction")}
-        | {"optimizer": "AdamW", "scale": "rescale to 30 px x mixed_scales", "augment_intensity": True,
+        | {"optimizer": "AdamW", "augment_intensity": True,
+           "scale": "rescale to 30 px x " + ("U(0.75, 1.25)" if args.narrow_scales else "mixed_scales"),
            "command": "python scripts/train_lite.py " + " ".join(argv or sys.argv[1:])},
         "data": {"real": f"nuclei_2d/train ({n_real} images)", "synthetic": len(syn_imgs),
                  "synthetic_styles": sorted(set(styles))},
         "train_seconds": round(time.time() - t0, 1),
-        "earlier_stages": earlier_stages(args.init),
+        "earlier_stages": earlier_stages(getattr(net, "meta", None)),
         "final_train_loss": float(losses[-1]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

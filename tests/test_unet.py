@@ -36,6 +36,11 @@ def test_refinement_starts_as_identity_so_half_resolution_weights_fine_tune_into
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         assert torch.allclose(refined(x)[0], half(x)[0], atol=1e-6)
+    # the same through the checkpoint: a half-resolution checkpoint opened with a refinement branch
+    grown = LiteUNet.from_checkpoint(half.checkpoint_dict(), refine=8).eval()
+    assert grown.config["refine"] == 8
+    with torch.inference_mode():
+        assert torch.allclose(grown(x)[0], half(x)[0], atol=1e-6)
     # once trained, the branch changes the output (it is wired in)
     with torch.no_grad():
         refined.refine[-1].bias.fill_(0.5)
