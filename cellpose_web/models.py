@@ -60,19 +60,22 @@ class _Progress:
     An exception raised by the callback stops the eval (use it to cancel).
     """
 
-    def __init__(self, progress: Any, lo: float = 0.0, hi: float = 1.0):
-        self.p, self.lo, self.hi = progress, lo, hi
+    def __init__(self, progress: Any, lo: float = 0.0, hi: float = 1.0, prefix: str = ""):
+        self.p, self.lo, self.hi, self.prefix = progress, lo, hi, prefix
         self._last = 0.0
 
-    def sub(self, a: float, b: float) -> "_Progress":
+    def sub(self, a: float, b: float, prefix: str = "") -> "_Progress":
+        """The part [a, b] of this range; messages get ``prefix`` (e.g. "image 2/5: ") in front."""
         span = self.hi - self.lo
-        return _Progress(self.p, self.lo + span * a, self.lo + span * b) if self.p is not None else self
+        return _Progress(self.p, self.lo + span * a, self.lo + span * b, self.prefix + prefix) \
+            if self.p is not None else self
 
     def __call__(self, frac: float, msg: str = "") -> None:
         p = self.p
         if p is None:
             return
         f = float(min(1.0, max(0.0, self.lo + (self.hi - self.lo) * frac)))
+        msg = self.prefix + msg if msg else msg
         # exceptions raised by the callback propagate: that is how a caller cancels a running eval
         if hasattr(p, "update") and hasattr(p, "n") and not callable(getattr(p, "setValue", None)):
             total = getattr(p, "total", None) or 100
@@ -263,19 +266,21 @@ def _as_array(x: Any) -> np.ndarray:
 
 def _number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
             lo_open: bool = False, whole: bool = False, hint: str = "") -> float | int:
-    """``value`` as a finite float (int if ``whole``) within [lo, hi]; else a CellposeWebError naming it."""
+    """``value`` as a finite float (int if ``whole``) within [lo, hi] ((lo, hi] if ``lo_open``);
+    otherwise a CellposeWebError that names the parameter and the allowed range."""
+    kind = "whole number" if whole else "number"
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise CellposeWebError(f"{name} must be a {'whole ' if whole else ''}number, got {value!r}") from None
-    if whole and math.isfinite(v) and v != int(v):
-        raise CellposeWebError(f"{name} must be a whole number, got {value!r}")
-    too_low = lo is not None and (v <= lo if lo_open else v < lo)
-    if not math.isfinite(v) or too_low or (hi is not None and v > hi):
-        rng = (f"> {lo}" if lo_open else f">= {lo}") if hi is None else \
-            f"{'in (' if lo_open else 'between '}{lo}{', ' if lo_open else ' and '}{hi}{']' if lo_open else ''}"
-        raise CellposeWebError(f"{name} must be {rng}{hint}, got {value!r}")
-    return int(v) if whole else v
+        raise CellposeWebError(f"{name} must be a {kind}, got {value!r}") from None
+    above_lo = lo is None or (v > lo if lo_open else v >= lo)
+    if math.isfinite(v) and above_lo and (hi is None or v <= hi) and not (whole and v != int(v)):
+        return int(v) if whole else v
+    if hi is None:
+        allowed = f"{'>' if lo_open else '>='} {lo}"
+    else:
+        allowed = f"in ({lo}, {hi}]" if lo_open else f"between {lo} and {hi}"
+    raise CellposeWebError(f"{name} must be a {kind} {allowed}{hint}, got {value!r}")
 
 
 def check_eval_params(diameter: Any = None, flow_threshold: Any = 0.4, cellprob_threshold: Any = 0.0,
@@ -465,7 +470,8 @@ class CellposeModel:
                                      flow3D_smooth=flow3D_smooth, stitch_threshold=stitch_threshold,
                                      min_size=min_size, max_size_fraction=max_size_fraction, niter=niter,
                                      augment=augment, tile_overlap=tile_overlap, bsize=bsize,
-                                     compute_masks=compute_masks, progress=prog.sub(i / nimg, (i + 1) / nimg))
+                                     compute_masks=compute_masks,
+                                     progress=prog.sub(i / nimg, (i + 1) / nimg, f"image {i + 1}/{nimg}: "))
                 self.timing.append(time.perf_counter() - tic)
                 masks.append(m)
                 flows.append(f)
@@ -497,12 +503,10 @@ class CellposeModel:
                                     max_size_fraction=max_size_fraction, anisotropy=anisotropy,
                                     stitch_threshold=stitch_threshold, flow3D_smooth=flow3D_smooth,
                                     batch_size=batch_size)
-        diameter, flow_threshold, cellprob_threshold = (checked[k] for k in ("diameter", "flow_threshold",
-                                                                             "cellprob_threshold"))
-        niter, min_size, max_size_fraction = checked["niter"], checked["min_size"], checked["max_size_fraction"]
-        anisotropy, stitch_threshold, batch_size = checked["anisotropy"], checked["stitch_threshold"], \
-            checked["batch_size"]
-        sigma3d = checked["flow3D_smooth"]
+        (diameter, flow_threshold, cellprob_threshold, niter, min_size, max_size_fraction, anisotropy,
+         stitch_threshold, sigma3d, batch_size) = (checked[k] for k in (
+            "diameter", "flow_threshold", "cellprob_threshold", "niter", "min_size", "max_size_fraction",
+            "anisotropy", "stitch_threshold", "flow3D_smooth", "batch_size"))
         bsize = self._check_bsize(bsize)
         stack = do_3D or stitch_threshold > 0
 

@@ -155,6 +155,16 @@ def test_channels_deprecated_and_progress(model, io, caplog):
     model.eval(io["image_gray"][:150, :150], compute_masks=False, progress=bar)
     assert bar.n == pytest.approx(bar.total)
 
+    # a list of images (how the app runs a z-stack plane by plane): one rising bar, messages say which image
+    events = []
+    img = io["image_gray"][:96, :96]
+    model.eval([img, img, img], compute_masks=False, progress=lambda f, msg: events.append((f, msg)))
+    fracs = [f for f, _ in events]
+    assert fracs[-1] == pytest.approx(1.0) and all(b >= a - 1e-9 for a, b in zip(fracs, fracs[1:]))
+    msgs = [m for _, m in events if m]
+    assert msgs and all(m.startswith(("image 1/3: ", "image 2/3: ", "image 3/3: ")) for m in msgs)
+    assert any(m.startswith("image 3/3: ") for m in msgs)
+
 
 def test_bfloat16_on_cpu_when_asked(tiny_path, io):
     m = CellposeModel(pretrained_model=tiny_path, use_bfloat16=True)
