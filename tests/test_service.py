@@ -174,6 +174,20 @@ def test_channels_last_layouts():
 
 
 # ---------------------------------------------------------------- segmentation + files
+def test_stack_without_3d_counts_cells_per_plane(fake_model):
+    """Planes segmented on their own: cells in different planes never share a label."""
+    plane = _blobs()
+    n_plane = segment.segment(plane, segment.SegmentParams(), "thresh", "p.tif").n_cells
+    stack = np.stack([plane, plane[:, ::-1], plane])
+    res = segment.segment(stack, segment.SegmentParams(z_axis=0), "thresh", "s.tif")
+    assert res.masks.shape == stack.shape and n_plane > 1
+    assert res.n_cells == 3 * n_plane
+    for z in range(3):  # each plane still holds its own segmentation, only renumbered
+        labels_z = np.unique(res.masks[z][res.masks[z] > 0])
+        assert len(labels_z) == n_plane
+        assert not set(labels_z) & set(np.unique(res.masks[(z + 1) % 3]))
+
+
 def test_segment_records_provenance_and_writes_files(tmp_path, fake_model):
     img = _blobs()
     res = segment.segment(img, segment.SegmentParams(flow_threshold=0.3), "thresh", "a.tif", 0.5)

@@ -197,7 +197,18 @@ def _eval_locked(model_name: str, img: np.ndarray, params: SegmentParams, stack:
         # a stack without 3D options: each plane on its own (eval takes a list of images)
         ms, flows, _ = cm.model.eval(list(img), channel_axis=2, progress=progress, **kw)
         rgbs, dps, cps = ([f[i] for f in flows] for i in range(3))
-        return np.stack(ms), [np.stack(rgbs), np.stack(dps, 1), np.stack(cps)], cm
+        return _distinct_plane_labels(ms), [np.stack(rgbs), np.stack(dps, 1), np.stack(cps)], cm
+
+
+def _distinct_plane_labels(planes: list[np.ndarray]) -> np.ndarray:
+    """(Z, Y, X) labels from planes segmented on their own: each plane's cells get labels of their
+    own (plane z continues after plane z-1), so the count and the table list cells per plane
+    instead of joining unrelated cells that happen to share a number into one "volume"."""
+    counts = np.array([int(m.max()) for m in planes], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = np.stack(planes).astype(np.uint32 if counts.sum() > np.iinfo(np.uint16).max else np.uint16)
+    out += np.where(out > 0, offsets[:, None, None], 0).astype(out.dtype)
+    return out
 
 
 def segment(image: np.ndarray, params: SegmentParams, model_name: str, image_name: str = "image",
