@@ -131,9 +131,15 @@ def _int_or_none(v: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
 
 
-def build_parser(prog: str = "python -m cellpose_web") -> argparse.ArgumentParser:
+def command_name() -> str:
+    """How this command line was started: ``cellpose-web`` (the installed command) or ``python -m cellpose_web``."""
+    return "cellpose-web" if Path(sys.argv[0]).name.startswith("cellpose-web") else "python -m cellpose_web"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The Cellpose-4-compatible parser (segmentation and training flags)."""
-    p = _Parser(prog=prog, description="Cellpose 4 (Cellpose-SAM) segmentation, Cellpose-compatible command line. "
+    p = _Parser(prog=prog or command_name(),
+                description="Cellpose 4 (Cellpose-SAM) segmentation, Cellpose-compatible command line. "
                 "Subcommands: serve (web app), models (list/add/rename/delete/fetch/push), batch.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -603,7 +609,7 @@ def run_training(args) -> int:
 # models subcommand
 # ----------------------------------------------------------------------------------------------
 def _models_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m cellpose_web models", description="Manage models: list, add, rename, delete, "
+    p = _Parser(prog=f"{command_name()} models", description="Manage models: list, add, rename, delete, "
                 "fetch from / push to the Hugging Face Hub.")
     p.add_argument("--verbose", action="store_true")
     sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -702,7 +708,7 @@ def run_batch(argv: Sequence[str]) -> int:
     ``--dask-scheduler tcp://HOST:8786`` uses a running cluster; ``--dask-scheduler local`` or
     ``--dask-workers N`` alone starts a LocalCluster of N worker processes on this machine.
     """
-    p = build_parser(prog="python -m cellpose_web batch")
+    p = build_parser(prog=f"{command_name()} batch")
     dk = p.add_argument_group("Dask scale-out (pip install 'dask[distributed]')")
     dk.add_argument("--dask-scheduler", dest="dask_scheduler", default=None,
                     help="address of a Dask scheduler, tcp://HOST:8786, or 'local' for a LocalCluster here; the "

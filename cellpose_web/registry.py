@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cellpose_web.errors import CellposeWebError, ModelNotAvailableError
+from cellpose_web.resources import WEIGHTS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def models_dir() -> Path:
 
 
 def builtin_path(name: str) -> Path:
-    return Path(__file__).resolve().parent / "weights" / f"{name}.pt"
+    return WEIGHTS_DIR / f"{name}.pt"
 
 
 def _truthy(v: str | None) -> bool:
@@ -256,7 +257,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         raise CellposeWebError(
             f"Model file '{name}' is a PyTorch file but not a Cellpose model (expected a state dict of tensors).")
     else:
-        sd = nets._strip_module(obj)
+        sd = nets.strip_module_prefix(obj)
         if arch == "cpsam" and not all(k in sd for k in ("W2", "encoder.pos_embed", "out.weight")):
             arch = "unknown"
     try:

@@ -9,5 +9,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
       || echo "warning: could not install chromium; browser tests will be skipped"
   fi
 fi
-python3 -m pip install -q -r requirements-dev.txt
+# torch (the CPU build unless there is an NVIDIA GPU) + requirements-dev.txt; the tests import the
+# package from this checkout, so it is not installed
+PYTHON=python3 bash scripts/install.sh --dev
 exec python3 -m pytest -q -ra "$@"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.resources import examples_dir
 from cellpose_web.service.config import Limits, home_dir
 
 log = logging.getLogger("cellpose_web.ui")
@@ -99,7 +100,7 @@ def _recover_after_restart() -> None:
 def launch_kwargs() -> dict[str, Any]:
     """theme / css / head (keyboard shortcuts) / allowed paths for Blocks.launch (Gradio 6 style)."""
     from cellpose_web.ui import widgets
-    ex = Path(__file__).resolve().parents[2] / "examples"
+    ex = examples_dir()
     allowed = [str(ex)] if ex.is_dir() else []
     return {"theme": widgets.theme(), "css": widgets.CSS, "head": widgets.HEAD, "allowed_paths": allowed,
             "footer_links": ["api"]}
@@ -161,7 +162,7 @@ def make_auth(auth: str | None, auth_file: str | None) -> Callable[[str, str], b
 
 # ------------------------------------------------------------------ entry point
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="cellpose_web serve", description="Start the Cellpose-web app.")
+    ap = argparse.ArgumentParser(prog="cellpose-web serve", description="Start the Cellpose-web app.")
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                     help="address to listen on (env GRADIO_SERVER_NAME; 0.0.0.0 for a lab server)")
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),

@@ -11,13 +11,14 @@ import pandas as pd
 
 from cellpose_web import measure
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.resources import examples_dir
 from cellpose_web.service import inputs, models_cache, outputs
 from cellpose_web.service.batch import PunctaParams, measure_result
 from cellpose_web.service.config import Limits
 from cellpose_web.service.segment import SegmentParams, segment, to_channels_last
 from cellpose_web.ui import common, widgets as W
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES_DIR = examples_dir()
 
 INTRO = ("Upload a TIFF, PNG or JPEG (2D, multi-channel or a z-stack), choose a model and press "
          "**Run segmentation**. Leave the diameter blank to let the model decide. "

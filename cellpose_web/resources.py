@@ -1,0 +1,22 @@
+"""Files shipped with the package: the built-in weights and the example images.
+
+In a source checkout the examples are the repository's top-level ``examples/`` folder; an
+installed package (``pip install .``) carries them as ``cellpose_web/examples``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+WEIGHTS_DIR = PACKAGE_DIR / "weights"
+
+
+def examples_dir() -> Path:
+    """Folder of the example images: the installed copy, else the checkout's ``examples/``.
+
+    Returns the installed location when neither exists (callers check ``is_dir()``).
+    """
+    for folder in (PACKAGE_DIR / "examples", PACKAGE_DIR.parent / "examples"):
+        if folder.is_dir():
+            return folder
+    return PACKAGE_DIR / "examples"
