@@ -37,6 +37,7 @@ from scipy import ndimage as ndi
 
 from cellpose_web import transforms
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.overlap import iou_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -819,8 +820,6 @@ def stitch3D(masks, stitch_threshold: float = 0.25) -> np.ndarray:
     Cellpose restarts its label counter when an empty plane is met before any plane was stitched, which
     can give unrelated objects the same label; here the counter never goes back (otherwise identical).
     """
-    from cellpose_web.metrics import _iou_matrix
-
     lab = _as_labels(masks, "masks", ndims=(3,))
     out = lab.copy()
     if out.dtype.kind != "u" or out.dtype.itemsize < 2:
@@ -847,7 +846,7 @@ def stitch3D(masks, stitch_threshold: float = 0.25) -> np.ndarray:
                 mmax = running + nmax_next
             running = max(running, mmax)
             continue
-        iou, cols = _iou_matrix(nxt, prev)  # rows: labels 1..nmax_next; cols: labels present in prev
+        iou, cols = iou_matrix(nxt, prev)  # rows: labels 1..nmax_next; cols: labels present in prev
         iou[iou < stitch_threshold] = 0.0
         iou[iou < iou.max(axis=0)] = 0.0
         best = iou.argmax(axis=1)

@@ -16,6 +16,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.overlap import label_overlap
 
 __all__ = ["average_precision", "mask_ious", "aggregated_jaccard_index", "boundary_scores"]
 
@@ -52,32 +53,10 @@ def _pair(masks_true, masks_pred) -> tuple[np.ndarray, np.ndarray]:
     return t, p
 
 
-def _overlap(t: np.ndarray, p: np.ndarray):
-    """Sparse pixel counts of (true label, pred label) pairs, both > 0, plus the label areas.
-
-    Returns (ti, pi, counts, area_t (t.max()+1,), area_p (p.max()+1,)).
-    """
-    tf = t.reshape(-1).astype(np.int64, copy=False)
-    pf = p.reshape(-1).astype(np.int64, copy=False)
-    nt = int(tf.max()) + 1 if tf.size else 1
-    npd = int(pf.max()) + 1 if pf.size else 1
-    area_t = np.bincount(tf, minlength=nt)
-    area_p = np.bincount(pf, minlength=npd)
-    both = (tf > 0) & (pf > 0)
-    key = tf[both] * npd + pf[both]
-    if key.size and nt * npd <= 4 * tf.size + 2**20:
-        c = np.bincount(key, minlength=0)
-        k = np.flatnonzero(c)
-        cnt = c[k]
-    else:
-        k, cnt = np.unique(key, return_counts=True)
-    return k // npd, k % npd, cnt, area_t, area_p
-
-
 def _intersection_over_union(masks_true, masks_pred) -> np.ndarray:
     """Dense IoU matrix [t.max()+1, p.max()+1] (background row/column included, as Cellpose)."""
     t, p = _pair(masks_true, masks_pred)
-    ti, pi, cnt, at, ap_ = _overlap(t, p)
+    ti, pi, cnt, at, ap_ = label_overlap(t, p)
     overlap = np.zeros((len(at), len(ap_)), dtype=np.int64)
     overlap[ti, pi] = cnt
     # background row / column (pixels where one side is 0)
@@ -90,24 +69,9 @@ def _intersection_over_union(masks_true, masks_pred) -> np.ndarray:
     return iou
 
 
-def _iou_matrix(masks_a: np.ndarray, masks_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """IoU of labels 1..a.max() (rows) against the labels present in b (columns, ascending).
-
-    Returns (iou float64 (a.max(), ncols), column label values). Used by ``dynamics.stitch3D``.
-    """
-    ai, bi, cnt, aa, ab = _overlap(masks_a, masks_b)
-    cols = np.flatnonzero(ab[1:] > 0) + 1
-    col_of = np.zeros(len(ab), dtype=np.int64)
-    col_of[cols] = np.arange(len(cols))
-    iou = np.zeros((len(aa) - 1, len(cols)), dtype=np.float64)
-    union = aa[ai] + ab[bi] - cnt
-    iou[ai - 1, col_of[bi]] = cnt / union
-    return iou, cols
-
-
 def _iou_sub(t: np.ndarray, p: np.ndarray) -> np.ndarray:
     """IoU matrix without background: [t.max(), p.max()] float64."""
-    ti, pi, cnt, at, ap_ = _overlap(t, p)
+    ti, pi, cnt, at, ap_ = label_overlap(t, p)
     iou = np.zeros((len(at) - 1, len(ap_) - 1), dtype=np.float64)
     iou[ti - 1, pi - 1] = cnt / (at[ti] + ap_[pi] - cnt)
     return iou
@@ -217,7 +181,7 @@ def aggregated_jaccard_index(masks_true, masks_pred) -> np.ndarray:
     for n in range(len(masks_true)):
         t, p = _pair(masks_true[n], masks_pred[n])
         _, preds = mask_ious(t, p)
-        ti, pi, cnt, _, _ = _overlap(t, p)
+        ti, pi, cnt, _, _ = label_overlap(t, p)
         matched = np.zeros(len(preds) + 1, dtype=np.int64)
         matched[1:] = preds
         inter = cnt[matched[ti] == pi].sum()

@@ -166,7 +166,7 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
             t = torch.from_numpy(np.ascontiguousarray(imgs[g0:g1], dtype=np.float32)).to(device)
             t = t.permute(0, 3, 1, 2)  # (G, C, Y, X)
             if rsz is not None:
-                t = transforms._resize_yx(t, Lyr, Lxr, 2, nearest=False)
+                t = transforms.resize_yx(t, Lyr, Lxr, 2, nearest=False)
             t = torch.nn.functional.pad(t, (xpad1, xpad2, ypad1, ypad2))
             G = t.shape[0]
             if whole_image:

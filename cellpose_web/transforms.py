@@ -406,7 +406,15 @@ def _resize_axis(a, axis: int, n_out: int, nearest: bool):
     return out
 
 
-def _resize_yx(a, Ly: int, Lx: int, y_axis: int, nearest: bool):
+def resize_yx(a, Ly: int, Lx: int, y_axis: int, nearest: bool = False):
+    """Resize the Y and X axes of an array or tensor to (Ly, Lx), as ``cv2.resize`` does.
+
+    Parameters
+    ----------
+    a : numpy array or torch tensor; axis ``y_axis`` is Y and ``y_axis + 1`` is X, e.g. (Y, X, C)
+        with y_axis=0 or (N, C, Y, X) with y_axis=2.
+    nearest : nearest-neighbour (labels) instead of bilinear (images, returned as float).
+    """
     if Ly <= 0 or Lx <= 0:
         raise CellposeWebError(
             f"resizing to {Ly} x {Lx} pixels is impossible: the diameter (or anisotropy) makes the image "
@@ -446,7 +454,7 @@ def resize_image(img0, Ly: int | None = None, Lx: int | None = None, rsz=None,
         y_axis = nd - 2
     else:
         y_axis = nd - 3
-    return _resize_yx(img0, int(Ly), int(Lx), y_axis, nearest)
+    return resize_yx(img0, int(Ly), int(Lx), y_axis, nearest)
 
 
 def resize_image_3d(img, shape: Sequence[int], interpolation: str = "linear", no_channels: bool = False):

@@ -50,7 +50,8 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         f"or another kind of file{detail}; re-download it (or copy it again). Path: {p}") from None
 
 
-def _strip_module(sd: Mapping[str, Any]) -> dict:
+def strip_module_prefix(sd: Mapping[str, Any]) -> dict:
+    """A state dict without the ``module.`` key prefix that torch.nn.DataParallel adds (Cellpose 4 saves it)."""
     return {(k[7:] if isinstance(k, str) and k.startswith("module.") else k): v for k, v in sd.items()}
 
 
@@ -85,7 +86,7 @@ def build_net(obj: Any) -> nn.Module:
         return LiteUNet.from_checkpoint(obj)
     if arch == "cpsam":
         from cellpose_web.nets.vit_sam import CPSAMNet
-        sd = _strip_module(obj)
+        sd = strip_module_prefix(obj)
         try:
             return CPSAMNet.from_state_dict(sd)
         except (KeyError, ValueError) as e:
