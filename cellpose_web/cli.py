@@ -169,6 +169,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     mod.add_argument("--pretrained_model", default=None,
                      help="model name (lite, cpsam_v2, cpsam, a lab model, owner/repo:file) or a file path; "
                           "default: cpsam_v2/cpsam if already downloaded, else lite")
+    mod.add_argument("--fallback", default=None, metavar="MODEL",
+                     help="segment with MODEL (e.g. lite) when --pretrained_model cannot be had (offline, not "
+                          "downloaded), and say so; default: stop with exit status 2")
     mod.add_argument("--add_model", default=None, help="register this model file as a lab model and exit")
     mod.add_argument("--token", default=None, help="Hugging Face token for private Hub models (default: HF_TOKEN)")
     for dep in ("--pretrained_model_ortho", "--restore_type", "--chan2_restore", "--transformer"):
@@ -297,19 +300,31 @@ def _device_arg(args) -> str | None:
     return None
 
 
+def _resolve_model(args, spec: str, for_training: bool = False):
+    """The registry entry for ``spec``; with ``--fallback MODEL``, that model when ``spec`` cannot be had.
+
+    Without ``--fallback`` a model that cannot be fetched (offline, no cache) stops the run with the
+    same message ``CellposeModel(pretrained_model=spec)`` raises (exit status 2): the outputs never
+    silently come from another model. Training never falls back (its base model must be the one asked).
+    """
+    from cellpose_web import registry
+
+    try:
+        return registry.resolve_model(spec, progress=_download_progress(spec), token=args.token)
+    except ModelNotAvailableError as e:
+        fallback = getattr(args, "fallback", None)
+        if for_training or not fallback or fallback == str(spec):
+            raise
+        _say(f"notice: {' '.join(str(e).split())}")
+        _say(f"notice: --fallback: using '{fallback}' instead of '{spec}' (the outputs record '{fallback}')")
+        return registry.resolve_model(fallback, progress=_download_progress(fallback), token=args.token)
+
+
 def _load_model(args, spec: str, for_training: bool = False):
     from cellpose_web import registry
     from cellpose_web.models import CellposeModel
 
-    try:
-        info = registry.resolve_model(spec, progress=_download_progress(spec), token=args.token)
-    except ModelNotAvailableError as e:
-        # Cellpose-SAM weights unreachable (offline, no cache): segmenting still works with the
-        # built-in model, as Cellpose falls back to its default; training must not change base silently.
-        if for_training or str(spec) not in registry.HUB_MODELS:
-            raise
-        print(f"notice: {e}\nnotice: using the built-in 'lite' model instead of {spec!r}.", file=sys.stderr)
-        info = registry.resolve_model("lite")
+    info = _resolve_model(args, spec, for_training)
     model = CellposeModel(gpu=args.use_gpu, pretrained_model=info.path, device=_device_arg(args),
                           use_bfloat16=False if for_training else None)
     model.model_info = info  # keep the registry name (CellposeModel saw a path)
@@ -743,7 +758,7 @@ def run_segmentation_dask(args) -> int:
         sched = distributed.scheduler_address(sched)
     files = _collect_images(args)
     spec = _model_spec(args)
-    info = registry.resolve_model(spec, progress=_download_progress(spec), token=args.token)
+    info = _resolve_model(args, spec)
     params = _eval_kwargs(args)
     opts = file_options(args)
     savedir = Path(args.savedir).expanduser().resolve() if args.savedir else None

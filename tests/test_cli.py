@@ -12,6 +12,8 @@ import tifffile
 
 from cellpose_web import cli, io, registry
 
+import standin
+
 REPO = Path(__file__).resolve().parents[1]
 CROPS = [("2022-10-14-U2OS-1", (slice(100, 300), slice(200, 400))),
          ("2023-05-31-misc-4", (slice(150, 350), slice(150, 350)))]
@@ -33,31 +35,11 @@ def folder(tmp_path, data_dir):
     return d, labels
 
 
-class StubModel:
-    """Stands in for CellposeModel: returns the ground-truth labels of the image it is given."""
-
-    def __init__(self, labels_by_shape):
-        self.labels_by_shape = labels_by_shape
-        self.device = "cpu"
-        self.dtype = "float32"
-        self.diam_estimate = 17.0
-        self.calls = []
-
-    def eval(self, img, **kw):
-        self.calls.append(kw)
-        m = self.labels_by_shape[(img.shape, int(np.asarray(img).sum()))]
-        dP = np.zeros((2, *m.shape), np.float32)
-        return m.copy(), [np.zeros((*m.shape, 3), np.uint8), dP, (m > 0).astype(np.float32)], np.zeros(256)
-
-
 @pytest.fixture
 def stub(folder, monkeypatch):
     d, labels = folder
-    table = {}
-    for name, lab in labels.items():
-        img = tifffile.imread(d / name)
-        table[(img.shape, int(img.sum()))] = lab
-    model = StubModel(table)
+    answers = {standin.image_key(tifffile.imread(d / name)): lab for name, lab in labels.items()}
+    model = standin.StandInModel(answers)  # answers each image with its ground-truth labels
     info = registry.ModelInfo(name="stub", source="lab", arch="lite", path="/models/stub", sha256="ab" * 32)
     monkeypatch.setattr(cli, "_load_model", lambda args, spec, for_training=False: (model, info))
     return model
@@ -204,6 +186,40 @@ def test_unknown_model_one_line(folder, capsys):
     assert rc == 2 and "Unknown model 'no_such_model'" in _one_error_line(err)
 
 
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and an empty Hugging Face cache: Cellpose-SAM cannot be had."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    from cellpose_web.errors import ModelNotAvailableError
+    from cellpose_web.models import CellposeModel
+
+    with pytest.raises(ModelNotAvailableError) as e:
+        CellposeModel(pretrained_model="cpsam")
+    return " ".join(str(e.value).split())  # the Python API's message, as the CLI prints it
+
+
+@pytest.mark.parametrize("sub", [[], ["batch", "--dask-workers", "1"]], ids=["segment", "dask-batch"])
+def test_offline_hub_model_exits_2_with_the_api_message(folder, offline, capsys, sub):
+    d, labels = folder
+    rc, out, err = _run([*sub, "--dir", str(d), "--pretrained_model", "cpsam", "--save_png"], capsys)
+    assert rc == 2
+    assert _one_error_line(err) == f"error: {offline}"
+    assert "lite" not in out and not list(d.glob("*_cp_masks.png")) and not list(d.glob("*_seg.npy"))
+
+
+def test_offline_fallback_is_explicit_and_said(folder, offline, capsys):
+    d, labels = folder
+    rc, out, err = _run(["--dir", str(d), "--pretrained_model", "cpsam", "--fallback", "lite", "--save_png"], capsys)
+    assert rc == 0, err
+    assert f"notice: {offline}" in err and "--fallback: using 'lite' instead of 'cpsam'" in err
+    for name in labels:
+        seg = io.load_seg(d / f"{Path(name).stem}_seg.npy")
+        assert seg["cellpose_web"]["model"]["name"] == "lite"
+        assert seg["cellpose_web"]["model"]["sha256"] == registry.file_sha256(registry.builtin_path("lite"))
+
+
 def test_hostile_seg_as_input_is_refused(folder, stub, capsys, tmp_path):
     class Evil:
         def __reduce__(self):
@@ -334,19 +350,6 @@ def test_cli_lite_segments_nuclei(folder, tmp_path):
         pred = io.imread(d / f"{Path(name).stem}_cp_masks.png")
         ap = average_precision([lab], [pred])[0]
         assert np.asarray(ap).reshape(-1)[0] >= 0.5, (name, ap)  # 200x200 crops: cut nuclei at the edges
-
-
-@pytest.mark.slow
-def test_cli_offline_cpsam_falls_back_to_lite(folder, tmp_path):
-    """No network and no cached Cellpose-SAM: the CLI says so and segments with lite."""
-    if not registry.builtin_path("lite").is_file():
-        pytest.skip("the built-in lite weights are not trained yet")
-    d, labels = folder
-    r = _cli(["--dir", str(d), "--pretrained_model", "cpsam", "--save_png"], cwd=tmp_path,
-             env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert r.returncode == 0, r.stderr
-    assert "cpsam" in r.stderr and "using the built-in 'lite' model" in r.stderr
-    assert all((d / f"{Path(n).stem}_cp_masks.png").is_file() for n in labels)
 
 
 @pytest.mark.slow

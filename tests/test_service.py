@@ -14,37 +14,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from scipy import ndimage as ndi
 
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service import batch, inputs, jobs, models_cache, segment, storage, training
 from cellpose_web.service.config import Limits
 
-
-class ThresholdModel:
-    """Stand-in for CellposeModel: labels connected bright regions."""
-
-    def eval(self, img, channel_axis=None, progress=None, **kw):
-        if isinstance(img, list):  # as CellposeModel.eval: a list of images gives lists
-            outs = [self.eval(im, channel_axis=channel_axis, **kw) for im in img]
-            if progress:
-                progress(1.0, "done")
-            return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
-        x = np.asarray(img, np.float32)
-        if x.ndim == 3:
-            x = x[..., 0] if channel_axis in (2, -1) else x[0]
-        m, _ = ndi.label(x > x.mean() + x.std())
-        rgb = np.zeros((*m.shape, 3), np.uint8)
-        if progress:
-            progress(1.0, "done")
-        return m.astype(np.uint16), [rgb, np.zeros((2, *m.shape), np.float32), x.copy()], np.zeros(256)
+import standin
 
 
 @pytest.fixture
 def fake_model(monkeypatch):
-    cm = models_cache.CachedModel(ThresholdModel(), "thresh", "ab" * 32, "/nowhere", "test", threading.Lock())
-    monkeypatch.setattr(models_cache, "get_model", lambda name: cm)
-    return cm
+    return standin.install(monkeypatch)
 
 
 def _blobs(seed=0, n=5, shape=(64, 64)):
@@ -191,8 +171,8 @@ def test_stack_without_3d_counts_cells_per_plane(fake_model):
 def test_segment_records_provenance_and_writes_files(tmp_path, fake_model):
     img = _blobs()
     res = segment.segment(img, segment.SegmentParams(flow_threshold=0.3), "thresh", "a.tif", 0.5)
-    assert res.n_cells > 0
-    assert res.provenance["model_sha256"] == "ab" * 32
+    assert res.n_cells == standin.threshold_labels(img).max() > 1
+    assert res.provenance["model_sha256"] == standin.SHA256
     assert res.provenance["params"]["flow_threshold"] == 0.3
     table, _ = batch.measure_result(res, 0.5)
     from cellpose_web.service import outputs
@@ -210,6 +190,23 @@ def test_segment_records_provenance_and_writes_files(tmp_path, fake_model):
 
 
 # ---------------------------------------------------------------- batch
+def test_batch_asked_for_cellpose_sam_offline_stops_with_the_api_message(tmp_path, monkeypatch, fake_model):
+    """Never another model's masks: the batch stops before any image, with CellposeModel's message."""
+    from cellpose_web.errors import ModelNotAvailableError
+    from cellpose_web.models import CellposeModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelNotAvailableError) as api:
+        CellposeModel(pretrained_model="cpsam")
+    z = _zip(tmp_path / "in.zip", {"one.tif": _tif_bytes(_blobs(1))})
+    out = tmp_path / "job" / "results"
+    with pytest.raises(ModelNotAvailableError) as e:
+        batch.run_batch([z], segment.SegmentParams(), "cpsam", out)
+    assert str(e.value) == str(api.value)
+    assert not list(out.parent.rglob("*_cp_masks.tif")) and fake_model.model.calls == []
+
+
 def test_batch_bad_file_listed_others_processed(tmp_path, fake_model):
     z = _zip(tmp_path / "in.zip", {
         "one.tif": _tif_bytes(_blobs(1)), "sub/two.tif": _tif_bytes(_blobs(2, 3)),
@@ -222,6 +219,8 @@ def test_batch_bad_file_listed_others_processed(tmp_path, fake_model):
     summary = pd.read_csv(res["summary_csv"], comment="#")
     ok = summary[summary.status == "ok"].set_index("image")
     assert set(ok.index) == {"one.tif", "two.tif"}
+    assert ok.loc["one.tif", "n_cells"] == standin.threshold_labels(_blobs(1)).max() > 1
+    assert ok.loc["two.tif", "n_cells"] == standin.threshold_labels(_blobs(2, 3)).max() > 1
     bad = dict(zip(summary[summary.status == "error"].image, summary[summary.status == "error"].reason))
     assert "broken.tif" in bad and "notes.txt" in bad and "one_masks.tif" in bad
     cells = pd.read_csv(res["cells_csv"], comment="#")

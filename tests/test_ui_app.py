@@ -5,7 +5,6 @@ tests/e2e/ drive the real engine.
 """
 import json
 import socket
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,34 +14,17 @@ import tifffile
 from scipy import ndimage as ndi
 
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import models_cache
+
+import standin
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "u2os_nuclei.tif"
-
-
-class ThresholdModel:
-    def eval(self, img, channel_axis=None, progress=None, **kw):
-        if isinstance(img, list):  # as CellposeModel.eval: a list of images gives lists
-            outs = [self.eval(im, channel_axis=channel_axis, **kw) for im in img]
-            if progress:
-                progress(1.0, "done")
-            return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
-        x = np.asarray(img, np.float32)
-        x = x[..., 0] if x.ndim == 3 else x
-        m, _ = ndi.label(ndi.binary_opening(x > np.percentile(x, 70), iterations=2))
-        if progress:
-            progress(1.0, "done")
-        rgb = np.zeros((*m.shape, 3), np.uint8)
-        return m.astype(np.uint16), [rgb, np.zeros((2, *m.shape), np.float32), x - x.mean()], np.zeros(256)
+EXAMPLE_CELLS = int(standin.threshold_labels(tifffile.imread(EXAMPLE)).max())  # what the stand-in finds
 
 
 @pytest.fixture
 def fake_model(monkeypatch):
-    cm = models_cache.CachedModel(ThresholdModel(), "thresh", "cd" * 32, "/nowhere", "test", threading.Lock())
-    monkeypatch.setattr(models_cache, "get_model", lambda name: cm)
-    monkeypatch.setenv("CELLPOSE_WEB_DEFAULT_MODEL", "thresh")
-    return cm
+    return standin.install(monkeypatch)
 
 
 def test_segment_tab_functions(fake_model):
@@ -57,8 +39,8 @@ def test_segment_tab_functions(fake_model):
     params = segment_tab.make_params(None, 0.4, 0, 0, 15, "auto", "auto", "", 1, 99, False, None, 0)
     out = segment_tab.run_segmentation(s, "thresh", params, 0.65, segment_tab.make_puncta(True, 0, 1, 3, 0.2))
     n = len(np.unique(out.masks)) - 1
-    assert n > 3 and len(out.table) == n
-    assert out.provenance["model_sha256"] == "cd" * 32 and out.provenance["pixel_size_um"] == 0.65
+    assert n == EXAMPLE_CELLS > 3 and len(out.table) == n
+    assert out.provenance["model_sha256"] == standin.SHA256 and out.provenance["pixel_size_um"] == 0.65
     names = {Path(f).name for f in out.files}
     assert {"u2os_nuclei_cp_masks.tif", "u2os_nuclei_cp_masks.png", "u2os_nuclei_seg.npy",
             "u2os_nuclei_cp_outlines.txt", "u2os_nuclei_cells.csv"} <= names
@@ -124,10 +106,10 @@ def test_gradio_client_segment_api(fake_model, tmp_path):
         masks_path, csv_path, n, prov = client.predict(handle_file(str(EXAMPLE)), "thresh", None, 0.4, 0.0, 0.5,
                                                        api_name="/segment")
         masks = tifffile.imread(masks_path)
-        assert n == len(np.unique(masks)) - 1 > 3
+        assert n == len(np.unique(masks)) - 1 == EXAMPLE_CELLS
         df = pd.read_csv(csv_path, comment="#")
         assert len(df) == n and np.allclose(df.area_um2, df.area_px * 0.25)
-        assert prov["model_sha256"] == "cd" * 32
+        assert prov["model_sha256"] == standin.SHA256
         # a bad file gives a readable error and the server keeps serving
         bad = tmp_path / "bad.tif"
         bad.write_bytes(b"not a tiff at all")
@@ -173,7 +155,7 @@ def test_concurrent_clients_get_their_own_masks(fake_model, tmp_path):
             p = tmp_path / f"img{i}.tif"
             tifffile.imwrite(p, img)
             paths.append(p)
-            expected.append(ThresholdModel().eval(img)[0])
+            expected.append(standin.threshold_labels(img))
 
         def one(i):
             c = Client(f"http://127.0.0.1:{port}/", verbose=False)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from cellpose_web import measure
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import inputs, outputs
+from cellpose_web.service import inputs, models_cache, outputs
 from cellpose_web.service.config import Limits
 from cellpose_web.service.segment import SegmentParams, segment
 from cellpose_web.io import atomic_save
@@ -140,6 +140,9 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
     """
     limits = limits or Limits.from_env()
     params = params.validated(limits)
+    # the model first: one that cannot be had (e.g. Cellpose-SAM offline) stops the batch with its
+    # message before any image is read, instead of failing every image (never another model's masks)
+    models_cache.resolve(model_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="batch_", dir=out_dir.parent))

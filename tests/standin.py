@@ -1,0 +1,86 @@
+"""The one stand-in for ``CellposeModel`` in the tests (fast, deterministic, no network weights).
+
+``StandInModel.eval`` answers like ``CellposeModel.eval`` (masks, [flow RGB, dP, cellprob], styles;
+a list of images gives lists) with a fixed rule, so a test can compute the expected masks itself
+(``threshold_labels``); given ``answers`` ({image_key(image): labels}) it returns those labels instead, for
+tests that check files and plumbing against known masks. ``install`` serves it from the web
+service's model cache under the name ``thresh``.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from scipy import ndimage as ndi
+
+NAME = "thresh"
+SHA256 = "5e" * 32
+
+
+def first_channel(img, channel_axis: int | None = None) -> np.ndarray:
+    """The first channel of a (Y, X) or 3-axis image as float64 (Y, X); the channel axis is
+    ``channel_axis``, else the shortest axis (as Cellpose guesses)."""
+    x = np.asarray(img, np.float64)
+    if x.ndim == 3:
+        ax = int(np.argmin(x.shape)) if channel_axis is None else channel_axis % 3
+        x = np.take(x, 0, axis=ax)
+    return x
+
+
+def threshold_labels(img, channel_axis: int | None = None) -> np.ndarray:
+    """The rule: pixels brighter than mean + 1 std of the first channel, opened once (no single-pixel
+    specks), connected components numbered 1..N (uint16 (Y, X))."""
+    x = first_channel(img, channel_axis)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return np.zeros(x.shape, np.uint16)
+    v = x[finite]
+    fg = finite & (x > v.mean() + v.std())
+    fg = ndi.binary_opening(fg)
+    return ndi.label(fg)[0].astype(np.uint16)
+
+
+def image_key(img) -> tuple:
+    a = np.asarray(img)
+    return a.shape, float(np.nansum(a, dtype=np.float64))
+
+
+class StandInModel:
+    """Stands in for ``CellposeModel`` (see the module docstring)."""
+
+    def __init__(self, answers: dict | None = None):
+        self.answers = dict(answers or {})  # image_key(image) -> labels
+        self.device = "cpu"
+        self.dtype = "float32"
+        self.diam_estimate = 17.0
+        self.calls: list[dict] = []
+
+    def eval(self, img, channel_axis=None, progress=None, **kw):
+        if isinstance(img, list):  # as CellposeModel.eval: a list of images gives lists
+            outs = [self.eval(im, channel_axis=channel_axis, **kw) for im in img]
+            if progress:
+                progress(1.0, "done")
+            return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
+        self.calls.append({"channel_axis": channel_axis, **kw})
+        known = self.answers.get(image_key(img))
+        masks = known.copy() if known is not None else threshold_labels(img, channel_axis)
+        x = np.nan_to_num(first_channel(img, channel_axis))
+        cellprob = (x - x.mean()).astype(np.float32)
+        if progress:
+            progress(1.0, "done")
+        rgb = np.zeros((*masks.shape, 3), np.uint8)
+        return masks, [rgb, np.zeros((2, *masks.shape), np.float32), cellprob], np.zeros(256, np.float32)
+
+
+def install(monkeypatch, answers: dict | None = None):
+    """Serve a ``StandInModel`` as model ``thresh`` from ``service.models_cache`` (other names go to
+    the real cache) and make it the default model; returns its ``CachedModel``."""
+    from cellpose_web.service import models_cache
+
+    cm = models_cache.CachedModel(StandInModel(answers), NAME, SHA256, "", "test", threading.Lock())
+    real_get, real_resolve = models_cache.get_model, models_cache.resolve
+    info = {"name": NAME, "path": "", "sha256": SHA256, "arch": "test", "source": "test"}
+    monkeypatch.setattr(models_cache, "get_model", lambda name: cm if name == NAME else real_get(name))
+    monkeypatch.setattr(models_cache, "resolve", lambda name: dict(info) if name == NAME else real_resolve(name))
+    monkeypatch.setenv("CELLPOSE_WEB_DEFAULT_MODEL", NAME)
+    return cm
