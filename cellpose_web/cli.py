@@ -159,6 +159,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     inp.add_argument("--z_axis", type=_int_or_none, default=None, help="axis of the planes of a stack")
     inp.add_argument("--chan", type=int, default=None, help=argparse.SUPPRESS)
     inp.add_argument("--chan2", type=int, default=None, help=argparse.SUPPRESS)
+    inp.add_argument("--segment_channels", type=int, nargs="+", default=None, metavar="C",
+                     help="file channels fed to the model, numbered as in the file (0 = first), e.g. 1 2 for "
+                          "membrane + DAPI; default: all (the model uses the first 3). For Cellpose 3 models: "
+                          "cytoplasm then nucleus")
+    inp.add_argument("--pixel_size_um", type=float, default=None,
+                     help="µm per pixel for images whose file does not say (for µm² areas and densities)")
     inp.add_argument("--invert", action="store_true", help="invert intensities (dark cells on bright background)")
     inp.add_argument("--all_channels", action="store_true", help=argparse.SUPPRESS)
     inp.add_argument("--max_pixels", type=int, default=None,
@@ -212,6 +218,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     out.add_argument("--save_rois", action="store_true", help="save ImageJ ROIs (<name>_rois.zip)")
     out.add_argument("--save_txt", action="store_true", help="save outlines as text (<name>_cp_outlines.txt)")
     out.add_argument("--save_mpl", action="store_true", help="save a summary figure (<name>_cp_output.png)")
+    out.add_argument("--save_csv", action="store_true",
+                     help="save the per-cell table (<name>_cells.csv: area px/µm², shape, mean and integrated "
+                          "intensity of every file channel, puncta with --puncta_channel)")
+
+    pu = p.add_argument_group("puncta (e.g. PIEZO1)")
+    pu.add_argument("--puncta_channel", type=int, default=None, metavar="C",
+                    help="count spots on this file channel (0 = first), per cell with density per µm²; "
+                         "implies the per-cell table (add --save_csv to save it)")
+    pu.add_argument("--puncta_sigma", type=float, nargs=2, default=[1.0, 3.0], metavar=("MIN", "MAX"),
+                    help="spot size range in px (Laplacian of Gaussian sigma)")
+    pu.add_argument("--puncta_threshold", type=float, default=0.1,
+                    help="spot threshold on the normalised channel (lower finds more, fainter spots)")
 
     tr = p.add_argument_group("training")
     tr.add_argument("--train", action="store_true", help="fine-tune the model on --dir (images + _masks files)")
@@ -331,7 +349,8 @@ def _load_model(args, spec: str, for_training: bool = False):
     return model, info
 
 
-def _eval_kwargs(args) -> dict[str, Any]:
+def eval_kwargs_from_args(args) -> dict[str, Any]:
+    """``CellposeModel.eval`` keywords from the segmentation flags."""
     if args.no_norm:
         normalize: Any = False
     elif args.norm_percentile is not None:
@@ -380,140 +399,41 @@ def _check_params(args, training: bool = False) -> None:
             bad(f"--train_batch_size must be at least 1, got {args.train_batch_size}")
 
 
-def _prepare_image(img: np.ndarray, meta):
-    """Refuse arrays that are not images; drop singleton axes (keeping the axes string in step)."""
-    a = np.asarray(img)
-    if a.dtype.kind not in "biuf":
-        what = "complex numbers (save the magnitude as a normal image)" if a.dtype.kind == "c" else \
-            f"data of type {a.dtype} (expected numbers)"
-        raise CellposeWebError(f"the image holds {what}")
-    if a.dtype == np.bool_:
-        a = a.astype(np.uint8)
-    axes = meta.axes if meta is not None and len(meta.axes) == a.ndim else ""
-    if a.ndim > 2 and 1 in a.shape:
-        keep = [i for i, n in enumerate(a.shape) if n > 1]
-        if len(keep) >= 2:
-            axes = "".join(axes[i] for i in keep) if axes else ""
-            a = a.reshape([a.shape[i] for i in keep])
-    if axes and "Y" in axes and "X" in axes:
-        yx = (a.shape[axes.index("Y")], a.shape[axes.index("X")])
-    elif a.ndim == 3 and a.shape[-1] <= 4:
-        yx = a.shape[:2]
-    else:
-        yx = a.shape[-2:]
-    if a.ndim < 2 or min(yx) < 3:
-        raise CellposeWebError(f"the image has shape {tuple(np.shape(img))}: an image needs at least 3 pixels along "
-                               "Y and X")
-    if a.ndim > 4:
-        raise CellposeWebError(f"the image has {a.ndim} dimensions {a.shape}; segment 2D images or 3D stacks (with "
-                               "channels) and split time series or positions into separate files first")
-    if meta is not None:
-        meta.axes = axes if len(axes) == a.ndim else ""
-    return a, meta
+def save_options(args) -> "pipeline.SaveOptions":
+    """Which files the flags ask for (``_seg.npy`` unless --no_npy)."""
+    from cellpose_web import pipeline
+
+    return pipeline.SaveOptions(npy=not args.no_npy, png=args.save_png, tif=args.save_tif, txt=args.save_txt,
+                                rois=args.save_rois, outlines=args.save_outlines, flows=args.save_flows,
+                                mpl=args.save_mpl, cells_csv=args.save_csv, in_folders=args.in_folders,
+                                dir_above=args.dir_above, suffix=args.output_name or "_cp_masks")
 
 
-def _axes_for(args, meta, img: np.ndarray) -> tuple[int | None, int | None]:
-    """channel_axis, z_axis: the flags, else what the file says, else Cellpose's guess for stacks."""
-    ch, z = args.channel_axis, args.z_axis
-    stack = args.do_3D or args.stitch_threshold > 0
-    axes = meta.axes if meta is not None and len(meta.axes) == img.ndim else ""
-    if ch is None and "C" in axes and img.shape[axes.index("C")] > 1:
-        ch = axes.index("C")
-    if stack and z is None:
-        if "Z" in axes:
-            z = axes.index("Z")
-        elif img.ndim == 3:
-            z = 0
-        elif img.ndim == 4:
-            ch = int(np.argmin(img.shape)) if ch is None else ch
-            z = [i for i in range(4) if i != ch][0]
-    return ch, z
-
-
-def _provenance(model, info, params: dict, img_path: Path, seconds: float, command: str | None = None) -> dict:
-    from cellpose_web import __version__
-
-    if command is None:
-        command = "python -m cellpose_web " + " ".join(sys.argv[1:]) if sys.argv else ""
-    return {
-        "model": {"name": info.name, "source": info.source, "arch": info.arch, "sha256": info.sha256,
-                  "path": info.path},
-        "eval_params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()},
-        "device": str(model.device),
-        "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
-        "image": str(img_path),
-        "seconds": round(seconds, 3),
-        "est_diam": getattr(model, "diam_estimate", None),
-        "cellpose_web_version": __version__,
-        "command": command,
-    }
-
-
-# the per-file options of a run (plain values: they travel to Dask workers)
-FILE_OPTIONS = ("channel_axis", "z_axis", "do_3D", "stitch_threshold", "max_pixels", "exclude_on_edges", "no_npy",
-                "save_png", "save_tif", "save_flows", "save_outlines", "save_txt", "save_mpl", "save_rois",
-                "in_folders", "dir_above", "output_name")
-
-
-def default_max_pixels() -> int:
-    """The pixel limit when --max_pixels is not given: CELLPOSE_WEB_MAX_PIXELS, else 250 million values."""
+def image_settings(args) -> "pipeline.ImageSettings":
+    """How each image is read, segmented and measured, from the flags (file channel numbering)."""
+    from cellpose_web import pipeline
     from cellpose_web.service.config import Limits
 
-    return Limits.from_env().max_pixels
+    puncta = None
+    if args.puncta_channel is not None:
+        puncta = pipeline.PunctaParams(channel=args.puncta_channel, sigma_min=args.puncta_sigma[0],
+                                       sigma_max=args.puncta_sigma[1], threshold=args.puncta_threshold)
+    return pipeline.ImageSettings(
+        eval_kwargs=eval_kwargs_from_args(args), channel_axis=args.channel_axis, z_axis=args.z_axis,
+        segment_channels=args.segment_channels, exclude_on_edges=args.exclude_on_edges,
+        pixel_size_um=args.pixel_size_um, puncta=puncta, measure=bool(args.save_csv or puncta is not None),
+        max_pixels=args.max_pixels if args.max_pixels is not None else Limits.from_env().max_pixels)
 
 
-def file_options(args) -> dict[str, Any]:
-    """What :func:`segment_file` needs from the command line, as a plain (picklable) dict."""
-    opts = {k: getattr(args, k) for k in FILE_OPTIONS}
-    if opts["max_pixels"] is None:
-        opts["max_pixels"] = default_max_pixels()
-    opts["command"] = "python -m cellpose_web " + " ".join(sys.argv[1:]) if sys.argv else ""
-    return opts
-
-
-def segment_file(model, info, f: str | Path, params: dict[str, Any], opts: dict[str, Any],
-                 savedir: str | Path | None = None) -> dict[str, Any]:
-    """Segment one image file and write its outputs, as ``python -m cellpose_web`` does.
-
-    model : a loaded ``CellposeModel``; info : its ``registry.ModelInfo`` (recorded in the files).
-    params : ``CellposeModel.eval`` keywords (:func:`_eval_kwargs`); opts : :func:`file_options`.
-    Returns {"name", "n_masks", "seconds", "device", "notices"}. Raises CellposeWebError for a bad image.
-    Used by the single-process loop and by each Dask worker (:mod:`cellpose_web.distributed`).
-    """
-    from types import SimpleNamespace
-
-    from cellpose_web import dynamics, io
-
-    f = Path(f)
-    savedir = Path(savedir) if savedir is not None else None
-    o = SimpleNamespace(**opts)
-    notices: list[str] = []
-    img, meta = io.imread_with_meta(f, max_pixels=o.max_pixels)
-    img, meta = _prepare_image(img, meta)
-    ch, z = _axes_for(o, meta, img)
-    t0 = time.perf_counter()
-    masks, flows, _styles = model.eval(img, channel_axis=ch, z_axis=z, **params)
-    if o.exclude_on_edges:
-        masks = dynamics.remove_edge_masks(masks)
-    secs = time.perf_counter() - t0
-    masks = np.asarray(masks)
-    n = int(len(np.unique(masks)) - (1 if (masks == 0).any() else 0)) if masks.size else 0
-    target = (savedir / f.name) if savedir is not None else f
-    prov = _provenance(model, info, dict(params, channel_axis=ch, z_axis=z, exclude_on_edges=o.exclude_on_edges),
-                       f, secs, command=opts.get("command"))
-    if not o.no_npy:
-        io.masks_flows_to_seg(img, masks, flows, str(target), diameter=params["diameter"], metadata=dict(prov))
-    if o.save_png or o.save_tif or o.save_flows or o.save_txt or o.save_outlines or o.save_mpl:
-        io.save_masks(img, masks, flows, str(f), png=o.save_png, tif=o.save_tif, suffix=o.output_name or "_cp_masks",
-                      save_flows=o.save_flows, save_outlines=o.save_outlines, dir_above=o.dir_above,
-                      in_folders=o.in_folders, savedir=savedir, save_txt=o.save_txt, save_mpl=o.save_mpl)
-    if o.save_rois:
-        if masks.ndim == 2 and n > 0:
-            rdir = savedir if savedir is not None else (f.resolve().parent.parent if o.dir_above else None)
-            io.save_rois(masks, f, savedir=rdir)
-        elif masks.ndim != 2:
-            notices.append(f"notice: {f.name}: ImageJ ROIs are written for 2D masks only")
-    return {"name": f.name, "n_masks": n, "seconds": secs, "device": str(model.device), "notices": notices}
+def _print_result(r: dict[str, Any], done: int, total: int, where: str = "") -> None:
+    for line in r.get("notices", []):
+        _say(line)
+    extra = ""
+    summ = r.get("summary") or {}
+    if "puncta_total" in summ:
+        extra = (f", {summ['puncta_in_cells']} puncta in cells ({summ['puncta_outside_cells']} outside)")
+    print(f"{r['name']}: {r['n_masks']} masks{extra}, {r['seconds']:.2f} s, {r['device']}{where} [{done}/{total}]",
+          flush=True)
 
 
 def _finish(files: list[Path], failed: int, total: float) -> int:
@@ -528,12 +448,16 @@ def _finish(files: list[Path], failed: int, total: float) -> int:
 
 
 def run_segmentation(args) -> int:
+    from cellpose_web import pipeline
+
     _check_params(args)
     files = _collect_images(args)
     spec = _model_spec(args)
     model, info = _load_model(args, spec)
-    params = _eval_kwargs(args)
-    opts = file_options(args)
+    loaded = pipeline.LoadedModel(model, info.name, info.sha256 or "", str(info.path or ""), info.arch or "",
+                                  source=info.source or "")
+    settings, save = image_settings(args), save_options(args)
+    command = pipeline.command_line()
     savedir = Path(args.savedir).expanduser() if args.savedir else None
     if savedir is not None:
         savedir.mkdir(parents=True, exist_ok=True)
@@ -544,12 +468,9 @@ def run_segmentation(args) -> int:
     for i, f in enumerate(files):
         bar.show(i, f.name)
         try:
-            r = segment_file(model, info, f, params, opts, savedir)
+            r = pipeline.process_file(f, loaded, settings, savedir, save, command=command)
             bar.clear()
-            for line in r["notices"]:
-                _say(line)
-            print(f"{f.name}: {r['n_masks']} masks, {r['seconds']:.2f} s, {r['device']} [{i + 1}/{len(files)}]",
-                  flush=True)
+            _print_result(r, i + 1, len(files))
         except (CellposeWebError, FileNotFoundError) as e:
             bar.clear()
             failed += 1
@@ -743,7 +664,7 @@ def run_batch(argv: Sequence[str]) -> int:
 
 def run_segmentation_dask(args) -> int:
     """The ``batch`` loop on a Dask cluster: same files as :func:`run_segmentation`, one line per image."""
-    from cellpose_web import distributed, registry
+    from cellpose_web import distributed, pipeline, registry
 
     if args.train:
         raise CellposeWebError("--train does not run on Dask; drop --dask-scheduler/--dask-workers")
@@ -759,8 +680,7 @@ def run_segmentation_dask(args) -> int:
     files = _collect_images(args)
     spec = _model_spec(args)
     info = _resolve_model(args, spec)
-    params = _eval_kwargs(args)
-    opts = file_options(args)
+    settings, save = image_settings(args), save_options(args)
     savedir = Path(args.savedir).expanduser().resolve() if args.savedir else None
     if savedir is not None:
         savedir.mkdir(parents=True, exist_ok=True)
@@ -777,18 +697,15 @@ def run_segmentation_dask(args) -> int:
             state["failed"] += 1
             _say(f"error: {name}: {result['error']}")
         else:
-            for line in result.get("notices", []):
-                _say(line)
-            print(f"{name}: {result['n_masks']} masks, {result['seconds']:.2f} s, {result['device']} "
-                  f"(worker {result.get('worker', '?')}) [{done}/{total}]", flush=True)
+            _print_result(result, done, total, f" (worker {result.get('worker', '?')})")
         bar.show(done, name)
 
     t0 = time.perf_counter()
     distributed.run_batch_dask(
-        [str(Path(f).resolve()) for f in files], savedir, info, params, opts,
+        [str(Path(f).resolve()) for f in files], savedir, info, settings, save,
         scheduler=None if sched in (None, "", "local") else sched, n_workers=args.dask_workers or 2,
         retries=args.dask_retries, progress=progress, device=_device_arg(args), use_gpu=args.use_gpu,
-        timeout=args.dask_timeout)
+        timeout=args.dask_timeout, command=pipeline.command_line())
     bar.clear()
     return _finish(files, state["failed"], time.perf_counter() - t0)
 

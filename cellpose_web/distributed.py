@@ -1,8 +1,10 @@
 """Scale-out: segment a batch of image files on a Dask distributed cluster.
 
-Each image is one task. A worker loads the model once (cached per worker process, keyed by the
-model file, its sha256 and the device) and writes exactly the files the single-process command
-line writes, through :func:`cellpose_web.cli.segment_file`, so the masks are the same. A task
+Each image is one task. A worker loads the model once (:func:`cellpose_web.pipeline.get_model`,
+keyed by the model file, its sha256 and the device) and writes exactly the files the single-process
+command line and the web service write, through :func:`cellpose_web.pipeline.process_file`, so the
+masks are the same. :func:`map_on_dask` is the one Dask driver (the command line's ``batch`` and the
+Batch tab's cluster mode both use it). A task
 whose worker dies (killed, out of memory) is re-run elsewhere up to ``retries`` times; a bad image
 is reported with its message and never retried.
 
@@ -19,11 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cellpose_web import pipeline
 from cellpose_web.errors import CellposeWebError
 
 log = logging.getLogger(__name__)
@@ -49,38 +51,10 @@ def require_dask():
 # ----------------------------------------------------------------------------------------------
 # worker side
 # ----------------------------------------------------------------------------------------------
-_MODELS: dict[tuple, tuple[Any, Any]] = {}
-_MODELS_LOCK = threading.Lock()
-
-
 def _info_dict(info: Any) -> dict[str, Any]:
     if isinstance(info, dict):
         return dict(info)
     return info.to_dict() if hasattr(info, "to_dict") else dict(vars(info))
-
-
-def worker_model(info: dict[str, Any], device: str | None = None, use_gpu: bool = False):
-    """(CellposeModel, ModelInfo) for this worker process, loaded once per (file, sha256, device)."""
-    from cellpose_web import registry
-    from cellpose_web.models import CellposeModel
-
-    key = (info.get("path"), info.get("sha256"), str(device), bool(use_gpu))
-    with _MODELS_LOCK:
-        hit = _MODELS.get(key)
-        if hit is not None:
-            return hit
-        mi = registry.ModelInfo(**{k: v for k, v in info.items() if k in registry.ModelInfo.__dataclass_fields__})
-        if not mi.path or not Path(mi.path).is_file():  # not at the same path here: resolve the name
-            found = registry.resolve_model(mi.name)
-            if mi.sha256 and found.sha256 and found.sha256 != mi.sha256:
-                raise CellposeWebError(f"model '{mi.name}' on this worker differs from the one the batch was started "
-                                       f"with (sha256 {found.sha256[:12]} vs {mi.sha256[:12]}); put the model file "
-                                       "on a shared path")
-            mi = found
-        model = CellposeModel(gpu=use_gpu, pretrained_model=mi.path, device=device)
-        model.model_info = mi
-        _MODELS[key] = (model, mi)
-        return _MODELS[key]
 
 
 def _worker_name() -> str:
@@ -93,41 +67,35 @@ def _worker_name() -> str:
         return f"pid{os.getpid()}"
 
 
-def _process(path: str, savedir: str | None, info: dict, params: dict, opts: dict, device: str | None,
-             use_gpu: bool) -> dict[str, Any]:
-    from cellpose_web import cli
-
-    name = Path(path).name
+def _process(path: str, savedir: str | None, info: dict, settings: pipeline.ImageSettings,
+             save: pipeline.SaveOptions, device: str | None, use_gpu: bool | None, name: str | None = None,
+             command: str | None = None) -> dict[str, Any]:
+    fname = Path(path).name
     try:
-        model, mi = worker_model(info, device, use_gpu)
-        r = cli.segment_file(model, mi, path, params, opts, savedir)
+        loaded = pipeline.get_model(info, device=device, gpu=use_gpu)
+        r = pipeline.process_file(path, loaded, settings, savedir, save, name=name, command=command)
     except (CellposeWebError, FileNotFoundError) as e:  # the image's fault: report, do not retry
-        return {"name": name, "path": path, "error": " ".join(str(e).split())}
+        return {"name": fname, "path": path, "error": " ".join(str(e).split())}
     r.update(path=path, worker=_worker_name(), pid=os.getpid())
     return r
 
 
-def segment_task(path: str, savedir: str | None, info: dict, params: dict, opts: dict, device: str | None = None,
-                 use_gpu: bool = False) -> dict[str, Any]:
-    """One Dask task: segment ``path`` and write its files (see :func:`cellpose_web.cli.segment_file`).
+def segment_task(path: str, savedir: str | None, info: dict, settings: pipeline.ImageSettings,
+                 save: pipeline.SaveOptions, device: str | None = None, use_gpu: bool | None = None,
+                 name: str | None = None, command: str | None = None) -> dict[str, Any]:
+    """One Dask task: :func:`cellpose_web.pipeline.process_file` on ``path`` with the worker's copy
+    of the model (loaded once per worker process by :func:`cellpose_web.pipeline.get_model`).
 
-    Returns the per-image result dict, or {"name", "path", "error"} for an image that cannot be
-    segmented. Unexpected exceptions propagate (Dask retries them).
+    Returns process_file's dict (+ "path", "worker", "pid"), or {"name", "path", "error"} for an
+    image that cannot be segmented. Unexpected exceptions propagate (Dask retries them).
     """
     # looked up at call time so a test can wrap it in the worker processes (fault injection)
-    return globals()["_process"](path, savedir, info, params, opts, device, use_gpu)
+    return globals()["_process"](path, savedir, info, settings, save, device, use_gpu, name, command)
 
 
 # ----------------------------------------------------------------------------------------------
 # client side
 # ----------------------------------------------------------------------------------------------
-def default_file_options() -> dict[str, Any]:
-    """The per-file options of a plain ``python -m cellpose_web --dir ...`` run (writes ``_seg.npy``)."""
-    from cellpose_web import cli
-
-    return cli.file_options(cli.build_parser().parse_args(["--dir", "."]))
-
-
 def scheduler_address(address: str) -> str:
     """``tcp://HOST:PORT`` from ``tcp://HOST:PORT``, ``tls://...``, or ``HOST:PORT``; CellposeWebError otherwise."""
     a = str(address).strip()
@@ -166,27 +134,27 @@ def _connect(scheduler: str | None, n_workers: int, retries: int, timeout: float
 
 
 def run_batch_dask(files: Sequence[str | os.PathLike], savedir: str | os.PathLike | None, model_name: Any,
-                   eval_kwargs: dict[str, Any] | None = None, save_kwargs: dict[str, Any] | None = None,
+                   settings: pipeline.ImageSettings | None = None, save: pipeline.SaveOptions | None = None,
                    scheduler: str | None = None, n_workers: int = 2, retries: int = 2,
-                   progress: ProgressFn | None = None, device: str | None = None, use_gpu: bool = False,
-                   timeout: float = 20.0, client: Any = None) -> list[dict[str, Any]]:
+                   progress: ProgressFn | None = None, device: str | None = None, use_gpu: bool | None = None,
+                   timeout: float = 20.0, client: Any = None, command: str | None = None) -> list[dict[str, Any]]:
     """Segment ``files`` on a Dask cluster; returns one result dict per file, in the order given.
 
     files : image paths (visible to every worker at these paths).
     savedir : output folder (None: beside each image, as the command line).
     model_name : registry name or path, or a resolved ``registry.ModelInfo``.
-    eval_kwargs : ``CellposeModel.eval`` keywords (default: those of ``python -m cellpose_web``).
-    save_kwargs : which files to write and how to read the images (``cli.file_options``).
+    settings : :class:`cellpose_web.pipeline.ImageSettings` (default: eval's defaults, measured).
+    save : which files to write (default: ``_seg.npy``, as ``python -m cellpose_web``).
     scheduler : ``tcp://HOST:8786`` of a running cluster; None starts a LocalCluster of
         ``n_workers`` processes with one thread each (closed again at the end).
     retries : re-runs of an image whose worker died or failed unexpectedly.
     progress : called as ``progress(done, total, result)`` after each image.
     client : an existing ``dask.distributed.Client`` to use instead (left open).
 
-    A result is {"name", "path", "n_masks", "seconds", "device", "worker", "notices"} or
+    A result is :func:`cellpose_web.pipeline.process_file`'s dict (+ "path", "worker") or
     {"name", "path", "error"}.
     """
-    from cellpose_web import cli, registry
+    from cellpose_web import registry
 
     require_dask()
     files = [str(Path(f).resolve()) for f in files]
@@ -197,18 +165,14 @@ def run_batch_dask(files: Sequence[str | os.PathLike], savedir: str | os.PathLik
     else:
         info = registry.resolve_model(str(model_name))
     info = _info_dict(info)
-    if eval_kwargs is None:
-        eval_kwargs = cli._eval_kwargs(cli.build_parser().parse_args(["--dir", "."]))
-    opts = default_file_options()
-    opts.update(save_kwargs or {})
-    if opts.get("max_pixels") is None:
-        opts["max_pixels"] = cli.default_max_pixels()
+    settings = settings or pipeline.ImageSettings()
+    save = save or pipeline.SaveOptions()
     sd = None
     if savedir is not None:
         sd = Path(savedir).expanduser().resolve()
         sd.mkdir(parents=True, exist_ok=True)
         sd = str(sd)
-    calls = [((f, sd, info, eval_kwargs, opts, device, use_gpu), {}) for f in files]
+    calls = [((f, sd, info, settings, save, device, use_gpu, None, command), {}) for f in files]
     results = map_on_dask(segment_task, calls, [Path(f).name for f in files], scheduler=scheduler,
                           n_workers=n_workers, retries=retries, progress=progress, timeout=timeout, client=client)
     for r, f in zip(results, files):

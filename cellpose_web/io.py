@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from cellpose_web import dynamics
+from cellpose_web import dynamics, render
 from cellpose_web.errors import CellposeWebError
 
 logger = logging.getLogger(__name__)
@@ -605,11 +605,6 @@ def outlines_list(masks: np.ndarray) -> list[np.ndarray]:
     return dynamics.outlines_list(masks)
 
 
-def _masks_to_outlines(masks: np.ndarray) -> np.ndarray:
-    """Bool image of mask border pixels (see :func:`cellpose_web.dynamics.masks_to_outlines`)."""
-    return np.asarray(dynamics.masks_to_outlines(masks)).astype(bool)
-
-
 def outlines_to_text(base: str | os.PathLike, outlines: Iterable[np.ndarray]) -> Path:
     """Write ``<base>_cp_outlines.txt``: one line per mask, ``x0,y0,x1,y1,...`` (ints, x = column)."""
     lines = []
@@ -682,55 +677,18 @@ def _percentile_norm(img: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> np.n
 
 
 def _image_to_rgb(image: np.ndarray | None, shape2d: tuple[int, int]) -> np.ndarray:
-    """Normalised uint8 RGB view of a (Y, X), (Y, X, C) or (C, Y, X) image for overlays (black if unusable)."""
+    """(Y, X, 3) uint8 view of a (Y, X), (Y, X, C) or (C, Y, X) image for the saved overlays
+    (:func:`cellpose_web.render.image_to_rgb`, the app's rendering); black when it cannot be shown."""
     try:
-        return _image_to_rgb_strict(image, shape2d)
-    except Exception:  # an image we cannot show (None, 5-D, odd channels): draw on black
+        img = np.asarray(image)
+        if img.ndim == 3 and img.shape[-2:] == tuple(shape2d) and img.shape[0] <= 4 and img.shape[:2] != tuple(shape2d):
+            img = np.moveaxis(img, 0, -1)
+        rgb = render.image_to_rgb(img)
+    except (TypeError, ValueError):  # an image we cannot show (None, 5-D, odd dtype): draw on black
         return np.zeros((*shape2d, 3), np.uint8)
-
-
-def _image_to_rgb_strict(image: np.ndarray, shape2d: tuple[int, int]) -> np.ndarray:
-    img = np.asarray(image)
-    if img.dtype.kind not in "biuf":
-        raise TypeError(f"cannot display dtype {img.dtype}")
-    if img.ndim == 3 and img.shape[-2:] == tuple(shape2d) and img.shape[0] <= 4 and img.shape[:2] != tuple(shape2d):
-        img = np.moveaxis(img, 0, -1)
-    if img.ndim == 2:
-        g = np.clip(_percentile_norm(img), 0, 1)
-        rgb = np.repeat(g[..., None], 3, axis=-1)
-    elif img.ndim == 3:
-        c = img.shape[-1]
-        if c == 1:
-            g = np.clip(_percentile_norm(img[..., 0]), 0, 1)
-            rgb = np.repeat(g[..., None], 3, axis=-1)
-        else:
-            chans = [np.clip(_percentile_norm(img[..., i]), 0, 1) for i in range(min(c, 3))]
-            if len(chans) == 2:  # cyto in green, nuclei in blue (Cellpose's convention)
-                rgb = np.stack([np.zeros_like(chans[0]), chans[0], chans[1]], axis=-1)
-            else:
-                rgb = np.stack(chans, axis=-1)
-    else:
-        raise CellposeWebError(f"cannot draw outlines on an image of shape {img.shape}")
-    rgb = (rgb * 255).astype(np.uint8)
     if rgb.shape[:2] != tuple(shape2d):
-        yi = (np.arange(shape2d[0]) * rgb.shape[0] / shape2d[0]).astype(int)
-        xi = (np.arange(shape2d[1]) * rgb.shape[1] / shape2d[1]).astype(int)
-        rgb = rgb[yi][:, xi]
+        rgb = _resize_nearest(rgb, shape2d, (0, 1))
     return rgb
-
-
-def _label_colors(n: int, seed: int = 0) -> np.ndarray:
-    """n distinct-ish bright colours (n, 3) uint8, reproducible."""
-    rng = np.random.default_rng(seed)
-    h = rng.random(n)
-    s = 0.6 + 0.4 * rng.random(n)
-    v = np.full(n, 1.0)
-    i = np.floor(h * 6).astype(int) % 6
-    f = h * 6 - np.floor(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    table = np.stack([np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
-    rgb = table[i, np.arange(n)]
-    return (rgb * 255).astype(np.uint8)
 
 
 def _resize_nearest(a: np.ndarray, shape: tuple[int, ...], axes: tuple[int, ...]) -> np.ndarray:
@@ -852,9 +810,7 @@ def save_masks(
         written.append(outlines_to_text(txtdir / base, outlines_list(mask_out)))
     if masks.ndim == 2 and (save_outlines or save_mpl):
         rgb = _image_to_rgb(images, masks.shape)
-        out = _masks_to_outlines(mask_out)
-        overlay = rgb.copy()
-        overlay[out] = (255, 0, 0)
+        overlay = render.overlay(rgb, mask_out, show_masks=False, show_outlines=True)
         if save_outlines:
             written.append(imsave(outlinedir / f"{base}_outlines{suffix}.png", overlay))
         if save_mpl:
@@ -875,10 +831,7 @@ def save_masks(
 
 def _summary_panel(rgb: np.ndarray, overlay: np.ndarray, masks: np.ndarray, flows: Any) -> np.ndarray:
     """image | outlines | coloured masks | flow picture, side by side (uint8 RGB)."""
-    n = int(masks.max())
-    colors = np.concatenate([np.zeros((1, 3), np.uint8), _label_colors(n)], axis=0)
-    cm = colors[masks]
-    blend = np.where(masks[..., None] > 0, (0.5 * rgb + 0.5 * cm).astype(np.uint8), rgb)
+    blend = render.overlay(rgb, masks, show_masks=True, show_outlines=False, alpha=0.5)
     frgb, dP, _ = _split_flows(flows, masks.shape)
     if frgb is None and dP is not None:
         frgb = dynamics.dx_to_circ(dP)
@@ -965,8 +918,8 @@ def masks_flows_to_seg(
     n = int(masks.max()) if masks.size else 0
     mdtype = np.uint16 if n < 2**16 - 1 else np.uint32
     masks = masks.astype(mdtype)
-    outl = masks * _masks_to_outlines(masks) if masks.ndim == 2 else np.stack(
-        [m * _masks_to_outlines(m) for m in masks])
+    outl = masks * render.outlines(masks) if masks.ndim == 2 else np.stack(
+        [m * render.outlines(m) for m in masks])
     meta = dict(metadata or {})
     params = dict(meta.get("eval_params") or {})
     model = meta.get("model") or {}
@@ -984,14 +937,14 @@ def masks_flows_to_seg(
         norm["normalize"] = False
     dat = {
         "outlines": outl.astype(mdtype),
-        "colors": _label_colors(n),
+        "colors": render.label_colors(n),
         "masks": masks,
         "chan_choose": list(channels) if channels is not None else [0, 0],
         "filename": str(file_name.resolve()) if file_name.exists() else str(file_name),
         "flows": _seg_flows(flows, masks),
         "ismanual": np.zeros(n, bool),
         "manual_changes": [],
-        "model_path": str(model.get("path") or model.get("name") or 0),
+        "model_path": str(model.get("path") or model.get("file") or model.get("name") or 0),
         "flow_threshold": float(params.get("flow_threshold", 0.4)),
         "cellprob_threshold": float(params.get("cellprob_threshold", 0.0)),
         "normalize_params": norm,

@@ -1,11 +1,21 @@
 """Per-cell measurements and puncta detection (the PIEZO1 workflow), as pandas tables.
 
+Functions take label images and images (scikit-image style), never result objects::
+
+    table, spots = measure.measure_cells(masks, image, pixel_size_um=0.1, channel_axis=0,
+                                         puncta=measure.PunctaParams(channel=0))
+
+Channels are numbered as in the image given (the file's numbering when the whole image is given):
+the table has ``mean_intensity_ch{i}`` and ``integrated_intensity_ch{i}`` for every channel ``i``,
+whichever channels the masks were segmented on.
+
 Pixels internally; µm only in the table columns, from the pixel size (µm per pixel).
 Columns always carry their unit in the name: ``area_px``, ``area_um2``, ``centroid_x_um``, ...
 Without a pixel size the µm columns are NaN (never silently filled with pixel values).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,9 +27,24 @@ from skimage.feature import blob_log
 from cellpose_web.errors import CellposeWebError
 
 __all__ = [
-    "cell_table", "size_histogram", "detect_puncta", "puncta_per_cell", "add_puncta",
-    "summarize", "normalize_for_puncta",
+    "measure_cells", "PunctaParams", "cell_table", "size_histogram", "detect_puncta", "puncta_per_cell",
+    "add_puncta", "summarize", "normalize_for_puncta",
 ]
+
+
+@dataclass
+class PunctaParams:
+    """Puncta detection settings.
+
+    channel : the puncta channel, numbered as in the image given to :func:`measure_cells` (the
+        file's numbering), whichever channels were used for segmentation.
+    sigma_min, sigma_max : spot scale range in px (Laplacian of Gaussian; radius ≈ sigma·√2).
+    threshold : LoG response threshold on the percentile-normalised channel (lower = more spots).
+    """
+    channel: int = 0
+    sigma_min: float = 1.0
+    sigma_max: float = 3.0
+    threshold: float = 0.1
 
 
 def _pixel_size(pixel_size_um: float | None) -> float | None:
@@ -63,13 +88,16 @@ def cell_table(masks: np.ndarray, image: np.ndarray | None = None, pixel_size_um
     Parameters
     ----------
     masks : (Y, X) or (Z, Y, X) int labels, 0 = background.
-    image : optional (Y, X), (Y, X, C) or with `channel_axis`; mean intensity per channel.
+    image : optional (Y, X), (Y, X, C), (Z, Y, X, C) or with `channel_axis` (any dtype); intensities
+        are measured on every channel, numbered as along that axis.
     pixel_size_um : µm per pixel (XY); None leaves the µm columns NaN.
+    channel_axis : the image's channel axis (None: the one axis not in the masks' shape).
 
     Returns
     -------
     DataFrame with label, area_px (volume_px for 3D), area_um2, centroid_{y,x}_px and _um,
-    equivalent_diameter_px/_um, eccentricity, solidity (2D), mean_intensity_ch{i}.
+    equivalent_diameter_px/_um, eccentricity, solidity (2D), and per channel i
+    mean_intensity_ch{i} and integrated_intensity_ch{i} (sum over the cell's pixels).
     """
     masks = np.asarray(masks)
     if masks.ndim not in (2, 3) or not np.issubdtype(masks.dtype, np.integer):
@@ -88,7 +116,7 @@ def cell_table(masks: np.ndarray, image: np.ndarray | None = None, pixel_size_um
         if not is3d:
             cols += ["eccentricity", "solidity"]
         if img is not None:
-            cols += [f"mean_intensity_ch{c}" for c in range(img.shape[-1])]
+            cols += [f"{k}_intensity_ch{c}" for c in range(img.shape[-1]) for k in ("mean", "integrated")]
         return pd.DataFrame(columns=cols)
     t = skm.regionprops_table(masks.astype(np.int64, copy=False), intensity_image=img, properties=props)
     out: dict[str, Any] = {"label": t["label"].astype(np.int64)}
@@ -116,6 +144,7 @@ def cell_table(masks: np.ndarray, image: np.ndarray | None = None, pixel_size_um
         for c in range(nch):
             key = f"intensity_mean-{c}" if f"intensity_mean-{c}" in t else "intensity_mean"
             out[f"mean_intensity_ch{c}"] = t[key]
+            out[f"integrated_intensity_ch{c}"] = t[key] * area
     return pd.DataFrame(out)
 
 
@@ -168,7 +197,9 @@ def detect_puncta(image: np.ndarray, sigma_min: float = 1.0, sigma_max: float = 
 
     Returns
     -------
-    DataFrame with y_px, x_px, sigma_px, radius_px, label.
+    DataFrame, one row per spot: y_px, x_px, sigma_px, radius_px, intensity_peak (the channel's
+    value at the centre), intensity_sum (sum of the channel's values within radius_px of the centre,
+    in the image's own units), label (the cell under the centre, 0 = outside cells).
     """
     if not (np.isfinite(sigma_min) and np.isfinite(sigma_max)) or sigma_min <= 0 or sigma_max < sigma_min:
         raise CellposeWebError("Puncta sigma: need 0 < min sigma ≤ max sigma (in px), e.g. 1 and 3.")
@@ -183,34 +214,66 @@ def detect_puncta(image: np.ndarray, sigma_min: float = 1.0, sigma_max: float = 
     y = blobs[:, 0]
     x = blobs[:, 1]
     s = blobs[:, 2]
-    df = pd.DataFrame({"y_px": y, "x_px": x, "sigma_px": s, "radius_px": s * np.sqrt(2.0)})
+    r = s * np.sqrt(2.0)
+    raw = np.asarray(image, dtype=np.float64)
+    raw = np.where(np.isfinite(raw), raw, 0.0)
+    yi = np.clip(np.round(y).astype(np.int64), 0, img.shape[0] - 1)
+    xi = np.clip(np.round(x).astype(np.int64), 0, img.shape[1] - 1)
+    df = pd.DataFrame({"y_px": y, "x_px": x, "sigma_px": s, "radius_px": r,
+                       "intensity_peak": raw[yi, xi], "intensity_sum": _disk_sums(raw, yi, xi, r)})
     if masks is not None:
         m = np.asarray(masks)
         if m.shape != img.shape:
             raise CellposeWebError(f"Puncta channel {img.shape} and masks {m.shape} differ in size.")
-        yi = np.clip(np.round(y).astype(np.int64), 0, m.shape[0] - 1)
-        xi = np.clip(np.round(x).astype(np.int64), 0, m.shape[1] - 1)
         df["label"] = m[yi, xi].astype(np.int64)
     else:
         df["label"] = np.zeros(len(df), dtype=np.int64)
     return df
 
 
+def _disk_sums(image: np.ndarray, yi: np.ndarray, xi: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Sum of `image` (Y, X) within `radius` px of each centre (yi, xi); vectorised over the spots,
+    looping over the offsets of the largest disk only."""
+    out = np.zeros(len(yi), np.float64)
+    if not len(yi):
+        return out
+    rmax = int(np.ceil(radius.max()))
+    for dy in range(-rmax, rmax + 1):
+        for dx in range(-rmax, rmax + 1):
+            inside = dy * dy + dx * dx <= radius ** 2
+            yy, xx = yi + dy, xi + dx
+            ok = inside & (yy >= 0) & (yy < image.shape[0]) & (xx >= 0) & (xx < image.shape[1])
+            out[ok] += image[yy[ok], xx[ok]]
+    return out
+
+
 def puncta_per_cell(masks: np.ndarray, puncta: pd.DataFrame, pixel_size_um: float | None = None) -> pd.DataFrame:
-    """Per cell: puncta_count, puncta_per_100px2 and puncta_density_per_um2 (NaN without pixel size)."""
+    """Per cell: puncta_count, puncta_per_100px2, puncta_density_per_um2 (NaN without pixel size),
+    puncta_mean_intensity and puncta_total_intensity (of the spots' intensity_sum; NaN / 0 without spots).
+
+    masks : (Y, X) labels; puncta : :func:`detect_puncta`'s table (its ``label`` column says the cell).
+    """
     masks = np.asarray(masks)
     n = int(masks.max(initial=0))
     labels = np.arange(1, n + 1)
-    area = ndi.sum_labels(np.ones(masks.shape, np.float64), masks, index=labels) if n else np.zeros(0)
+    area = np.bincount(masks.ravel().astype(np.int64), minlength=n + 1)[1:n + 1].astype(np.float64)
     lab = puncta["label"].to_numpy(np.int64) if len(puncta) else np.zeros(0, np.int64)
-    counts = np.bincount(lab[lab > 0], minlength=n + 1)[1:n + 1] if n else np.zeros(0, np.int64)
+    inside = lab > 0
+    counts = np.bincount(lab[inside], minlength=n + 1)[1:n + 1]
+    if len(puncta) and "intensity_sum" in puncta:
+        w = puncta["intensity_sum"].to_numpy(np.float64)[inside]
+        total = np.bincount(lab[inside], weights=w, minlength=n + 1)[1:n + 1]
+    else:
+        total = np.zeros(n)
     present = area > 0
     px = _pixel_size(pixel_size_um)
     with np.errstate(divide="ignore", invalid="ignore"):
         dens_px = np.where(area > 0, counts / area * 100.0, np.nan)
         dens_um = np.where(area > 0, counts / (area * px**2), np.nan) if px else np.full(n, np.nan)
+        mean_int = np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
     return pd.DataFrame({"label": labels[present], "puncta_count": counts[present].astype(np.int64),
-                         "puncta_per_100px2": dens_px[present], "puncta_density_per_um2": dens_um[present]})
+                         "puncta_per_100px2": dens_px[present], "puncta_density_per_um2": dens_um[present],
+                         "puncta_mean_intensity": mean_int[present], "puncta_total_intensity": total[present]})
 
 
 def add_puncta(table: pd.DataFrame, per_cell: pd.DataFrame) -> pd.DataFrame:
@@ -223,7 +286,8 @@ def add_puncta(table: pd.DataFrame, per_cell: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize(table: pd.DataFrame, puncta: pd.DataFrame | None = None) -> dict[str, Any]:
-    """One summary row per image: n_cells, median area (px, µm²), puncta totals when given."""
+    """One summary row per image: n_cells, median area (px, µm²), puncta totals when given
+    (puncta_total, puncta_in_cells, puncta_outside_cells, mean_puncta_per_cell, median density)."""
     n = int(len(table))
     area_px = "area_px" if "area_px" in table else "volume_px"
     area_um = "area_um2" if "area_um2" in table else "volume_um3"
@@ -236,7 +300,44 @@ def summarize(table: pd.DataFrame, puncta: pd.DataFrame | None = None) -> dict[s
         inside = int((puncta["label"] > 0).sum()) if len(puncta) else 0
         s["puncta_total"] = int(len(puncta))
         s["puncta_in_cells"] = inside
+        s["puncta_outside_cells"] = int(len(puncta)) - inside
         s["mean_puncta_per_cell"] = inside / n if n else np.nan
         if "puncta_density_per_um2" in table and table["puncta_density_per_um2"].notna().any():
             s["median_puncta_density_per_um2"] = float(np.nanmedian(table["puncta_density_per_um2"]))
     return s
+
+
+def measure_cells(masks: np.ndarray, image: np.ndarray | None = None, pixel_size_um: float | None = None,
+                  channel_axis: int | None = None, puncta: PunctaParams | None = None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The per-cell table of an image, and its puncta when asked.
+
+    Parameters
+    ----------
+    masks : (Y, X) or (Z, Y, X) int labels, 0 = background.
+    image : the image the masks belong to with all its channels: (Y, X), (Y, X, C), (C, Y, X),
+        (Z, Y, X, C) ... (`channel_axis` says where the channels are when it is ambiguous).
+        Channel i of this image is ``..._ch{i}`` in the table and ``puncta.channel == i``.
+    pixel_size_um : µm per pixel (XY); None leaves the µm columns NaN.
+    puncta : detect spots on channel ``puncta.channel`` (2D masks only) and count them per cell.
+
+    Returns
+    -------
+    (table, spots): :func:`cell_table` (+ :func:`puncta_per_cell` columns with puncta), and the
+    spots (:func:`detect_puncta`; ``label`` 0 = outside cells) or None.
+    """
+    masks = np.asarray(masks)
+    img = _channels_last(image, masks.shape, channel_axis) if image is not None else None
+    table = cell_table(masks, img, pixel_size_um)
+    if puncta is None:
+        return table, None
+    if masks.ndim != 2:
+        raise CellposeWebError("Puncta are counted on 2D images; segment a 2D image (or one plane of the stack).")
+    if img is None:
+        raise CellposeWebError("Puncta need the image: pass the image the masks were made from.")
+    ch = int(puncta.channel)
+    if not 0 <= ch < img.shape[-1]:
+        raise CellposeWebError(f"Puncta channel {ch} does not exist; the image has {img.shape[-1]} channel(s) "
+                               f"(0..{img.shape[-1] - 1}, numbered as in the file).")
+    spots = detect_puncta(img[..., ch], puncta.sigma_min, puncta.sigma_max, puncta.threshold, masks=masks)
+    return add_puncta(table, puncta_per_cell(masks, spots, pixel_size_um)), spots

@@ -41,8 +41,10 @@ def threshold_labels(img, channel_axis: int | None = None) -> np.ndarray:
 
 
 def image_key(img) -> tuple:
+    """(sorted axis lengths without singletons, sum): the same for an image as read from its file and as
+    the pipeline hands it to eval (channels last, (Y, X, 1) for a plain 2D image)."""
     a = np.asarray(img)
-    return a.shape, float(np.nansum(a, dtype=np.float64))
+    return tuple(sorted(n for n in a.shape if n > 1)), float(np.nansum(a, dtype=np.float64))
 
 
 class StandInModel:

@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 from skimage.draw import polygon as draw_polygon
 
-from cellpose_web import dynamics, io
+from cellpose_web import dynamics, io, render
 from cellpose_web.errors import CellposeWebError
 
 VAL = "nuclei_2d/val"
@@ -192,7 +192,7 @@ def test_outlines_trace_each_mask_exactly(crop):
     _, lab = crop
     outl = io.outlines_list(lab)
     assert len(outl) == lab.max()
-    border = io._masks_to_outlines(lab)
+    border = render.outlines(lab)
     for i, o in enumerate(outl, start=1):
         if len(o) == 0:
             continue
@@ -237,7 +237,7 @@ def test_save_masks_writes_cellpose_names(tmp_path, crop):
     np.testing.assert_array_equal(io.imread(tmp_path / "cells_flows_cp_masks.tif"), flows[0])
     over = io.imread(tmp_path / "cells_outlines_cp_masks.png")
     red = (over[..., 0] == 255) & (over[..., 1] == 0) & (over[..., 2] == 0)
-    border = io._masks_to_outlines(lab)
+    border = render.outlines(lab)
     assert red[border].all() and red.sum() == border.sum()
     txt = io.read_outlines_text(tmp_path / "cells_cp_outlines.txt")
     ref = io.outlines_list(lab)
@@ -309,7 +309,7 @@ def test_seg_round_trip_with_gui_keys_and_provenance(tmp_path, crop):
     assert GUI_KEYS <= set(dat)
     np.testing.assert_array_equal(dat["masks"], lab)
     assert dat["masks"].dtype == np.uint16 and dat["outlines"].dtype == np.uint16
-    border = io._masks_to_outlines(lab)
+    border = render.outlines(lab)
     np.testing.assert_array_equal(dat["outlines"], lab * border)
     assert dat["colors"].shape == (lab.max(), 3) and dat["ismanual"].shape == (lab.max(),)
     assert dat["chan_choose"] == [0, 0] and dat["filename"] == str(f.resolve())
@@ -345,7 +345,7 @@ def _gui_style_seg_bytes(lab: np.ndarray) -> bytes:
     """A _seg.npy as written by Cellpose's GUI under numpy 1.x (module 'numpy.core', pickle protocol 3)."""
     n = int(lab.max())
     dat = {
-        "outlines": lab * io._masks_to_outlines(lab), "colors": np.random.default_rng(0).integers(0, 255, (n, 3)),
+        "outlines": lab * render.outlines(lab), "colors": np.random.default_rng(0).integers(0, 255, (n, 3)),
         "masks": lab, "chan_choose": [0, 0], "filename": "C:\\data\\img.tif",
         "flows": [np.zeros((1, *lab.shape, 3), np.uint8), np.zeros((1, *lab.shape), np.uint8),
                   np.zeros((1, *lab.shape, 3), np.uint8), [], np.zeros((3, *lab.shape), np.float32)],

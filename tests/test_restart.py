@@ -132,6 +132,6 @@ def test_kill_during_finetune_then_restart(tmp_path, data_dir, _isolated_home, m
         client = Client(url, verbose=False)
         masks_path, _, n, prov = client.predict(handle_file(str(tmp_path / "b0.tif")), "earlier_lab", None, 0.4, 0.0,
                                                 None, api_name="/segment")
-        assert tifffile.imread(masks_path).shape == (96, 96) and prov["model_sha256"] == earlier.sha256
+        assert tifffile.imread(masks_path).shape == (96, 96) and prov["model"]["sha256"] == earlier.sha256
     finally:
         lt.stop_app(proc)

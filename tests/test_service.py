@@ -140,17 +140,21 @@ def test_absurd_parameters(kw, match):
 
 
 def test_channels_last_layouts():
+    from cellpose_web import pipeline
     img = np.zeros((2, 30, 40))
-    out, stack = segment.to_channels_last(img, None, None)
+    out, stack = pipeline.to_channels_last(img, None, None)
     assert out.shape == (30, 40, 2) and not stack
-    out, stack = segment.to_channels_last(np.zeros((7, 30, 40)), None, None)
+    out, stack = pipeline.to_channels_last(np.zeros((7, 30, 40)), None, None)
     assert out.shape == (7, 30, 40, 1) and stack
-    out, stack = segment.to_channels_last(np.zeros((5, 2, 30, 40)), None, None)
+    out, stack = pipeline.to_channels_last(np.zeros((5, 2, 30, 40)), None, None)
     assert out.shape == (5, 30, 40, 2) and stack
-    out, _ = segment.to_channels_last(np.zeros((30, 40, 3)), 2, None, channels=[2])
-    assert out.shape == (30, 40, 1)
+    out, stack = pipeline.to_channels_last(np.zeros((3, 30, 40)), file_axes="ZYX")  # the file says Z
+    assert out.shape == (3, 30, 40, 1) and stack
+    out, stack = pipeline.to_channels_last(np.zeros((3, 30, 40)), want_3d=True)
+    assert out.shape == (3, 30, 40, 1) and stack
+    assert pipeline.check_channels([2], 3) == [2]
     with pytest.raises(CellposeWebError, match="does not exist"):
-        segment.to_channels_last(np.zeros((30, 40, 3)), 2, None, channels=[5])
+        pipeline.check_channels([5], 3)
 
 
 # ---------------------------------------------------------------- segmentation + files
@@ -172,12 +176,11 @@ def test_segment_records_provenance_and_writes_files(tmp_path, fake_model):
     img = _blobs()
     res = segment.segment(img, segment.SegmentParams(flow_threshold=0.3), "thresh", "a.tif", 0.5)
     assert res.n_cells == standin.threshold_labels(img).max() > 1
-    assert res.provenance["model_sha256"] == standin.SHA256
-    assert res.provenance["params"]["flow_threshold"] == 0.3
-    table, _ = batch.measure_result(res, 0.5)
-    from cellpose_web.service import outputs
-    files = outputs.write_result_files(tmp_path, "a", res.masks, res.provenance, table,
-                                       res.flow_rgb, res.cellprob, res.dP)
+    assert res.provenance["model"]["sha256"] == standin.SHA256
+    assert res.provenance["eval_params"]["flow_threshold"] == 0.3
+    from cellpose_web import pipeline
+    files = pipeline.write_outputs(tmp_path / "a.tif", res.masks, res.image, [res.flow_rgb, res.dP, res.cellprob],
+                                   res.provenance, res.table, pipeline.SaveOptions.everything())
     assert (tifffile.imread(files["masks_tif"]) == res.masks).all()
     from cellpose_web import io as cpio
     seg = cpio.load_seg(files["seg_npy"])

@@ -40,7 +40,7 @@ def test_segment_tab_functions(fake_model):
     out = segment_tab.run_segmentation(s, "thresh", params, 0.65, segment_tab.make_puncta(True, 0, 1, 3, 0.2))
     n = len(np.unique(out.masks)) - 1
     assert n == EXAMPLE_CELLS > 3 and len(out.table) == n
-    assert out.provenance["model_sha256"] == standin.SHA256 and out.provenance["pixel_size_um"] == 0.65
+    assert out.provenance["model"]["sha256"] == standin.SHA256 and out.provenance["pixel_size_um"] == 0.65
     names = {Path(f).name for f in out.files}
     assert {"u2os_nuclei_cp_masks.tif", "u2os_nuclei_cp_masks.png", "u2os_nuclei_seg.npy",
             "u2os_nuclei_cp_outlines.txt", "u2os_nuclei_cells.csv"} <= names
@@ -109,7 +109,7 @@ def test_gradio_client_segment_api(fake_model, tmp_path):
         assert n == len(np.unique(masks)) - 1 == EXAMPLE_CELLS
         df = pd.read_csv(csv_path, comment="#")
         assert len(df) == n and np.allclose(df.area_um2, df.area_px * 0.25)
-        assert prov["model_sha256"] == standin.SHA256
+        assert prov["model"]["sha256"] == standin.SHA256
         # a bad file gives a readable error and the server keeps serving
         bad = tmp_path / "bad.tif"
         bad.write_bytes(b"not a tiff at all")

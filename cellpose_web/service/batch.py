@@ -8,52 +8,22 @@ import os
 import shutil
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
-from cellpose_web import measure
+from cellpose_web import pipeline
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import inputs, models_cache, outputs
-from cellpose_web.service.config import Limits
-from cellpose_web.service.segment import SegmentParams, segment
 from cellpose_web.io import atomic_save
+from cellpose_web.measure import PunctaParams
+from cellpose_web.service import inputs, models_cache
+from cellpose_web.service.config import Limits
+from cellpose_web.service.segment import SegmentParams
 from cellpose_web.service.storage import atomic_write_bytes, atomic_write_json, safe_name
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PunctaParams:
-    """Puncta detection settings: which channel (index after channel selection), LoG sigma range (px), threshold."""
-    channel: int = 1
-    sigma_min: float = 1.0
-    sigma_max: float = 3.0
-    threshold: float = 0.1
-
-
-def measure_result(res, pixel_size_um: float | None, puncta: PunctaParams | None = None
-                   ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Per-cell table (and puncta points) for a SegResult."""
-    img = res.image
-    if res.masks.ndim == 2 and img.ndim == 3:
-        table = measure.cell_table(res.masks, img, pixel_size_um)
-    elif res.masks.ndim == 3 and img.ndim == 4:
-        table = measure.cell_table(res.masks, img, pixel_size_um)
-    else:
-        table = measure.cell_table(res.masks, None, pixel_size_um)
-    pts = None
-    if puncta is not None and res.masks.ndim == 2:
-        ch = int(puncta.channel)
-        if not 0 <= ch < img.shape[-1]:
-            raise CellposeWebError(f"Puncta channel {ch} does not exist; the image has {img.shape[-1]} "
-                                   f"channel(s) (0..{img.shape[-1] - 1}).")
-        pts = measure.detect_puncta(img[..., ch], puncta.sigma_min, puncta.sigma_max, puncta.threshold,
-                                    masks=res.masks)
-        table = measure.add_puncta(table, measure.puncta_per_cell(res.masks, pts, pixel_size_um))
-    return table, pts
 
 
 def collect_inputs(files: list[str | Path], work: Path, limits: Limits) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -76,27 +46,38 @@ def collect_inputs(files: list[str | Path], work: Path, limits: Limits) -> tuple
     return imgs, bad + skipped
 
 
+def _settings(params: SegmentParams, pixel_size_um: float | None, puncta: PunctaParams | None,
+              limits: Limits) -> pipeline.ImageSettings:
+    return pipeline.ImageSettings(eval_kwargs=params.eval_kwargs(), channel_axis=params.channel_axis,
+                                  z_axis=params.z_axis, segment_channels=params.channels,
+                                  pixel_size_um=pixel_size_um, puncta=puncta, measure=True,
+                                  max_pixels=limits.max_pixels)
+
+
+def _row(image: str, r: dict[str, Any]) -> dict[str, Any]:
+    """A summary row from :func:`cellpose_web.pipeline.process_file`'s result (or its error)."""
+    if r.get("error"):
+        return {"image": image, "status": "error", "reason": r["error"]}
+    m = r.get("model") or {}
+    return {"image": image, "status": "ok", **r.get("summary", {}), "pixel_size_um": r.get("pixel_size_um"),
+            "model": m.get("name"), "model_sha256": m.get("sha256"), "cells_csv": r["files"]["cells_csv"]}
+
+
 def process_image(path: str | Path, stem: str, params: SegmentParams, model_name: str, out_dir: str | Path,
                   pixel_size_um: float | None = None, puncta: PunctaParams | None = None,
                   limits: Limits | None = None) -> dict[str, Any]:
-    """Segment, measure and write the files of one image (runs here or on a Dask worker).
+    """Segment, measure and write the files of one image in this process (the pipeline's
+    :func:`~cellpose_web.pipeline.process_file` with the shared model), into ``out_dir/stem/``.
 
     Returns {"image", "status": "ok", summary columns..., "cells_csv"} or {"image", "status": "error", "reason"}.
     """
     p = Path(path)
+    limits = limits or Limits.from_env()
     try:
-        li = inputs.read_image(p, limits)
-        px = li.pixel_size_um or pixel_size_um
-        res = segment(li.data, params, model_name, image_name=p.name, pixel_size_um=px, limits=limits)
-        table, pts = measure_result(res, px, puncta)
-        prov = dict(res.provenance)
-        if puncta is not None:
-            prov["puncta"] = asdict(puncta)
-        files = outputs.write_result_files(Path(out_dir) / stem, stem, res.masks, prov, table,
-                                           res.flow_rgb, res.cellprob, res.dP)
-        s = measure.summarize(table, pts)
-        return {"image": p.name, "status": "ok", **s, "pixel_size_um": px, "model": prov["model_name"],
-                "model_sha256": prov["model_sha256"], "cells_csv": str(files["cells_csv"])}
+        inputs.check_file_size(p, limits)
+        r = pipeline.process_file(p, models_cache.get_model(model_name), _settings(params, pixel_size_um, puncta, limits),
+                                  Path(out_dir) / stem, pipeline.SaveOptions.everything(), name=stem + p.suffix)
+        return _row(p.name, r)
     except (CellposeWebError, FileNotFoundError) as e:
         return {"image": p.name, "status": "error", "reason": str(e)}
     except Exception as e:  # noqa: BLE001 - one bad file never stops the batch
@@ -110,21 +91,31 @@ def dask_scheduler_from_env() -> str | None:
     return v or None
 
 
-def _dask_client(scheduler: str, n_workers: int, retries: int):
+def _on_cluster(imgs: list[Path], stems: list[str], params: SegmentParams, model_name: str, out_dir: Path,
+                pixel_size_um, puncta, limits: Limits, scheduler: str, n_workers: int, retries: int,
+                progress, cancelled) -> list[dict[str, Any]]:
+    """Every image through :func:`cellpose_web.distributed.map_on_dask` (the one Dask driver)."""
     from cellpose_web import distributed
-    dd = distributed.require_dask()
-    import dask
-    if scheduler == "local":
-        with dask.config.set({"distributed.scheduler.allowed-failures": int(retries)}):
-            cluster = dd.LocalCluster(n_workers=int(n_workers), threads_per_worker=1, processes=True,
-                                      dashboard_address=None, silence_logs=logging.ERROR)
-            return dd.Client(cluster, set_as_default=False), cluster
-    addr = distributed.scheduler_address(scheduler)
+
+    info = models_cache.resolve(model_name)
+    settings = _settings(params, pixel_size_um, puncta, limits)
+    save = pipeline.SaveOptions.everything()
+    calls = [((str(p), str(out_dir / stem), info, settings, save, None, None, stem + p.suffix), {})
+             for p, stem in zip(imgs, stems)]
+    n = len(imgs)
+
+    def prog(done: int, total: int, r: dict) -> None:
+        if progress:
+            progress(done / max(n, 1), f"{done}/{n} images done on the cluster")
+
     try:
-        return dd.Client(addr, timeout=20, set_as_default=False), None
+        results = distributed.map_on_dask(distributed.segment_task, calls, [p.name for p in imgs],
+                                          scheduler=None if scheduler == "local" else scheduler, n_workers=n_workers,
+                                          retries=retries, progress=prog, cancelled=cancelled)
     except (OSError, TimeoutError) as e:
-        raise CellposeWebError(f"Could not reach the Dask scheduler at {addr} ({type(e).__name__}); ask the admin "
-                               "to start it or unset CELLPOSE_WEB_DASK_SCHEDULER.") from None
+        raise CellposeWebError(f"Could not reach the Dask scheduler at {scheduler} ({type(e).__name__}); ask the "
+                               "admin to start it or unset CELLPOSE_WEB_DASK_SCHEDULER.") from None
+    return [_row(p.name, r) for p, r in zip(imgs, results)]
 
 
 def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, out_dir: Path,
@@ -161,31 +152,8 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
             stems.append(stem)
         results: list[dict[str, Any] | None] = [None] * n
         if scheduler:
-            client, cluster = _dask_client(scheduler, n_workers, retries)
-            try:
-                from dask.distributed import as_completed
-                futs = {client.submit(process_image, str(p), stem, params, model_name, str(out_dir),
-                                      pixel_size_um, puncta, limits, retries=int(retries), pure=False): k
-                        for k, (p, stem) in enumerate(zip(imgs, stems))}
-                done = 0
-                for fut in as_completed(list(futs), loop=client.loop):
-                    k = futs[fut]
-                    try:
-                        results[k] = fut.result()
-                    except Exception as e:  # noqa: BLE001 - e.g. KilledWorker after the retries
-                        results[k] = {"image": imgs[k].name, "status": "error",
-                                      "reason": f"the cluster worker failed ({type(e).__name__}) after {retries} "
-                                                "retries; try again or use fewer workers per machine"}
-                    done += 1
-                    if progress:
-                        progress(done / max(n, 1), f"{done}/{n} images done on the cluster")
-                    if cancelled and cancelled():
-                        client.cancel([f for f in futs if not f.done()])
-                        break
-            finally:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+            results = _on_cluster(imgs, stems, params, model_name, out_dir, pixel_size_um, puncta, limits, scheduler,
+                                  n_workers, retries, progress, cancelled)
         else:
             for k, (p, stem) in enumerate(zip(imgs, stems)):
                 if cancelled and cancelled():
@@ -195,7 +163,7 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
                 results[k] = process_image(p, stem, params, model_name, out_dir, pixel_size_um, puncta, limits)
         cells: list[pd.DataFrame] = []
         for k, r in enumerate(results):
-            if r is None:
+            if r is None or r.get("reason") == "not processed: the batch was cancelled":
                 errors.append((imgs[k].name, "not processed: the batch was cancelled"))
             elif r["status"] == "ok":
                 t = pd.read_csv(r.pop("cells_csv"), comment="#")
@@ -214,12 +182,13 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
         all_cells = pd.concat(cells, ignore_index=True) if cells else pd.DataFrame(columns=["image", "label"])
         ok_rows = [r for r in rows if r.get("status") == "ok"]
         from cellpose_web import __version__
-        prov = {"model_name": model_name, "params": asdict(params),
-                "model_sha256": ok_rows[0].get("model_sha256") if ok_rows else None,
-                "image": f"{n} images", "puncta": asdict(puncta) if puncta else None,
+        prov = {"model": {"name": model_name, "sha256": ok_rows[0].get("model_sha256") if ok_rows else None},
+                "eval_params": params.eval_kwargs(),
+                "channels": {"segment": params.channels, "measured": "all", "numbering": "as in the file"},
+                "image": f"{n} images", "pixel_size_um": pixel_size_um, "puncta": asdict(puncta) if puncta else None,
                 "cellpose_web_version": __version__, "dask_scheduler": scheduler}
-        summary_csv = atomic_write_bytes(out_dir / "summary.csv", outputs.csv_bytes(summary, prov))
-        cells_csv = atomic_write_bytes(out_dir / "all_cells.csv", outputs.csv_bytes(all_cells, prov))
+        summary_csv = atomic_write_bytes(out_dir / "summary.csv", pipeline.csv_bytes(summary, prov))
+        cells_csv = atomic_write_bytes(out_dir / "all_cells.csv", pipeline.csv_bytes(all_cells, prov))
         atomic_write_json(out_dir / "batch.json", {"provenance": prov, "errors": errors,
                                                    "n_ok": len(cells), "n_error": len(errors)})
         zip_path = out_dir.parent / f"{out_dir.name}.zip"

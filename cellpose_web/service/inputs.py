@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from cellpose_web import io as cpio
+from cellpose_web import io as cpio, pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service.config import Limits
 
@@ -68,15 +68,16 @@ def read_image(path: str | Path, limits: Limits | None = None) -> LoadedImage:
     except Exception as e:  # corrupt / truncated / not really an image
         raise CellposeWebError(f"{p.name} could not be read as an image ({type(e).__name__}); "
                                "check it opens in Fiji, and save it as TIFF or PNG.") from None
-    arr = validate_array(np.asarray(arr), p.name, limits)
-    px = meta.get("pixel_size_um")
-    if isinstance(px, (tuple, list)) and len(px):
-        px = px[-1]  # (y, x): x is the usual reported size
+    arr = np.asarray(arr)
+    axes = str(meta.get("axes") or "")
+    if len(axes) == arr.ndim:  # validate_array drops singleton axes: keep the letters in step
+        axes = "".join(a for a, n in zip(axes, arr.shape) if n > 1)
+    arr = validate_array(arr, p.name, limits)  # the upload limits, with the user's file name
     try:
-        px = float(px) if px is not None and np.isfinite(float(px)) and float(px) > 0 else None
-    except (TypeError, ValueError):
-        px = None
-    return LoadedImage(arr, p.name, px, meta)
+        arr, meta["axes"] = pipeline.prepare_image(arr, axes)
+    except CellposeWebError as e:
+        raise CellposeWebError(f"{p.name}: {e}") from None
+    return LoadedImage(arr, p.name, pipeline.pixel_size_of(meta), meta)
 
 
 def validate_array(arr: np.ndarray, name: str = "image", limits: Limits | None = None) -> np.ndarray:

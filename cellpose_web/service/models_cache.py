@@ -1,6 +1,5 @@
-"""One model instance per (name, device), shared by all requests; eval serialised per instance.
-
-Also the model list for the UI (from the registry) and the default model choice.
+"""The web service's view of the models: which ones it offers, the default, and the shared model
+instances (:func:`cellpose_web.pipeline.get_model`, the one model cache; eval serialised per instance).
 Set CELLPOSE_WEB_DEFAULT_MODEL to a name or path to override the registry's best model.
 """
 from __future__ import annotations
@@ -8,27 +7,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellpose_web.errors import CellposeWebError, ModelNotAvailableError
+from cellpose_web import pipeline
+from cellpose_web.errors import ModelNotAvailableError
 
 log = logging.getLogger(__name__)
 
-_lock = threading.Lock()
-_cache: dict[tuple[str, str], "CachedModel"] = {}
-
-
-@dataclass
-class CachedModel:
-    model: Any
-    name: str
-    sha256: str
-    path: str
-    arch: str
-    lock: threading.Lock
+CachedModel = pipeline.LoadedModel  # model, name, sha256, path, arch, lock
 
 
 def _sha256(path: str) -> str:
@@ -40,13 +27,8 @@ def _sha256(path: str) -> str:
 
 
 def use_gpu() -> bool:
-    if os.environ.get("CELLPOSE_WEB_CPU", "0") == "1":
-        return False
-    try:
-        import torch
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
+    """CUDA when present, unless CELLPOSE_WEB_CPU=1."""
+    return pipeline.default_gpu()
 
 
 def list_model_choices() -> list[tuple[str, str]]:
@@ -119,32 +101,12 @@ def resolve(name: str) -> dict[str, Any]:
 
 
 def get_model(name: str) -> CachedModel:
-    """The shared model instance for `name` (loaded once)."""
-    info = resolve(name)
-    gpu = use_gpu()
-    key = (info["path"] or info["name"], "cuda" if gpu else "cpu")
-    with _lock:
-        cm = _cache.get(key)
-        if cm is not None:
-            return cm
-    from cellpose_web.models import CellposeModel
-    try:
-        model = CellposeModel(gpu=gpu, pretrained_model=info["path"] or info["name"])
-    except (CellposeWebError, FileNotFoundError):
-        raise
-    except Exception as e:
-        log.exception("loading model %s failed", name)
-        raise ModelNotAvailableError(f"Model {name!r} could not be loaded ({type(e).__name__}); "
-                                     "the file may be damaged. Choose another model or re-add it.") from None
-    cm = CachedModel(model, info["name"], info["sha256"], info["path"], info["arch"], threading.Lock())
-    with _lock:
-        _cache.setdefault(key, cm)
-        return _cache[key]
+    """The shared model instance for `name` (loaded once per process)."""
+    if not name:
+        raise ModelNotAvailableError("No model chosen: pick a model in the list (the Models tab shows them all).")
+    return pipeline.get_model(name)
 
 
 def forget(name: str | None = None) -> None:
     """Drop cached models (all, or those whose name/path matches), e.g. after delete/rename."""
-    with _lock:
-        for k in list(_cache):
-            if name is None or name in k or _cache[k].name == name:
-                del _cache[k]
+    pipeline.forget_models(name)

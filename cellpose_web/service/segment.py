@@ -1,17 +1,18 @@
-"""Segmentation as the UI, the batch runner and scripts use it: checked parameters in,
-masks + flows + a provenance record out. No Gradio here.
+"""Segmentation as the web app uses it: the form's parameters checked against the server's
+limits, then the per-image pipeline (:mod:`cellpose_web.pipeline`) on the shared model, under the
+ZeroGPU wrapper. No Gradio here.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 
+from cellpose_web import measure, pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.models import check_eval_params
 from cellpose_web.service import gpu, models_cache
@@ -31,7 +32,7 @@ class SegmentParams:
     min_size: int = 15
     channel_axis: int | None = None
     z_axis: int | None = None
-    channels: list[int] | None = None       # which channels to keep (indices along channel_axis)
+    channels: list[int] | None = None       # file channels fed to the model (None = all); measuring uses all
     do_3D: bool = False
     anisotropy: float | None = None
     stitch_threshold: float = 0.0
@@ -96,134 +97,61 @@ class SegmentParams:
 
 @dataclass
 class SegResult:
-    masks: np.ndarray                 # (Y, X) or (Z, Y, X) labels
-    flow_rgb: np.ndarray | None       # (Y, X, 3) or (Z, Y, X, 3) uint8
-    cellprob: np.ndarray | None       # (Y, X) or (Z, Y, X) float32 logits
-    dP: np.ndarray | None
-    image: np.ndarray                 # channels-last image used, (Y, X, C) or (Z, Y, X, C)
+    """One image segmented and measured by the web service (:func:`segment`)."""
+    seg: pipeline.Segmentation
+    table: pd.DataFrame
+    puncta: pd.DataFrame | None
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def masks(self) -> np.ndarray:          # (Y, X) or (Z, Y, X) labels
+        return self.seg.masks
+
+    @property
+    def image(self) -> np.ndarray:          # every channel of the file, (Y, X, C) or (Z, Y, X, C)
+        return self.seg.image
+
+    @property
+    def flow_rgb(self) -> np.ndarray | None:
+        return self.seg.flow_rgb
+
+    @property
+    def dP(self) -> np.ndarray | None:
+        return self.seg.dP
+
+    @property
+    def cellprob(self) -> np.ndarray | None:
+        return self.seg.cellprob
+
+    @property
     def n_cells(self) -> int:
-        return int(len(np.unique(self.masks[self.masks > 0])))
+        return self.seg.n_masks
 
 
-def to_channels_last(img: np.ndarray, channel_axis: int | None, z_axis: int | None,
-                     channels: list[int] | None = None) -> tuple[np.ndarray, bool]:
-    """Arrange an image as (Y, X, C) or (Z, Y, X, C); returns (array, is_stack).
-
-    Without channel_axis: 2D -> one channel; 3D with a small first/last axis (≤ 4) -> channels,
-    otherwise a z-stack; 4D -> the smallest axis is channels and the first other axis is Z.
-    """
-    img = np.asarray(img)
-    nd = img.ndim
-    if channel_axis is not None and not -nd <= channel_axis < nd:
-        raise CellposeWebError(f"Channel axis {channel_axis} does not exist in an image of shape {img.shape}.")
-    if z_axis is not None and not -nd <= z_axis < nd:
-        raise CellposeWebError(f"Z axis {z_axis} does not exist in an image of shape {img.shape}.")
-    if channel_axis is not None:
-        channel_axis %= nd
-    if z_axis is not None:
-        z_axis %= nd
-    if nd == 2:
-        out, stack = img[..., None], False
-    elif nd == 3:
-        if channel_axis is None and z_axis is None:
-            if img.shape[-1] <= 4 and img.shape[-1] < img.shape[0]:
-                channel_axis = 2
-            elif img.shape[0] <= 4:
-                channel_axis = 0
-            else:
-                z_axis = 0
-        if channel_axis is not None:
-            out, stack = np.moveaxis(img, channel_axis, -1), False
-        else:
-            out, stack = np.moveaxis(img, z_axis, 0)[..., None], True
-    elif nd == 4:
-        if channel_axis is None:
-            channel_axis = int(np.argmin(img.shape)) if z_axis is None else \
-                min((a for a in range(4) if a != z_axis), key=lambda a: img.shape[a])
-        if z_axis is None:
-            z_axis = next(a for a in range(4) if a != channel_axis)
-        if z_axis == channel_axis:
-            raise CellposeWebError("Z axis and channel axis must be different.")
-        out = np.moveaxis(img, (z_axis, channel_axis), (0, 3))
-        stack = True
-    else:
-        raise CellposeWebError(f"Images must be 2D, 2D with channels, or a z-stack; got shape {img.shape}.")
-    if channels:
-        nch = out.shape[-1]
-        bad = [c for c in channels if not 0 <= c < nch]
-        if bad:
-            raise CellposeWebError(f"Channel {bad[0]} does not exist: the image has {nch} channel(s) "
-                                   f"(0..{nch - 1}).")
-        out = out[..., list(channels)]
-    if out.shape[-1] > 3:
-        log.info("image has %d channels; Cellpose uses the first 3", out.shape[-1])
-    return np.ascontiguousarray(out), stack
-
-
-def provenance(model: models_cache.CachedModel | dict, params: SegmentParams, image_name: str,
-               pixel_size_um: float | None, image_shape: tuple[int, ...], elapsed_s: float | None = None
-               ) -> dict[str, Any]:
-    from cellpose_web import __version__
-    m = model if isinstance(model, dict) else {"name": model.name, "sha256": model.sha256, "path": model.path}
-    return {
-        "model_name": m.get("name"), "model_sha256": m.get("sha256"),
-        "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()},
-        "image": image_name, "image_shape": list(image_shape), "pixel_size_um": pixel_size_um,
-        "cellpose_web_version": __version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "elapsed_s": None if elapsed_s is None else round(float(elapsed_s), 3),
-    }
-
-
-def _duration(model_name, img, params, *a, **k) -> int:
+def _duration(model_name, img, *a, **k) -> int:
     return gpu.gpu_duration(tuple(np.shape(img)))
 
 
 @gpu.gpu_task(_duration)
-def _eval_locked(model_name: str, img: np.ndarray, params: SegmentParams, stack: bool,
-                 progress: ProgressFn | None) -> tuple[np.ndarray, list, models_cache.CachedModel]:
-    cm = models_cache.get_model(model_name)
-    kw = params.eval_kwargs()
-    with cm.lock:
-        if stack and (params.do_3D or params.stitch_threshold > 0):
-            masks, flows, _ = cm.model.eval(img, channel_axis=3, z_axis=0, progress=progress, **kw)
-            return masks, list(flows), cm
-        kw.pop("do_3D"), kw.pop("anisotropy"), kw.pop("stitch_threshold")
-        if not stack:
-            masks, flows, _ = cm.model.eval(img, channel_axis=2, progress=progress, **kw)
-            return masks, list(flows), cm
-        # a stack without 3D options: each plane on its own (eval takes a list of images)
-        ms, flows, _ = cm.model.eval(list(img), channel_axis=2, progress=progress, **kw)
-        rgbs, dps, cps = ([f[i] for f in flows] for i in range(3))
-        return _distinct_plane_labels(ms), [np.stack(rgbs), np.stack(dps, 1), np.stack(cps)], cm
-
-
-def _distinct_plane_labels(planes: list[np.ndarray]) -> np.ndarray:
-    """(Z, Y, X) labels from planes segmented on their own: each plane's cells get labels of their
-    own (plane z continues after plane z-1), so the count and the table list cells per plane
-    instead of joining unrelated cells that happen to share a number into one "volume"."""
-    counts = np.array([int(m.max()) for m in planes], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    out = np.stack(planes).astype(np.uint32 if counts.sum() > np.iinfo(np.uint16).max else np.uint16)
-    out += np.where(out > 0, offsets[:, None, None], 0).astype(out.dtype)
-    return out
+def _segment_on_device(model_name: str, img: np.ndarray, params: SegmentParams, file_axes: str,
+                       progress: ProgressFn | None) -> pipeline.Segmentation:
+    return pipeline.segment(models_cache.get_model(model_name), img, params.eval_kwargs(), params.channel_axis,
+                            params.z_axis, file_axes, params.channels, progress=progress)
 
 
 def segment(image: np.ndarray, params: SegmentParams, model_name: str, image_name: str = "image",
             pixel_size_um: float | None = None, progress: ProgressFn | None = None,
-            limits: Limits | None = None) -> SegResult:
-    """Segment one image (as read from the file) with `model_name` and checked `params`."""
+            limits: Limits | None = None, file_axes: str = "",
+            puncta: measure.PunctaParams | None = None) -> SegResult:
+    """Segment and measure one image (as read from the file) with `model_name` and checked `params`.
+
+    ``params.channels`` are the file channels fed to the model; the table measures every channel
+    and ``puncta.channel`` is a file channel too (see :mod:`cellpose_web.pipeline`).
+    """
     limits = limits or Limits.from_env()
     params = params.validated(limits)
-    img, stack = to_channels_last(image, params.channel_axis, params.z_axis, params.channels)
-    if (params.do_3D or params.stitch_threshold > 0) and not stack:
-        raise CellposeWebError("3D / stitching needs a z-stack; this image is 2D. Untick 'do_3D' and set "
-                               "stitch threshold to 0.")
-    t0 = time.perf_counter()
     try:
-        masks, flows, cm = _eval_locked(model_name, img, params, stack, progress)
+        seg = _segment_on_device(model_name, image, params, file_axes, progress)
     except (CellposeWebError, FileNotFoundError):
         raise
     except MemoryError:
@@ -234,11 +162,9 @@ def segment(image: np.ndarray, params: SegmentParams, model_name: str, image_nam
             raise CellposeWebError("The GPU ran out of memory; try a smaller image or ask the admin.") from None
         raise CellposeWebError(f"Segmentation failed ({type(e).__name__}: {str(e)[:200]}). Check the "
                                "channel/z axis settings; if it persists tell the admin.") from None
-    masks = np.asarray(masks)
-    if masks.dtype.kind not in "ui":
-        masks = masks.astype(np.uint32)
-    flow_rgb = np.asarray(flows[0]) if len(flows) > 0 else None
-    dP = np.asarray(flows[1]) if len(flows) > 1 else None
-    cellprob = np.asarray(flows[2], dtype=np.float32) if len(flows) > 2 else None
-    prov = provenance(cm, params, image_name, pixel_size_um, tuple(np.shape(image)), time.perf_counter() - t0)
-    return SegResult(masks, flow_rgb, cellprob, dP, img, prov)
+    table, spots = pipeline.measure_segmentation(seg, pixel_size_um, puncta)
+    prov = pipeline.provenance(seg, image_name, tuple(np.shape(image)), pixel_size_um,
+                               puncta if spots is not None else None)
+    if seg.notices:
+        prov["notices"] = list(seg.notices)
+    return SegResult(seg, table, spots, prov)

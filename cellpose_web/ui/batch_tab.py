@@ -13,6 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.measure import PunctaParams
 from cellpose_web.service import batch, jobs, models_cache
 from cellpose_web.service.segment import SegmentParams
 from cellpose_web.ui import common, segment_tab, widgets as W
@@ -42,7 +43,7 @@ def jobs_table(user: str | None) -> pd.DataFrame:
 
 
 def start_batch(files: list[str], model: str, params: SegmentParams, px: float | None,
-                puncta: batch.PunctaParams | None, user: str | None) -> jobs.Job:
+                puncta: PunctaParams | None, user: str | None) -> jobs.Job:
     if not files:
         raise CellposeWebError("No files: upload a zip of images (or several image files) first.")
     params = params.validated()
@@ -84,11 +85,14 @@ def build(ctx: dict[str, Any]) -> None:
                 with gr.Row():
                     niter = gr.Number(0, label="niter (0 = automatic)", minimum=0, precision=0)
                     min_size = gr.Number(15, label="Minimum cell size (px)", precision=0)
-                channels = gr.Textbox("", label="Channels to use", placeholder="e.g. 0,1 (blank = all)")
+                channels = gr.Textbox("", label="Segmentation channels", placeholder="e.g. 1,2 (blank = all)",
+                                      info="file channels the model sees (0 = first, as in the file); every "
+                                           "channel is measured", elem_id="batch-channels")
             with gr.Accordion("Puncta", open=False):
-                p_on = gr.Checkbox(False, label="Count puncta per cell")
+                p_on = gr.Checkbox(False, label="Count puncta per cell", elem_id="batch-puncta-on")
                 with gr.Row():
-                    p_ch = gr.Number(1, label="Puncta channel", precision=0, minimum=0)
+                    p_ch = gr.Number(1, label="Puncta channel (0 = first, as in the file)", precision=0, minimum=0,
+                                     elem_id="batch-puncta-ch")
                     p_thr = gr.Number(0.1, label="Threshold", minimum=0)
                 with gr.Row():
                     p_smin = gr.Number(1.0, label="Min sigma (px)")
@@ -119,7 +123,7 @@ def build(ctx: dict[str, Any]) -> None:
         pp = segment_tab.make_puncta(puncta, puncta_channel, puncta_sigma_min_px, puncta_sigma_max_px,
                                      puncta_threshold)
         user = W.username(request)
-        job = start_batch([f for f in (files or [])], model, params, segment_tab._pixel(pixel_size_um), pp, user)
+        job = start_batch([f for f in (files or [])], model, params, common.parse_pixel_size(pixel_size_um), pp, user)
         jm = jobs.manager(user)
         yield job.id, f"Batch **{job.id}** queued…", gr.skip(), gr.skip(), jobs_table(user)
         while True:

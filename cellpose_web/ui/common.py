@@ -92,6 +92,20 @@ def parse_channels(text: str | None) -> list[int] | None:
                                "(blank = all).") from None
 
 
+def parse_pixel_size(v: Any) -> float | None:
+    """The pixel-size box's value as µm per pixel; None when blank or 0 (unknown)."""
+    from cellpose_web.errors import CellposeWebError
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise CellposeWebError("Pixel size must be a number in µm per pixel, e.g. 0.65.") from None
+    if not np.isfinite(f) or f < 0 or f > 1000:
+        raise CellposeWebError("Pixel size must be between 0 and 1000 µm per pixel (blank = unknown).")
+    return f or None
+
+
 def axes_from_meta(axes: str, shape: tuple[int, ...]) -> tuple[int | None, int | None]:
     """Channel and z axis indices from an io axes string like 'ZCYX' (None when absent)."""
     if not axes or len(axes) != len(shape):

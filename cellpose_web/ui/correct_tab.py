@@ -8,10 +8,9 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from cellpose_web import edit
+from cellpose_web import edit, measure
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service import training
-from cellpose_web.service.batch import measure_result
 from cellpose_web.ui import common, segment_tab, widgets as W
 
 MODE_SELECT = "Select"
@@ -169,12 +168,11 @@ def save(s: common.Session, st: CorrectState) -> common.Session:
     masks = edit.relabel(st.history.current)
     new = common.Session(**{**vars(s)})
     new.masks = masks
-    res = type("R", (), {"masks": masks, "image": new.image})
-    from cellpose_web.service.batch import PunctaParams
     pp = new.provenance.get("puncta")
-    table, pts = measure_result(res, new.pixel_size_um, PunctaParams(**pp) if pp else None)
+    puncta = measure.PunctaParams(**pp) if pp and masks.ndim == 2 else None
+    table, pts = measure.measure_cells(masks, new.image, new.pixel_size_um, channel_axis=-1, puncta=puncta)
     new.table, new.puncta = table, pts
-    prov = dict(new.provenance) if new.provenance else {"model_name": None, "model_sha256": None, "params": {}}
+    prov = dict(new.provenance) if new.provenance else {"model": {"name": None, "sha256": None}, "eval_params": {}}
     prov["edited"] = {"manual_edits": int(st.n_edits), "note": "masks corrected by hand in the Correct tab"}
     prov.setdefault("image", new.name)
     new.provenance = prov
@@ -270,8 +268,10 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         if s is None or s.image is None or st.history.current is None:
             raise CellposeWebError("Nothing to add: segment or draw cells first.")
         masks = edit.relabel(st.history.current)
-        d = training.add_pair(name or "lab", s.image, masks, s.stem, W.username(request),
-                              {"edits": st.n_edits, "model": s.provenance.get("model_name")})
+        chans = (s.provenance.get("channels") or {}).get("segment")  # train on what the model saw
+        img = s.image[..., chans] if chans else s.image
+        d = training.add_pair(name or "lab", img, masks, s.stem, W.username(request),
+                              {"edits": st.n_edits, "model": (s.provenance.get("model") or {}).get("name")})
         sets = {x["name"]: x for x in training.list_sets(W.username(request))}
         info = sets.get(d.name, {})
         return (f"Added **{s.stem}** ({int(masks.max())} cells) to training set **{d.name}** — now "

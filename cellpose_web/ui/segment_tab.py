@@ -9,13 +9,13 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from cellpose_web import measure
+from cellpose_web import measure, pipeline
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.measure import PunctaParams
 from cellpose_web.resources import examples_dir
-from cellpose_web.service import inputs, models_cache, outputs
-from cellpose_web.service.batch import PunctaParams, measure_result
+from cellpose_web.service import inputs, models_cache
 from cellpose_web.service.config import Limits
-from cellpose_web.service.segment import SegmentParams, segment, to_channels_last
+from cellpose_web.service.segment import SegmentParams, segment
 from cellpose_web.ui import common, widgets as W
 
 EXAMPLES_DIR = examples_dir()
@@ -68,9 +68,10 @@ def load_image(path: str | None, s: common.Session | None, limits: Limits | None
     if not path:
         raise CellposeWebError("No image: upload a TIFF/PNG/JPEG file or click an example.")
     li = inputs.read_image(path, limits)
-    ca, za = common.axes_from_meta(str(li.meta.get("axes", "") or ""), li.data.shape)
-    img, stack = to_channels_last(li.data, ca, za)
-    new = common.Session(name=li.name, raw=li.data, axes=str(li.meta.get("axes", "") or ""),
+    axes = str(li.meta.get("axes", "") or "")
+    ca, za = common.axes_from_meta(axes, li.data.shape)
+    img, stack = pipeline.to_channels_last(li.data, file_axes=axes)
+    new = common.Session(name=li.name, raw=li.data, axes=axes,
                          pixel_size_um=li.pixel_size_um, image=img, is_stack=stack,
                          files=list(s.files) if s else [], workdir=s.workdir if s else "",
                          version=(s.version + 1) if s else 1)
@@ -81,7 +82,7 @@ def run_segmentation(s: common.Session, model: str, params: SegmentParams, pixel
                      puncta: PunctaParams | None, progress=None) -> common.Session:
     if s is None or s.raw is None:
         raise CellposeWebError("No image: upload an image (or click an example) before running.")
-    px = _pixel(pixel_size_um) or s.pixel_size_um
+    px = common.parse_pixel_size(pixel_size_um) or s.pixel_size_um
     models_cache.check_offered(model)
 
     def prog(f, msg=""):
@@ -90,17 +91,12 @@ def run_segmentation(s: common.Session, model: str, params: SegmentParams, pixel
 
     if progress is not None:
         progress(0.02, desc=f"Loading model {model}")
-    res = segment(s.raw, params, model, image_name=s.name, pixel_size_um=px, progress=prog)
-    if progress is not None:
-        progress(0.92, desc="Measuring cells")
-    table, pts = measure_result(res, px, puncta)
-    prov = dict(res.provenance)
-    if puncta is not None:
-        prov["puncta"] = vars(puncta).copy()
+    res = segment(s.raw, params, model, image_name=s.name, pixel_size_um=px, progress=prog, file_axes=s.axes,
+                  puncta=puncta)
     out = common.Session(**{**vars(s)})
     out.image, out.is_stack = res.image, res.masks.ndim == 3
     out.masks, out.flow_rgb, out.cellprob, out.dP = res.masks, res.flow_rgb, res.cellprob, res.dP
-    out.provenance, out.table, out.puncta, out.pixel_size_um = prov, table, pts, px
+    out.provenance, out.table, out.puncta, out.pixel_size_um = res.provenance, res.table, res.puncta, px
     out.version = s.version + 1
     write_files(out)
     return out
@@ -128,10 +124,9 @@ def load_masks(path: str | None, s: common.Session | None) -> common.Session:
     out = common.Session(**{**vars(s)})
     out.masks = m.astype(np.uint16 if m.max(initial=0) < 65535 else np.uint32)
     out.flow_rgb = out.cellprob = out.dP = None
-    res = type("R", (), {"masks": out.masks, "image": out.image})
-    out.table, out.puncta = measure_result(res, out.pixel_size_um, None)
+    out.table, out.puncta = measure.measure_cells(out.masks, out.image, out.pixel_size_um, channel_axis=-1)
     from cellpose_web import __version__
-    out.provenance = {"model_name": None, "model_sha256": None, "params": {}, "masks_from_file": p.name,
+    out.provenance = {"model": {"name": None, "sha256": None}, "eval_params": {}, "masks_from_file": p.name,
                       "image": s.name, "image_shape": list(s.raw.shape), "pixel_size_um": s.pixel_size_um,
                       "cellpose_web_version": __version__}
     out.version = s.version + 1
@@ -141,8 +136,8 @@ def load_masks(path: str | None, s: common.Session | None) -> common.Session:
 
 def write_files(s: common.Session) -> list[str]:
     """(Re)write every download for the session's current masks."""
-    d = s.out_dir()
-    files = outputs.write_result_files(d, s.stem, s.masks, s.provenance, s.table, s.flow_rgb, s.cellprob, s.dP)
+    files = pipeline.write_outputs(s.out_dir() / f"{s.stem}.tif", s.masks, s.image, [s.flow_rgb, s.dP, s.cellprob],
+                                   s.provenance, s.table, pipeline.SaveOptions.everything())
     s.files = [str(files[k]) for k in ("masks_tif", "masks_png", "seg_npy", "outlines_txt", "rois_zip",
                                        "cells_csv", "provenance_json") if k in files]
     return s.files
@@ -163,15 +158,20 @@ def summary_md(s: common.Session) -> str:
     lines = [f"<span class='cpw-count'>**{W.plural(n, 'cell')}**</span> · median size {med_px}"
              + (f" ({med_um})" if med_um != "–" else " (enter the pixel size for µm²)")]
     if s.puncta is not None:
-        inside = int((s.puncta["label"] > 0).sum()) if len(s.puncta) else 0
-        lines.append(f"**{len(s.puncta)} puncta** ({inside} inside cells, "
-                     f"{inside / n if n else 0:.2f} per cell on average)")
+        summ = measure.summarize(t, s.puncta)
+        dens = summ.get("median_puncta_density_per_um2")
+        ch = (p.get("puncta") or {}).get("channel")
+        lines.append(f"<span class='cpw-puncta'>**{summ['puncta_total']} puncta** on channel {ch}: "
+                     f"{summ['puncta_in_cells']} inside cells ({summ['mean_puncta_per_cell']:.2f} per cell"
+                     + (f", median {dens:.3g} per µm²" if dens is not None and np.isfinite(dens) else "")
+                     + f"), {summ['puncta_outside_cells']} outside cells</span>")
     if p.get("masks_from_file"):
         lines.append(f"<span class='cpw-small'>masks loaded from **{p['masks_from_file']}** · pixel size "
                      f"{W.fmt_num(s.pixel_size_um, 'µm/px', 4)}</span>")
         return "\n\n".join(lines)
-    lines.append(f"<span class='cpw-small'>model **{p.get('model_name')}** (sha256 {W.short_sha(p.get('model_sha256'))}) · "
-                 f"{p.get('elapsed_s', '–')} s · pixel size {W.fmt_num(s.pixel_size_um, 'µm/px', 4)}</span>")
+    m = p.get("model") or {}
+    lines.append(f"<span class='cpw-small'>model **{m.get('name')}** (sha256 {W.short_sha(m.get('sha256'))}) · "
+                 f"{p.get('seconds', '–')} s · pixel size {W.fmt_num(s.pixel_size_um, 'µm/px', 4)}</span>")
     return "\n\n".join(lines)
 
 
@@ -189,18 +189,6 @@ def histogram(s: common.Session) -> tuple[pd.DataFrame, str]:
 def histogram_update(s: common.Session):
     df, title = histogram(s)
     return gr.update(value=df, x_title=title, y_title="number of cells")
-
-
-def _pixel(v: Any) -> float | None:
-    if v is None or v == "":
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise CellposeWebError("Pixel size must be a number in µm per pixel, e.g. 0.65.") from None
-    if not np.isfinite(f) or f < 0 or f > 1000:
-        raise CellposeWebError("Pixel size must be between 0 and 1000 µm per pixel (blank = unknown).")
-    return f or None
 
 
 def make_params(diameter, flow, cellprob, niter, min_size, ch_axis, z_axis, channels, lo, hi, do3d, aniso,
@@ -253,7 +241,9 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 with gr.Row():
                     ch_axis = gr.Dropdown(common.axis_choices(4), value="auto", label="Channel axis")
                     z_axis = gr.Dropdown(common.axis_choices(4), value="auto", label="Z axis")
-                    channels = gr.Textbox("", label="Channels to use", placeholder="e.g. 0,1 (blank = all)")
+                    channels = gr.Textbox("", label="Segmentation channels", placeholder="e.g. 1,2 (blank = all)",
+                                          info="file channels the model sees (0 = first, as in the file); "
+                                               "every channel is measured", elem_id="seg-channels")
                 with gr.Row():
                     norm_lo = gr.Number(1.0, label="Normalise: low percentile", minimum=0, maximum=100)
                     norm_hi = gr.Number(99.0, label="Normalise: high percentile", minimum=0, maximum=100)
@@ -265,7 +255,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             with gr.Accordion("Puncta (e.g. PIEZO1)", open=False):
                 p_on = gr.Checkbox(False, label="Detect puncta (Laplacian of Gaussian)", elem_id="seg-puncta-on")
                 with gr.Row():
-                    p_ch = gr.Number(1, label="Puncta channel", precision=0, minimum=0)
+                    p_ch = gr.Number(1, label="Puncta channel (0 = first, as in the file)", precision=0, minimum=0,
+                                     elem_id="seg-puncta-ch")
                     p_thr = gr.Number(0.1, label="Threshold (normalised, lower = more)", minimum=0)
                 with gr.Row():
                     p_smin = gr.Number(1.0, label="Min sigma (px)", minimum=0.1)
@@ -348,15 +339,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             raise CellposeWebError("Puncta detection works on 2D images; pick a 2D image or one plane.")
         puncta = make_puncta(True, pch, psmin, psmax, pthr)
         new = common.Session(**{**vars(s)})
-        table = new.table.drop(columns=[c for c in new.table.columns if c.startswith("puncta")])
-        ch = puncta.channel
-        if not 0 <= ch < new.image.shape[-1]:
-            raise CellposeWebError(f"Puncta channel {ch} does not exist; this image has channels "
-                                   f"0..{new.image.shape[-1] - 1}.")
-        pts = measure.detect_puncta(new.image[..., ch], puncta.sigma_min, puncta.sigma_max, puncta.threshold,
-                                    masks=new.masks)
-        new.table = measure.add_puncta(table, measure.puncta_per_cell(new.masks, pts, new.pixel_size_um))
-        new.puncta = pts
+        new.table, new.puncta = measure.measure_cells(new.masks, new.image, new.pixel_size_um, channel_axis=-1,
+                                                      puncta=puncta)
         new.provenance = {**new.provenance, "puncta": vars(puncta).copy()}
         write_files(new)
         ov = list(ov or []) + ([W.OVERLAY_PUNCTA] if W.OVERLAY_PUNCTA not in (ov or []) else [])

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cellpose_web import render
 from cellpose_web.errors import CellposeWebError
 
 log = logging.getLogger("cellpose_web.ui")
@@ -119,44 +120,10 @@ def table_for_display(df, max_rows: int = 5000):
 
 
 # ------------------------------------------------------------------ rendering
-def to_display_rgb(img: np.ndarray, lo: float = 1.0, hi: float = 99.5) -> np.ndarray:
-    """(Y, X) or (Y, X, C) any dtype -> (Y, X, 3) uint8, percentile-stretched per channel.
-
-    One channel -> gray; two -> green/magenta; three or more -> the first three as RGB.
-    """
-    x = np.asarray(img, dtype=np.float32)
-    if x.ndim == 2:
-        x = x[..., None]
-    out = np.zeros((*x.shape[:2], x.shape[-1]), np.float32)
-    for c in range(x.shape[-1]):
-        ch = x[..., c]
-        finite = np.isfinite(ch)
-        if not finite.any():
-            continue
-        sub = ch[finite][:: max(1, ch.size // 500_000)]
-        a, b = np.percentile(sub, [lo, hi])
-        out[..., c] = np.clip((ch - a) / max(b - a, 1e-6), 0, 1) if b > a else 0
-    if out.shape[-1] == 1:
-        rgb = np.repeat(out, 3, axis=-1)
-    elif out.shape[-1] == 2:
-        rgb = np.stack([out[..., 1], out[..., 0], out[..., 1]], -1)
-    else:
-        rgb = out[..., :3]
-    return (rgb * 255).astype(np.uint8)
-
-
-def label_colors(n: int, seed: int = 0) -> np.ndarray:
-    """(n+1, 3) uint8 bright colours; row 0 (background) black."""
-    rng = np.random.default_rng(seed)
-    hue = rng.permutation(max(n, 1))[:n] / max(n, 1)
-    h6 = hue * 6
-    i = np.floor(h6).astype(int) % 6
-    f = h6 - np.floor(h6)
-    v, s = 1.0, 0.75
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    tab = np.stack([np.choose(i, [v, q, p, p, t, v]), np.choose(i, [t, v, v, q, p, p]),
-                    np.choose(i, [p, p, t, v, v, q])], -1) if n else np.zeros((0, 3))
-    return np.vstack([[0, 0, 0], (tab * 255).astype(np.uint8)]).astype(np.uint8)
+def to_display_rgb(img: np.ndarray) -> np.ndarray:
+    """(Y, X) or (Y, X, C) any dtype -> (Y, X, 3) uint8 (:func:`cellpose_web.render.image_to_rgb`,
+    the same picture the saved outline files use)."""
+    return render.image_to_rgb(img)
 
 
 def cellprob_rgb(cellprob: np.ndarray) -> np.ndarray:
@@ -166,29 +133,19 @@ def cellprob_rgb(cellprob: np.ndarray) -> np.ndarray:
     return np.stack([v, (v * 0.85).astype(np.uint8), (255 - v) // 3], -1)
 
 
-def outlines_of(masks: np.ndarray) -> np.ndarray:
-    from skimage.segmentation import find_boundaries
-    return find_boundaries(masks, mode="inner") & (masks > 0)
-
-
 def compose(base_rgb: np.ndarray, masks: np.ndarray | None, show_masks: bool = True, show_outlines: bool = True,
             puncta_yx: np.ndarray | None = None, selected: list[int] | None = None, alpha: float = 0.45,
             pending: list[tuple[float, float]] | None = None) -> np.ndarray:
     """Overlay masks (filled, random colours), outlines, puncta dots, selected cells and an
     unfinished outline on an RGB image; all (Y, X)."""
-    out = base_rgb.astype(np.float32).copy()
+    out = base_rgb
     if masks is not None and masks.size and masks.shape == out.shape[:2]:
-        n = int(masks.max(initial=0))
-        if show_masks and n:
-            cols = label_colors(n).astype(np.float32)
-            fg = masks > 0
-            out[fg] = (1 - alpha) * out[fg] + alpha * cols[masks[fg]]
+        out = render.overlay(out, masks, show_masks, show_outlines=False, alpha=alpha)
         if selected:
             sel = np.isin(masks, [s for s in selected if s > 0])
-            out[sel] = 0.4 * out[sel] + 0.6 * np.array([255, 255, 255], np.float32)
-        if show_outlines and n:
-            ol = outlines_of(masks)
-            out[ol] = np.array([255, 40, 40], np.float32)
+            out[sel] = (0.4 * out[sel] + 0.6 * 255).astype(np.uint8)
+        out = render.overlay(out, masks, show_masks=False, show_outlines=show_outlines)
+    out = out.astype(np.float32)
     if puncta_yx is not None and len(puncta_yx):
         yy = np.clip(np.round(puncta_yx[:, 0]).astype(int), 0, out.shape[0] - 1)
         xx = np.clip(np.round(puncta_yx[:, 1]).astype(int), 0, out.shape[1] - 1)

@@ -1,0 +1,98 @@
+"""Pictures of images and masks: the one rendering of colours, outlines and overlays used by the
+saved files (``_outlines_cp_masks.png``, ``_cp_output.png``, ``_seg.npy`` colours) and by the app's
+viewers, so what the browser shows is what the files hold.
+
+All functions take and return numpy arrays; RGB pictures are (Y, X, 3) uint8.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cellpose_web import dynamics
+
+__all__ = ["label_colors", "outlines", "image_to_rgb", "overlay", "OUTLINE_RGB"]
+
+OUTLINE_RGB = (255, 0, 0)  # outline colour, as Cellpose's saved outline pictures
+
+
+def label_colors(n: int, seed: int = 0) -> np.ndarray:
+    """Bright, reproducible colours for labels 1..n as (n, 3) uint8 (Cellpose's ``_seg.npy`` 'colors').
+
+    Index with ``label - 1``; prepend a black row to index with the label itself.
+    """
+    n = int(n)
+    if n <= 0:
+        return np.zeros((0, 3), np.uint8)
+    rng = np.random.default_rng(seed)
+    hue = rng.random(n)
+    sat = 0.6 + 0.4 * rng.random(n)
+    h6 = hue * 6
+    i = np.floor(h6).astype(int) % 6
+    f = h6 - np.floor(h6)
+    v = np.ones(n)
+    p, q, t = v * (1 - sat), v * (1 - f * sat), v * (1 - (1 - f) * sat)
+    table = np.stack([np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
+    return (table[i, np.arange(n)] * 255).astype(np.uint8)
+
+
+def outlines(masks: np.ndarray) -> np.ndarray:
+    """Bool (Y, X) or (Z, Y, X): each mask's outer-boundary pixels (Cellpose's ``masks_to_outlines``)."""
+    return np.asarray(dynamics.masks_to_outlines(masks), dtype=bool)
+
+
+def _stretch(channel: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """One channel to [0, 1] by its lo/hi percentiles (a sample of at most ~500k finite values)."""
+    ch = np.asarray(channel, np.float32)
+    finite = np.isfinite(ch)
+    if not finite.any():
+        return np.zeros(ch.shape, np.float32)
+    sub = ch[finite][:: max(1, ch.size // 500_000)]
+    a, b = np.percentile(sub, [lo, hi])
+    if b - a < 1e-6:
+        a, b = float(sub.min()), float(sub.max())
+        if b - a < 1e-6:
+            return np.zeros(ch.shape, np.float32)
+    return np.clip((np.where(finite, ch, a) - a) / (b - a), 0, 1).astype(np.float32)
+
+
+def image_to_rgb(image: np.ndarray, lo: float = 1.0, hi: float = 99.5) -> np.ndarray:
+    """A (Y, X) or channels-last (Y, X, C) image of any dtype as (Y, X, 3) uint8 for display.
+
+    Each channel is stretched between its `lo` and `hi` percentiles. One channel is grey; two
+    channels are green (first) and magenta (second); three or more show the first three as RGB.
+    """
+    x = np.asarray(image)
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"cannot display an image of dtype {x.dtype}")
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3:
+        raise ValueError(f"cannot display an image of shape {x.shape}; expected (Y, X) or (Y, X, C)")
+    chans = [_stretch(x[..., c], lo, hi) for c in range(min(x.shape[-1], 3))]
+    if len(chans) == 1:
+        rgb = np.stack(chans * 3, -1)
+    elif len(chans) == 2:
+        rgb = np.stack([chans[1], chans[0], chans[1]], -1)
+    else:
+        rgb = np.stack(chans, -1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def overlay(rgb: np.ndarray, masks: np.ndarray | None, show_masks: bool = True, show_outlines: bool = True,
+            alpha: float = 0.45) -> np.ndarray:
+    """Masks over a (Y, X, 3) uint8 picture: filled with their label colours (blended by `alpha`)
+    and/or outlined in :data:`OUTLINE_RGB`. Returns a new (Y, X, 3) uint8 array."""
+    out = np.asarray(rgb, np.uint8).copy()
+    if masks is None or not masks.size or masks.shape != out.shape[:2]:
+        return out
+    masks = np.asarray(masks)
+    n = int(masks.max(initial=0))
+    if n == 0:
+        return out
+    if show_masks:
+        cols = np.vstack([np.zeros((1, 3), np.uint8), label_colors(n)]).astype(np.float32)
+        fg = masks > 0
+        out[fg] = ((1 - alpha) * out[fg] + alpha * cols[masks[fg]]).astype(np.uint8)
+    if show_outlines:
+        out[outlines(masks)] = OUTLINE_RGB
+    return out

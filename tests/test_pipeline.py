@@ -1,0 +1,103 @@
+"""One per-image pipeline under the command line, the web service and Dask: the three write the
+same masks files for the same image; channels are numbered as in the file for segmenting and measuring."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from cellpose_web import cli, distributed, io, pipeline, registry
+from cellpose_web.errors import CellposeWebError
+
+NAME = "2022-10-14-U2OS-1"
+
+
+@pytest.fixture
+def image(tmp_path, data_dir):
+    """A 2-channel 160x160 TIFF, channels first: channel 0 noise, channel 1 the nuclei."""
+    nuclei = tifffile.imread(data_dir / "nuclei_2d" / "val" / f"{NAME}.tif")[100:260, 200:360]
+    noise = np.random.default_rng(0).integers(0, 50, nuclei.shape).astype(nuclei.dtype)
+    f = tmp_path / "two_channels.tif"
+    tifffile.imwrite(f, np.stack([noise, nuclei]), imagej=True, metadata={"axes": "CYX", "unit": "um"},
+                     resolution=(1 / 0.5, 1 / 0.5))
+    return f
+
+
+def _model() -> str:
+    if not registry.builtin_path("lite").is_file():
+        pytest.skip("the built-in lite model is not in this checkout")
+    return "lite"
+
+
+def test_cli_web_service_and_dask_write_identical_masks_files(image, tmp_path, capsys):
+    """Same image, model and parameters through the three faces: byte-identical _cp_masks.png/.tif,
+    the same _seg.npy masks and the same per-cell numbers."""
+    dd = pytest.importorskip("dask.distributed")
+    from cellpose_web.service import batch, inputs, segment
+
+    model = _model()
+    # 1. the command line
+    rc = cli.main(["--image_path", str(image), "--savedir", str(tmp_path / "cli"), "--pretrained_model", model,
+                   "--segment_channels", "1", "--save_png", "--save_tif", "--save_csv"])
+    assert rc == 0, capsys.readouterr().err
+    # 2. the web service, as the Segment tab calls it (read the upload, segment, write the downloads)
+    li = inputs.read_image(image)
+    res = segment.segment(li.data, segment.SegmentParams(channels=[1]), model, li.name, li.pixel_size_um,
+                          file_axes=li.meta["axes"])
+    pipeline.write_outputs(tmp_path / "web" / image.name, res.masks, res.image, [res.flow_rgb, res.dP, res.cellprob],
+                           res.provenance, res.table, pipeline.SaveOptions.everything())
+    # ... and its Batch runner
+    out = batch.run_batch([image], segment.SegmentParams(channels=[1]), model, tmp_path / "batch" / "results")
+    assert out["n_ok"] == 1, out["errors"]
+    # 3. Dask (an in-process cluster keeps the test quick; workers in processes run the same task)
+    with dd.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, \
+            dd.Client(cluster, set_as_default=False) as client:
+        settings = pipeline.ImageSettings(eval_kwargs=segment.SegmentParams().validated().eval_kwargs(),
+                                          segment_channels=[1])
+        results = distributed.run_batch_dask(
+            [image], tmp_path / "dask", model, settings, pipeline.SaveOptions(png=True, tif=True, cells_csv=True),
+            client=client)
+    assert [x.get("error") for x in results] == [None], results
+
+    stem = image.stem
+    dirs = [tmp_path / "cli", tmp_path / "web", tmp_path / "batch" / "results" / stem, tmp_path / "dask"]
+    ref = io.load_seg(dirs[0] / f"{stem}_seg.npy")["masks"]
+    assert ref.max() > 5, "the comparison needs cells"
+    for d in dirs:
+        for ext in (".png", ".tif"):
+            assert (d / f"{stem}_cp_masks{ext}").read_bytes() == (dirs[0] / f"{stem}_cp_masks{ext}").read_bytes(), d
+        np.testing.assert_array_equal(io.load_seg(d / f"{stem}_seg.npy")["masks"], ref)
+        cells = pd.read_csv(d / f"{stem}_cells.csv", comment="#")
+        pd.testing.assert_frame_equal(cells, pd.read_csv(dirs[0] / f"{stem}_cells.csv", comment="#"))
+        seg = io.load_seg(d / f"{stem}_seg.npy")["cellpose_web"]
+        assert seg["model"]["name"] == model and seg["channels"]["segment"] == [1]
+    # every file channel is measured, numbered as in the file, though the model saw channel 1 only
+    assert {"mean_intensity_ch0", "mean_intensity_ch1", "integrated_intensity_ch1"} <= set(cells.columns)
+    np.testing.assert_allclose(cells.area_um2, cells.area_px * 0.25)
+
+
+def test_segment_channels_are_file_channels():
+    """The model gets exactly the file channels asked for, in that order; measurements keep all."""
+    seen = []
+
+    class Recorder:
+        device, dtype = "cpu", "float32"
+
+        def eval(self, x, channel_axis=None, **kw):
+            seen.append(np.asarray(x)[0, 0].tolist())
+            m = np.zeros(np.asarray(x).shape[:2], np.uint16)
+            m[2:6, 2:6] = 1
+            return m, [None, None, None], None
+
+    img = np.stack([np.full((12, 12), v, np.uint16) for v in (10, 20, 30)])  # (C, Y, X)
+    loaded = pipeline.LoadedModel(Recorder(), "rec", "0" * 64, "")
+    seg = pipeline.segment(loaded, img, {}, file_axes="CYX", segment_channels=[2, 0])
+    assert seen == [[30, 10]] and seg.image.shape == (12, 12, 3)
+    table, _ = pipeline.measure_segmentation(seg)
+    assert table[["mean_intensity_ch0", "mean_intensity_ch1", "mean_intensity_ch2"]].iloc[0].tolist() == [10, 20, 30]
+    assert table["integrated_intensity_ch2"].iloc[0] == 30 * 16
+    with pytest.raises(CellposeWebError, match="Segmentation channel 3 does not exist.*3 channel"):
+        pipeline.segment(loaded, img, {}, file_axes="CYX", segment_channels=[3])
