@@ -200,6 +200,42 @@ def test_flow_error_and_remove_bad_flow_masks():
     assert kept.max() == 1 and np.array_equal(kept > 0, lab == 1)
 
 
+def _exact_flow_errors(lab, dP):
+    """Cellpose's flow error: every object diffused for the image-wide step count (masks_to_flows)."""
+    mu = dy.masks_to_flows(lab).astype(np.float64)
+    err = ((mu - dP / 5.0) ** 2).sum(0)
+    n = int(lab.max())
+    return np.bincount(lab.ravel(), weights=err.ravel(), minlength=n + 1)[1:] / np.bincount(lab.ravel())[1:]
+
+
+def test_flow_error_per_object_steps_and_threshold_margin():
+    # a large object next to small ones: small objects run their own (fewer) steps, which changes their
+    # error a little; with the threshold given, objects near it are recomputed with Cellpose's count
+    lab = np.zeros((120, 400), np.int32)
+    lab[5:115, 250:395] = 1
+    for k, y in enumerate([10, 30, 50, 70]):  # thin rods: far from converged after their own steps
+        lab[y:y + 5 + k, 10:100] = k + 2
+    lab[85:95, 150:250] = 6  # touches the large object
+    rng = np.random.default_rng(0)
+    dP = 5 * dy.masks_to_flows(lab) + rng.normal(0, 0.6, (2, *lab.shape))
+    dP[:, lab == 3] = 0.5  # a wrong flow
+    dP = dP.astype(np.float32)
+    exact = _exact_flow_errors(lab, dP)  # from float32 flows: equal to about 1e-6
+    fast, mu = dy.flow_error(lab, dP)
+    assert mu.shape == dP.shape and np.all(mu[:, lab == 0] == 0)
+    assert np.abs(fast - exact).max() < 0.05
+    assert np.abs(fast[1:] - exact[1:]).max() > 1e-4  # small objects did run fewer steps
+    assert abs(fast[0] - exact[0]) < 1e-4  # the largest runs Cellpose's count (its border reads object 6)
+    for v in range(2, 7):  # a threshold next to object v's error: v (and what it touches) exact
+        err, _ = dy.flow_error(lab, dP, threshold=float(exact[v - 1]) + 0.01)
+        assert abs(err[v - 1] - exact[v - 1]) < 1e-6
+    # remove_bad_flow_masks decides exactly as with Cellpose's errors around each object's error
+    for v in range(1, 7):
+        for thr in (exact[v - 1] - 1e-5, exact[v - 1] + 1e-5):
+            kept = dy.remove_bad_flow_masks(lab, dP, threshold=float(thr))
+            assert kept.max() == int((exact <= thr).sum())
+
+
 # ------------------------------------------------------------------------------------------ utilities
 def test_fill_holes_and_remove_small_masks():
     lab = np.zeros((40, 40), np.uint16)
