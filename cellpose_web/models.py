@@ -342,7 +342,10 @@ class CellposeModel:
     ----------
     gpu : use a GPU (CUDA, else Apple MPS) when available.
     pretrained_model : model name known to :mod:`cellpose_web.registry` ("cpsam_v2", "cpsam",
-        "lite", a lab model) or a path to a checkpoint file.
+        "lite", a lab model, a name given to ``train.train_seg``) or a path to a checkpoint file.
+        None (the default): the best model on this machine without downloading,
+        ``registry.best_available_model()`` (Cellpose-SAM once downloaded, else ``lite``); Cellpose's
+        default is "cpsam_v2", which downloads 1.2 GB on first use: ask for it by name.
     model_type, diam_mean, nchan : accepted for compatibility; ignored with a warning (as Cellpose 4).
     device : explicit torch device (wins over ``gpu``).
     use_bfloat16 : run the network in bfloat16; None = bf16 on CUDA only, float32 elsewhere
@@ -355,7 +358,7 @@ class CellposeModel:
     diam_estimate (lite diameter estimate of the last eval, or None).
     """
 
-    def __init__(self, gpu: bool = False, pretrained_model: Any = "cpsam_v2", model_type: Any = None,
+    def __init__(self, gpu: bool = False, pretrained_model: Any = None, model_type: Any = None,
                  diam_mean: Any = None, device: Any = None, nchan: Any = None,
                  use_bfloat16: bool | None = None):
         if model_type is not None:
@@ -373,6 +376,10 @@ class CellposeModel:
         if self.device.type == "cpu":
             set_cpu_threads()
         self.model_info = None
+        if pretrained_model is None:
+            pretrained_model = registry.best_available_model()
+            logger.info("pretrained_model not given: using %r (the best model on this machine; pass "
+                        "pretrained_model='cpsam_v2' to download Cellpose-SAM)", pretrained_model)
         path, name = self._resolve(pretrained_model)
         obj = load_checkpoint(path)
         net = build_net(obj)

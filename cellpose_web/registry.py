@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cellpose_web.errors import CellposeWebError, ModelNotAvailableError
-from cellpose_web.resources import WEIGHTS_DIR
+from cellpose_web.resources import WEIGHTS_DIR, home_dir  # noqa: F401 - home_dir is part of the registry API
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +115,6 @@ class ModelInfo:
 # --------------------------------------------------------------------------------------------
 # places
 # --------------------------------------------------------------------------------------------
-def home_dir() -> Path:
-    """``$CELLPOSE_WEB_HOME`` (default ``~/.cellpose_web``): lab models, training sets, jobs."""
-    return Path(os.environ.get("CELLPOSE_WEB_HOME") or "~/.cellpose_web").expanduser()
-
-
 def models_dir() -> Path:
     """Folder of lab models: ``home_dir()/models``."""
     return home_dir() / "models"
@@ -564,6 +559,9 @@ def resolve_model(name_or_path: str | os.PathLike | None, download: bool = True,
                 return _lab_info(folder)
             except (ValueError, OSError) as e:
                 raise CellposeWebError(f"Lab model '{spec}' is damaged ({_short(e)}); delete it and add it again.") from None
+        trained = _trained_info(spec)
+        if trained is not None:
+            return trained
     looks_like_path = any(c in spec for c in "/\\") or spec.endswith((".pt", ".pth", ".bin", ".safetensors"))
     if looks_like_path:
         raise ModelNotAvailableError(f"Model file not found: {spec}. Check the path (or use a model name: "
@@ -572,6 +570,54 @@ def resolve_model(name_or_path: str | os.PathLike | None, download: bool = True,
         f"Unknown model '{spec}'. Known models: {', '.join(_known_names())}; or give a file path or a Hub file as "
         "'owner/repo:filename'. Add a model file with `python -m cellpose_web models add FILE --name NAME`."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# models trained from Python (train.train_seg), found by the name they were trained under
+# --------------------------------------------------------------------------------------------
+def _trained_index_path() -> Path:
+    return home_dir() / "trained_models.json"
+
+
+def _read_trained_index() -> dict[str, str]:
+    try:
+        data = json.loads(_trained_index_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def remember_trained_model(name: str, path: str | os.PathLike) -> bool:
+    """Let ``resolve_model(name)`` (and so ``CellposeModel(pretrained_model=name)``) find a checkpoint
+    that ``train.train_seg`` wrote; the file stays where it is (``$CELLPOSE_WEB_HOME/trained_models.json``
+    maps the name to its path; a later training under the same name replaces the entry).
+
+    Returns False (with a warning) when the name cannot be used as a model name: a built-in or Hub
+    name, or one with characters a name may not have; the model then loads by its path.
+    """
+    try:
+        validate_name(name)
+    except CellposeWebError as e:
+        logger.warning("the trained model loads by its path %s, not by name: %s", path, e)
+        return False
+    with _LOCK:
+        index = _read_trained_index()
+        index[name] = str(Path(path).expanduser().resolve())
+        _trained_index_path().parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(_trained_index_path(), index)
+    return True
+
+
+def _trained_info(spec: str) -> ModelInfo | None:
+    path = _read_trained_index().get(spec)
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ModelNotAvailableError(f"Model '{spec}' was trained into {path}, which no longer exists; train it "
+                                     "again or pass the path of a copy.")
+    info = _local_info(Path(path), name=spec)
+    info.description = "trained with train_seg"
+    return info
 
 
 def _known_names() -> list[str]:

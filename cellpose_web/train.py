@@ -11,14 +11,14 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cellpose_web import dynamics, transforms
+from cellpose_web import dynamics, registry, transforms
 from cellpose_web.io import atomic_write
 from cellpose_web.errors import CellposeWebError
 
@@ -174,28 +174,90 @@ def save_network(net: nn.Module, path: str | os.PathLike, meta: dict | None = No
     return path
 
 
+# Keywords of Cellpose 4's train_seg that do nothing here, and Cellpose 3's that Cellpose 4 dropped:
+# accepted with a notice so Cellpose scripts run unchanged; any other unknown keyword is a TypeError.
+_CELLPOSE3_KEYWORDS = ("channels", "momentum", "rgb")
+
+
+def _ignored_keyword_notices(SGD, compute_flows, class_weights, test_probs, cellpose3: dict) -> None:
+    if SGD:
+        log.warning("train_seg: SGD is deprecated in Cellpose 4; AdamW is used")
+    if compute_flows:
+        log.info("train_seg: compute_flows is not needed: the flows of the labels are always computed")
+    if class_weights is not None:
+        log.warning("train_seg: class_weights is for Cellpose's multi-class networks; cellpose-web trains flows "
+                    "and cell probability only, so it is ignored")
+    if test_probs is not None:
+        log.warning("train_seg: test_probs is ignored (every test image is used)")
+    for key, value in cellpose3.items():
+        if key == "channels":
+            if value is not None:
+                log.warning("train_seg: channels is not used by Cellpose 4 (channel-agnostic: the first 3 channels "
+                            "are used); use channel_axis to say where the channels are")
+        else:
+            log.warning("train_seg: %s is a Cellpose 3 argument not used by Cellpose 4; ignored", key)
+
+
+def _check_keywords(cellpose3: dict) -> None:
+    """TypeError naming an unknown keyword (as Python and Cellpose do), with the nearest known name."""
+    import difflib
+    import inspect
+
+    for key in cellpose3:
+        if key not in _CELLPOSE3_KEYWORDS:
+            known = [*inspect.signature(train_seg).parameters, *_CELLPOSE3_KEYWORDS]
+            near = difflib.get_close_matches(key, known, n=1)
+            raise TypeError(f"train_seg() got an unexpected keyword argument {key!r}"
+                            + (f"; did you mean {near[0]!r}?" if near else ""))
+
+
+def _read_files(files: Sequence[str | os.PathLike] | None, what: str) -> list[np.ndarray] | None:
+    if files is None:
+        return None
+    from cellpose_web import io
+
+    log.info(">>> loading %d %s", len(files), what)
+    return [io.imread(f) for f in files]
+
+
 def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
               train_labels: Sequence[np.ndarray] | None = None,
+              train_files: Sequence[str | os.PathLike] | None = None,
+              train_labels_files: Sequence[str | os.PathLike] | None = None,
+              train_probs: Sequence[float] | None = None,
               test_data: Sequence[np.ndarray] | None = None, test_labels: Sequence[np.ndarray] | None = None,
-              channel_axis: int | None = None, train_probs: Sequence[float] | None = None,
-              batch_size: int = 1, learning_rate: float = 1e-5, n_epochs: int = 100,
-              weight_decay: float = 0.1, normalize: bool = True, save_path: str | os.PathLike | None = None,
-              save_every: int = 100, save_each: bool = False, nimg_per_epoch: int | None = None,
-              nimg_test_per_epoch: int | None = None, rescale: bool = False,
+              test_files: Sequence[str | os.PathLike] | None = None,
+              test_labels_files: Sequence[str | os.PathLike] | None = None,
+              test_probs: Sequence[float] | None = None, channel_axis: int | None = None,
+              load_files: bool = True, batch_size: int = 1, learning_rate: float = 1e-5, SGD: bool = False,
+              n_epochs: int = 100, weight_decay: float = 0.1, normalize: bool = True, compute_flows: bool = False,
+              save_path: str | os.PathLike | None = None, save_every: int = 100, save_each: bool = False,
+              nimg_per_epoch: int | None = None, nimg_test_per_epoch: int | None = None, rescale: bool = False,
               scale_range: float | None = 0.5, bsize: int = 256, min_train_masks: int = 5,
-              model_name: str | None = None, seed: int = 0,
+              model_name: str | None = None, class_weights: Any = None, *, seed: int = 0,
               callback: EpochCallback | None = None, augment_intensity: bool = False,
               scale_sampler: Callable[[np.random.Generator, int], np.ndarray] | None = None,
-              SGD: bool = False, **deprecated) -> tuple[Path, np.ndarray, np.ndarray]:
+              **cellpose3: Any) -> tuple[Path, np.ndarray, np.ndarray]:
     """Train or fine-tune ``net`` (``model.net``) on images and instance labels, Cellpose-style.
+
+    The arguments are Cellpose 4's ``train_seg`` (same names and order); progress is logged per
+    epoch on the ``cellpose_web.train`` logger (``io.logger_setup()`` shows it). Arguments that
+    do nothing here (``SGD``, ``compute_flows``, ``class_weights``, ``test_probs``; Cellpose 3's
+    ``channels``, ``momentum``, ``rgb``) are accepted with a notice; any other unknown keyword
+    raises TypeError naming it.
 
     Parameters
     ----------
     net : the network of a ``CellposeModel`` (Cellpose-SAM or lite); trained in fp32 in place.
     train_data, train_labels : lists of images ((Y, X), (Y, X, C) or (C, Y, X)) and (Y, X) labels
         (or (4, Y, X) precomputed ``dynamics.labels_to_flows`` outputs, as Cellpose accepts).
-    test_data, test_labels : optional held-out images for the test loss.
+    train_files, train_labels_files : image and label files instead of arrays (read once).
+    train_probs : how often each training image is drawn (normalised to sum to 1).
+    test_data, test_labels (or test_files, test_labels_files) : optional held-out images for the test loss.
     learning_rate, weight_decay, n_epochs, batch_size : AdamW recipe (Cellpose defaults).
+    save_path, model_name : the model is saved to ``save_path/models/model_name`` (save_path defaults
+        to the current folder; model_name to ``cellpose_<time>``), and ``model_name`` becomes a name
+        ``CellposeModel(pretrained_model=model_name)`` loads (see ``registry.remember_trained_model``).
     rescale : scale each image so its median object diameter becomes the net's diameter (30 px).
     scale_range : random scale spread (0.5 -> [0.75, 1.25]); None -> 2 ** U(-2, 2).
     seed : makes a run repeatable (same seed, same data -> same losses on CPU).
@@ -207,10 +269,15 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
     -------
     (model_path, train_losses (n_epochs,), test_losses (n_epochs,))
     """
-    if SGD:
-        log.warning("SGD is deprecated in Cellpose 4; AdamW is used")
-    for k in deprecated:
-        log.warning("train_seg: argument %r is not used by Cellpose 4 / cellpose-web and is ignored", k)
+    _check_keywords(cellpose3)
+    _ignored_keyword_notices(SGD, compute_flows, class_weights, test_probs, cellpose3)
+    if train_data is None and train_files is not None:
+        if train_labels_files is None:
+            raise CellposeWebError("train_files needs train_labels_files (one label file per image)")
+        train_data, train_labels = _read_files(train_files, "training images"), \
+            _read_files(train_labels_files, "training label files")
+    if test_data is None and test_files is not None and test_labels_files is not None:
+        test_data, test_labels = _read_files(test_files, "test images"), _read_files(test_labels_files, "test label files")
     if train_data is None or train_labels is None or len(train_data) == 0:
         raise CellposeWebError("no training images given: pass train_data and train_labels (lists of arrays)")
     if n_epochs < 1:
@@ -275,6 +342,10 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
 
     train_losses = np.zeros(n_epochs)
     test_losses = np.zeros(n_epochs)
+    log.info(">>> n_epochs=%d, n_train=%d, n_test=%d, bsize=%d, batch_size=%d, nimg_per_epoch=%d, device=%s",
+             n_epochs, nimg, len(t_imgs), bsize, batch_size, nimg_per_epoch, device)
+    log.info(">>> AdamW, learning_rate=%g, weight_decay=%g; saving model to %s", learning_rate, weight_decay,
+             model_path)
     t0 = time.time()
     stopped = False
     for iepoch in range(n_epochs):
@@ -333,6 +404,10 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
     meta["final_train_loss"] = float(train_losses[-1])
     net.eval()
     save_network(net, model_path, meta)
+    log.info("saved the trained network to %s (%d epochs, %.1f s)", model_path, meta["epochs_done"],
+             meta["train_seconds"])
+    if registry.remember_trained_model(model_name, model_path):
+        log.info("load it with CellposeModel(pretrained_model=%r) or by its path", model_name)
     if orig_dtype != torch.float32:
         net.to(orig_dtype)
     return model_path, train_losses, test_losses

@@ -87,3 +87,146 @@ def test_finetune_lowers_loss_and_raises_ap(data_dir, tmp_path):
     assert path.exists()
     assert losses[-5:].mean() < 0.6 * losses[:3].mean()
     assert ap_after > ap_before + 0.3, (ap_before, ap_after)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cellpose's Python habits: keywords, per-epoch progress, io.logger_setup, load by name
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_data(data_dir):
+    return _crops(data_dir, ["2022-10-14-U2OS-3"], size=128)
+
+
+@pytest.fixture
+def restore_logging():
+    """io.logger_setup reconfigures the 'cellpose_web' logger: put it back after the test."""
+    import logging
+
+    log = logging.getLogger("cellpose_web")
+    saved = (list(log.handlers), log.propagate, log.level)
+    yield
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        if h not in saved[0]:
+            h.close()
+    for h in saved[0]:
+        log.addHandler(h)
+    log.propagate, log.level = saved[1], saved[2]
+
+
+def test_unknown_keyword_is_a_type_error_naming_it(tiny_data, tmp_path):
+    imgs, labels = tiny_data
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'train_batch_size'; did you mean 'batch_size'"):
+        train.train_seg(LiteUNet(widths=(8, 16, 32, 64)), imgs, labels, train_batch_size=8, save_path=tmp_path)
+    with pytest.raises(TypeError, match="'n_epoch'"):
+        train.train_seg(LiteUNet(widths=(8, 16, 32, 64)), imgs, labels, n_epoch=3, save_path=tmp_path)
+    assert not (tmp_path / "models").exists()  # refused before any work
+
+
+def test_cellpose_keywords_accepted_with_notice_and_epochs_logged(tiny_data, tmp_path, caplog):
+    imgs, labels = tiny_data
+    caplog.set_level("INFO", logger="cellpose_web")
+    path, losses, _ = train.train_seg(
+        LiteUNet(widths=(8, 16, 32, 64)), train_data=imgs, train_labels=labels, n_epochs=2, bsize=64,
+        learning_rate=1e-3, save_path=tmp_path, model_name="kw", SGD=True, compute_flows=True, load_files=False,
+        class_weights=[1.0, 1.0], channels=[0, 0], momentum=0.9, rgb=False)
+    text = caplog.text
+    for word in ("SGD is deprecated", "class_weights", "channels is not used by Cellpose 4", "momentum", "rgb"):
+        assert word in text, word
+    epochs = [r.getMessage() for r in caplog.records if r.name == "cellpose_web.train" and
+              r.getMessage().startswith("epoch ")]
+    assert [m.split(",")[0] for m in epochs] == ["epoch 0", "epoch 1"]
+    assert f"train_loss={losses[1]:.4f}" in epochs[1]
+    assert path == tmp_path / "models" / "kw" and path.is_file()
+
+
+def test_trained_model_loads_by_name_and_by_path(tiny_data, tmp_path, monkeypatch):
+    from cellpose_web import registry
+    from cellpose_web.models import CellposeModel
+
+    imgs, labels = tiny_data
+    monkeypatch.chdir(tmp_path)  # save_path=None: ./models/<model_name>, as Cellpose
+    net = LiteUNet(widths=(8, 16, 32, 64))
+    path, _, _ = train.train_seg(net, imgs, labels, n_epochs=1, bsize=64, learning_rate=1e-3,
+                                 model_name="my_new_model")
+    assert path == tmp_path / "models" / "my_new_model"
+    by_name = CellposeModel(pretrained_model="my_new_model")
+    by_path = CellposeModel(pretrained_model=path)
+    assert by_name.model_name == "my_new_model" and by_name.pretrained_model == str(path.resolve())
+    trained = net.state_dict()
+    for m in (by_name, by_path):
+        sd = m.net.state_dict()
+        assert sd.keys() == trained.keys() and all(torch.equal(sd[k], trained[k].float()) for k in sd)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="no longer exists"):
+        registry.resolve_model("my_new_model")
+    # a name that is a built-in model's is not taken over: the trained model loads by its path only
+    path2, _, _ = train.train_seg(net, imgs, labels, n_epochs=1, bsize=64, learning_rate=1e-3, model_name="lite")
+    assert registry.resolve_model("lite").source == "builtin" and CellposeModel(pretrained_model=path2).arch == "lite"
+
+
+def test_logger_setup_logs_to_console_and_file(tmp_path, capsys, restore_logging):
+    import logging
+
+    from cellpose_web import io
+
+    log, log_file = io.logger_setup(tmp_path / "logs")
+    assert log.name == "cellpose_web" and log_file == tmp_path / "logs" / "run.log"
+    logging.getLogger("cellpose_web.train").info("epoch 7, train_loss=0.1234")
+    logging.getLogger("cellpose_web.train").debug("a detail for the file only")
+    out = capsys.readouterr().out
+    assert "epoch 7, train_loss=0.1234" in out and "a detail" not in out
+    text = log_file.read_text()
+    assert "epoch 7, train_loss=0.1234" in text and "a detail for the file only" in text
+    io.logger_setup(tmp_path / "logs")  # a second call starts a fresh file, without doubled handlers
+    logging.getLogger("cellpose_web.train").info("once")
+    assert capsys.readouterr().out.count("once") == 1 and "epoch 7" not in log_file.read_text()
+
+
+MANUAL_SCRIPT = '''
+from cellpose_web import io, models, train
+io.logger_setup()
+train_dir, test_dir = "train", "test"
+output = io.load_train_test_data(train_dir, test_dir, image_filter="_img",
+                                 mask_filter="_masks", look_one_level_down=False)
+images, labels, image_names, test_images, test_labels, image_names_test = output
+
+# e.g. retrain a Cellpose model
+model = models.CellposeModel(gpu=True)
+
+model_path, train_losses, test_losses = train.train_seg(model.net,
+                            train_data=images, train_labels=labels,
+                            test_data=test_images, test_labels=test_labels,
+                            weight_decay=0.1, learning_rate=1e-5,
+                            n_epochs=100, model_name="my_new_model")
+'''
+
+
+@pytest.mark.slow
+def test_manual_training_script_runs_with_only_the_import_changed(data_dir, tmp_path):
+    """Cellpose's documented training script (n_epochs cut to 2): per-epoch progress on stdout, and
+    the model then loads by its name."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for folder, names, size in (("train", ["2022-10-14-U2OS-3", "2022-05-25-RPE1-1"], 128),
+                                ("test", ["2022-10-14-U2OS-9"], 128)):
+        (tmp_path / folder).mkdir()
+        imgs, labels = _crops(data_dir, names, size=size)
+        for name, img, lbl in zip(names, imgs, labels):
+            tifffile.imwrite(tmp_path / folder / f"{name}_img.tif", img)
+            tifffile.imwrite(tmp_path / folder / f"{name}_masks.tif", lbl.astype(np.uint16))
+    script = MANUAL_SCRIPT.replace("n_epochs=100", "n_epochs=2")
+    script += "\nprint('loaded', models.CellposeModel(pretrained_model='my_new_model').model_name)\n"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_HUB_OFFLINE="1",
+               HF_HOME=str(tmp_path / "hf"))
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    epochs = [ln for ln in r.stdout.splitlines() if "[train INFO] epoch " in ln]
+    assert [ln.split("epoch ")[1].split(",")[0] for ln in epochs] == ["0", "1"], r.stdout
+    assert "train_loss=" in epochs[0] and "loaded my_new_model" in r.stdout
+    assert (tmp_path / "models" / "my_new_model").is_file()
+    assert "epoch 1," in (Path(env["CELLPOSE_WEB_HOME"]) / "run.log").read_text()
