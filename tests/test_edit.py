@@ -75,3 +75,67 @@ def test_label_at_and_history():
     assert h.redo().max() == 2
     h.push(m)
     assert not h.can_redo
+
+
+def test_editor_outline_brush_erase_undo_redo():
+    m = _masks()
+    ed = edit.MaskEditor(m)
+    ch = ed.outline([(10, 0), (10, 12), (18, 12), (18, 0)])
+    assert ch.label == 4 and ed.n_cells == 4 and ed.n_edits == 1
+    assert (ch.y0, ch.y1, ch.x0, ch.x1) == (9, 20, 0, 14)
+    assert (ed.masks[10:19, 0:13] == 4).all() and (ed.masks[2:8, 2:8] == 1).all()
+    before = ed.masks.copy()
+    ch = ed.brush([(24, 2), (24, 14)], 1.5, label=4)          # extends the selected cell, path only
+    assert ch.label == 4 and (ed.masks[24, 2:15] == 4).all() and ed.masks[27, 8] == 0
+    ch = ed.brush([(28, 0), (28, 10)], 1, label=None)          # starts a new cell
+    assert ch.label == 5 and ed.n_cells == 5
+    ed.erase([(5, 0), (5, 29)], 1)                              # cuts cells 1 and 2 along the row
+    assert (ed.masks[4:7, :] == 0).all() and ed.masks[3, 3] == 1 and ed.n_edits == 4
+    with pytest.raises(CellposeWebError):
+        ed.erase([(13, 20), (13, 29)], 1)                       # nothing to erase: not recorded
+    for _ in range(3):
+        ed.undo()
+    assert np.array_equal(ed.masks, before) and ed.n_edits == 1
+    ed.redo()
+    assert ed.masks[24, 8] == 4 and ed.n_edits == 2
+    ed.undo()
+    ed.undo()
+    assert np.array_equal(ed.masks, m) and ed.n_edits == 0 and ed.n_cells == 3
+    with pytest.raises(CellposeWebError):
+        ed.undo()
+
+
+def test_editor_delete_merge_and_stack_labels():
+    st = np.zeros((3, 20, 20), np.uint16)
+    st[0:2, 2:8, 2:8] = 1      # a 3D cell on planes 0-1
+    st[1, 2:8, 10:16] = 2
+    ed = edit.MaskEditor(st)
+    ch = ed.outline([(12, 12), (12, 18), (18, 18), (18, 12)], z=2)
+    assert ch.label == 3 and ch.z0 == 2 and ed.masks[2, 15, 15] == 3 and ed.masks[1, 15, 15] == 0
+    ed.brush([(5, 5)], 2, z=2, label=1)                        # same 3D cell continued on plane 2
+    assert ed.masks[2, 5, 5] == 1
+    ch = ed.merge(1, 2, z=1)
+    assert ch.label == 1 and (ed.masks[1, 5, 9] == 1) and 2 not in ed.masks and ed.n_cells == 2
+    ed.delete([1])
+    assert 1 not in ed.masks and ed.n_cells == 1
+    ed.undo(), ed.undo()
+    assert ed.masks[1, 5, 12] == 2 and ed.n_cells == 3
+    assert np.array_equal(edit.relabel(ed.masks)[2], np.where(ed.masks[2] == 3, 3, ed.masks[2]))
+
+
+def test_cell_from_flows_finds_the_clicked_cell():
+    from cellpose_web import dynamics
+    truth = np.zeros((60, 70), np.uint16)
+    yy, xx = np.mgrid[:60, :70]
+    truth[(yy - 20) ** 2 + (xx - 20) ** 2 < 100] = 1
+    truth[(yy - 35) ** 2 + ((xx - 45) / 1.5) ** 2 < 110] = 2
+    dP = 5 * dynamics.masks_to_flows(truth)
+    cellprob = np.where(truth > 0, 3.0, -6.0).astype(np.float32)
+    present = np.where(truth == 1, 1, 0).astype(np.uint16)      # cell 2 was missed
+    region = edit.cell_from_flows(dP, cellprob, 35, 45, masks=present)
+    assert (region & (truth == 2)).sum() / (region | (truth == 2)).sum() > 0.9
+    ed = edit.MaskEditor(present)
+    ch = ed.add_from_flows(dP, cellprob, 35, 45)
+    assert ch.label == 2 and ed.n_cells == 2
+    with pytest.raises(CellposeWebError, match="already"):
+        edit.cell_from_flows(dP, cellprob, 20, 20, masks=present)

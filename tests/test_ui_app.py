@@ -62,28 +62,37 @@ def test_correct_tab_edit_and_save(fake_model):
     s, _, _ = segment_tab.load_image(str(EXAMPLE), None)
     s = segment_tab.run_segmentation(s, "thresh", segment_tab.make_params(None, 0.4, 0, 0, 15, "auto", "auto", "",
                                                                           1, 99, False, None, 0), None, None)
-    st = C.enter(s, C.CorrectState())
+    st, pay = C.apply_op(s, None, {"op": "load"})
+    assert pay["kind"] == "full" and pay["image"].startswith("data:image/png;base64,")
     n0 = int(s.masks.max())
-    ys, xs = np.nonzero(s.masks == 1)
-    st = C.click(s, st, C.MODE_SELECT, 5, int(ys[0]), int(xs[0]))
-    assert st.selected == [1]
-    st = C.delete_selected(st)
-    assert st.history.current.max() == n0 - 1
-    bg = np.argwhere(ndi.binary_erosion(st.history.current == 0, iterations=12))
-    cy, cx = bg[len(bg) // 2]
-    for dy, dx in ((-8, -8), (-8, 8), (8, 8), (8, -8)):
-        st = C.click(s, st, C.MODE_OUTLINE, 5, cy + dy, cx + dx)
-    st = C.finish_outline(st)
-    assert st.history.current[cy, cx] == n0 and st.history.current.max() == n0
-    st = C.undo(st)
-    assert st.history.current[cy, cx] == 0
-    st = C.redo(st)
+    assert C.status(st).startswith(f"**{n0} cells**")
+    st, pay = C.apply_op(s, st, {"op": "delete", "labels": [1]})
+    assert pay["kind"] == "patch" and st.editor.n_cells == n0 - 1 and pay["select"] == []
+    bg = np.argwhere(ndi.binary_erosion(st.editor.masks == 0, iterations=12))
+    cy, cx = (int(v) for v in bg[len(bg) // 2])
+    square = [[cy - 8, cx - 8], [cy - 8, cx + 8], [cy + 8, cx + 8], [cy + 8, cx - 8]]
+    st, pay = C.apply_op(s, st, {"op": "outline", "z": 0, "points": square})
+    lab = int(st.editor.masks[cy, cx])
+    assert lab > n0 and pay["select"] == [lab] and pay["labels"]["h"] >= 17
+    # the patch is exactly the changed box of labels
+    import base64
+    import zlib
+    box = np.frombuffer(zlib.decompress(base64.b64decode(pay["labels"]["data"])), "<u4").reshape(
+        pay["labels"]["h"], pay["labels"]["w"])
+    y0, x0 = pay["labels"]["y0"], pay["labels"]["x0"]
+    assert (box == st.editor.masks[y0:y0 + box.shape[0], x0:x0 + box.shape[1]]).all()
+    st, pay = C.apply_op(s, st, {"op": "undo"})
+    assert st.editor.masks[cy, cx] == 0 and "1 edit" in C.status(st)
+    st, pay = C.apply_op(s, st, {"op": "redo"})
+    assert "2 edits" in C.status(st)
+    st, pay = C.apply_op(s, st, {"op": "erase", "z": 0, "points": [[5, 5]], "radius": 0.1})
+    assert pay["kind"] == "error" and "radius" in pay["message"] and "2 edits" in C.status(st)
     saved = C.save(s, st)
     m = tifffile.imread(next(f for f in saved.files if f.endswith("_cp_masks.tif")))
-    assert m[cy, cx] > 0 and m.max() == n0
+    assert m[cy, cx] > 0 and m.max() == n0 and len(np.unique(m)) == n0 + 1
     assert saved.provenance["edited"]["manual_edits"] == 2
-    training.add_pair("lab", saved.image, saved.masks, saved.stem)
-    assert training.list_sets()[0]["n_images"] == 1
+    msg = C.add_to_training_set(saved, st, "lab")
+    assert "Added" in msg and training.list_sets()[0]["n_images"] == 1
 
 
 def _free_port():
@@ -186,9 +195,20 @@ def test_stack_plane_by_plane_and_render(fake_model, tmp_path):
         None, 0.4, 0, 0, 15, "auto", "auto", "", 1, 99, False, None, 0), None, None)
     assert out.masks.shape == (5, 96, 96) and "volume_px" in out.table
     assert segment_tab.render(out, [W.OVERLAY_MASKS], W.BG_IMAGE, 3).shape[-1] == 3
-    with pytest.raises(CellposeWebError, match="2D"):
-        from cellpose_web.ui import correct_tab as C
-        C.click(out, C.enter(out, C.CorrectState()), C.MODE_SELECT, 5, 3, 3)
+    from cellpose_web.ui import correct_tab as C
+    st, pay = C.apply_op(out, None, {"op": "plane", "z": 3})
+    st, pay = C.apply_op(out, st, {"op": "plane", "z": 3})
+    assert pay["kind"] == "full" and pay["nz"] == 5 and pay["z"] == 3 and "plane 4/5" in C.status(st)
+    st, pay = C.apply_op(out, st, {"op": "brush", "z": 3, "points": [[2, 2], [2, 40]], "radius": 2, "label": 0})
+    lab = pay["select"][0]
+    row, old = st.editor.masks[3, 2, 2:41], out.masks[3, 2, 2:41]
+    assert lab > out.masks.max() and ((row == lab) | (row == old)).all() and (row == lab).sum() >= 8
+    assert (st.editor.masks[[0, 1, 2, 4]] == out.masks[[0, 1, 2, 4]]).all()   # other planes untouched
+    st, pay = C.apply_op(out, st, {"op": "plane", "z": 0})
+    st, pay = C.apply_op(out, st, {"op": "undo"})                     # undo of plane 3 shows plane 3
+    assert pay["kind"] == "full" and pay["z"] == 3 and (st.editor.masks == out.masks).all()
+    saved = C.save(out, st)
+    assert saved.masks.shape == (5, 96, 96)
 
 
 def test_correct_brush_erase_merge(fake_model):
@@ -196,28 +216,23 @@ def test_correct_brush_erase_merge(fake_model):
     s, _, _ = segment_tab.load_image(str(EXAMPLE), None)
     s = segment_tab.run_segmentation(s, "thresh", segment_tab.make_params(
         None, 0.4, 0, 0, 15, "auto", "auto", "", 1, 99, False, None, 0), None, None)
-    st = C.enter(s, C.CorrectState())
-    m0 = st.history.current.copy()
+    st, _ = C.apply_op(s, None, {"op": "load"})
+    m0 = st.editor.masks.copy()
     bg = np.argwhere(ndi.binary_erosion(m0 == 0, iterations=8))
-    y, x = bg[len(bg) // 3]
-    st = C.click(s, st, C.MODE_BRUSH, 4, int(y), int(x))          # new cell from a brush dab
-    new = int(st.history.current[y, x])
-    assert new == m0.max() + 1 and st.selected == [new]
-    st = C.click(s, st, C.MODE_BRUSH, 4, int(y), int(x) + 3)      # extends the selected cell
-    assert st.history.current[y, x + 6] == new
-    st = C.click(s, st, C.MODE_ERASE, 2, int(y), int(x))
-    assert st.history.current[y, x] == 0
-    a, b = 1, 2
-    ya, xa = np.argwhere(m0 == a)[0]
-    yb, xb = np.argwhere(m0 == b)[0]
-    st = C.click(s, st, C.MODE_SELECT, 1, int(ya), int(xa))
-    st = C.click(s, st, C.MODE_SELECT, 1, int(yb), int(xb), multi=True)
-    assert st.selected == [a, b]
-    n_before = len(np.unique(st.history.current)) - 1
-    st = C.merge_selected(st)
-    assert len(np.unique(st.history.current)) - 1 == n_before - 1
-    st = C.undo(st)
-    assert len(np.unique(st.history.current)) - 1 == n_before
+    y, x = (int(v) for v in bg[len(bg) // 3])
+    st, pay = C.apply_op(s, st, {"op": "brush", "z": 0, "points": [[y, x]], "radius": 4, "label": 0})
+    new = int(st.editor.masks[y, x])
+    assert new == m0.max() + 1 and pay["select"] == [new]
+    st, pay = C.apply_op(s, st, {"op": "brush", "z": 0, "points": [[y, x], [y, x + 3]], "radius": 4, "label": new})
+    assert st.editor.masks[y, x + 6] == new
+    st, _ = C.apply_op(s, st, {"op": "erase", "z": 0, "points": [[y, x]], "radius": 2})
+    assert st.editor.masks[y, x] == 0
+    n_before = st.editor.n_cells
+    st, pay = C.apply_op(s, st, {"op": "merge", "z": 0, "labels": [1, 2]})
+    assert st.editor.n_cells == n_before - 1 and pay["select"] == [1]
+    st, _ = C.apply_op(s, st, {"op": "undo"})
+    assert st.editor.n_cells == n_before and "3 edits" in C.status(st)
+
 
 
 def test_load_existing_masks(fake_model, tmp_path, data_dir):

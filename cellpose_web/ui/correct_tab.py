@@ -1,7 +1,17 @@
-"""Correct tab: select / delete / draw (outline or brush) / erase / merge masks, undo/redo, save,
-add to a training set. All editing is done by cellpose_web.edit (pure numpy)."""
+"""Correct tab: a drawing surface (``#correct-canvas``) for outline, brush, eraser, click-to-add,
+select, delete, merge and undo/redo of whole strokes, plane by plane for z-stacks; save; add to a
+training set.
+
+The browser draws strokes and overlays itself (cellpose_web.ui.correct_canvas) and sends one
+operation per stroke; every edit is done by cellpose_web.edit.MaskEditor, and only the changed box
+of labels goes back to the browser.
+"""
 from __future__ import annotations
 
+import base64
+import io as _bytes_io
+import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,161 +21,169 @@ import numpy as np
 from cellpose_web import edit, measure
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service import training
-from cellpose_web.ui import common, segment_tab, widgets as W
+from cellpose_web.ui import common, correct_canvas, segment_tab, widgets as W
 
-MODE_SELECT = "Select"
-MODE_OUTLINE = "Draw outline"
-MODE_BRUSH = "Brush"
-MODE_ERASE = "Erase"
+HELP = """**Draw** on the image: pick a tool above it.
+- **Outline**: press, draw around the cell, release: a new cell (background pixels only, so cells never overlap).
+- **Brush**: paint with the radius; extends the selected cell, or starts a new one. **Eraser**: clears cell pixels.
+- **Click to add**: one click on a missed cell grows it from the network's flows (needs a segmentation from this app).
+- **Select**: click a cell; **Shift+click** a second one to merge. **Ctrl+click** deletes a cell (any tool).
+- **Zoom** with the wheel or the buttons; **pan** by dragging with the right mouse button (or any drag with *Select*).
 
-HELP = ("Click a cell to **select** it (tick *Select two* to pick a second cell for merging). **Draw outline**: "
-        "click points around a cell, then *Finish outline*. **Brush** paints a disk (extends the selected "
-        "cell, or starts a new one); **Erase** clears a disk. New drawing only takes background pixels, so "
-        "masks never overlap. Shortcuts: **Delete** selected, **Ctrl+Z** undo, **Ctrl+Y** redo, "
-        "**M** masks, **O** outlines.")
+Keys: **X** masks, **Z** outlines, **Ctrl+Z / Ctrl+Y** undo / redo, **Delete** selected cell, **Ctrl+S** save,
+**↑/↓** or **PgUp/PgDn** z-planes, **+ / − / 0 / 1** zoom in / out / fit / 1:1."""
+
+NO_MASKS = ("No masks loaded — segment an image in the Segment tab (or load existing masks there), then come "
+            "back here to correct them.")
 
 
 @dataclass
 class CorrectState:
-    history: edit.EditHistory = field(default_factory=edit.EditHistory)
-    selected: list[int] = field(default_factory=list)
-    pending: list[tuple[float, float]] = field(default_factory=list)
+    """The Correct tab's server side for one browser tab."""
+    editor: edit.MaskEditor | None = None
     version: int = -1
-    n_edits: int = 0
+    z: int = 0
+    serial: int = 0
+    display: np.ndarray | None = field(default=None, repr=False)  # (Z, Y, X, 3) uint8 image shown
 
 
-def _render(s: common.Session, st: CorrectState, overlays: list[str]) -> np.ndarray | None:
-    if s is None or s.image is None or s.is_stack:
-        return None
-    base = W.to_display_rgb(s.image)
-    return W.upscale(W.compose(base, st.history.current, W.OVERLAY_MASKS in (overlays or []),
-                               W.OVERLAY_OUTLINES in (overlays or []), selected=st.selected, pending=st.pending))
-
-
-def _status(st: CorrectState) -> str:
-    m = st.history.current
-    if m is None:
-        return ("No masks loaded — segment an image in the Segment tab (or load existing masks there), "
-                "then come back here to correct them.")
-    n = int(len(np.unique(m[m > 0]))) if m is not None else 0
-    sel = ", ".join(str(x) for x in st.selected) if st.selected else "none"
-    pend = f" · outline: {len(st.pending)} point(s)" if st.pending else ""
-    return (f"**{W.plural(n, 'cell')}** · selected: {sel}{pend} · edits: {st.n_edits}"
-            f"{' · undo available' if st.history.can_undo else ''}")
-
-
-def enter(s: common.Session, st: CorrectState) -> CorrectState:
-    """Load the session's current masks into the editor when they changed."""
+# ------------------------------------------------------------------ state and payloads
+def enter(s: common.Session | None, st: CorrectState | None) -> CorrectState:
+    """The editor for the session's current masks (a new one when the session has new masks)."""
     st = st if isinstance(st, CorrectState) else CorrectState()
     if s is None or s.image is None:
-        return st
-    if st.version != s.version:
-        st = CorrectState(version=s.version)
-        if s.is_stack:
-            st.history.reset(None)
-        else:
-            m = s.masks if s.masks is not None else np.zeros(s.image.shape[:2], np.uint16)
-            st.history.reset(np.asarray(m))
+        return CorrectState(serial=st.serial)
+    if st.version != s.version or st.editor is None:
+        shape = s.image.shape[:-1]
+        m = s.masks if s.masks is not None else np.zeros(shape, np.uint16)
+        img = np.asarray(s.image)
+        stack = img if s.is_stack else img[None]
+        z, y, x, c = stack.shape
+        display = W.to_display_rgb(stack.reshape(z * y, x, c)).reshape(z, y, x, 3)  # one contrast for all planes
+        st = CorrectState(edit.MaskEditor(np.asarray(m)), s.version, 0, st.serial, display)
     return st
 
 
-def _copy(st: CorrectState) -> CorrectState:
-    return CorrectState(st.history, list(st.selected), list(st.pending), st.version, st.n_edits)
+def _labels_blob(labels: np.ndarray, y0: int, x0: int) -> dict[str, Any]:
+    data = zlib.compress(np.ascontiguousarray(labels, dtype="<u4").tobytes(), 1)
+    return {"y0": int(y0), "x0": int(x0), "h": int(labels.shape[0]), "w": int(labels.shape[1]),
+            "data": base64.b64encode(data).decode("ascii")}
 
 
-def _edit(st: CorrectState, new_masks: np.ndarray) -> CorrectState:
-    st = _copy(st)
-    st.history.push(new_masks)
-    st.n_edits += 1
-    st.selected = []
-    return st
+def _png_data_url(rgb: np.ndarray) -> str:
+    from PIL import Image
+    gray = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    buf = _bytes_io.BytesIO()
+    Image.fromarray(rgb[..., 0] if gray else rgb).save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def click(s: common.Session, st: CorrectState, mode: str, radius: float, y: int, x: int,
-          multi: bool = False) -> CorrectState:
-    if s is None or s.image is None:
-        raise CellposeWebError("No image: segment an image in the Segment tab first (or upload one there).")
-    if s.is_stack:
-        raise CellposeWebError("Correcting works on 2D images; this is a z-stack.")
-    m = st.history.current
-    if mode == MODE_SELECT:
-        lab = edit.label_at(m, y, x)
-        st = _copy(st)
-        if lab == 0:
-            st.selected = []
-        elif lab in st.selected:
-            st.selected.remove(lab)
-        elif multi:
-            st.selected = (st.selected + [lab])[-2:]
-        else:
-            st.selected = [lab]
-        return st
-    if mode == MODE_OUTLINE:
-        st = _copy(st)
-        st.pending.append((float(y), float(x)))
-        return st
-    region = edit.brush_region([(y, x)], float(radius), m.shape)
-    if mode == MODE_BRUSH:
-        target = st.selected[-1] if st.selected else None
-        new, lab = edit.add_mask(m, region, label=target)
-        st2 = _edit(st, new)
-        st2.selected = [lab]
-        return st2
-    if mode == MODE_ERASE:
-        if not (m[region] > 0).any():
-            return st
-        return _edit(st, edit.erase(m, region))
-    raise CellposeWebError(f"Unknown tool {mode!r}.")
+def _payload(st: CorrectState, kind: str, **extra: Any) -> dict[str, Any]:
+    st.serial += 1
+    return {"serial": st.serial, "kind": kind, **extra}
 
 
-def finish_outline(st: CorrectState, min_pixels: int = 5) -> CorrectState:
-    if len(st.pending) < 3:
-        raise CellposeWebError("An outline needs at least 3 points: choose 'Draw outline' and click around the cell.")
-    m = st.history.current
-    region = edit.polygon_region(st.pending, m.shape)
-    new, lab = edit.add_mask(m, region, min_pixels=min_pixels)
-    st2 = _edit(st, new)
-    st2.pending = []
-    return st2
+def full_payload(st: CorrectState, message: str = "") -> dict[str, Any]:
+    """The whole current plane: image (PNG data URL) and labels."""
+    if st.editor is None:
+        return _payload(st, "error", message=NO_MASKS)
+    plane = st.editor.plane(st.z)
+    return _payload(st, "full", W=int(plane.shape[1]), H=int(plane.shape[0]), nz=st.editor.n_planes, z=st.z,
+                    image=_png_data_url(st.display[st.z]), labels=_labels_blob(plane, 0, 0), message=message)
 
 
-def delete_selected(st: CorrectState) -> CorrectState:
-    if not st.selected:
-        raise CellposeWebError("No cell selected: choose 'Select' and click a cell first.")
-    return _edit(st, edit.delete_label(st.history.current, st.selected))
+def _change_payload(st: CorrectState, ch: edit.Change, select: bool, message: str = "") -> dict[str, Any]:
+    sel = [ch.label] if select and ch.label else None
+    if not ch.z0 <= st.z < ch.z1:  # e.g. undo of an edit on another plane: show that plane
+        st.z = ch.z0
+        return {**full_payload(st, message), "select": sel}
+    box = st.editor.plane(st.z)[ch.y0:ch.y1, ch.x0:ch.x1]
+    return _payload(st, "patch", z=st.z, labels=_labels_blob(box, ch.y0, ch.x0), select=sel, message=message)
 
 
-def merge_selected(st: CorrectState) -> CorrectState:
-    if len(st.selected) != 2:
-        raise CellposeWebError("Select exactly two cells to merge (click one, then the other).")
-    return _edit(st, edit.merge_labels(st.history.current, *st.selected))
+def _plane_flows(s: common.Session, z: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dP (2, Y, X), cellprob (Y, X)) of plane z from the session's segmentation."""
+    if s.dP is None or s.cellprob is None:
+        raise CellposeWebError("Click to add needs the network's flows: segment the image in the Segment tab "
+                               "(masks loaded from a file have none). Draw the cell with Outline or Brush instead.")
+    dP, cp = np.asarray(s.dP), np.asarray(s.cellprob)
+    if not s.is_stack:
+        return dP[-2:], cp
+    return dP[-2:, z], cp[z]  # (2, Z, Y, X) plane by plane or (3, Z, Y, X) in 3D: the Y, X components
 
 
-def undo(st: CorrectState) -> CorrectState:
-    st = _copy(st)
-    st.history.undo()
-    st.selected = []
-    return st
+def _points(op: dict[str, Any]) -> list:
+    pts = op.get("points")
+    if not isinstance(pts, list) or len(pts) > 200_000:
+        raise CellposeWebError("A stroke arrived without its points; draw it again.")
+    return pts
 
 
-def redo(st: CorrectState) -> CorrectState:
-    st = _copy(st)
-    st.history.redo()
-    st.selected = []
-    return st
+def apply_op(s: common.Session | None, st: CorrectState | None, op: dict[str, Any]) -> tuple[CorrectState, dict]:
+    """Do one operation from the drawing surface (see cellpose_web.ui.correct_canvas) and return the
+    new state and the payload for the browser. A user error gives an "error" payload (nothing changed)."""
+    st0 = st
+    st = enter(s, st)
+    if st.editor is None:
+        return st, _payload(st, "error", message=NO_MASKS)
+    kind = str(op.get("op", ""))
+    if st is not st0 or kind in ("load", "noop"):  # new masks since the browser last saw them
+        return st, full_payload(st)
+    ed = st.editor
+    try:
+        if kind == "plane":
+            st.z = int(np.clip(int(op.get("z", 0)), 0, ed.n_planes - 1))
+            return st, full_payload(st)
+        z = int(op.get("z", st.z))
+        if z != st.z:
+            raise CellposeWebError("That stroke was drawn on another plane; draw it again on this one.")
+        if kind == "outline":
+            return st, _change_payload(st, ed.outline(_points(op), z=z), True)
+        if kind == "brush":
+            return st, _change_payload(st, ed.brush(_points(op), op.get("radius", 5), z=z,
+                                                    label=int(op.get("label") or 0)), True)
+        if kind == "erase":
+            return st, _change_payload(st, ed.erase(_points(op), op.get("radius", 5), z=z), False)
+        if kind == "add":
+            dP, cp = _plane_flows(s, z)
+            return st, _change_payload(st, ed.add_from_flows(dP, cp, float(op["y"]), float(op["x"]), z=z), True)
+        if kind == "delete":
+            labels = [int(v) for v in op.get("labels") or []]
+            return st, {**_change_payload(st, ed.delete(labels), False), "select": []}
+        if kind == "merge":
+            a, b = (int(v) for v in (op.get("labels") or [0, 0])[:2])
+            return st, _change_payload(st, ed.merge(a, b, z=z), True)
+        if kind == "undo":
+            return st, {**_change_payload(st, ed.undo(), False, "undone"), "select": []}
+        if kind == "redo":
+            return st, {**_change_payload(st, ed.redo(), False, "redone"), "select": []}
+        raise CellposeWebError(f"Unknown operation {kind!r}; reload the page.")
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CellposeWebError):
+            return st, _payload(st, "error", message=str(e))
+        return st, _payload(st, "error", message=f"A malformed operation arrived ({type(e).__name__}); draw again.")
 
 
-def cancel_outline(st: CorrectState) -> CorrectState:
-    st = _copy(st)
-    st.pending = []
-    return st
+def status(st: CorrectState) -> str:
+    """The status line (``#correct-count``): 'N cells · k edits · ...'."""
+    ed = st.editor if st is not None else None
+    if ed is None:
+        return NO_MASKS
+    parts = [f"**{W.plural(ed.n_cells, 'cell')}**", W.plural(ed.n_edits, "edit")]
+    if ed.n_planes > 1:
+        parts.append(f"plane {st.z + 1}/{ed.n_planes}")
+    if ed.can_undo or ed.can_redo:
+        parts.append("undo" * ed.can_undo + " / " * (ed.can_undo and ed.can_redo) + "redo" * ed.can_redo + " available")
+    return " · ".join(parts)
 
 
+# ------------------------------------------------------------------ save / training set
 def save(s: common.Session, st: CorrectState) -> common.Session:
-    """Put the edited masks into the session, re-measure and rewrite every download."""
-    if s is None or s.image is None or st.history.current is None:
+    """Put the edited masks (2D or 3D, labels renumbered 1..N) into the session, re-measure and
+    rewrite every download (masks, _seg.npy, outlines, ROIs, CSV)."""
+    if s is None or s.image is None or st is None or st.editor is None:
         raise CellposeWebError("Nothing to save: segment or draw cells first.")
-    masks = edit.relabel(st.history.current)
+    masks = edit.relabel(st.editor.masks)
     new = common.Session(**{**vars(s)})
     new.masks = masks
     pp = new.provenance.get("puncta")
@@ -173,7 +191,7 @@ def save(s: common.Session, st: CorrectState) -> common.Session:
     table, pts = measure.measure_cells(masks, new.image, new.pixel_size_um, channel_axis=-1, puncta=puncta)
     new.table, new.puncta = table, pts
     prov = dict(new.provenance) if new.provenance else {"model": {"name": None, "sha256": None}, "eval_params": {}}
-    prov["edited"] = {"manual_edits": int(st.n_edits), "note": "masks corrected by hand in the Correct tab"}
+    prov["edited"] = {"manual_edits": int(st.editor.n_edits), "note": "masks corrected by hand in the Correct tab"}
     prov.setdefault("image", new.name)
     new.provenance = prov
     segment_tab.write_files(new)
@@ -181,82 +199,86 @@ def save(s: common.Session, st: CorrectState) -> common.Session:
     return new
 
 
+def add_to_training_set(s: common.Session, st: CorrectState, set_name: str, user: str | None = None) -> str:
+    """Store the image + corrected masks in a training set (a z-stack: every plane with cells)."""
+    if s is None or s.image is None or st is None or st.editor is None:
+        raise CellposeWebError("Nothing to add: segment or draw cells first.")
+    masks = edit.relabel(st.editor.masks)
+    meta = {"edits": st.editor.n_edits, "model": (s.provenance.get("model") or {}).get("name")}
+    chans = (s.provenance.get("channels") or {}).get("segment")  # train on what the model saw
+    image = s.image[..., chans] if chans else s.image
+    if s.is_stack:
+        planes = [z for z in range(masks.shape[0]) if masks[z].any()]
+        if not planes:
+            raise CellposeWebError("These masks are empty; draw cells before adding them to a training set.")
+        for z in planes:
+            d = training.add_pair(set_name or "lab", image[z], edit.relabel(masks[z]), f"{s.stem}_z{z:03d}", user,
+                                  {**meta, "plane": z})
+        what = f"{len(planes)} planes of **{s.stem}**"
+    else:
+        d = training.add_pair(set_name or "lab", image, masks, s.stem, user, meta)
+        what = f"**{s.stem}** ({int(masks.max())} cells)"
+    info = {x["name"]: x for x in training.list_sets(user)}.get(d.name, {})
+    return (f"Added {what} to training set **{d.name}** — now {info.get('n_images', '?')} image(s), "
+            f"{info.get('n_cells', '?')} cells. Use it in the Fine-tune tab.")
+
+
+# ------------------------------------------------------------------ UI
 def build(ctx: dict[str, Any]) -> dict[str, Any]:
     session: gr.State = ctx["session"]
     state = gr.State(CorrectState())
     with gr.Row(equal_height=False):
-        with gr.Column(scale=2, min_width=480):
-            view = gr.Image(label="Click on the image to edit", type="numpy", interactive=False,
-                            elem_id="cor-view", format="png", height=600, buttons=["fullscreen"],
-                            placeholder="Segment an image in the Segment tab first; it appears here for "
-                                        "correction.")
-            status = gr.Markdown("No masks loaded — segment an image in the Segment tab (or load existing masks "
-                                 "there), then come back here to correct them.", elem_id="cor-status")
+        with gr.Column(scale=3, min_width=560):
+            count = gr.Markdown(NO_MASKS, elem_id="correct-count")
+            gr.HTML(correct_canvas.HTML, elem_id="cor-surface")
         with gr.Column(scale=1, min_width=300):
             gr.Markdown(HELP)
-            mode = gr.Radio([MODE_SELECT, MODE_OUTLINE, MODE_BRUSH, MODE_ERASE], value=MODE_SELECT, label="Tool",
-                            elem_id="cor-mode")
-            with gr.Row():
-                radius = gr.Slider(1, 50, 5, step=1, label="Brush / eraser radius (px)", scale=2)
-                multi = gr.Checkbox(False, label="Select two (merge)", scale=1, elem_id="cor-multi")
-            overlays = gr.CheckboxGroup([W.OVERLAY_MASKS, W.OVERLAY_OUTLINES],
-                                        value=[W.OVERLAY_MASKS, W.OVERLAY_OUTLINES], label="Overlays",
-                                        elem_id="cor-overlays")
-            with gr.Row():
-                finish = gr.Button("Finish outline", variant="primary", elem_id="cor-finish", size="sm")
-                cancel = gr.Button("Cancel outline", elem_id="cor-cancel", size="sm")
-            with gr.Row():
-                delete = gr.Button("Delete selected", variant="stop", elem_id="cor-delete", size="sm")
-                merge = gr.Button("Merge 2 selected", elem_id="cor-merge", size="sm")
-            with gr.Row():
-                undo_btn = gr.Button("Undo", elem_id="cor-undo", size="sm")
-                redo_btn = gr.Button("Redo", elem_id="cor-redo", size="sm")
-            save_btn = gr.Button("Save corrected masks", variant="primary", elem_id="cor-save")
+            save_btn = gr.Button("Save corrected masks (Ctrl+S)", variant="primary", elem_id="cor-save")
             files = gr.File(label="Corrected masks and tables", file_count="multiple", interactive=False, height=140,
                             elem_id="cor-files")
             with gr.Group():
                 set_name = gr.Textbox("lab", label="Training set name", elem_id="cor-set")
                 add_btn = gr.Button("Add to training set", elem_id="cor-add")
             set_msg = gr.Markdown("")
+    # the bridge to the browser script: operations in, payloads out (hidden, but in the page)
+    op_box = gr.Textbox("", elem_id="cor-op", elem_classes=["cpw-hidden"], lines=1, max_lines=1, container=False)
+    payload = gr.Textbox("", elem_id="cor-payload", elem_classes=["cpw-hidden"], lines=1, max_lines=1,
+                         container=False)
+    op_btn = gr.Button("apply", elem_id="cor-op-btn", elem_classes=["cpw-hidden"])
 
-    outs = [state, view, status]
+    def respond(st: CorrectState, pay: dict):
+        if pay.get("kind") == "error" and pay.get("message") and st.editor is not None:
+            gr.Warning(pay["message"], title="Please check", duration=8)
+        return st, json.dumps(pay), status(st)
 
     @W.user_errors(outputs=3)
     def on_enter(s, st):
-        st = enter(s, st)
-        if s is not None and s.is_stack:
-            gr.Warning("Correcting works on 2D images; this image is a z-stack.")
-        return st, _render(s, st, [W.OVERLAY_MASKS, W.OVERLAY_OUTLINES]), _status(st)
+        st2 = enter(s, st)
+        if st2.editor is None:
+            return st2, json.dumps(_payload(st2, "error", message=NO_MASKS)), NO_MASKS
+        if st2 is st:  # same masks: the browser still has them
+            return st2, gr.skip(), status(st2)
+        return respond(st2, full_payload(st2))
 
     @W.user_errors(outputs=3)
-    def on_click(s, st, md, r, mu, ov, evt: gr.SelectData):
-        st = enter(s, st)
-        k = W.display_scale(s.image.shape) if s is not None and s.image is not None else 1
-        x, y = int(evt.index[0]) // k, int(evt.index[1]) // k
-        st = click(s, st, md, r, y, x, bool(mu))
-        return st, _render(s, st, ov), _status(st)
+    def on_op(op_text, s, st):
+        try:
+            op = json.loads(op_text or "{}")
+        except json.JSONDecodeError:
+            op = {}
+        if not isinstance(op, dict):
+            op = {}
+        st, pay = apply_op(s, st, op)
+        return respond(st, pay)
 
-    view.select(on_click, [session, state, mode, radius, multi, overlays], outs, api_visibility="private",
-                show_progress="hidden")
-
-    def simple(fn):
-        @W.user_errors(outputs=3)
-        def handler(s, st, ov):
-            st = enter(s, st)
-            st = fn(st)
-            return st, _render(s, st, ov), _status(st)
-        return handler
-
-    for btn, fn in ((finish, finish_outline), (cancel, cancel_outline), (delete, delete_selected),
-                    (merge, merge_selected), (undo_btn, undo), (redo_btn, redo)):
-        btn.click(simple(fn), [session, state, overlays], outs, api_visibility="private", show_progress="hidden")
-    overlays.change(lambda s, st, ov: _render(s, st, ov), [session, state, overlays], [view],
-                    api_visibility="private", show_progress="hidden")
+    outs = [state, payload, count]
+    op_btn.click(on_op, [op_box, session, state], outs, api_visibility="private", show_progress="hidden",
+                 js="(op, s, st) => [window.cpwCorrect ? window.cpwCorrect.takeOp() : op, s, st]")
+    payload.change(None, [payload], None, js="(p) => { if (window.cpwCorrect) { window.cpwCorrect.apply(p); } }")
 
     @W.user_errors(outputs=2)
     def on_save(s, st):
-        st = enter(s, st)
-        new = save(s, st)
+        new = save(s, enter(s, st))
         gr.Info(f"Saved {len(new.table)} cells; downloads updated (Segment tab too).")
         return new, new.files
 
@@ -264,18 +286,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
 
     @W.user_errors(outputs=1)
     def on_add(s, st, name, request: gr.Request):
-        st = enter(s, st)
-        if s is None or s.image is None or st.history.current is None:
-            raise CellposeWebError("Nothing to add: segment or draw cells first.")
-        masks = edit.relabel(st.history.current)
-        chans = (s.provenance.get("channels") or {}).get("segment")  # train on what the model saw
-        img = s.image[..., chans] if chans else s.image
-        d = training.add_pair(name or "lab", img, masks, s.stem, W.username(request),
-                              {"edits": st.n_edits, "model": (s.provenance.get("model") or {}).get("name")})
-        sets = {x["name"]: x for x in training.list_sets(W.username(request))}
-        info = sets.get(d.name, {})
-        return (f"Added **{s.stem}** ({int(masks.max())} cells) to training set **{d.name}** — now "
-                f"{info.get('n_images', '?')} image(s), {info.get('n_cells', '?')} cells. Use it in the Fine-tune tab.")
+        return add_to_training_set(s, enter(s, st), name, W.username(request))
 
     add_btn.click(on_add, [session, state, set_name], [set_msg], api_visibility="private")
-    return {"state": state, "on_enter": on_enter, "enter_outputs": outs, "view": view}
+    return {"state": state, "on_enter": on_enter, "enter_outputs": outs}

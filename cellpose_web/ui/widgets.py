@@ -12,6 +12,7 @@ import numpy as np
 
 from cellpose_web import render
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.ui import correct_canvas
 
 log = logging.getLogger("cellpose_web.ui")
 
@@ -183,17 +184,17 @@ CSS = """
 .cpw-header h1 {margin-bottom: 0.2em;}
 .cpw-count {font-size: 1.15em;}
 .cpw-small {font-size: 0.85em; color: var(--body-text-color-subdued);}
-#seg-view img, #cor-view img {image-rendering: pixelated;}
+#seg-view img {image-rendering: pixelated;}
 footer {display: none !important;}
-"""
+""" + correct_canvas.CSS
 
 HEAD = """
 <script>
 (function () {
   if (window.__cpwKeys) { return; }
   window.__cpwKeys = true;
-  // Keyboard shortcuts as in the Cellpose GUI: M masks, O outlines, Ctrl+Z undo, Ctrl+Y redo,
-  // Delete/Backspace delete the selected cell (Correct tab). Ignored while typing in a field.
+  // Keyboard shortcuts as in the Cellpose GUI: M masks, O outlines (the Correct tab's drawing
+  // surface has its own keys, in correct_canvas.SCRIPT). Ignored while typing in a field.
   function toggle(text) {
     document.querySelectorAll('label').forEach(function (l) {
       if (l.offsetParent !== null && l.textContent.trim() === text) {
@@ -201,24 +202,16 @@ HEAD = """
       }
     });
   }
-  function press(id) {
-    var b = document.getElementById(id);
-    if (b && b.offsetParent !== null) { b.click(); return true; }
-    return false;
-  }
   document.addEventListener('keydown', function (e) {
     var t = e.target && e.target.tagName;
     if (t === 'INPUT' || t === 'TEXTAREA' || t === 'SELECT' || (e.target && e.target.isContentEditable)) return;
     var k = e.key.toLowerCase();
     if (!e.ctrlKey && !e.metaKey && k === 'm') { toggle('Masks (filled)'); e.preventDefault(); }
     else if (!e.ctrlKey && !e.metaKey && k === 'o') { toggle('Outlines'); e.preventDefault(); }
-    else if ((e.ctrlKey || e.metaKey) && k === 'z' && !e.shiftKey) { if (press('cor-undo')) e.preventDefault(); }
-    else if ((e.ctrlKey || e.metaKey) && (k === 'y' || (k === 'z' && e.shiftKey))) { if (press('cor-redo')) e.preventDefault(); }
-    else if (k === 'delete' || k === 'backspace') { if (press('cor-delete')) e.preventDefault(); }
   });
 })();
 </script>
-"""
+""" + correct_canvas.SCRIPT
 
 
 def theme():

@@ -1,11 +1,15 @@
-"""Correct tab in a real browser: draw a cell by outline, delete a cell, save, and check the saved masks."""
+"""Correct tab in a real browser: freehand outline, brush and eraser strokes on #correct-canvas, undo,
+Ctrl+click delete, click to add, save; a z-stack plane corrected, saved and loaded back."""
+import time
+
 import numpy as np
 import pytest
 import tifffile
 from scipy import ndimage as ndi
+from skimage import draw
 
 from tests.e2e.conftest import shot
-from tests.e2e.test_e2e_segment import upload_and_segment
+from tests.e2e.test_e2e_segment import EXAMPLE, upload_and_segment
 
 pytestmark = pytest.mark.e2e
 
@@ -18,74 +22,186 @@ def download(page, selector, tmp_path, name):
     return p
 
 
-def click_pixel(page, y, x, shape):
-    """Click image pixel (y, x) in the Correct viewer (handles zoom and letterboxing)."""
-    img = page.locator("#cor-view img").first
-    box = img.bounding_box()
-    nw, nh = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
-    k = nw / shape[1]
-    r = min(box["width"] / nw, box["height"] / nh, 1)
-    ox = (box["width"] - nw * r) / 2
-    oy = (box["height"] - nh * r) / 2
-    page.mouse.click(box["x"] + ox + (x + 0.5) * k * r, box["y"] + oy + (y + 0.5) * k * r)
+def labels(page) -> np.ndarray:
+    """The current plane's labels as the drawing surface holds them (Y, X)."""
+    w, h, flat = page.evaluate("() => [cpwCorrect.W, cpwCorrect.H, Array.from(cpwCorrect.labels)]")
+    return np.asarray(flat, np.int64).reshape(h, w)
 
 
-def wait_status(page, text):
-    page.wait_for_function(f"() => document.querySelector('#cor-status').innerText.includes({text!r})")
+def screen(page, y, x):
+    """Page coordinates of the centre of image pixel (y, x) on #correct-canvas."""
+    box = page.locator("#correct-canvas").bounding_box()
+    s, tx, ty = page.evaluate("() => [cpwCorrect.s, cpwCorrect.tx, cpwCorrect.ty]")
+    return box["x"] + tx + (x + 0.5) * s, box["y"] + ty + (y + 0.5) * s
 
 
-def wait_count(page, n):
-    word = "cell" if n == 1 else "cells"
-    page.wait_for_function(
-        f"() => document.querySelector('#cor-status').innerText.startsWith('{n} {word} ')")
+def serial(page) -> int:
+    return int(page.evaluate("() => +document.querySelector('#correct-canvas').dataset.serial || 0"))
 
 
-def test_correct_draw_delete_save(page, tmp_path):
-    upload_and_segment(page)
-    page.get_by_role("tab", name="Downloads").click()
-    before = tifffile.imread(download(page, '#seg-files a[download$="_cp_masks.tif"]', tmp_path, "before.tif"))
-    n0 = int(before.max())
+def wait_applied(page, after: int):
+    page.wait_for_function(f"() => +document.querySelector('#correct-canvas').dataset.serial > {after} "
+                           "&& !cpwCorrect.busy && !cpwCorrect.queue.length")
+
+
+def count(page) -> int:
+    return int(page.inner_text("#correct-count").split()[0])
+
+
+def wait_count(page, n, timeout=60_000):
+    page.wait_for_function(f"() => /^{n} cells? /.test(document.querySelector('#correct-count').innerText)",
+                           timeout=timeout)
+
+
+def stroke(page, path):
+    """One mouse drag through image pixels `path` [(y, x), ...]: down, moves, up."""
+    page.mouse.move(*screen(page, *path[0]))
+    page.mouse.down()
+    for y, x in path[1:]:
+        page.mouse.move(*screen(page, y, x), steps=2)
+    page.mouse.up()
+
+
+def tool(page, name):
+    page.locator(f"#cor-wrap input[name=cor-tool][value={name}]").check()
+
+
+def open_correct(page):
     page.get_by_role("tab", name="Correct").click()
-    page.wait_for_selector("#cor-view img")
+    page.wait_for_function("() => window.cpwCorrect && cpwCorrect.W > 0 && !cpwCorrect.busy")
+
+
+def test_correct_strokes_undo_click_add_save(page, tmp_path):
+    upload_and_segment(page)
+    open_correct(page)
+    m0 = labels(page)
+    n0 = len(np.unique(m0[m0 > 0]))
     wait_count(page, n0)
-    # draw a square outline on free background
-    free = ndi.binary_erosion(before == 0, iterations=14, border_value=0)
+    # --- outline: one drag around free background adds exactly one cell, shown within 2 s
+    free = ndi.binary_erosion(m0 == 0, iterations=16, border_value=0)
     cy, cx = np.argwhere(free)[len(np.argwhere(free)) // 2]
-    page.get_by_role("radio", name="Draw outline").check()
-    for dy, dx in ((-9, -9), (-9, 9), (9, 9), (9, -9)):
-        click_pixel(page, cy + dy, cx + dx, before.shape)
-        page.wait_for_timeout(300)
-    wait_status(page, "outline: 4 point(s)")
+    t = np.linspace(0, 2 * np.pi, 40)
+    poly = [(cy + 11 * np.sin(a) + 2 * np.sin(3 * a), cx + 13 * np.cos(a)) for a in t]
+    tool(page, "outline")
+    s0 = serial(page)
+    stroke(page, poly)
+    t_release = time.perf_counter()
+    wait_count(page, n0 + 1, timeout=2_000)
+    latency = time.perf_counter() - t_release
+    wait_applied(page, s0)
     shot(page, "10_correct_outline")
-    page.click("#cor-finish")
-    wait_count(page, n0 + 1)
-    # select a cell and delete it with the keyboard shortcut (Delete)
-    target = 1 if n0 > 0 else n0 + 1
-    if n0 > 0:
-        cell = before == target
-        inner = ndi.binary_erosion(cell, iterations=2)
-        iy, ix = np.argwhere(inner if inner.any() else cell)[0]
-    else:
-        iy, ix = cy, cx
-    page.get_by_role("radio", name="Select").check()
-    click_pixel(page, iy, ix, before.shape)
-    wait_status(page, "selected: ")
-    page.wait_for_function("() => !document.querySelector('#cor-status').innerText.includes('selected: none')")
-    page.locator("body").press("Delete")
+    m1 = labels(page)
+    new = set(np.unique(m1)) - set(np.unique(m0))
+    assert len(new) == 1 and (m1[m0 > 0] == m0[m0 > 0]).all()
+    cell = m1 == new.pop()
+    pv = np.asarray(poly)
+    truth = np.zeros_like(cell)
+    rr, cc = draw.polygon(pv[:, 0], pv[:, 1], cell.shape)
+    truth[rr, cc] = True
+    iou = (cell & truth).sum() / (cell | truth).sum()
+    print(f"outline: IoU {iou:.3f} against the drawn polygon, count shown {latency:.2f} s after release")
+    assert iou >= 0.8
+    # --- brush from the new cell out over background: the selected cell grows along the whole path
+    tool(page, "brush")
+    page.locator("#cor-radius").fill("3")
+    path = [(cy, cx + x) for x in range(0, 30, 3)]
+    s0 = serial(page)
+    stroke(page, path)
+    wait_applied(page, s0)
+    m2 = labels(page)
+    lab = m1[cy, cx]
+    was_free = [(y, x) for y, x in path if m1[y, x] in (0, lab)]
+    assert all(m2[y, x] == lab for y, x in was_free) and len(was_free) >= len(path) - 2
+    # --- eraser across the biggest old cell: background along the whole path
+    big = np.bincount(m0.ravel())[1:].argmax() + 1
+    ys, xs = np.nonzero(m2 == big)
+    ey = int(np.median(ys))
+    row = xs[ys == ey]
+    epath = [(ey, x) for x in range(int(row.min()) - 2, int(row.max()) + 3, 2)]
+    tool(page, "erase")
+    s0 = serial(page)
+    stroke(page, epath)
+    wait_applied(page, s0)
+    m3 = labels(page)
+    assert all(m3[y, x] == 0 for y, x in epath if 0 <= x < m3.shape[1])
+    assert (m3 != m2).sum() > 0 and page.inner_text("#correct-count").split(" · ")[1] == "3 edits"
+    shot(page, "11_correct_brush_erase")
+    # --- undo three strokes (Ctrl+Z): the masks are exactly as before, the edit counter follows
+    page.locator("#correct-canvas").focus()
+    for k in (2, 1, 0):
+        s0 = serial(page)
+        page.keyboard.press("Control+z")
+        wait_applied(page, s0)
+        assert f"{k} edit" in page.inner_text("#correct-count")
+    assert np.array_equal(labels(page), m0)
     wait_count(page, n0)
-    shot(page, "11_correct_after_edits")
-    page.click("#cor-save")
+    # --- Ctrl+click deletes a cell; one click with "Click to add" brings it back from the flows
+    target = np.bincount(m0.ravel())[1:].argmax() + 1
+    obj = m0 == target
+    dist = ndi.distance_transform_edt(obj)
+    ty, tx = np.unravel_index(int(dist.argmax()), dist.shape)
+    s0 = serial(page)
+    page.keyboard.down("Control")
+    page.mouse.click(*screen(page, ty, tx))
+    page.keyboard.up("Control")
+    wait_applied(page, s0)
+    wait_count(page, n0 - 1)
+    tool(page, "add")
+    s0 = serial(page)
+    page.mouse.click(*screen(page, ty, tx))
+    wait_applied(page, s0)
+    wait_count(page, n0)
+    m4 = labels(page)
+    back = m4 == m4[ty, tx]
+    assert m4[ty, tx] > 0 and (back & obj).sum() / (back | obj).sum() >= 0.7
+    shot(page, "12_correct_click_to_add")
+    # --- redo is gone after a new edit; save with Ctrl+S and check the saved file
+    page.locator("#correct-canvas").focus()
+    page.keyboard.press("Control+s")
     page.wait_for_selector('#cor-files a[download$="_cp_masks.tif"]')
-    after = tifffile.imread(download(page, '#cor-files a[download$="_cp_masks.tif"]', tmp_path, "after.tif"))
-    assert after[cy, cx] > 0, "the drawn cell is in the saved masks"
-    assert (after[before > 0] > 0).sum() < (before > 0).sum() or n0 == 0
-    if n0 > 0:
-        assert (after[before == 1] == 0).all(), "the deleted cell is gone"
-        assert len(np.unique(after[after > 0])) == n0
-    # drawn cell never overlaps earlier cells
-    drawn = after == after[cy, cx]
-    assert not (drawn & (before > 0) & (before != 1)).any()
-    # add to the training set
+    saved = tifffile.imread(download(page, '#cor-files a[download$="_cp_masks.tif"]', tmp_path, "after.tif"))
+    assert len(np.unique(saved[saved > 0])) == n0 == saved.max()
+    assert ((saved > 0) == (m4 > 0)).all()
     page.click("#cor-add")
     page.wait_for_selector("text=/Added .* to training set/")
-    shot(page, "12_correct_added_to_set")
+
+
+def test_correct_zstack_plane_save_and_reload(page, tmp_path):
+    img = tifffile.imread(EXAMPLE)[:128, :128]
+    stack = np.stack([np.roll(img, 4 * z, axis=1) for z in range(3)])
+    p = tmp_path / "stack3.tif"
+    tifffile.imwrite(p, stack, imagej=True, metadata={"axes": "ZYX"})
+    upload_and_segment(page, p)
+    open_correct(page)
+    assert page.evaluate("() => cpwCorrect.nz") == 3
+    page.locator("#correct-canvas").focus()
+    s0 = serial(page)
+    page.keyboard.press("PageDown")
+    page.keyboard.press("PageDown")
+    page.wait_for_function("() => cpwCorrect.z === 2 && !cpwCorrect.busy && !cpwCorrect.queue.length")
+    assert "plane 3/3" in page.inner_text("#correct-count")
+    m_before = labels(page)
+    free = ndi.binary_erosion(m_before == 0, iterations=10, border_value=0)
+    cy, cx = np.argwhere(free)[len(np.argwhere(free)) // 2]
+    tool(page, "outline")
+    s0 = serial(page)
+    stroke(page, [(cy - 7, cx - 7), (cy - 7, cx + 7), (cy + 7, cx + 7), (cy + 7, cx - 7), (cy - 6, cx - 7)])
+    wait_applied(page, s0)
+    new_label = labels(page)[cy, cx]
+    assert new_label > m_before.max()
+    shot(page, "13_correct_zstack_plane")
+    page.click("#cor-save")
+    page.wait_for_selector('#cor-files a[download$="_seg.npy"]')
+    seg = download(page, '#cor-files a[download$="_seg.npy"]', tmp_path, "stack3_seg.npy")
+    masks3d = np.load(seg, allow_pickle=True).item()["masks"]
+    assert masks3d.shape == (3, 128, 128) and masks3d[2, cy, cx] > 0 and masks3d[0, cy, cx] == 0
+    n_saved = len(np.unique(masks3d[masks3d > 0]))
+    # load the saved 3D masks back in the Segment tab
+    page.get_by_role("tab", name="Segment").click()
+    page.get_by_text("Load existing masks instead").first.click()
+    page.set_input_files("#seg-masks-file input[type=file]", str(seg))
+    page.wait_for_function(f"() => /^{n_saved} cells?$/.test((document.querySelector('#seg-count strong') || "
+                           "{innerText: ''}).innerText.trim()) && "
+                           "document.querySelector('#seg-count').innerText.includes('masks loaded from')")
+    open_correct(page)
+    page.wait_for_function(f"() => /^{n_saved} cells? /.test(document.querySelector('#correct-count').innerText)")
