@@ -282,7 +282,9 @@ def add_puncta(table: pd.DataFrame, per_cell: pd.DataFrame) -> pd.DataFrame:
     out = out.merge(per_cell, on="label", how="left")
     if "puncta_count" in out:
         out["puncta_count"] = out["puncta_count"].fillna(0).astype(np.int64)
-    return out
+    # the numbers people look for first: count and density right after the cell's area
+    first = [c for c in ("label", "area_px", "area_um2", "puncta_count", "puncta_density_per_um2") if c in out]
+    return out[first + [c for c in out.columns if c not in first]]
 
 
 def summarize(table: pd.DataFrame, puncta: pd.DataFrame | None = None) -> dict[str, Any]:

@@ -32,6 +32,7 @@ def _model() -> str:
     return "lite"
 
 
+@pytest.mark.slow
 def test_cli_web_service_and_dask_write_identical_masks_files(image, tmp_path, capsys):
     """Same image, model and parameters through the three faces: byte-identical _cp_masks.png/.tif,
     the same _seg.npy masks and the same per-cell numbers."""
