@@ -148,9 +148,13 @@ SCRIPT = r"""
     }
     g.imageSmoothingEnabled = false;
     g.setTransform(C.s, 0, 0, C.s, C.tx, C.ty);
-    g.drawImage(C.imgCv, 0, 0);
-    if (C.showMasks) { g.drawImage(C.maskCv, 0, 0); }
-    if (C.showOutlines) { g.drawImage(C.lineCv, 0, 0); }
+    // only the part of the layers that is on screen (zoomed in on a big image this is a few pixels)
+    var x0 = Math.max(0, Math.floor(-C.tx / C.s)), y0 = Math.max(0, Math.floor(-C.ty / C.s));
+    var x1 = Math.min(C.W, Math.ceil((c.width - C.tx) / C.s)), y1 = Math.min(C.H, Math.ceil((c.height - C.ty) / C.s));
+    if (x1 > x0 && y1 > y0) {
+      var layers = [C.imgCv].concat(C.showMasks ? [C.maskCv] : [], C.showOutlines ? [C.lineCv] : []);
+      layers.forEach(function (l) { g.drawImage(l, x0, y0, x1 - x0, y1 - y0, x0, y0, x1 - x0, y1 - y0); });
+    }
     var strokes = C.sent.concat(C.stroke ? [C.stroke] : []);
     strokes.forEach(function (st) {
       if (!st.pts.length || st.z !== C.z) { return; }

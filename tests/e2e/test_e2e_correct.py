@@ -205,3 +205,44 @@ def test_correct_zstack_plane_save_and_reload(page, tmp_path):
                            "document.querySelector('#seg-count').innerText.includes('masks loaded from')")
     open_correct(page)
     page.wait_for_function(f"() => /^{n_saved} cells? /.test(document.querySelector('#correct-count').innerText)")
+
+
+def test_correct_2048_zoom_to_pixels_and_stroke(page, tmp_path):
+    """A 2048x2048 image with masks loaded from a file: zoom in to single pixels and brush."""
+    from benchmarks.bench_correct_strokes import voronoi_cells
+    masks = voronoi_cells(2048)
+    img = (np.where(masks > 0, 3000, 400) + np.random.default_rng(0).integers(0, 200, masks.shape)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "big.tif", img)
+    tifffile.imwrite(tmp_path / "big_masks.tif", masks)
+    page.set_input_files("#seg-file input[type=file]", str(tmp_path / "big.tif"))
+    page.wait_for_selector("#seg-info :text('big.tif')")
+    page.get_by_text("Load existing masks instead").first.click()
+    page.set_input_files("#seg-masks-file input[type=file]", str(tmp_path / "big_masks.tif"))
+    page.wait_for_function("() => document.querySelector('#seg-count').innerText.includes('masks loaded from')")
+    open_correct(page)
+    n0 = len(np.unique(masks)) - 1
+    wait_count(page, n0)
+    assert page.evaluate("() => [cpwCorrect.W, cpwCorrect.H]") == [2048, 2048]
+    # zoom with the wheel around pixel (1000, 1000) until one image pixel is >= 16 screen pixels
+    page.mouse.move(*screen(page, 1000, 1000))
+    for _ in range(40):
+        if page.evaluate("() => cpwCorrect.s") >= 16:
+            break
+        page.mouse.wheel(0, -240)
+        page.wait_for_timeout(30)
+    assert page.evaluate("() => cpwCorrect.s") >= 16
+    shot(page, "14_correct_2048_zoomed")
+    # a 1-px-radius eraser stroke across a few pixels, then a brush stroke that starts a new cell
+    y = 1000
+    row = masks[y]
+    x0 = int(np.flatnonzero(row[1000:] > 0)[0]) + 1000
+    tool(page, "erase")
+    page.locator("#cor-radius").fill("1")
+    s0 = serial(page)
+    stroke(page, [(y, x0), (y, x0 + 4)])
+    t = time.perf_counter()
+    wait_applied(page, s0)
+    print(f"2048x2048: eraser stroke applied in the browser {time.perf_counter() - t:.2f} s after release")
+    got = page.evaluate(f"() => Array.from(cpwCorrect.labels.slice({y} * 2048 + {x0}, {y} * 2048 + {x0 + 5}))")
+    assert got == [0] * 5
+    assert "1 edit" in page.inner_text("#correct-count")
