@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "convert_image", "normalize99", "normalize99_tile", "normalize_img", "smooth_sharpen_img",
     "resize_image", "resize_image_3d", "resize_weights", "get_pad_yx", "pad_image_ND", "tile_starts",
-    "make_tiles", "taper_mask", "average_tiles", "unaugment_tiles", "augment_flip",
+    "taper_mask", "augment_flip",
     "random_rotate_and_resize",
 ]
 
@@ -518,37 +518,6 @@ def augment_flip(j: int, i: int) -> tuple[bool, bool]:
            (j % 2 == 1 and i % 2 == 0) or (j % 2 == 1 and i % 2 == 1)
 
 
-def make_tiles(imgi: np.ndarray, bsize: int = 256, augment: bool = False, tile_overlap: float = 0.1):
-    """Cut a (C, Y, X) image into (ny, nx, C, bsize, bsize) tiles (Cellpose placement).
-
-    Returns (IMG, ysub, xsub, Ly, Lx) with ysub/xsub lists of [start, end] per tile (row-major).
-    ``augment``: 50% overlap and flipped tiles (see :func:`augment_flip`).
-    """
-    nchan, Ly, Lx = imgi.shape
-    if augment:
-        if Ly < bsize or Lx < bsize:
-            imgi = np.pad(imgi, ((0, 0), (0, max(0, bsize - Ly)), (0, max(0, bsize - Lx))))
-            Ly, Lx = imgi.shape[-2:]
-    ystart = tile_starts(Ly, bsize, augment, tile_overlap)
-    xstart = tile_starts(Lx, bsize, augment, tile_overlap)
-    by, bx = min(bsize, Ly), min(bsize, Lx)
-    IMG = np.zeros((len(ystart), len(xstart), nchan, by, bx), np.float32)
-    ysub, xsub = [], []
-    for j, y0 in enumerate(ystart):
-        for i, x0 in enumerate(xstart):
-            ysub.append([int(y0), int(y0) + by])
-            xsub.append([int(x0), int(x0) + bx])
-            t = imgi[:, y0:y0 + by, x0:x0 + bx]
-            if augment:
-                fy, fx = augment_flip(j, i)
-                if fy:
-                    t = t[:, ::-1]
-                if fx:
-                    t = t[:, :, ::-1]
-            IMG[j, i] = t
-    return IMG, ysub, xsub, Ly, Lx
-
-
 def taper_mask(ly: int = 256, lx: int = 256, sig: float = 7.5) -> np.ndarray:
     """Sigmoid taper (ly, lx) used to blend tiles: 1 / (1 + exp((|x - c| - (b/2 - 20)) / sig))."""
     bsize = max(224, max(ly, lx))
@@ -558,33 +527,6 @@ def taper_mask(ly: int = 256, lx: int = 256, sig: float = 7.5) -> np.ndarray:
     mask = m * m[:, None]
     return mask[bsize // 2 - ly // 2: bsize // 2 + ly // 2 + ly % 2,
                 bsize // 2 - lx // 2: bsize // 2 + lx // 2 + lx % 2]
-
-
-def unaugment_tiles(y: np.ndarray) -> np.ndarray:
-    """Undo test-time flips of (ny, nx, C, by, bx) outputs (negating dY / dX of flipped tiles)."""
-    y = y.copy()
-    for j in range(y.shape[0]):
-        for i in range(y.shape[1]):
-            fy, fx = augment_flip(j, i)
-            if fy:
-                y[j, i] = y[j, i, :, ::-1]
-                y[j, i, 0] *= -1
-            if fx:
-                y[j, i] = y[j, i, :, :, ::-1]
-                y[j, i, 1] *= -1
-    return y
-
-
-def average_tiles(y: np.ndarray, ysub, xsub, Ly: int, Lx: int) -> np.ndarray:
-    """Blend (ntiles, C, by, bx) tile outputs with the taper mask into (C, Ly, Lx)."""
-    Navg = np.zeros((Ly, Lx))
-    yf = np.zeros((y.shape[1], Ly, Lx), np.float32)
-    mask = taper_mask(y.shape[-2], y.shape[-1])
-    for j in range(len(ysub)):
-        yf[:, ysub[j][0]:ysub[j][1], xsub[j][0]:xsub[j][1]] += y[j] * mask
-        Navg[ysub[j][0]:ysub[j][1], xsub[j][0]:xsub[j][1]] += mask
-    yf /= Navg
-    return yf
 
 
 # --------------------------------------------------------------------------------------------

@@ -240,3 +240,51 @@ def test_progress_callback_can_cancel(model, io):
             raise Stop()
     with pytest.raises(Stop):
         model.eval(io["image_gray"], compute_masks=False, progress=cb)
+
+
+class _RampNet(torch.nn.Module):
+    """Adds a ramp that is not flip-symmetric to its 3-channel input, so a tile flipped on the way in
+    and not back (or back without negating dY / dX) gives different numbers."""
+
+    def forward(self, x):
+        ny, nx = x.shape[-2:]
+        ramp = (torch.arange(ny, dtype=x.dtype)[:, None] * 0.01 + torch.arange(nx, dtype=x.dtype)[None, :] * 0.1)
+        return x + ramp, None
+
+
+def test_run_net_augment_matches_a_hand_computation():
+    """Test-time augmentation (Cellpose's): 50%-overlapping tiles, tile (row j, column k) flipped in Y
+    when k is odd and in X when j is odd, outputs flipped back with dY (dX) negated, blended with the
+    taper."""
+    from cellpose_web import transforms as T
+
+    b, Ly0, Lx0 = 64, 90, 120
+    img = np.random.default_rng(3).random((1, Ly0, Lx0, 3)).astype(np.float32)
+    got = M.run_net(_RampNet(), img, batch_size=3, augment=True, bsize=b)[0]
+
+    py1, py2, px1, px2 = T.get_pad_yx(Ly0, Lx0, min_size=(b, b))
+    x = np.pad(img[0].transpose(2, 0, 1), ((0, 0), (py1, py2), (px1, px2)))
+    Ly, Lx = x.shape[1:]
+    starts = [np.linspace(0, L - b, max(2, int(np.ceil(2 * L / b)))).astype(int) for L in (Ly, Lx)]
+    ramp = np.arange(b)[:, None] * 0.01 + np.arange(b)[None, :] * 0.1
+    taper = T.taper_mask(b, b)
+    acc, weight = np.zeros((3, Ly, Lx)), np.zeros((Ly, Lx))
+    n_flipped = 0
+    for j, y0 in enumerate(starts[0]):
+        for k, x0 in enumerate(starts[1]):
+            flip_y, flip_x = k % 2 == 1, j % 2 == 1
+            r = ramp[::-1] if flip_y else ramp
+            r = r[:, ::-1] if flip_x else r
+            out = x[:, y0:y0 + b, x0:x0 + b] + r  # the net saw the flipped tile; its ramp comes back flipped
+            if flip_y:
+                out[0] *= -1
+            if flip_x:
+                out[1] *= -1
+            n_flipped += flip_y or flip_x
+            acc[:, y0:y0 + b, x0:x0 + b] += out * taper
+            weight[y0:y0 + b, x0:x0 + b] += taper
+    expected = (acc / weight)[:, py1:py1 + Ly0, px1:px1 + Lx0].transpose(1, 2, 0)
+    assert len(starts[0]) >= 3 and len(starts[1]) >= 3 and n_flipped >= 5
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    plain = M.run_net(_RampNet(), img, batch_size=3, augment=False, bsize=b)[0]
+    assert np.abs(plain - expected).max() > 0.1  # augmentation changes the numbers here

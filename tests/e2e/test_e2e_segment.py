@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from cellpose_web import io as cpio
+from cellpose_web.models import CellposeModel
 from tests.e2e.conftest import REPO, shot
 
 pytestmark = pytest.mark.e2e
@@ -28,6 +30,9 @@ def test_segment_upload_run_download(page, tmp_path):
     count_text = upload_and_segment(page, example=True)
     n = int(page.inner_text("#seg-count strong").split()[0])
     assert "sha256" in count_text
+    # the count a script gets from the Python API with the same model (lite) and defaults
+    expected = CellposeModel(pretrained_model="lite").eval(cpio.imread(EXAMPLE), diameter=None)[0]
+    assert n == int(expected.max()) >= 10
     # overlay shown
     assert page.locator("#seg-view img").count() == 1
     shot(page, "01_segment_result")
@@ -44,6 +49,7 @@ def test_segment_upload_run_download(page, tmp_path):
     masks = tifffile.imread(f)
     assert masks.shape == (256, 256)
     assert len(np.unique(masks[masks > 0])) == n
+    np.testing.assert_array_equal(masks, expected)
     shot(page, "02_segment_downloads")
     # switch views: flows and cell probability render without errors
     page.get_by_role("radio", name="Flow field (RGB)").check()
