@@ -18,14 +18,15 @@ OUTLINE_RGB = (255, 0, 0)  # outline colour, as Cellpose's saved outline picture
 def label_colors(n: int, seed: int = 0) -> np.ndarray:
     """Bright, reproducible colours for labels 1..n as (n, 3) uint8 (Cellpose's ``_seg.npy`` 'colors').
 
-    Index with ``label - 1``; prepend a black row to index with the label itself.
+    Index with ``label - 1``; prepend a black row to index with the label itself. A label keeps its
+    colour whatever n is (the Correct tab's canvas gets this table, so new cells never recolour others).
     """
     n = int(n)
     if n <= 0:
         return np.zeros((0, 3), np.uint8)
     rng = np.random.default_rng(seed)
-    hue = rng.random(n)
-    sat = 0.6 + 0.4 * rng.random(n)
+    u = rng.random((n, 2))  # row by row: label k's colour does not depend on n
+    hue, sat = u[:, 0], 0.6 + 0.4 * u[:, 1]
     h6 = hue * 6
     i = np.floor(h6).astype(int) % 6
     f = h6 - np.floor(h6)

@@ -73,17 +73,21 @@ SCRIPT = r"""
     W: 0, H: 0, nz: 1, z: 0, labels: null, s: 1, tx: 0, ty: 0, fitted: false,
     tool: 'outline', radius: 5, showMasks: true, showOutlines: true, selected: [],
     stroke: null, drag: null, hover: null, queue: [], busy: false, busyAt: 0, outbox: null,
-    lastSerial: -1, zWant: null, chain: Promise.resolve(), pal: new Uint8Array(3), frame: false, sent: []
+    lastSerial: -1, zWant: null, chain: Promise.resolve(), pal: new Uint8Array(3), srvPal: null, line: [255, 0, 0], frame: false, sent: []
   };
   function $(id) { return document.getElementById(id); }
   function canvas() { return $('correct-canvas'); }
   function visible() { var c = canvas(); return !!(c && c.offsetParent !== null); }
 
   // ---------------------------------------------------------------- colours (stable per label)
+  // the server sends cellpose_web.render's table (d.colors) and outline colour; the formula below only
+  // extends it for labels beyond the table
   function palette(n) {
     if (C.pal.length / 3 > n) { return C.pal; }
+    if (C.srvPal && C.srvPal.length / 3 > n) { C.pal = C.srvPal; return C.pal; }
     var m = Math.max(n + 1, 2 * C.pal.length / 3), p = new Uint8Array(3 * m);
-    for (var l = 1; l < m; l++) {
+    p.set(C.pal);  // labels already coloured keep their colour
+    for (var l = Math.max(1, C.pal.length / 3); l < m; l++) {
       var h = (l * 0.6180339887) % 1, s = 0.75, v = 1, i = Math.floor(h * 6), f = h * 6 - i;
       var a = v * (1 - s), b = v * (1 - s * f), c = v * (1 - s * (1 - f)), rgb;
       rgb = [[v, c, a], [b, v, a], [a, v, c], [a, b, v], [c, a, v], [v, a, b]][i % 6];
@@ -112,7 +116,8 @@ SCRIPT = r"""
         else { md[p] = pal[3 * l]; md[p + 1] = pal[3 * l + 1]; md[p + 2] = pal[3 * l + 2]; md[p + 3] = 105; }
         var edge = (x > 0 && L[i - 1] !== l) || (x < W - 1 && L[i + 1] !== l) ||
                    (y > 0 && L[i - W] !== l) || (y < H - 1 && L[i + W] !== l);
-        if (edge) { ld[p] = 255; ld[p + 1] = 40; ld[p + 2] = 40; ld[p + 3] = 255; } else { ld[p + 3] = 0; }
+        edge = edge || x === 0 || y === 0 || x === W - 1 || y === H - 1;
+        if (edge) { ld[p] = C.line[0]; ld[p + 1] = C.line[1]; ld[p + 2] = C.line[2]; ld[p + 3] = 255; } else { ld[p + 3] = 0; }
       }
     }
     C.maskCtx.putImageData(C.maskImg, 0, 0, x0, y0, x1 - x0, y1 - y0);
@@ -201,6 +206,12 @@ SCRIPT = r"""
     var work = Promise.resolve();
     if (d.kind === 'full') {
       var same = d.W === C.W && d.H === C.H;
+      if (d.colors) {
+        var raw = atob(d.colors), pal = new Uint8Array(raw.length);
+        for (var k = 0; k < raw.length; k++) { pal[k] = raw.charCodeAt(k); }
+        C.srvPal = pal; C.pal = pal;
+      }
+      if (d.outline) { C.line = d.outline; }
       work = Promise.all([loadImage(d.image), inflate(d.labels.data)]).then(function (r) {
         C.W = d.W; C.H = d.H; C.nz = d.nz; C.z = d.z; if (C.zWant === d.z) { C.zWant = null; }
         if (!same || !C.imgCv) {

@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from cellpose_web import edit, measure
+from cellpose_web import edit, measure, render
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service import training
 from cellpose_web.ui import common, correct_canvas, segment_tab, widgets as W
@@ -89,7 +89,15 @@ def full_payload(st: CorrectState, message: str = "") -> dict[str, Any]:
         return _payload(st, "error", message=NO_MASKS)
     plane = st.editor.plane(st.z)
     return _payload(st, "full", W=int(plane.shape[1]), H=int(plane.shape[0]), nz=st.editor.n_planes, z=st.z,
-                    image=_png_data_url(st.display[st.z]), labels=_labels_blob(plane, 0, 0), message=message)
+                    image=_png_data_url(st.display[st.z]), labels=_labels_blob(plane, 0, 0), message=message,
+                    colors=_colors(int(plane.max(initial=0))), outline=list(render.OUTLINE_RGB))
+
+
+def _colors(n_labels: int) -> str:
+    """render.label_colors for labels 0..max(2n, 1024) (row 0 black), base64 RGB bytes: the canvas paints
+    with the same colours as the Segment view and the saved files."""
+    table = np.vstack([np.zeros((1, 3), np.uint8), render.label_colors(max(2 * n_labels, 1024))])
+    return base64.b64encode(table.tobytes()).decode("ascii")
 
 
 def _change_payload(st: CorrectState, ch: edit.Change, select: bool, message: str = "") -> dict[str, Any]:
