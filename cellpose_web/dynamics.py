@@ -488,7 +488,7 @@ def _dedupe(P: torch.Tensor, rep: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return newP.reshape(*P.shape[:-2], n, P.shape[-1]), inv[rep]
 
 
-def follow_flows(dP, inds, niter: int = 200, device=None) -> torch.Tensor:
+def follow_flows(dP, inds, niter: int = 200, device=None, interp: bool | str = True) -> torch.Tensor:
     """Euler integration of pixels along the flow field (Cellpose 4 ``steps_interp``).
 
     Parameters
@@ -499,6 +499,11 @@ def follow_flows(dP, inds, niter: int = 200, device=None) -> torch.Tensor:
         Start pixels, as returned by ``np.nonzero`` (one array per axis).
     niter : int
         Number of Euler steps.
+    interp : True, "pixel" or False
+        True: ``grid_sample`` in normalised coordinates (Cellpose 4, and Cellpose 3 in 3D or on a GPU).
+        "pixel": bilinear interpolation in pixel coordinates, clipped to the image (Cellpose 3 in 2D on
+        a CPU, ``map_coordinates``). False: the flow of the pixel the point is in (coordinates
+        truncated), as Cellpose 3's ``steps2D`` (its size model uses that).
 
     Returns
     -------
@@ -510,6 +515,8 @@ def follow_flows(dP, inds, niter: int = 200, device=None) -> torch.Tensor:
     align_corners=False, exactly as Cellpose does; every step clamps to [-1, 1].
     """
     device = _device(device)
+    if interp is False or interp == "pixel":
+        return _steps_pixels(dP, inds, niter, device, bilinear=interp == "pixel")
     shape = dP.shape[1:]
     ndim = len(shape)
     npts = len(inds[0])
@@ -543,6 +550,36 @@ def follow_flows(dP, inds, niter: int = 200, device=None) -> torch.Tensor:
     for k in range(ndim):
         pt[:, k] *= sh[k]
     return pt.flip(1).T.contiguous()
+
+
+def _steps_pixels(dP, inds, niter: int, device: torch.device, bilinear: bool) -> torch.Tensor:
+    """Euler steps in pixel coordinates, p <- clip(p + flow(p), 0, L - 1), all points at once.
+
+    ``bilinear``: flow(p) interpolated between the 4 (2D) / 8 (3D) pixels around p, weights
+    computed in float32 in Cellpose 3's order; otherwise the flow of pixel int(p).
+    """
+    flow = torch.as_tensor(np.asarray(dP, dtype=np.float32)).to(device)
+    ndim = flow.shape[0]
+    p = torch.stack([torch.as_tensor(np.asarray(i)) for i in inds]).to(device, torch.float32)  # (ndim, npts)
+    top = [s - 1 for s in flow.shape[1:]]
+    hi = torch.tensor(top, dtype=torch.float32, device=device)[:, None]
+    for _ in range(int(niter)):
+        i0 = p.long()
+        if not bilinear:
+            step = flow[(slice(None), *i0)]
+        else:
+            frac = p - i0.float()
+            lo = [i0[k].clamp(0, top[k]) for k in range(ndim)]
+            up = [(lo[k] + 1).clamp(max=top[k]) for k in range(ndim)]
+            step = None
+            for corner in range(2 ** ndim):
+                bits = [(corner >> (ndim - 1 - k)) & 1 for k in range(ndim)]
+                v = flow[(slice(None), *[up[k] if b else lo[k] for k, b in enumerate(bits)])]
+                for k, b in enumerate(bits):
+                    v = v * (frac[k] if b else 1 - frac[k])
+                step = v if step is None else step + v
+        p = torch.minimum(torch.clamp_min(p + step, 0.0), hi)
+    return p
 
 
 def get_masks(p_final: torch.Tensor, inds, shape0, max_size_fraction: float = 0.4) -> np.ndarray:
@@ -839,6 +876,7 @@ def compute_masks(
     max_size_fraction: float = 0.4,
     do_3D: bool = False,
     device=None,
+    interp: bool | str = True,
 ) -> np.ndarray:
     """Masks from network flows and cell probability (Cellpose 4 ``resize_and_compute_masks``).
 
@@ -859,6 +897,8 @@ def compute_masks(
         3D dynamics; the flow-error check is skipped in 3D (also for any (3, Z, Y, X) input), as Cellpose.
     device : None or torch.device
         Where the integration and the flow check run (CPU when None).
+    interp : True, "pixel" or False
+        How the flows are read during integration, see :func:`follow_flows` (True: Cellpose 4).
 
     Returns
     -------
@@ -885,7 +925,7 @@ def compute_masks(
         return np.zeros(shape0, np.uint16)
     inds = np.nonzero(fg)
     with _cpu_threads(device):
-        p_final = follow_flows(dP * fg / 5.0, inds, niter=niter, device=device).int()
+        p_final = follow_flows(dP * fg / 5.0, inds, niter=niter, device=device, interp=interp).int()
         mask = get_masks(p_final, inds, shape0, max_size_fraction=max_size_fraction)
     del p_final
     is3d = cellprob.ndim == 3 or do_3D

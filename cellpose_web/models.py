@@ -24,15 +24,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cellpose_web import dynamics, registry, transforms
+from cellpose_web import dynamics, legacy, registry, transforms
 from cellpose_web.dynamics import dx_to_circ  # re-exported: Cellpose has it in models' namespace too
 from cellpose_web.device import choose_device, default_dtype, set_cpu_threads
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.legacy import SizeModel  # re-exported: Cellpose 3's models.SizeModel
 from cellpose_web.nets import build_net, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CellposeModel", "run_net", "run_3D", "normalize_default", "dx_to_circ"]
+__all__ = ["CellposeModel", "SizeModel", "run_net", "run_3D", "normalize_default", "dx_to_circ"]
 
 DIAM_MEAN = 30.0
 MAX_NITER = 10000
@@ -332,6 +333,24 @@ def _flow3D_sigma(flow3D_smooth: Any) -> list[float] | None:
     return s if any(v > 0 for v in s) else None
 
 
+def _normalize_params(normalize: Any, invert: bool) -> dict[str, Any]:
+    """eval's ``normalize`` (bool or dict) and ``invert`` as one checked dict of normalisation options."""
+    params = dict(normalize_default)
+    if isinstance(normalize, dict):
+        unknown = set(normalize) - set(params)
+        if unknown:
+            raise CellposeWebError(f"unknown normalize option(s) {sorted(unknown)}; allowed: {sorted(params)}")
+        params.update(normalize)
+        if invert:
+            params["invert"] = True
+    elif isinstance(normalize, (bool, np.bool_)):
+        params["normalize"] = bool(normalize)
+        params["invert"] = bool(invert)
+    else:
+        raise CellposeWebError("normalize must be True/False or a dict of normalisation options")
+    return params
+
+
 # --------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------
@@ -361,7 +380,10 @@ class CellposeModel:
     def __init__(self, gpu: bool = False, pretrained_model: Any = None, model_type: Any = None,
                  diam_mean: Any = None, device: Any = None, nchan: Any = None,
                  use_bfloat16: bool | None = None):
-        if model_type is not None:
+        if model_type is not None and pretrained_model in (None, False, "cpsam_v2") and str(model_type) in \
+                registry.LEGACY_MODELS:
+            pretrained_model = str(model_type)  # Cellpose 3's CellposeModel(model_type="cyto3")
+        elif model_type is not None:
             logger.warning("model_type is not used in Cellpose 4 / cellpose-web; ignoring it")
         if diam_mean is not None:
             logger.warning("diam_mean is not used in Cellpose 4 / cellpose-web (objects are rescaled to 30 px); "
@@ -389,11 +411,26 @@ class CellposeModel:
         self.net.eval()
         self.pretrained_model = str(path)
         self.model_name = name
-        self.arch = "lite" if getattr(net, "fully_convolutional", False) else "cpsam"
-        self.backbone = "sam_vitl" if self.arch == "cpsam" else "lite"
+        self.legacy = bool(getattr(net, "legacy", False))
+        self.arch = "cellpose3" if self.legacy else ("lite" if getattr(net, "fully_convolutional", False) else "cpsam")
+        self.backbone = {"cpsam": "sam_vitl", "lite": "lite", "cellpose3": "unet_cp3"}[self.arch]
         self.diam_mean = DIAM_MEAN
         dl = getattr(net, "diam_labels", None)
         self.diam_labels = float(dl.reshape(-1)[0]) if torch.is_tensor(dl) else DIAM_MEAN
+        self.nchan = int(getattr(net, "nchan", 3))
+        self.size_model_path = None
+        if self.legacy:
+            # Cellpose 3 keeps these as float32 numbers read from the weights; rescale factors follow them
+            self.diam_mean = np.float32(net.diam_mean.detach().cpu().reshape(-1)[0])
+            self.diam_labels = np.float32(net.diam_labels.detach().cpu().reshape(-1)[0])
+            named = getattr(self.model_info, "diam_mean", None)
+            if named:  # a model known by name: Cellpose 3 takes diam_mean from its table (17 for nuclei)
+                self.diam_mean = float(named)
+                if not getattr(net, "stored_diameters", (True, True))[1]:
+                    self.diam_labels = float(named)
+            size = getattr(self.model_info, "size_model", None)
+            beside = Path(str(path) + "_size.npy")  # where Cellpose 3 saves a trained model's size model
+            self.size_model_path = size or (str(beside) if beside.is_file() else None)
         self.timing: list[float] = []
         self.last_timing: dict[str, float] = {}
         self.last_eval_params: dict[str, Any] = {}
@@ -418,7 +455,7 @@ class CellposeModel:
              anisotropy: float | None = None, flow3D_smooth: Any = 0, stitch_threshold: float = 0.0,
              min_size: int = 15, max_size_fraction: float = 0.4, niter: int | None = None,
              augment: bool = False, tile_overlap: float = 0.1, bsize: int | None = None,
-             compute_masks: bool = True, progress: Any = None):
+             compute_masks: bool = True, progress: Any = None, interp: bool = True):
         """Segment an image, a stack, or a list of images.
 
         Parameters (as Cellpose 4's ``CellposeModel.eval``)
@@ -426,7 +463,9 @@ class CellposeModel:
         x : (Y, X), (Y, X, C) / (C, Y, X), (N, Y, X, C) batch, (Z, Y, X[, C]) stack with z_axis, or a list.
         batch_size : tiles per network call (8).
         resample : compute dynamics at the original size (True) or at the rescaled size.
-        channels : deprecated (Cellpose 4 is channel-agnostic and uses the first 3 channels); warns.
+        channels : Cellpose 1-3 U-Net models: [cytoplasm, nucleus] (1-based, 0 = grey / none) choose
+            and order the two network inputs (a list of pairs gives one per image of a list). Other
+            models: deprecated (Cellpose 4 is channel-agnostic and uses the first 3 channels); warns.
         channel_axis, z_axis : axes of channels / Z; channel axis guessed when None.
         normalize : True/False, or a dict with keys lowhigh, percentile, normalize, norm3D,
             sharpen_radius, smooth_radius, tile_norm_blocksize, tile_norm_smooth3D, invert.
@@ -444,16 +483,17 @@ class CellposeModel:
         augment, tile_overlap, bsize : test-time flips; tile overlap fraction; tile size (None = 256).
         compute_masks : False returns masks = np.zeros(0) (network only).
         progress : callable(fraction, message), a tqdm-like bar, or a Qt-like bar with setValue.
+        interp : interpolate flows during the Euler steps (False: Cellpose 3's size model pass).
 
         Returns
         -------
         masks : uint16 (uint32 above 65535 objects) labels, squeezed; 0 = background.
         flows : [RGB flow picture uint8 (..., 3), dP (2, Y, X) or (3, Z, Y, X) float32 (network units,
             about 5 x unit vectors), cellprob float32 logits].
-        styles : zeros(256) (kept for compatibility).
+        styles : zeros(256) (kept for compatibility); Cellpose 1-3 U-Nets give their real style vectors.
         A list input gives lists.
         """
-        if channels is not None:
+        if channels is not None and not self.legacy:
             logger.warning("channels is deprecated in Cellpose 4 and ignored: Cellpose 4 is channel-agnostic and "
                            "segments on the first 3 channels of the image (use channel_axis to say where they are)")
         if isinstance(x, (list, tuple)) or (not isinstance(x, (list, tuple)) and _as_array(x).squeeze().ndim == 5):
@@ -468,9 +508,12 @@ class CellposeModel:
             prog = _Progress(progress)
             self.timing = []
             masks, flows, styles = [], [], []
+            per_image_channels = channels is not None and len(channels) == nimg and all(
+                isinstance(c, (list, tuple, np.ndarray)) and len(c) == 2 for c in channels)
             for i in range(nimg):
                 tic = time.perf_counter()
-                m, f, s = self._eval(xs[i], batch_size=batch_size, resample=resample, channel_axis=channel_axis,
+                m, f, s = self._eval(xs[i], channels=channels[i] if per_image_channels else channels,
+                                     interp=interp, batch_size=batch_size, resample=resample, channel_axis=channel_axis,
                                      z_axis=z_axis, normalize=normalize, invert=invert, rescale=rescale,
                                      diameter=diams[i], flow_threshold=flow_threshold,
                                      cellprob_threshold=cellprob_threshold, do_3D=do_3D, anisotropy=anisotropy,
@@ -485,7 +528,8 @@ class CellposeModel:
                 styles.append(s)
             return masks, flows, styles
         tic = time.perf_counter()
-        out = self._eval(x, batch_size=batch_size, resample=resample, channel_axis=channel_axis, z_axis=z_axis,
+        out = self._eval(x, channels=channels, interp=interp, batch_size=batch_size, resample=resample,
+                         channel_axis=channel_axis, z_axis=z_axis,
                          normalize=normalize, invert=invert, rescale=rescale, diameter=diameter,
                          flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, do_3D=do_3D,
                          anisotropy=anisotropy, flow3D_smooth=flow3D_smooth, stitch_threshold=stitch_threshold,
@@ -498,7 +542,8 @@ class CellposeModel:
     # ------------------------------------------------------------------ one image / stack
     def _eval(self, x, *, batch_size, resample, channel_axis, z_axis, normalize, invert, rescale, diameter,
               flow_threshold, cellprob_threshold, do_3D, anisotropy, flow3D_smooth, stitch_threshold, min_size,
-              max_size_fraction, niter, augment, tile_overlap, bsize, compute_masks, progress):
+              max_size_fraction, niter, augment, tile_overlap, bsize, compute_masks, progress, channels=None,
+              interp=True):
         t0 = time.perf_counter()
         timing: dict[str, float] = {}
         x = _as_array(x)
@@ -517,7 +562,8 @@ class CellposeModel:
         bsize = self._check_bsize(bsize)
         stack = do_3D or stitch_threshold > 0
 
-        x = transforms.convert_image(x, channel_axis=channel_axis, z_axis=z_axis, do_3D=stack)
+        x = transforms.convert_image(x, channel_axis=channel_axis, z_axis=z_axis, do_3D=stack,
+                                     max_channels=None if self.legacy else 3)
         if x.ndim < 4:
             x = x[np.newaxis]
         nimg = x.shape[0]
@@ -525,6 +571,14 @@ class CellposeModel:
             raise CellposeWebError(f"the image has no pixels along Y or X (shape {x.shape[1:3]})")
         if do_3D and nimg < 2:
             raise CellposeWebError("3D segmentation needs a stack with at least 2 planes along z_axis")
+        if self.legacy:
+            return self._eval_legacy(
+                x, t0=t0, channels=channels, normalize=normalize, invert=invert, rescale=rescale, diameter=diameter,
+                resample=resample, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
+                do_3D=do_3D, anisotropy=anisotropy, flow3D_smooth=sigma3d, stitch_threshold=stitch_threshold,
+                min_size=min_size, max_size_fraction=max_size_fraction, niter=niter, augment=augment,
+                tile_overlap=tile_overlap, bsize=bsize, batch_size=batch_size, compute_masks=compute_masks,
+                interp=interp, progress=progress)
 
         # which images are constant (no information -> no masks)
         if do_3D:
@@ -554,19 +608,7 @@ class CellposeModel:
                 "in pixels of this image")
 
         # ---------------- normalisation
-        params = dict(normalize_default)
-        if isinstance(normalize, dict):
-            unknown = set(normalize) - set(params)
-            if unknown:
-                raise CellposeWebError(f"unknown normalize option(s) {sorted(unknown)}; allowed: {sorted(params)}")
-            params.update(normalize)
-            if invert:
-                params["invert"] = True
-        elif isinstance(normalize, (bool, np.bool_)):
-            params["normalize"] = bool(normalize)
-            params["invert"] = bool(invert)
-        else:
-            raise CellposeWebError("normalize must be True/False or a dict of normalisation options")
+        params = _normalize_params(normalize, invert)
         tic = time.perf_counter()
         do_norm = bool(params["normalize"])  # as Cellpose: normalize=False skips lowhigh / tile norm / invert too
         if nimg > 1 and (stack):
@@ -670,6 +712,39 @@ class CellposeModel:
             self.diam_estimate = None
         return masks, flows, styles
 
+    def _eval_legacy(self, x: np.ndarray, *, t0: float, channels: Any, normalize: Any, invert: bool, rescale: Any,
+                     diameter: float | None, **kw: Any):
+        """A Cellpose 1-3 U-Net on a converted (N, Y, X, C) image: Cellpose 3's semantics (see
+        :mod:`cellpose_web.legacy`)."""
+        params = _normalize_params(normalize, invert)
+        if rescale is not None and diameter is None:
+            try:
+                rescale = float(rescale)
+            except (TypeError, ValueError):
+                raise CellposeWebError(f"rescale must be a number, got {rescale!r}") from None
+            if not (rescale > 0) or math.isinf(rescale):
+                raise CellposeWebError(f"rescale must be a positive number, got {rescale!r}")
+        scale = float(self.diam_mean / diameter) if diameter else float(rescale or self.diam_mean / self.diam_labels)
+        Ly, Lx = x.shape[1:3]
+        if Ly * scale * Lx * scale * (1 if kw["do_3D"] else x.shape[0]) > MAX_RESIZED_PIXELS:
+            raise CellposeWebError(
+                f"diameter {diameter} px would zoom the image to about {int(Ly * scale)} x {int(Lx * scale)} pixels, "
+                "which is too large; give the diameter of your objects in pixels (typically 10-100)")
+        device = torch.device("cpu") if self.device.type == "mps" and kw["do_3D"] else self.device
+        out = legacy.eval_legacy(self.net, x, channels=legacy.parse_channels(channels), diam_mean=self.diam_mean,
+                                 diam_labels=self.diam_labels, normalize_params=params, diameter=diameter,
+                                 rescale=rescale, device=device, **kw)
+        masks, dP, cellprob = out["masks"].squeeze(), out["dP"].squeeze(), out["cellprob"].squeeze()
+        styles = out["styles"].squeeze()
+        flows = [dx_to_circ(dP) if dP.ndim >= 3 else dx_to_circ(dP[:, None])[0], dP, cellprob]
+        self.last_timing = {"total": time.perf_counter() - t0}
+        self.last_eval_params = dict(
+            diameter=diameter, rescale=out["rescale"], niter=out["niter"], channels=channels,
+            normalize=out["normalize"], shape=out["shape"], model=self.model_name, device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""), diameter_estimate=None,
+            **{k: v for k, v in kw.items() if k not in ("progress", "interp", "compute_masks", "niter")})
+        return masks, flows, styles
+
     def _check_bsize(self, bsize: Any) -> int:
         default = int(getattr(self.net, "bsize", 0) or getattr(self.net, "default_bsize", 256))
         if bsize is None:
@@ -678,6 +753,10 @@ class CellposeModel:
             b = int(bsize)
         except (TypeError, ValueError):
             raise CellposeWebError(f"bsize must be a whole number of pixels, got {bsize!r}") from None
+        if self.legacy:
+            if b < 32 or b % 16:
+                raise CellposeWebError(f"bsize must be a multiple of 16 and at least 32, got {b} (Cellpose 3 uses 224)")
+            return b
         if not getattr(self.net, "fully_convolutional", False):
             if b != default:
                 raise CellposeWebError(f"bsize must be {default} for Cellpose-SAM (its tiles are fixed), got {b}")

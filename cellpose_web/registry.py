@@ -3,6 +3,12 @@
 Names known out of the box:
 
 - ``lite``: the small offline model shipped in the package (``cellpose_web/weights/lite.pt``);
+- ``cp_cyto``: an offline Cellpose 1-3 U-Net for whole cells shipped in the package
+  (``cellpose_web/weights/cp_cyto.pth`` + ``size_cp_cyto.npy``, see MODEL_CARD_cp_cyto.md there);
+- ``cyto3``, ``cyto2``, ``cyto``, ``nuclei``: Cellpose 1-3 U-Nets with their size models, downloaded
+  on first use from where Cellpose 3 publishes them (``https://www.cellpose.org/models``) into
+  Cellpose's own model cache (``CELLPOSE_LOCAL_MODELS_PATH``, default ``~/.cellpose/models``), so
+  files Cellpose 3 already downloaded are reused;
 - ``cpsam``, ``cpsam_v2``: Cellpose-SAM from the Hub repo ``mouseland/cellpose-sam``;
 - ``owner/repo:filename``: any file in a Hub model repository (public, or private with a token);
 - a path to a checkpoint file;
@@ -66,9 +72,24 @@ __all__ = [
 HUB_REPO = "mouseland/cellpose-sam"
 HUB_MODELS = ("cpsam_v2", "cpsam")
 DEFAULT_MODEL = "cpsam_v2"
-BUILTIN_MODELS = ("lite",)
+BUILTIN_MODELS = ("lite", "cp_cyto")
+BUILTIN_FILES = {"lite": ("lite.pt", None), "cp_cyto": ("cp_cyto.pth", "size_cp_cyto.npy")}
+# Cellpose 3.1.1.2 (models.py: _MODEL_URL, model_path, size_model_path) publishes its U-Nets here
+LEGACY_URL = "https://www.cellpose.org/models"
+# name -> (weights file, size-model file, diam_mean (Cellpose 3 uses 17 for nuclei, 30 otherwise))
+LEGACY_MODELS = {
+    "cyto3": ("cyto3", "size_cyto3.npy", 30.0),
+    "cyto2": ("cyto2torch_0", "size_cyto2torch_0.npy", 30.0),
+    "cyto": ("cytotorch_0", "size_cytotorch_0.npy", 30.0),
+    "nuclei": ("nucleitorch_0", "size_nucleitorch_0.npy", 17.0),
+}
+# what each named model is for (shown in model lists)
+PURPOSE = {"lite": "nuclei", "cp_cyto": "whole cells", "cpsam": "anything", "cpsam_v2": "anything",
+           "cyto3": "whole cells", "cyto2": "whole cells", "cyto": "whole cells", "nuclei": "nuclei"}
+ARCH_PURPOSE = {"cpsam": "anything", "lite": "nuclei", "cellpose3": "whole cells"}
 # names a lab model may not take (they mean something else)
-RESERVED_NAMES = {"lite", "cpsam", "cpsam_v2", "cpdino", "cpdino-vitb", "none", "default", "models"}
+RESERVED_NAMES = {"lite", "cp_cyto", "cpsam", "cpsam_v2", "cpdino", "cpdino-vitb", "none", "default", "models",
+                  *LEGACY_MODELS}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 _HUB_SPEC_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[\w./-]+))?:(?P<file>[^:]+)$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -81,7 +102,7 @@ class ModelInfo:
 
     name : registry name ("lite", "cpsam_v2", a lab name, or a file's stem for local files).
     source : "builtin", "hub", "local" or "lab".
-    arch : "cpsam" or "lite" (None when not inspected, e.g. a Hub model not downloaded yet).
+    arch : "cpsam", "lite" or "cellpose3" (None when not inspected, e.g. a Hub model not downloaded yet).
     path : local file, or None when not available on this machine.
     sha256, size_bytes, created : of the weights file (created = ISO date).
     description : free text.
@@ -90,6 +111,9 @@ class ModelInfo:
     repo_id, filename, revision : where a Hub model comes from.
     available : the weights are on this machine (no download needed).
     base_model : the model it was fine-tuned from.
+    size_model : Cellpose 1-3 U-Nets: the size-model file (``.npy``) for diameter estimates, or None.
+    diam_mean : Cellpose 1-3 U-Nets known by name: the object diameter they were trained at (px).
+    purpose : what the model is for: "nuclei", "whole cells" or "anything" ("" when unknown).
     """
 
     name: str
@@ -107,6 +131,9 @@ class ModelInfo:
     revision: str | None = None
     available: bool = True
     base_model: str | None = None
+    size_model: str | None = None
+    diam_mean: float | None = None
+    purpose: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,7 +148,17 @@ def models_dir() -> Path:
 
 
 def builtin_path(name: str) -> Path:
-    return WEIGHTS_DIR / f"{name}.pt"
+    return WEIGHTS_DIR / BUILTIN_FILES.get(name, (f"{name}.pt", None))[0]
+
+
+def legacy_cache_dir() -> Path:
+    """Cellpose's model cache: ``$CELLPOSE_LOCAL_MODELS_PATH``, default ``~/.cellpose/models``."""
+    return Path(os.environ.get("CELLPOSE_LOCAL_MODELS_PATH") or "~/.cellpose/models").expanduser()
+
+
+def legacy_url() -> str:
+    """Where the Cellpose 1-3 models are downloaded from (``CELLPOSE_WEB_LEGACY_URL`` overrides)."""
+    return (os.environ.get("CELLPOSE_WEB_LEGACY_URL") or LEGACY_URL).rstrip("/")
 
 
 def _truthy(v: str | None) -> bool:
@@ -232,10 +269,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
 
     Returns
     -------
-    dict(arch="cpsam"|"lite", n_tensors=int, config=dict)
+    dict(arch="cpsam"|"lite"|"cellpose3", n_tensors=int, config=dict)
 
-    Raises CellposeWebError when the file is not a Cellpose 4 (Cellpose-SAM) or lite checkpoint:
-    truncated, not a torch file, a Cellpose 3 model, or something else.
+    Raises CellposeWebError when the file is not a Cellpose-SAM, Cellpose 1-3 U-Net or lite
+    checkpoint: truncated, not a torch file, or something else.
     """
     import torch
 
@@ -258,7 +295,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     try:
         net = nets.build_net(obj)  # meta-device build + shape check for cpsam; tensors stay memory-mapped
     except CellposeWebError as e:
-        if arch in ("lite", "cpsam"):
+        if arch in ("lite", "cpsam", "cellpose3"):
             raise CellposeWebError(f"Model file '{name}' is a damaged '{arch}' checkpoint: {e}") from None
         raise CellposeWebError(f"Model file '{name}': {e}") from None
     except Exception as e:
@@ -468,6 +505,99 @@ def _forget_facts(path: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Cellpose 1-3 models from cellpose.org
+# --------------------------------------------------------------------------------------------
+def _legacy_help(name: str) -> str:
+    wfile, sfile, _ = LEGACY_MODELS[name]
+    return (f"To place it by hand: on a computer with internet download {LEGACY_URL}/{wfile} and "
+            f"{LEGACY_URL}/{sfile} (or run Cellpose 3 once with model_type='{name}'), copy both files into "
+            f"{legacy_cache_dir()} (or set CELLPOSE_LOCAL_MODELS_PATH to their folder). The built-in offline "
+            "models keep working: 'cp_cyto' (whole cells) and 'lite' (nuclei).")
+
+
+def _download_url(url: str, dest: Path, name: str, tried: str, progress: Callable | None) -> None:
+    """Stream ``url`` into ``dest`` atomically (a ``.part`` file renamed when complete)."""
+    import urllib.error
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with urllib.request.urlopen(url, timeout=float(os.environ.get("CELLPOSE_WEB_DOWNLOAD_TIMEOUT") or 30)) as r:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            done = 0
+            with open(part, "wb") as fo:
+                while True:
+                    b = r.read(1 << 20)
+                    if not b:
+                        break
+                    fo.write(b)
+                    done += len(b)
+                    if progress is not None:
+                        try:
+                            progress(done, total)
+                        except Exception:  # a UI callback must never break a download
+                            logger.debug("progress callback failed", exc_info=True)
+        if total is not None and done != total:
+            raise ModelNotAvailableError(f"Model '{name}': the download of {url} stopped after {done} of {total} bytes "
+                                         f"(connection lost). Run again to download it afresh. {tried}")
+        os.replace(part, dest)
+    except urllib.error.HTTPError as e:
+        raise ModelNotAvailableError(f"Model '{name}' could not be downloaded: {url} answered HTTP {e.code}. {tried} "
+                                     f"{_legacy_help(name)}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ModelNotAvailableError(
+            f"Model '{name}' is not on this machine and could not be downloaded (no network or the server is "
+            f"unreachable: {_short(e, 120)}). {tried} {_legacy_help(name)}") from None
+    finally:
+        if part.exists():
+            part.unlink()
+
+
+def _resolve_legacy(name: str, download: bool, progress: Callable | None) -> ModelInfo:
+    wfile, sfile, diam_mean = LEGACY_MODELS[name]
+    cache = legacy_cache_dir()
+    weights, size = cache / wfile, cache / sfile
+    base = legacy_url()
+    what = f"Cellpose {'3' if name == 'cyto3' else '1-2'} U-Net '{name}' ({PURPOSE[name]})"
+    if not (weights.is_file() and size.is_file()):
+        if not download:
+            return ModelInfo(name=name, source="cellpose", arch="cellpose3", path=None, available=False,
+                             diam_mean=diam_mean, purpose=PURPOSE[name],
+                             description=f"{what}, downloads ~26 MB from {base} on first use")
+        tried = f"Tried: {base}/{wfile} and {base}/{sfile} (cache: {cache})."
+        if hub_settings()["offline"]:
+            raise ModelNotAvailableError(
+                f"Model '{name}' is not on this machine and cannot be downloaded: offline mode is on (HF_HUB_OFFLINE=1). "
+                f"{tried} {_legacy_help(name)}")
+        reason = _unreachable(base)
+        if reason:
+            raise ModelNotAvailableError(f"Model '{name}' is not on this machine and could not be downloaded: {reason}. "
+                                         f"{tried} {_legacy_help(name)}")
+        for f in (wfile, sfile):
+            if not (cache / f).is_file():
+                _download_url(f"{base}/{f}", cache / f, name, tried, progress)
+    try:
+        facts = _file_facts(weights)
+        if facts["arch"] != "cellpose3":
+            raise CellposeWebError(f"{weights.name} is a '{facts['arch']}' checkpoint, not a Cellpose 1-3 U-Net.")
+        from cellpose_web.legacy import load_size_model
+        load_size_model(size)
+    except CellposeWebError as e:
+        for f in (weights, size):
+            _forget_facts(str(f))
+            f.unlink(missing_ok=True)
+        raise CellposeWebError(f"The file for model '{name}' in {cache} is corrupt and was removed: {e} Run again to "
+                               "download it afresh.") from None
+    st = weights.stat()
+    return ModelInfo(name=name, source="cellpose", arch="cellpose3", path=str(weights), sha256=facts["sha256"],
+                     size_bytes=st.st_size,
+                     created=_dt.datetime.fromtimestamp(st.st_mtime, _dt.timezone.utc).isoformat(timespec="seconds"),
+                     available=True, size_model=str(size), diam_mean=diam_mean, purpose=PURPOSE[name],
+                     filename=wfile, description=f"{what} from {base}/{wfile}")
+
+
+# --------------------------------------------------------------------------------------------
 # resolve
 # --------------------------------------------------------------------------------------------
 def _local_info(path: Path, source: str = "local", name: str | None = None) -> ModelInfo:
@@ -476,7 +606,7 @@ def _local_info(path: Path, source: str = "local", name: str | None = None) -> M
     return ModelInfo(name=name or path.name, source=source, arch=facts["arch"], path=str(path.resolve()),
                      sha256=facts["sha256"], size_bytes=st.st_size,
                      created=_dt.datetime.fromtimestamp(st.st_mtime, _dt.timezone.utc).isoformat(timespec="seconds"),
-                     available=True)
+                     available=True, purpose=ARCH_PURPOSE.get(facts["arch"], ""))
 
 
 def _lab_info(folder: Path, check: bool = False) -> ModelInfo:
@@ -489,11 +619,14 @@ def _lab_info(folder: Path, check: bool = False) -> ModelInfo:
         facts = _file_facts(w)
         if sha and facts["sha256"] != sha:
             raise CellposeWebError(f"lab model '{folder.name}': weights sha256 differs from model.json (file damaged)")
+    size = folder / "size.npy"
+    purpose = meta.get("purpose") or PURPOSE.get(str(meta.get("base_model"))) or ARCH_PURPOSE.get(meta.get("arch"), "")
     return ModelInfo(name=folder.name, source="lab", arch=meta.get("arch"), path=str(w.resolve()), sha256=sha,
                      size_bytes=meta.get("size_bytes", w.stat().st_size), created=meta.get("created"),
                      description=meta.get("description", ""), training=dict(meta.get("training") or {}),
                      test_ap=meta.get("test_ap"), base_model=meta.get("base_model"),
-                     repo_id=meta.get("repo_id"), filename=meta.get("filename"), available=True)
+                     repo_id=meta.get("repo_id"), filename=meta.get("filename"), available=True,
+                     size_model=str(size.resolve()) if size.is_file() else None, purpose=purpose)
 
 
 def resolve_model(name_or_path: str | os.PathLike | None, download: bool = True,
@@ -540,12 +673,21 @@ def resolve_model(name_or_path: str | os.PathLike | None, download: bool = True,
                 "with `python scripts/train_lite.py`, or use another model (a file path, 'cpsam_v2' with network)."
             )
         info = _local_info(bp, source="builtin", name=spec)
+        info.purpose = PURPOSE[spec]
+        if spec == "cp_cyto":
+            info.description = ("offline Cellpose 1-3 U-Net for whole cells (scellseg 0.1.8's 'cellpose' model, BSD-3; "
+                                "model card: cellpose_web/weights/MODEL_CARD_cp_cyto.md)")
+            info.size_model = str(bp.parent / BUILTIN_FILES[spec][1])
+            info.diam_mean = 30.0
+            return info
         info.description = "small offline U-Net shipped with cellpose-web"
         meta = inspect_checkpoint(bp).get("meta") or {}
         info.training = meta
         info.test_ap = meta.get("test_ap")
         return info
-    # 3. Hub names
+    # 3. Cellpose 1-3 names (cellpose.org) and Hub names
+    if spec in LEGACY_MODELS:
+        return _resolve_legacy(spec, download, progress)
     if spec in HUB_MODELS:
         return _resolve_hub(HUB_REPO, spec, None, spec, download, progress, token)
     m = _HUB_SPEC_RE.match(spec)
@@ -621,7 +763,7 @@ def _trained_info(spec: str) -> ModelInfo | None:
 
 
 def _known_names() -> list[str]:
-    return list(BUILTIN_MODELS) + list(HUB_MODELS) + [m.name for m in _list_lab()]
+    return list(BUILTIN_MODELS) + list(HUB_MODELS) + list(LEGACY_MODELS) + [m.name for m in _list_lab()]
 
 
 def best_available_model() -> str:
@@ -663,7 +805,8 @@ def list_models(include_hub: bool = True) -> list[ModelInfo]:
             try:
                 info = resolve_model(name)
             except CellposeWebError as e:
-                info = ModelInfo(name=name, source="builtin", path=str(bp), available=False, description=str(e))
+                info = ModelInfo(name=name, source="builtin", path=str(bp), available=False, description=str(e),
+                                 purpose=PURPOSE[name])
         else:
             info = ModelInfo(name=name, source="builtin", path=None, available=False,
                              description="small offline U-Net (not installed)")
@@ -681,6 +824,13 @@ def list_models(include_hub: bool = True) -> list[ModelInfo]:
                 out.append(ModelInfo(name=name, source="hub", arch="cpsam", path=None, repo_id=HUB_REPO,
                                      filename=name, available=False,
                                      description=f"Cellpose-SAM ({HUB_REPO}/{name}), downloads ~1.2 GB on first use"))
+            out[-1].purpose = PURPOSE[name]
+        for name in LEGACY_MODELS:
+            try:
+                out.append(_resolve_legacy(name, download=False, progress=None))
+            except CellposeWebError as e:  # a corrupt cached file (removed): list it as not downloaded
+                logger.warning("%s", e)
+                out.append(_resolve_legacy(name, download=False, progress=None))
     out += _list_lab()
     return out
 
@@ -707,16 +857,18 @@ def cleanup_incomplete() -> list[str]:
 
 
 def add_lab_model(src_path: str | os.PathLike, name: str, metadata: dict | None = None,
-                  overwrite: bool = False) -> ModelInfo:
+                  overwrite: bool = False, size_model: str | os.PathLike | None = None) -> ModelInfo:
     """Copy a checkpoint into the lab models folder under ``name`` with a ``model.json`` sidecar.
 
     Parameters
     ----------
-    src_path : a Cellpose 4 (Cellpose-SAM) state dict or a lite checkpoint.
+    src_path : a Cellpose 4 (Cellpose-SAM) state dict, a Cellpose 1-3 U-Net state dict or a lite checkpoint.
     name : the lab name (see :func:`validate_name`).
     metadata : stored in model.json: e.g. description, base_model, training (recipe, images,
         losses), test_ap, repo_id/filename for Hub copies.
     overwrite : replace an existing lab model of that name.
+    size_model : Cellpose 1-3 U-Nets: its size model (``.npy``), stored as ``size.npy``; by default
+        ``FILE_size.npy`` beside the weights is taken when present (where Cellpose 3 saves it).
 
     The file is validated (loads with ``weights_only=True`` and fits its network), hashed
     (sha256), and the model folder appears atomically.
@@ -726,6 +878,14 @@ def add_lab_model(src_path: str | os.PathLike, name: str, metadata: dict | None 
     if not src.is_file():
         raise FileNotFoundError(f"Model file not found: {src}")
     info = inspect_checkpoint(src)
+    if size_model is None and info["arch"] == "cellpose3" and Path(str(src) + "_size.npy").is_file():
+        size_model = Path(str(src) + "_size.npy")
+    if size_model is not None:
+        if info["arch"] != "cellpose3":
+            raise CellposeWebError("a size model only goes with a Cellpose 1-3 U-Net model; this file is a "
+                                   f"'{info['arch']}' model, which estimates diameters itself")
+        from cellpose_web.legacy import load_size_model
+        load_size_model(size_model, style_dim=int((info.get("config") or {}).get("nbase", [0, 256])[-1]))
     meta_in = dict(metadata or {})
     root = models_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -748,6 +908,8 @@ def add_lab_model(src_path: str | os.PathLike, name: str, metadata: dict | None 
             fo.flush()
             os.fsync(fo.fileno())
         sha = h.hexdigest()
+        if size_model is not None:
+            shutil.copyfile(size_model, tmp / "size.npy")
         # training facts: the checkpoint's own meta, then meta_in["training"], then any other keys given
         training = dict(info.get("meta") or {})
         training.update(dict(meta_in.pop("training", {}) or {}))

@@ -48,7 +48,9 @@ def _axis(ax: int | None, ndim: int, name: str, shape) -> int | None:
     return ax % ndim
 
 
-def _keep3(x: np.ndarray) -> np.ndarray:
+def _keep3(x: np.ndarray, max_channels: int | None = 3) -> np.ndarray:
+    if max_channels is None:
+        return x
     if x.shape[-1] > 3:
         logger.warning("more than 3 channels provided (%d); Cellpose 4 segments on the first 3 channels only",
                        x.shape[-1])
@@ -57,7 +59,7 @@ def _keep3(x: np.ndarray) -> np.ndarray:
 
 
 def convert_image(x, channel_axis: int | None = None, z_axis: int | None = None,
-                  do_3D: bool = False) -> np.ndarray:
+                  do_3D: bool = False, max_channels: int | None = 3) -> np.ndarray:
     """Reorder an image to channels last with at most 3 channels (Cellpose 4.2 rules).
 
     Parameters
@@ -67,6 +69,7 @@ def convert_image(x, channel_axis: int | None = None, z_axis: int | None = None,
         else the last axis; 4D batch: axis 1 if shape[1] < shape[-1] else the last axis).
     z_axis : axis of Z for stacks; required with ``do_3D`` (also used for stitching).
     do_3D : treat the input as a volume: returns (Z, Y, X, C).
+    max_channels : 3 (Cellpose 4) or None to keep every channel (Cellpose 1-3 ``channels`` pick them).
 
     Returns
     -------
@@ -104,7 +107,7 @@ def convert_image(x, channel_axis: int | None = None, z_axis: int | None = None,
             raise CellposeWebError(f"z_axis and channel_axis cannot be the same axis ({z}).")
         yx = [i for i in range(x.ndim) if i not in (z, c)]
         x = x.transpose(z, yx[0], yx[1], c)
-        return _keep3(x)
+        return _keep3(x, max_channels)
 
     if channel_axis is not None:
         if ndim == 2:
@@ -128,7 +131,7 @@ def convert_image(x, channel_axis: int | None = None, z_axis: int | None = None,
         x = x.transpose(yx[0], yx[1], c)
     else:
         x = x.transpose(zb, yx[0], yx[1], c)
-    return _keep3(x)
+    return _keep3(x, max_channels)
 
 
 # --------------------------------------------------------------------------------------------

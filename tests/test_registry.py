@@ -377,7 +377,7 @@ def test_bad_model_files_refused(tmp_path, tiny_cpsam):
     evil = tmp_path / "evil.pth"
     torch.save({"W2": Evil()}, evil)
     for f, pat in [(trunc, "truncated"), (text, "truncated|not a loadable"), (empty, "empty"),
-                   (cp3, "Cellpose 4"), (evil, "refused")]:
+                   (cp3, "Cellpose 1-3 model file is incomplete"), (evil, "refused")]:
         with pytest.raises(CellposeWebError, match=pat):
             registry.add_lab_model(f, "bad_one")
     assert not (tmp_path / "PWNED").exists()

@@ -129,13 +129,13 @@ def test_fewer_channels_equal_zero_padding(tiny_sd):
         net(torch.zeros(1, 3, 128, 128))
 
 
-def test_module_prefix_and_cellpose3_refused(tiny_sd):
+def test_module_prefix_and_incomplete_cellpose3(tiny_sd):
     prefixed = {"module." + k: v for k, v in tiny_sd.items()}
     net = build_net(prefixed)
     assert isinstance(net, CPSAMNet)
     cp3 = {"downsample.down.res_down_0.conv.conv_0.0.weight": torch.zeros(2),
            "output.2.weight": torch.zeros(2)}
-    with pytest.raises(CellposeWebError, match="Cellpose 3"):
+    with pytest.raises(CellposeWebError, match="Cellpose 1-3 model file is incomplete"):
         build_net(cp3)
     with pytest.raises(CellposeWebError):
         build_net({"foo": torch.zeros(1)})

@@ -1,4 +1,5 @@
-"""Networks and checkpoint loading: Cellpose-SAM (``vit_sam.CPSAMNet``) and the ``lite`` U-Net."""
+"""Networks and checkpoint loading: Cellpose-SAM (``vit_sam.CPSAMNet``), the ``lite`` U-Net and the
+Cellpose 1-3 U-Net (``cpnet.CPnet``)."""
 from __future__ import annotations
 
 import os
@@ -76,7 +77,8 @@ def build_net(obj: Any) -> nn.Module:
 
     Cellpose-SAM state dicts (key ``W2``) give :class:`~cellpose_web.nets.vit_sam.CPSAMNet` (shape
     read from the weights, ``module.`` prefix stripped); ``{"arch": "lite", ...}`` gives the lite
-    U-Net. Cellpose 3 and other files raise CellposeWebError with what to do.
+    U-Net; Cellpose 1-3 state dicts give :class:`~cellpose_web.nets.cpnet.CPnet`. Other files raise
+    CellposeWebError with what to do.
     """
     arch = checkpoint_arch(obj)
     if arch == "lite":
@@ -93,10 +95,8 @@ def build_net(obj: Any) -> nn.Module:
             raise CellposeWebError(f"this Cellpose-SAM checkpoint is incomplete or has unexpected shapes ({e}); "
                                    "re-download it or use cpsam_v2") from e
     if arch == "cellpose3":
-        raise CellposeWebError(
-            "this is a Cellpose 3 (or older) model, which Cellpose 4 and cellpose-web cannot use: Cellpose 4 "
-            "models are Cellpose-SAM networks. Retrain on your images starting from 'cpsam_v2' (or 'lite'), "
-            "or segment with 'cpsam_v2' directly.")
+        from cellpose_web.nets.cpnet import CPnet
+        return CPnet.from_state_dict(obj)
     if arch == "dino":
         raise CellposeWebError("this is a Cellpose 4.2 DINOv3 model (cpdino), which cellpose-web does not run; "
                                "use cpsam_v2 or cpsam")
