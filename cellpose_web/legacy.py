@@ -28,7 +28,7 @@ from cellpose_web.errors import CellposeWebError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["parse_channels", "select_channels", "run_net", "run_3D", "eval_legacy", "SizeModel",
+__all__ = ["parse_channels", "select_channels", "make_tiles", "blend_tiles", "run_net", "run_3D", "eval_legacy", "SizeModel",
            "load_size_model", "LEGACY_BSIZE"]
 
 LEGACY_BSIZE = 224
@@ -99,6 +99,56 @@ def select_channels(x: np.ndarray, channels: tuple[int, int] | None, nchan: int 
 # --------------------------------------------------------------------------------------------
 # network on tiles (Cellpose 3's run_net / run_3D)
 # --------------------------------------------------------------------------------------------
+def make_tiles(img: np.ndarray, bsize: int, augment: bool, tile_overlap: float):
+    """Cut a padded (C, Y, X) image into Cellpose 3's tiles.
+
+    Returns (tiles (n, C, by, bx) float32 row-major, ystart, xstart, (Ly, Lx) of the tiled image).
+    ``augment``: an image smaller than a tile is zero-padded to it (bottom/right), tiles overlap by
+    half and are flipped by :func:`transforms.augment_flip`.
+    """
+    C, Ly, Lx = img.shape
+    if augment and (Ly < bsize or Lx < bsize):
+        img = np.pad(img, ((0, 0), (0, max(0, bsize - Ly)), (0, max(0, bsize - Lx))))
+        Ly, Lx = img.shape[-2:]
+    ystart = transforms.tile_starts(Ly, bsize, augment, tile_overlap)
+    xstart = transforms.tile_starts(Lx, bsize, augment, tile_overlap)
+    by, bx = min(bsize, Ly), min(bsize, Lx)
+    tiles = np.zeros((len(ystart) * len(xstart), C, by, bx), np.float32)
+    for j, y0 in enumerate(ystart):
+        for i, x0 in enumerate(xstart):
+            t = img[:, y0:y0 + by, x0:x0 + bx]
+            if augment:
+                fy, fx = transforms.augment_flip(j, i)
+                t = t[:, ::-1] if fy else t
+                t = t[:, :, ::-1] if fx else t
+            tiles[j * len(xstart) + i] = t
+    return tiles, ystart, xstart, (Ly, Lx)
+
+
+def blend_tiles(y: np.ndarray, ystart, xstart, shape: tuple[int, int], augment: bool) -> np.ndarray:
+    """(n, nout, by, bx) tile outputs -> (nout, Ly, Lx): flips undone (dY / dX negated), tiles
+    weighted by the sigmoid taper and averaged, as Cellpose 3's ``average_tiles``."""
+    n, nout, by, bx = y.shape
+    out = np.zeros((nout, *shape), np.float32)
+    weight = np.zeros(shape)
+    taper = transforms.taper_mask(by, bx)
+    for j, y0 in enumerate(ystart):
+        for i, x0 in enumerate(xstart):
+            t = y[j * len(xstart) + i].copy()
+            if augment:
+                fy, fx = transforms.augment_flip(j, i)
+                if fy:
+                    t = t[:, ::-1]
+                    t[0] *= -1
+                if fx:
+                    t = t[:, :, ::-1]
+                    t[1] *= -1
+            out[:, y0:y0 + by, x0:x0 + bx] += t * taper
+            weight[y0:y0 + by, x0:x0 + bx] += taper
+    out /= weight
+    return out
+
+
 def _forward(net: torch.nn.Module, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     p = next(net.parameters())
     with torch.inference_mode():
@@ -131,26 +181,21 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
     def tiles_of(b: int):
         img = imgs[b] if rsz is None else transforms.resize_image(imgs[b], rsz=rsz)
         img = np.pad(np.asarray(img).transpose(2, 0, 1), ((0, 0), (ypad1, ypad2), (xpad1, xpad2)))
-        return transforms.make_tiles(img, bsize=bsize, augment=augment, tile_overlap=tile_overlap), img.shape[-2:]
+        return make_tiles(img, bsize, augment, tile_overlap), img.shape[-2:]
 
-    (IMG, _, _, _, _), _ = tiles_of(0)
-    ntiles = IMG.shape[0] * IMG.shape[1]
+    ntiles = tiles_of(0)[0][0].shape[0]
     group = max(1, batch_size // ntiles)  # whole images per batch, as Cellpose 3 (small planes of a stack)
     for g0 in range(0, N, group):
         made = [tiles_of(b) for b in range(g0, min(N, g0 + group))]
-        batch = np.concatenate([t[0][0].reshape(ntiles, *t[0][0].shape[2:]) for t in made])
+        batch = np.concatenate([t[0][0] for t in made])
         outs, sts = [], []
         for j in range(0, batch.shape[0], batch_size):
             y, s = _forward(net, batch[j:j + batch_size])
             outs.append(y)
             sts.append(s)
         ya, sa = np.concatenate(outs), np.concatenate(sts)
-        for i, ((IMG, ysub, xsub, Lyt, Lxt), (Lyp, Lxp)) in enumerate(made):
-            ny, nx = IMG.shape[:2]
-            y = ya[i * ntiles:(i + 1) * ntiles]
-            if augment:
-                y = transforms.unaugment_tiles(y.reshape(ny, nx, *y.shape[1:])).reshape(ntiles, *y.shape[1:])
-            full = transforms.average_tiles(y, ysub, xsub, Lyt, Lxt)[:, :Lyp, :Lxp]
+        for i, ((_, ystart, xstart, tiled), (Lyp, Lxp)) in enumerate(made):
+            full = blend_tiles(ya[i * ntiles:(i + 1) * ntiles], ystart, xstart, tiled, augment)[:, :Lyp, :Lxp]
             style = sa[i * ntiles:(i + 1) * ntiles].sum(axis=0)
             style /= (style ** 2).sum() ** 0.5
             if yf is None:
