@@ -129,6 +129,13 @@ def test_gradio_client_segment_api(fake_model, tmp_path):
                                      flow_threshold=0.4, cellprob_threshold=0.0, pixel_size_um=None,
                                      api_name="/segment")
         assert n2 == n
+        # channels by purpose through the API: segment on file channel 0, puncta counted on it too
+        _, csv3, n3, prov3 = client.predict(image=handle_file(str(EXAMPLE)), model="thresh", diameter_px=None,
+                                            flow_threshold=0.4, cellprob_threshold=0.0, pixel_size_um=0.5,
+                                            segment_channels="0", puncta_channel=0, api_name="/segment")
+        cells = pd.read_csv(csv3, comment="#")
+        assert n3 == n and "puncta_count" in cells and prov3["channels"]["segment"] == [0]
+        assert prov3["puncta"]["channel"] == 0
     finally:
         demo.close()
 

@@ -377,6 +377,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         api_flow = gr.Number(0.4, label="flow_threshold")
         api_cp = gr.Number(0.0, label="cellprob_threshold")
         api_px = gr.Number(None, label="pixel_size_um")
+        api_chs = gr.Textbox("", label="segment_channels")
+        api_pch = gr.Number(None, label="puncta_channel", precision=0)
         api_masks = gr.File(label="masks_tif")
         api_csv = gr.File(label="cells_csv")
         api_n = gr.Number(label="n_cells")
@@ -384,18 +386,25 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         api_btn = gr.Button("api")
 
     @W.user_errors
-    def api_segment(image, model, diameter_px, flow_threshold, cellprob_threshold, pixel_size_um):
-        """Segment one image file; returns (masks .tif, per-cell CSV, number of cells, provenance)."""
+    def api_segment(image, model, diameter_px, flow_threshold, cellprob_threshold, pixel_size_um,
+                    segment_channels="", puncta_channel=None):
+        """Segment one image file; returns (masks .tif, per-cell CSV, number of cells, provenance).
+
+        segment_channels: file channels the model sees, e.g. "1,2" (blank = all); puncta_channel: count
+        puncta on this file channel (None = no puncta). Channels are numbered as in the file (0 = first).
+        """
         s, _, _ = load_image(image, None)
         model = model or common.model_choices()[1]
         params = SegmentParams(diameter=diameter_px, cellprob_threshold=cellprob_threshold or 0.0,
-                               flow_threshold=0.4 if flow_threshold is None else flow_threshold)
-        new = run_segmentation(s, model, params, pixel_size_um, None)
+                               flow_threshold=0.4 if flow_threshold is None else flow_threshold,
+                               channels=common.parse_channels(segment_channels))
+        puncta = None if puncta_channel is None else PunctaParams(channel=int(puncta_channel))
+        new = run_segmentation(s, model, params, pixel_size_um, puncta)
         by = {Path(f).name: f for f in new.files}
         return (by.get(f"{new.stem}_cp_masks.tif"), by.get(f"{new.stem}_cells.csv"), len(new.table),
                 new.provenance)
 
-    api_btn.click(api_segment, [api_file, api_model, api_diam, api_flow, api_cp, api_px],
+    api_btn.click(api_segment, [api_file, api_model, api_diam, api_flow, api_cp, api_px, api_chs, api_pch],
                   [api_masks, api_csv, api_n, api_prov], api_name="segment",
                   concurrency_limit=ctx["limits"].concurrency["segment"], concurrency_id="segment")
 
