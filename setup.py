@@ -9,7 +9,7 @@ from setuptools import find_namespace_packages, setup
 setup(
     # namespace discovery: cellpose_web/ui has no __init__.py
     packages=find_namespace_packages(include=["cellpose_web", "cellpose_web.*"],
-                                     exclude=["*.__pycache__", "cellpose_web.weights", "cellpose_web.weights.*"])
+                                     exclude=["*.__pycache__", "cellpose_web.weights._runs*"])
     + ["cellpose_web.examples"],
     package_dir={"cellpose_web.examples": "examples"},
 )
