@@ -258,3 +258,18 @@ def test_load_existing_masks(fake_model, tmp_path, data_dir):
     tifffile.imwrite(tmp_path / "wrong.tif", m[:64])
     with pytest.raises(CellposeWebError, match="shape"):
         segment_tab.load_masks(str(tmp_path / "wrong.tif"), s)
+
+
+def test_correct_tab_refuses_malformed_operations(fake_model):
+    from cellpose_web.ui import correct_tab as C, segment_tab
+    s, _, _ = segment_tab.load_image(str(EXAMPLE), None)
+    st, pay = C.apply_op(s, None, {"op": "load"})                     # image only, no masks yet: draw from scratch
+    assert pay["kind"] == "full" and st.editor.n_cells == 0
+    for op in ({"op": "outline", "z": 0, "points": "x"}, {"op": "brush", "z": 0, "points": [[1, "a"]], "radius": 3},
+               {"op": "outline", "z": 0, "points": [[1, 1], [2, float("nan")], [5, 5]]},
+               {"op": "brush", "z": 0, "points": [[3, 3]], "radius": 1e9}, {"op": "delete", "labels": [7]},
+               {"op": "merge", "labels": ["a", 2]}, {"op": "add", "z": 0, "y": 5, "x": 5},
+               {"op": "outline", "z": 4, "points": [[1, 1], [1, 9], [9, 9]]}, {"op": "undo"}, {"op": "rm -rf"}):
+        st, pay = C.apply_op(s, st, op)
+        assert pay["kind"] == "error" and pay["message"], op
+    assert st.editor.n_edits == 0 and st.editor.n_cells == 0

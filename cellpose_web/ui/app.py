@@ -74,6 +74,8 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
         demo.load(refresh_models, None, ctx["model_dropdowns"], api_visibility="private")
         for fn, outs in ctx["refreshers"]:
             demo.load(fn, None, outs, api_visibility="private")
+            # a pair added in the Correct tab shows in the Fine-tune tab's training sets at once
+            cor["added_to_training_set"].success(fn, None, outs, api_visibility="private")
     demo.queue(default_concurrency_limit=4, max_size=200)
     demo._cpw_ctx = ctx  # for tests
     return demo

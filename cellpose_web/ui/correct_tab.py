@@ -12,7 +12,7 @@ import base64
 import io as _bytes_io
 import json
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -44,7 +44,6 @@ class CorrectState:
     version: int = -1
     z: int = 0
     serial: int = 0
-    display: np.ndarray | None = field(default=None, repr=False)  # (Z, Y, X, 3) uint8 image shown
 
 
 # ------------------------------------------------------------------ state and payloads
@@ -56,12 +55,13 @@ def enter(s: common.Session | None, st: CorrectState | None) -> CorrectState:
     if st.version != s.version or st.editor is None:
         shape = s.image.shape[:-1]
         m = s.masks if s.masks is not None else np.zeros(shape, np.uint16)
-        img = np.asarray(s.image)
-        stack = img if s.is_stack else img[None]
-        z, y, x, c = stack.shape
-        display = W.to_display_rgb(stack.reshape(z * y, x, c)).reshape(z, y, x, 3)  # one contrast for all planes
-        st = CorrectState(edit.MaskEditor(np.asarray(m)), s.version, 0, st.serial, display)
+        st = CorrectState(edit.MaskEditor(np.asarray(m)), s.version, 0, st.serial)
     return st
+
+
+def _display(s: common.Session, st: CorrectState) -> np.ndarray:
+    """The current plane as shown (Y, X, 3) uint8, contrast-stretched like the Segment tab's view."""
+    return W.to_display_rgb(common.plane(s.image, st.z, s.is_stack))
 
 
 def _labels_blob(labels: np.ndarray, y0: int, x0: int) -> dict[str, Any]:
@@ -83,14 +83,14 @@ def _payload(st: CorrectState, kind: str, **extra: Any) -> dict[str, Any]:
     return {"serial": st.serial, "kind": kind, **extra}
 
 
-def full_payload(st: CorrectState, message: str = "") -> dict[str, Any]:
+def full_payload(s: common.Session, st: CorrectState, message: str = "") -> dict[str, Any]:
     """The whole current plane: image (PNG data URL) and labels."""
     if st.editor is None:
         return _payload(st, "error", message=NO_MASKS)
     plane = st.editor.plane(st.z)
     return _payload(st, "full", W=int(plane.shape[1]), H=int(plane.shape[0]), nz=st.editor.n_planes, z=st.z,
-                    image=_png_data_url(st.display[st.z]), labels=_labels_blob(plane, 0, 0), message=message,
-                    colors=_colors(int(plane.max(initial=0))), outline=list(render.OUTLINE_RGB))
+                    image=_png_data_url(_display(s, st)), labels=_labels_blob(plane, 0, 0), message=message,
+                    colors=_colors(int(st.editor.masks.max(initial=0))), outline=list(render.OUTLINE_RGB))
 
 
 def _colors(n_labels: int) -> str:
@@ -100,11 +100,12 @@ def _colors(n_labels: int) -> str:
     return base64.b64encode(table.tobytes()).decode("ascii")
 
 
-def _change_payload(st: CorrectState, ch: edit.Change, select: bool, message: str = "") -> dict[str, Any]:
+def _change_payload(s: common.Session, st: CorrectState, ch: edit.Change, select: bool,
+                    message: str = "") -> dict[str, Any]:
     sel = [ch.label] if select and ch.label else None
     if not ch.z0 <= st.z < ch.z1:  # e.g. undo of an edit on another plane: show that plane
         st.z = ch.z0
-        return {**full_payload(st, message), "select": sel}
+        return {**full_payload(s, st, message), "select": sel}
     box = st.editor.plane(st.z)[ch.y0:ch.y1, ch.x0:ch.x1]
     return _payload(st, "patch", z=st.z, labels=_labels_blob(box, ch.y0, ch.x0), select=sel, message=message)
 
@@ -136,35 +137,35 @@ def apply_op(s: common.Session | None, st: CorrectState | None, op: dict[str, An
         return st, _payload(st, "error", message=NO_MASKS)
     kind = str(op.get("op", ""))
     if st is not st0 or kind in ("load", "noop"):  # new masks since the browser last saw them
-        return st, full_payload(st)
+        return st, full_payload(s, st)
     ed = st.editor
     try:
         if kind == "plane":
             st.z = int(np.clip(int(op.get("z", 0)), 0, ed.n_planes - 1))
-            return st, full_payload(st)
+            return st, full_payload(s, st)
         z = int(op.get("z", st.z))
         if z != st.z:
             raise CellposeWebError("That stroke was drawn on another plane; draw it again on this one.")
         if kind == "outline":
-            return st, _change_payload(st, ed.outline(_points(op), z=z), True)
+            return st, _change_payload(s, st, ed.outline(_points(op), z=z), True)
         if kind == "brush":
-            return st, _change_payload(st, ed.brush(_points(op), op.get("radius", 5), z=z,
+            return st, _change_payload(s, st, ed.brush(_points(op), op.get("radius", 5), z=z,
                                                     label=int(op.get("label") or 0)), True)
         if kind == "erase":
-            return st, _change_payload(st, ed.erase(_points(op), op.get("radius", 5), z=z), False)
+            return st, _change_payload(s, st, ed.erase(_points(op), op.get("radius", 5), z=z), False)
         if kind == "add":
             dP, cp = _plane_flows(s, z)
-            return st, _change_payload(st, ed.add_from_flows(dP, cp, float(op["y"]), float(op["x"]), z=z), True)
+            return st, _change_payload(s, st, ed.add_from_flows(dP, cp, float(op["y"]), float(op["x"]), z=z), True)
         if kind == "delete":
             labels = [int(v) for v in op.get("labels") or []]
-            return st, {**_change_payload(st, ed.delete(labels), False), "select": []}
+            return st, {**_change_payload(s, st, ed.delete(labels), False), "select": []}
         if kind == "merge":
             a, b = (int(v) for v in (op.get("labels") or [0, 0])[:2])
-            return st, _change_payload(st, ed.merge(a, b, z=z), True)
+            return st, _change_payload(s, st, ed.merge(a, b, z=z), True)
         if kind == "undo":
-            return st, {**_change_payload(st, ed.undo(), False, "undone"), "select": []}
+            return st, {**_change_payload(s, st, ed.undo(), False, "undone"), "select": []}
         if kind == "redo":
-            return st, {**_change_payload(st, ed.redo(), False, "redone"), "select": []}
+            return st, {**_change_payload(s, st, ed.redo(), False, "redone"), "select": []}
         raise CellposeWebError(f"Unknown operation {kind!r}; reload the page.")
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CellposeWebError):
@@ -266,7 +267,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             return st2, json.dumps(_payload(st2, "error", message=NO_MASKS)), NO_MASKS
         if st2 is st:  # same masks: the browser still has them
             return st2, gr.skip(), status(st2)
-        return respond(st2, full_payload(st2))
+        return respond(st2, full_payload(s, st2))
 
     @W.user_errors(outputs=3)
     def on_op(op_text, s, st):
@@ -276,7 +277,12 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             op = {}
         if not isinstance(op, dict):
             op = {}
-        st, pay = apply_op(s, st, op)
+        try:
+            st, pay = apply_op(s, st, op)
+        except Exception:  # noqa: BLE001 - the browser must get an answer, or it waits for one
+            W.log.exception("Correct tab operation %r failed", op.get("op"))
+            st = enter(s, st)
+            pay = _payload(st, "error", message="That edit failed on the server; nothing was changed. Try again.")
         return respond(st, pay)
 
     outs = [state, payload, count]
@@ -296,5 +302,5 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
     def on_add(s, st, name, request: gr.Request):
         return add_to_training_set(s, enter(s, st), name, W.username(request))
 
-    add_btn.click(on_add, [session, state, set_name], [set_msg], api_visibility="private")
-    return {"state": state, "on_enter": on_enter, "enter_outputs": outs}
+    added = add_btn.click(on_add, [session, state, set_name], [set_msg], api_visibility="private")
+    return {"state": state, "on_enter": on_enter, "enter_outputs": outs, "added_to_training_set": added}

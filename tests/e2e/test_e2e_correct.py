@@ -162,8 +162,11 @@ def test_correct_strokes_undo_click_add_save(page, tmp_path):
     saved = tifffile.imread(download(page, '#cor-files a[download$="_cp_masks.tif"]', tmp_path, "after.tif"))
     assert len(np.unique(saved[saved > 0])) == n0 == saved.max()
     assert ((saved > 0) == (m4 > 0)).all()
+    page.fill("#cor-set textarea, #cor-set input", "e2e_correct_set")
     page.click("#cor-add")
     page.wait_for_selector("text=/Added .* to training set/")
+    page.get_by_role("tab", name="Fine-tune").click()           # the Fine-tune tab lists the new set
+    page.wait_for_function("() => document.querySelector('#tab-finetune').innerText.includes('e2e_correct_set')")
 
 
 def test_correct_zstack_plane_save_and_reload(page, tmp_path):
