@@ -359,8 +359,8 @@ SCRIPT = r"""
     else if (k === 'x' || k === 'm') { toggle('cor-show-masks'); }
     else if (k === 'z' || k === 'o') { toggle('cor-show-outlines'); }
     else if (k === 'delete' || k === 'backspace') { act('delete'); }
-    else if (k === 'pageup' || k === 'arrowup') { setPlane(planeNow() - 1); }
-    else if (k === 'pagedown' || k === 'arrowdown') { setPlane(planeNow() + 1); }
+    else if (C.nz > 1 && (k === 'pageup' || k === 'arrowup')) { setPlane(planeNow() - 1); }
+    else if (C.nz > 1 && (k === 'pagedown' || k === 'arrowdown')) { setPlane(planeNow() + 1); }
     else if (k === '+' || k === '=') { act('zoomin'); } else if (k === '-') { act('zoomout'); }
     else if (k === '0') { act('fit'); } else if (k === '1') { act('one'); }
     else if (k === 'escape') { C.stroke = null; redraw(); }
@@ -373,10 +373,10 @@ SCRIPT = r"""
     var c = canvas();
     if (!c || c.dataset.wired) { return; }
     c.dataset.wired = '1';
-    c.addEventListener('mousedown', down);
+    c.addEventListener('pointerdown', down);  // mouse, pen and touch alike
     c.addEventListener('wheel', wheel, {passive: false});
     c.addEventListener('contextmenu', function (e) { e.preventDefault(); });
-    c.addEventListener('mouseleave', function () { C.hover = null; redraw(); });
+    c.addEventListener('pointerleave', function () { C.hover = null; redraw(); });
     var wrap = $('cor-wrap');
     wrap.addEventListener('click', function (e) {
       var b = e.target.closest('[data-act]'); if (b) { act(b.getAttribute('data-act')); }
@@ -395,8 +395,8 @@ SCRIPT = r"""
     new ResizeObserver(resize).observe($('cor-viewport'));
     resize(); redraw();
   }
-  window.addEventListener('mousemove', move);
-  window.addEventListener('mouseup', up);
+  window.addEventListener('pointermove', move);
+  window.addEventListener('pointerup', up);
   document.addEventListener('keydown', key, true);
   new MutationObserver(wire).observe(document.documentElement, {childList: true, subtree: true});
   document.addEventListener('DOMContentLoaded', wire);
