@@ -157,8 +157,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     inp.add_argument("--img_filter", default=None, help="only images whose name ends with this (before the extension)")
     inp.add_argument("--channel_axis", type=_int_or_none, default=None, help="axis of the channels")
     inp.add_argument("--z_axis", type=_int_or_none, default=None, help="axis of the planes of a stack")
-    inp.add_argument("--chan", type=int, default=None, help=argparse.SUPPRESS)
-    inp.add_argument("--chan2", type=int, default=None, help=argparse.SUPPRESS)
+    inp.add_argument("--chan", type=int, default=None,
+                     help="Cellpose 1-3 models (cp_cyto, cyto3, ...): channel to segment, 1-based (1 = red/first, "
+                          "2 = green, 3 = blue; 0 = grey); Cellpose-SAM and lite ignore it")
+    inp.add_argument("--chan2", type=int, default=None,
+                     help="Cellpose 1-3 models: optional nucleus channel, 1-based (0 = none)")
     inp.add_argument("--segment_channels", type=int, nargs="+", default=None, metavar="C",
                      help="file channels fed to the model, numbered as in the file (0 = first), e.g. 1 2 for "
                           "membrane + DAPI; default: all (the model uses the first 3). For Cellpose 3 models: "
@@ -254,9 +257,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def _deprecation_notices(args: argparse.Namespace) -> None:
-    if args.chan is not None or args.chan2 is not None:
-        _say("notice: --chan/--chan2 are not used by Cellpose 4 (channel-agnostic: the first 3 channels are used); "
-             "use --channel_axis to say where the channels are")
     if args.all_channels:
         _say("notice: --all_channels is the default in Cellpose 4 (first 3 channels); ignored")
     for dep in ("pretrained_model_ortho", "restore_type", "chan2_restore", "transformer"):
@@ -363,11 +363,22 @@ def eval_kwargs_from_args(args) -> dict[str, Any]:
     diameter = args.diameter if args.diameter not in (None, 0) else None
     smooth = args.flow3D_smooth
     smooth = smooth[0] if isinstance(smooth, list) and len(smooth) == 1 else smooth
-    return dict(diameter=diameter, flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold,
-                niter=args.niter or None, min_size=args.min_size, max_size_fraction=args.max_size_fraction,
-                do_3D=args.do_3D, anisotropy=args.anisotropy, flow3D_smooth=smooth,
-                stitch_threshold=args.stitch_threshold, batch_size=args.batch_size, augment=args.augment,
-                resample=not args.no_resample, normalize=normalize, invert=args.invert, bsize=args.bsize)
+    kw = dict(diameter=diameter, flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold,
+              niter=args.niter or None, min_size=args.min_size, max_size_fraction=args.max_size_fraction,
+              do_3D=args.do_3D, anisotropy=args.anisotropy, flow3D_smooth=smooth,
+              stitch_threshold=args.stitch_threshold, batch_size=args.batch_size, augment=args.augment,
+              resample=not args.no_resample, normalize=normalize, invert=args.invert, bsize=args.bsize)
+    if getattr(args, "chan", None) is not None or getattr(args, "chan2", None) is not None:
+        kw["channels"] = [int(args.chan or 0), int(args.chan2 or 0)]  # Cellpose 3's [cytoplasm, nucleus]
+    return kw
+
+
+def _channels_notice(args, arch: str | None) -> None:
+    """--chan/--chan2 mean something to Cellpose 1-3 U-Nets only; say so for the other models."""
+    if (args.chan is not None or args.chan2 is not None) and arch != "cellpose3":
+        _say(f"notice: --chan/--chan2 choose the inputs of Cellpose 1-3 models (cp_cyto, cyto3, ...); this "
+             f"'{arch}' model ignores them and segments on the first 3 channels (use --channel_axis / "
+             "--segment_channels)")
 
 
 def _check_params(args, training: bool = False) -> None:
@@ -454,6 +465,7 @@ def run_segmentation(args) -> int:
     files = _collect_images(args)
     spec = _model_spec(args)
     model, info = _load_model(args, spec)
+    _channels_notice(args, info.arch)
     loaded = pipeline.LoadedModel(model, info.name, info.sha256 or "", str(info.path or ""), info.arch or "",
                                   source=info.source or "")
     settings, save = image_settings(args), save_options(args)
@@ -556,6 +568,8 @@ def _models_parser() -> argparse.ArgumentParser:
     a.add_argument("--name", default=None, help="lab name (default: the file name)")
     a.add_argument("--description", default="")
     a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--size_model", default=None,
+                   help="Cellpose 1-3 models: its size model (.npy; default FILE_size.npy when present)")
     r = sub.add_parser("rename", help="rename a lab model")
     r.add_argument("old")
     r.add_argument("new")
@@ -588,17 +602,19 @@ def run_models(argv: Sequence[str]) -> int:
         if args.json:
             print(json.dumps([m.to_dict() for m in models], indent=1, default=str))
             return EXIT_OK
-        print(f"{'name':<24} {'source':<8} {'arch':<6} {'here':<4} {'size':>9} {'sha256':<12} {'AP':>5}  description")
+        print(f"{'name':<24} {'for':<12} {'source':<8} {'arch':<9} {'here':<4} {'size':>9} {'sha256':<12} {'AP':>5}  "
+              "description")
         for m in models:
             size = f"{m.size_bytes / 1e6:.1f}MB" if m.size_bytes else "-"
             ap = f"{m.test_ap:.3f}" if isinstance(m.test_ap, (int, float)) else "-"
-            print(f"{m.name:<24} {m.source:<8} {m.arch or '-':<6} {'yes' if m.available else 'no':<4} {size:>9} "
-                  f"{(m.sha256 or '-')[:12]:<12} {ap:>5}  {m.description}")
+            print(f"{m.name:<24} {m.purpose or '-':<12} {m.source:<8} {m.arch or '-':<9} "
+                  f"{'yes' if m.available else 'no':<4} {size:>9} {(m.sha256 or '-')[:12]:<12} {ap:>5}  {m.description}")
         print(f"(lab models in {registry.models_dir()})")
         return EXIT_OK
     if args.action == "add":
         name = args.name or Path(args.file).name.split(".")[0]
-        info = registry.add_lab_model(args.file, name, {"description": args.description}, overwrite=args.overwrite)
+        info = registry.add_lab_model(args.file, name, {"description": args.description}, overwrite=args.overwrite,
+                                      size_model=args.size_model)
         print(f"added lab model '{info.name}' ({info.arch}, {info.size_bytes / 1e6:.1f} MB, sha256 {info.sha256[:12]})")
         return EXIT_OK
     if args.action == "rename":
@@ -680,6 +696,7 @@ def run_segmentation_dask(args) -> int:
     files = _collect_images(args)
     spec = _model_spec(args)
     info = _resolve_model(args, spec)
+    _channels_notice(args, info.arch)
     settings, save = image_settings(args), save_options(args)
     savedir = Path(args.savedir).expanduser().resolve() if args.savedir else None
     if savedir is not None:

@@ -172,3 +172,27 @@ def test_size_file_that_does_not_fit(cp3_model, cp3_dir, tmp_path):
     size = models.SizeModel(cp3_model, pretrained_size=str(cp3_dir / "size_cp_cyto.npy"))
     s = params["smean"]
     assert size.size_from_style(s) == pytest.approx(max(5.0, np.exp(np.log(params["diam_mean"]) + params["ymean"])))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_chan_chan2_with_builtin_cp_cyto_gives_the_api_masks(ref, tmp_path, capsys):
+    """`python -m cellpose_web --dir DIR --pretrained_model cp_cyto --chan 2 --chan2 1` = the API = Cellpose 3."""
+    import tifffile
+
+    from cellpose_web import cli, io
+
+    tifffile.imwrite(tmp_path / "cells.tif", ref["rgb"])
+    rc = cli.main(["--dir", str(tmp_path), "--pretrained_model", "cp_cyto", "--chan", "2", "--chan2", "1",
+                   "--diameter", "40"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "--chan/--chan2" not in err  # no 'ignored' notice: a Cellpose 1-3 model uses them
+    seg = io.load_seg(tmp_path / "cells_seg.npy")
+    api = models.CellposeModel(pretrained_model="cp_cyto").eval(ref["rgb"], channels=[2, 1], channel_axis=-1,
+                                                                diameter=40)[0]
+    assert np.array_equal(seg["masks"], api)
+    assert_same_masks(ref["rgb_c21_d40_masks"], api)
+    assert f"cells.tif: {int(api.max())} masks" in out
+    rc = cli.main(["--dir", str(tmp_path), "--pretrained_model", "cp_cyto", "--chan", "5", "--diameter", "40"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "names channel 5, but the image has 3" in err and "Traceback" not in err
