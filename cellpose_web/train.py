@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cellpose_web import dynamics, registry, transforms
+from cellpose_web import dynamics, legacy, registry, transforms
 from cellpose_web.io import atomic_write
 from cellpose_web.errors import CellposeWebError
 
@@ -42,8 +42,13 @@ def learning_rate_schedule(learning_rate: float, n_epochs: int) -> np.ndarray:
     return LR[:n_epochs]
 
 
-def _to_chw(img: np.ndarray, channel_axis: int | None, nchan: int = 3) -> np.ndarray:
-    """An image as float32 (nchan, Y, X): channel axis moved first, <= nchan channels, zero-padded."""
+def _to_chw(img: np.ndarray, channel_axis: int | None, nchan: int = 3,
+            channels: tuple[int, int] | None = None, legacy_net: bool = False) -> np.ndarray:
+    """An image as float32 (nchan, Y, X): channel axis moved first, <= nchan channels, zero-padded.
+
+    ``legacy_net``: a Cellpose 1-3 U-Net's two inputs, chosen by ``channels`` ([cytoplasm, nucleus],
+    1-based, 0 = grey / none) as Cellpose 3 does (:func:`legacy.select_channels`).
+    """
     img = np.asarray(img)
     if img.ndim == 2:
         img = img[None]
@@ -54,6 +59,8 @@ def _to_chw(img: np.ndarray, channel_axis: int | None, nchan: int = 3) -> np.nda
         raise CellposeWebError(
             f"training images must be 2D (Y, X) or 2D with channels; got shape {img.shape}. "
             "Split z-stacks into planes first.")
+    if legacy_net:
+        return np.ascontiguousarray(legacy.select_channels(np.moveaxis(img, 0, -1), channels, nchan).transpose(2, 0, 1))
     img = img[:nchan].astype(np.float32)
     if img.shape[0] < nchan:
         img = np.concatenate([img, np.zeros((nchan - img.shape[0],) + img.shape[1:], np.float32)])
@@ -68,8 +75,11 @@ def _normalize_chw(img: np.ndarray) -> np.ndarray:
 def prepare_training_data(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                           channel_axis: int | None = None, normalize: bool = True,
                           min_train_masks: int = 5, device: torch.device | None = None,
-                          names: Sequence[str] | None = None):
-    """Images -> normalised (3, Y, X); labels -> (3, Y, X) [foreground, dY, dX]; per-image diameter.
+                          names: Sequence[str] | None = None, nchan: int = 3,
+                          channels: tuple[int, int] | None = None, legacy_net: bool = False):
+    """Images -> normalised (nchan, Y, X); labels -> (3, Y, X) [foreground, dY, dX]; per-image diameter.
+
+    ``legacy_net``: inputs of a Cellpose 1-3 U-Net (2 channels picked by ``channels``, Cellpose 3).
 
     Returns (imgs, flows, diams, kept_indices). Images with fewer than ``min_train_masks`` objects
     are dropped (with a log message), as in Cellpose.
@@ -80,7 +90,7 @@ def prepare_training_data(images: Sequence[np.ndarray], labels: Sequence[np.ndar
     imgs, flows, diams, kept = [], [], [], []
     for i, (img, lbl) in enumerate(zip(images, labels)):
         name = names[i] if names is not None else f"image {i}"
-        x = _to_chw(img, channel_axis)
+        x = _to_chw(img, channel_axis, nchan, channels, legacy_net)
         lbl = np.asarray(lbl)
         precomputed = None
         if lbl.ndim == 3 and lbl.shape[0] == 4 and lbl.shape[1:] == x.shape[1:]:
@@ -179,7 +189,8 @@ def save_network(net: nn.Module, path: str | os.PathLike, meta: dict | None = No
 _CELLPOSE3_KEYWORDS = ("channels", "momentum", "rgb")
 
 
-def _ignored_keyword_notices(SGD, compute_flows, class_weights, test_probs, cellpose3: dict) -> None:
+def _ignored_keyword_notices(SGD, compute_flows, class_weights, test_probs, cellpose3: dict,
+                             legacy_net: bool = False) -> None:
     if SGD:
         log.warning("train_seg: SGD is deprecated in Cellpose 4; AdamW is used")
     if compute_flows:
@@ -191,7 +202,7 @@ def _ignored_keyword_notices(SGD, compute_flows, class_weights, test_probs, cell
         log.warning("train_seg: test_probs is ignored (every test image is used)")
     for key, value in cellpose3.items():
         if key == "channels":
-            if value is not None:
+            if value is not None and not legacy_net:
                 log.warning("train_seg: channels is not used by Cellpose 4 (channel-agnostic: the first 3 channels "
                             "are used); use channel_axis to say where the channels are")
         else:
@@ -248,7 +259,10 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
 
     Parameters
     ----------
-    net : the network of a ``CellposeModel`` (Cellpose-SAM or lite); trained in fp32 in place.
+    net : the network of a ``CellposeModel`` (Cellpose-SAM, lite or a Cellpose 1-3 U-Net); trained in fp32
+        in place. A Cellpose 1-3 U-Net gets its two inputs as Cellpose 3 makes them: ``channels=[cytoplasm,
+        nucleus]`` (1-based, 0 = grey / none; default: the first two channels); its Cellpose 3 recipe is
+        ``bsize=224, rescale=True`` (objects scaled to its diam_mean), saved in Cellpose 3's layout.
     train_data, train_labels : lists of images ((Y, X), (Y, X, C) or (C, Y, X)) and (Y, X) labels
         (or (4, Y, X) precomputed ``dynamics.labels_to_flows`` outputs, as Cellpose accepts).
     train_files, train_labels_files : image and label files instead of arrays (read once).
@@ -270,7 +284,10 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
     (model_path, train_losses (n_epochs,), test_losses (n_epochs,))
     """
     _check_keywords(cellpose3)
-    _ignored_keyword_notices(SGD, compute_flows, class_weights, test_probs, cellpose3)
+    legacy_net = bool(getattr(net, "legacy", False))
+    _ignored_keyword_notices(SGD, compute_flows, class_weights, test_probs, cellpose3, legacy_net)
+    nchan = int(getattr(net, "nchan", 3))
+    channels = legacy.parse_channels(cellpose3.get("channels")) if legacy_net else None
     if train_data is None and train_files is not None:
         if train_labels_files is None:
             raise CellposeWebError("train_files needs train_labels_files (one label file per image)")
@@ -289,7 +306,8 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
     net.float()
 
     imgs, flows, diams, kept = prepare_training_data(train_data, train_labels, channel_axis, normalize,
-                                                     min_train_masks, device)
+                                                     min_train_masks, device, nchan=nchan, channels=channels,
+                                                     legacy_net=legacy_net)
     if not imgs:
         raise CellposeWebError(
             f"none of the {len(train_data)} training images has at least min_train_masks={min_train_masks} "
@@ -300,7 +318,8 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
         probs = probs / probs.sum()
     t_imgs, t_flows, t_diams = [], [], np.zeros(0)
     if test_data is not None and test_labels is not None and len(test_data) > 0:
-        t_imgs, t_flows, t_diams, _ = prepare_training_data(test_data, test_labels, channel_axis, normalize, 0, device)
+        t_imgs, t_flows, t_diams, _ = prepare_training_data(test_data, test_labels, channel_axis, normalize, 0, device,
+                                                            nchan=nchan, channels=channels, legacy_net=legacy_net)
     diam_mean = float(getattr(net, "diam_mean", torch.tensor([30.0])).reshape(-1)[0])
     if hasattr(net, "diam_labels"):
         with torch.no_grad():

@@ -37,8 +37,8 @@ def cp3_model(cp3_dir):
     return models.CellposeModel(pretrained_model=str(cp3_dir / "cp_cyto.pth"))
 
 
-def assert_same_masks(ref_masks: np.ndarray, masks: np.ndarray, min_size_exact: int = 0) -> None:
-    """Same objects: AP@0.5 = 1 after relabelling and every matched IoU >= 0.99 (for objects of at
+def assert_same_masks(ref_masks: np.ndarray, masks: np.ndarray, min_size_exact: int = 0, iou_big: float = 0.99) -> None:
+    """Same objects: AP@0.5 = 1 after relabelling and every matched IoU >= ``iou_big`` (for objects of at
     least ``min_size_exact`` pixels; smaller ones >= 0.9)."""
     assert masks.shape == ref_masks.shape
     assert masks.max() == ref_masks.max() > 0
@@ -46,11 +46,11 @@ def assert_same_masks(ref_masks: np.ndarray, masks: np.ndarray, min_size_exact: 
     assert float(np.asarray(ap).reshape(-1)[0]) == 1.0
     iou = metrics.mask_ious(ref_masks, masks)[0]
     sizes = np.bincount(ref_masks.ravel())[1:]
-    assert iou[sizes >= min_size_exact].min() >= 0.99, iou.min()
+    assert iou[sizes >= min_size_exact].min() >= iou_big, iou.min()
     assert iou.min() >= 0.9, iou.min()
 
 
-def run_case(model, manifest, ref, case, min_size_exact=0):
+def run_case(model, manifest, ref, case, **same):
     kw = dict(manifest["cases"][case])
     img = ref[kw.pop("image")]
     masks, flows, styles = model.eval(img, flow_threshold=manifest["flow_threshold"],
@@ -59,7 +59,8 @@ def run_case(model, manifest, ref, case, min_size_exact=0):
     np.testing.assert_allclose(flows[1], ref[case + "_dP"], atol=1e-3)
     np.testing.assert_allclose(flows[2], ref[case + "_cellprob"], atol=1e-3)
     np.testing.assert_allclose(styles, ref[case + "_styles"], atol=1e-4)
-    assert_same_masks(ref[case + "_masks"], masks, min_size_exact)
+    assert_same_masks(ref[case + "_masks"], masks, **same)
+    return masks
 
 
 # ------------------------------------------------------------------------------------------ network
@@ -138,10 +139,20 @@ def test_every_manifest_case_matches_cellpose3(cp3_model, manifest, ref, case):
 @pytest.mark.slow
 def test_3d_case_matches_cellpose3(cp3_model, manifest, ref):
     """do_3D: flows within 1e-4 of Cellpose 3's, the same 45 objects. Our network output differs from
-    Cellpose 3's MKL-DNN run by ~1e-5 (float32 rounding); 3D dynamics can turn that into a few voxels
-    at the edge of a tiny object (measured: 3 of the 37 voxels of the smallest one), so objects under
-    100 voxels are held to IoU >= 0.9 and all others to >= 0.99."""
-    run_case(cp3_model, manifest, ref, "stack_3d", min_size_exact=100)
+    Cellpose 3's MKL-DNN run by ~1e-5 (float32 rounding); 3D dynamics (no flow check, 3 summed views)
+    turn that into a few voxels at object edges (measured: 3 of the 37 voxels of the smallest object,
+    3 of 250 of another; the same dynamics on Cellpose 3's own flows give its masks exactly, see
+    test_cellpose3_3d_dynamics_on_its_own_flows), so objects under 100 voxels are held to IoU >= 0.9,
+    the others to >= 0.98, and the mean IoU to >= 0.995."""
+    masks = run_case(cp3_model, manifest, ref, "stack_3d", min_size_exact=100, iou_big=0.98)
+    assert metrics.mask_ious(ref["stack_3d_masks"], masks)[0].mean() >= 0.995
+
+
+def test_cellpose3_3d_dynamics_on_its_own_flows(ref):
+    rescale = np.float32(30.0) / 25.0
+    masks = dynamics.compute_masks(ref["stack_3d_dP"], ref["stack_3d_cellprob"], niter=int(np.uint32(1 / rescale * 200)),
+                                   do_3D=True)
+    assert np.array_equal(masks, ref["stack_3d_masks"])
 
 
 # ------------------------------------------------------------------------------------------ size model
@@ -196,3 +207,28 @@ def test_cli_chan_chan2_with_builtin_cp_cyto_gives_the_api_masks(ref, tmp_path, 
     rc = cli.main(["--dir", str(tmp_path), "--pretrained_model", "cp_cyto", "--chan", "5", "--diameter", "40"])
     err = capsys.readouterr().err
     assert rc == 2 and "names channel 5, but the image has 3" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_train_seg_fine_tunes_a_cellpose3_unet(cp3_dir, tmp_path):
+    """train_seg on the legacy net: 2 inputs chosen by channels, loss goes down, the result is a Cellpose 3
+    state dict that loads back as a U-Net with the training's diam_labels."""
+    from cellpose_web import synthetic, train
+
+    samples = [synthetic.synthetic_sample(np.random.default_rng(seed), (96, 96), "cyto_nuclei", diameter=25)
+               for seed in range(2)]
+    imgs = [np.moveaxis(s.image, 0, -1) for s in samples]  # (Y, X, 2): [cytoplasm, nucleus]
+    labels = [s.labels for s in samples]
+    model = models.CellposeModel(pretrained_model=str(cp3_dir / "cp_cyto.pth"))
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    path, losses, _ = train.train_seg(model.net, imgs, labels, channels=[1, 2], n_epochs=3, learning_rate=1e-3,
+                                      weight_decay=1e-5, bsize=64, rescale=True, min_train_masks=1,
+                                      save_path=tmp_path, model_name="cp3_tuned")
+    assert np.isfinite(losses).all() and len(losses) == 3
+    sd = torch.load(path, weights_only=True)
+    assert "downsample.down.res_down_0.conv.conv_0.2.weight" in sd and sd["diam_mean"].item() == 30.0
+    assert not torch.equal(sd["output.2.weight"], before["output.2.weight"])
+    tuned = models.CellposeModel(pretrained_model=str(path))
+    assert tuned.legacy and abs(float(tuned.diam_labels) - float(sd["diam_labels"])) < 1e-6
+    masks = tuned.eval(imgs[0], channels=[1, 2], channel_axis=-1, diameter=25)[0]
+    assert masks.shape == imgs[0].shape[:2]

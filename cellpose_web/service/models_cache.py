@@ -39,12 +39,16 @@ def list_model_choices() -> list[tuple[str, str]]:
     try:
         from cellpose_web import registry
         for m in registry.list_models():
+            purpose = f" · {m.purpose}" if getattr(m, "purpose", "") else ""
             if getattr(m, "available", True):
-                tag = {"lab": "lab model", "builtin": "built-in", "hub": "Hub, cached"}.get(m.source, m.source)
-                ready.append((f"{m.name} ({tag})", m.name))
+                tag = {"lab": "lab model", "builtin": "built-in", "hub": "Hub, cached",
+                       "cellpose": "Cellpose, cached"}.get(m.source, m.source)
+                ready.append((f"{m.name} ({tag}{purpose})", m.name))
             else:
                 if m.source == "hub":
-                    later.append((f"{m.name} (Hub, downloads ~1.2 GB on first use)", m.name))
+                    later.append((f"{m.name} (Hub{purpose}, downloads ~1.2 GB on first use)", m.name))
+                elif m.source == "cellpose":
+                    later.append((f"{m.name} (Cellpose 1-3{purpose}, downloads ~26 MB on first use)", m.name))
     except Exception as e:  # noqa: BLE001 - registry problems must not break the page
         log.warning("model registry unavailable: %s", e)
     out = ready + later
@@ -52,6 +56,17 @@ def list_model_choices() -> list[tuple[str, str]]:
     if d and d not in [v for _, v in out]:
         out.insert(0, (Path(d).name if os.sep in d else d, d))
     return out
+
+
+def is_legacy_model(name: str | None) -> bool:
+    """True when ``name`` is a Cellpose 1-3 U-Net (its channels are [cytoplasm, nucleus]); no download."""
+    if not name:
+        return False
+    try:
+        from cellpose_web import registry
+        return registry.resolve_model(name, download=False).arch == "cellpose3"
+    except Exception:  # noqa: BLE001 - unknown or damaged: not a legacy model as far as the form goes
+        return False
 
 
 def list_model_names() -> list[str]:

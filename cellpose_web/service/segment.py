@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from cellpose_web import measure, pipeline
+from cellpose_web import legacy, measure, pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.models import check_eval_params
 from cellpose_web.service import gpu, models_cache
@@ -33,6 +33,7 @@ class SegmentParams:
     channel_axis: int | None = None
     z_axis: int | None = None
     channels: list[int] | None = None       # file channels fed to the model (None = all); measuring uses all
+    cp3_channels: list[int] | None = None   # Cellpose 1-3 models: [cytoplasm, nucleus], 1-based, 0 = grey / none
     do_3D: bool = False
     anisotropy: float | None = None
     stitch_threshold: float = 0.0
@@ -86,13 +87,18 @@ class SegmentParams:
                 setattr(p, name, None)
         if p.channels is not None:
             p.channels = [int(c) for c in p.channels]
+        if p.cp3_channels is not None:
+            p.cp3_channels = list(legacy.parse_channels(p.cp3_channels))
         return p
 
     def eval_kwargs(self) -> dict[str, Any]:
-        return dict(diameter=self.diameter, flow_threshold=self.flow_threshold,
-                    cellprob_threshold=self.cellprob_threshold, niter=self.niter, min_size=self.min_size,
-                    do_3D=self.do_3D, anisotropy=self.anisotropy, stitch_threshold=self.stitch_threshold,
-                    normalize={"percentile": tuple(self.norm_percentile)})
+        kw = dict(diameter=self.diameter, flow_threshold=self.flow_threshold,
+                  cellprob_threshold=self.cellprob_threshold, niter=self.niter, min_size=self.min_size,
+                  do_3D=self.do_3D, anisotropy=self.anisotropy, stitch_threshold=self.stitch_threshold,
+                  normalize={"percentile": tuple(self.norm_percentile)})
+        if self.cp3_channels is not None:
+            kw["channels"] = list(self.cp3_channels)
+        return kw
 
 
 @dataclass

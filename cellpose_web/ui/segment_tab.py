@@ -191,9 +191,15 @@ def histogram_update(s: common.Session):
     return gr.update(value=df, x_title=title, y_title="number of cells")
 
 
+CP3_CYTO_CHOICES = [("0: grey (all channels averaged)", 0), ("1: first channel (red)", 1),
+                    ("2: second channel (green)", 2), ("3: third channel (blue)", 3)]
+CP3_NUC_CHOICES = [("0: none", 0), ("1: first channel (red)", 1), ("2: second channel (green)", 2),
+                   ("3: third channel (blue)", 3)]
+
+
 def make_params(diameter, flow, cellprob, niter, min_size, ch_axis, z_axis, channels, lo, hi, do3d, aniso,
-                stitch) -> SegmentParams:
-    return SegmentParams(diameter=diameter, flow_threshold=flow, cellprob_threshold=cellprob,
+                stitch, cp3_channels=None) -> SegmentParams:
+    return SegmentParams(diameter=diameter, flow_threshold=flow, cellprob_threshold=cellprob, cp3_channels=cp3_channels,
                          niter=niter or None, min_size=15 if min_size is None else min_size,
                          channel_axis=common.parse_axis(ch_axis), z_axis=common.parse_axis(z_axis),
                          channels=common.parse_channels(channels), norm_percentile=(lo, hi), do_3D=bool(do3d),
@@ -223,8 +229,15 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 gr.Examples(examples=[[p] for p in ex], inputs=[file_in], label="Examples (nuclei, MIT licence)",
                             example_labels=[Path(p).name for p in ex])
             model = gr.Dropdown(names, value=default, label="Model", allow_custom_value=False,
-                                info="From the model registry; the best available is pre-selected.",
+                                info="From the model registry; the best available is pre-selected. Each says what "
+                                     "it is for: nuclei, whole cells or anything.",
                                 elem_id="seg-model")
+            with gr.Row(visible=models_cache.is_legacy_model(default), elem_id="seg-cp3-row") as cp3_row:
+                cyto_ch = gr.Dropdown(CP3_CYTO_CHOICES, value=0, label="Cytoplasm channel (Cellpose 1-3 model)",
+                                      info="the channel with the cells; grey = all channels averaged",
+                                      elem_id="seg-cp3-cyto")
+                nuc_ch = gr.Dropdown(CP3_NUC_CHOICES, value=0, label="Nucleus channel (optional)",
+                                     info="a nuclear stain helps to split touching cells", elem_id="seg-cp3-nuc")
             with gr.Row():
                 diameter = gr.Number(None, label="Diameter (px)", info="0 or blank = automatic", minimum=0,
                                      elem_id="seg-diameter")
@@ -314,14 +327,18 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
     file_in.change(on_upload, [file_in, session], [session, view, info, zslider, ch_axis, z_axis, pixel],
                    api_visibility="private", concurrency_limit=4, concurrency_id="load")
 
+    model.change(lambda name: gr.update(visible=models_cache.is_legacy_model(name)), [model], [cp3_row],
+                 api_visibility="private")
     seg_inputs = [session, model, diameter, flow, cellprob, niter, min_size, ch_axis, z_axis, channels, norm_lo,
-                  norm_hi, do3d, aniso, stitch, pixel, p_on, p_ch, p_smin, p_smax, p_thr, overlays, background]
+                  norm_hi, do3d, aniso, stitch, pixel, p_on, p_ch, p_smin, p_smax, p_thr, overlays, background,
+                  cyto_ch, nuc_ch]
     seg_outputs = [session, view, count, table, hist, files, prov, zslider]
 
     @W.user_errors(outputs=8)
     def on_run(s, model_name, d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st, px, pon, pch, psmin, psmax,
-               pthr, ov, bg, progress=gr.Progress()):
-        params = make_params(d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st)
+               pthr, ov, bg, cyto=0, nuc=0, progress=gr.Progress()):
+        cp3 = [int(cyto or 0), int(nuc or 0)] if models_cache.is_legacy_model(model_name) else None
+        params = make_params(d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st, cp3_channels=cp3)
         puncta = make_puncta(pon, pch, psmin, psmax, pthr)
         new = run_segmentation(s, model_name, params, px, puncta, progress)
         zs = gr.update(visible=new.is_stack, maximum=max(1, new.masks.shape[0] - 1) if new.is_stack else 1)
