@@ -3,7 +3,8 @@
 For each image of a folder (NAME.tif + NAME_masks.tif) the model segments it (diameter=None); a
 ground-truth nucleus the model got wrong (no predicted mask with IoU >= 0.5) is *missed* when its
 middle (the pixel farthest from its edge, where a person clicks) is background in the prediction, and
-*merged* when a predicted mask covers it there (that needs delete + redraw, not click to add). For
+*covered* when a wrong predicted mask (merged with a neighbour, or a piece) covers it there (that
+needs delete + redraw, not click to add). For
 each miss one click at its middle goes through ``edit.MaskEditor.add_from_flows`` with the network's
 flows and cell probability, and the added cell is compared with the ground truth. Printed: the
 number of misses, the fraction added with IoU >= 0.7 (and >= 0.5), the median IoU and the time per
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
             v, dt = click_iou(m2, dP, cellprob, truth, kw)
             removed.append(v)
             times.append(dt)
-        print(f"{f.name}: {len(labels)} nuclei; {args.model} missed {n_miss}, merged {n_merged} into other masks")
+        print(f"{f.name}: {len(labels)} nuclei; {args.model} missed {n_miss}, covered {n_merged} with a wrong mask")
     for name, v in (("missed", missed), ("removed and re-added", removed)):
         v = np.asarray(v)
         if len(v):
