@@ -142,7 +142,7 @@ def forget_models(name: str | None = None) -> None:
     """Drop cached models (all, or those whose name or path matches), e.g. after delete/rename."""
     with _CACHE_LOCK:
         for k in list(_CACHE):
-            if name is None or name in (k[0], _CACHE[k].name) or name in str(k[0]):
+            if name is None or name in (k[0], _CACHE[k].name, _CACHE[k].path):
                 del _CACHE[k]
 
 

@@ -102,3 +102,18 @@ def test_segment_channels_are_file_channels():
     assert table["integrated_intensity_ch2"].iloc[0] == 30 * 16
     with pytest.raises(CellposeWebError, match="Segmentation channel 3 does not exist.*3 channel"):
         pipeline.segment(loaded, img, {}, file_axes="CYX", segment_channels=[3])
+
+
+def test_one_model_cache_shared_and_forgotten_by_name():
+    """The web service, Dask workers and scripts share pipeline.get_model's instances."""
+    from cellpose_web.service import models_cache
+
+    _model()
+    pipeline.forget_models()
+    a = pipeline.get_model("lite", gpu=False)
+    assert pipeline.get_model("lite", gpu=False) is a
+    assert pipeline.get_model(registry.resolve_model("lite").to_dict(), gpu=False) is a  # what a Dask task carries
+    pipeline.forget_models("some_other_model")
+    assert pipeline.get_model("lite", gpu=False) is a
+    models_cache.forget("lite")
+    assert pipeline.get_model("lite", gpu=False) is not a
