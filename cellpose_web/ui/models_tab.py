@@ -13,7 +13,7 @@ from cellpose_web.errors import CellposeWebError
 from cellpose_web.service import models_cache
 from cellpose_web.ui import common, widgets as W
 
-COLUMNS = ["name", "source", "available", "arch", "size (MB)", "sha256", "created", "base model", "test AP@0.5",
+COLUMNS = ["name", "for", "source", "available", "arch", "size (MB)", "sha256", "created", "base model", "test AP@0.5",
            "training", "description"]
 
 
@@ -24,7 +24,8 @@ def registry_table() -> pd.DataFrame:
         tr = m.training or {}
         recipe = ", ".join(f"{k}={tr[k]}" for k in ("n_epochs", "learning_rate", "weight_decay", "training_set")
                            if k in tr)
-        rows.append({"name": m.name, "source": m.source, "available": "yes" if m.available else "no",
+        rows.append({"name": m.name, "for": m.purpose or "", "source": m.source,
+                     "available": "yes" if m.available else "no",
                      "arch": m.arch or "", "size (MB)": round(m.size_bytes / 2**20, 1) if m.size_bytes else None,
                      "sha256": W.short_sha(m.sha256) if m.sha256 else "", "created": m.created or "",
                      "base model": m.base_model or tr.get("base_model", "") or "",
@@ -49,7 +50,8 @@ def build(ctx: dict[str, Any]) -> None:
     with gr.Row(equal_height=False):
         with gr.Column():
             with gr.Accordion("Upload a model file", open=True):
-                up_file = gr.File(label="Checkpoint (Cellpose-SAM state dict or lite)", type="filepath",
+                up_file = gr.File(label="Checkpoint (Cellpose-SAM, a Cellpose 1-3 model such as a lab's cyto3 "
+                                        "fine-tune, or lite)", type="filepath",
                                   elem_id="models-upload", height=120)
                 up_name = gr.Textbox(label="Name for it", placeholder="e.g. nuclei_lab_v2")
                 up_btn = gr.Button("Add to lab models", size="sm")
@@ -92,7 +94,9 @@ def build(ctx: dict[str, Any]) -> None:
         if not name:
             raise CellposeWebError("Give the uploaded model a name.")
         info = registry.add_lab_model(path, name.strip(), {"description": f"uploaded file {Path(path).name}"})
-        return refreshed(f"Added **{info.name}** (sha256 {W.short_sha(info.sha256)}).")
+        kind = {"cellpose3": "Cellpose 1-3 U-Net", "cpsam": "Cellpose-SAM", "lite": "lite"}.get(info.arch, info.arch)
+        return refreshed(f"Added **{info.name}** ({kind}, for {info.purpose or 'unknown use'}; sha256 "
+                         f"{W.short_sha(info.sha256)}).")
 
     up_btn.click(on_upload, [up_file, up_name], outs, api_visibility="private")
 

@@ -191,10 +191,9 @@ def histogram_update(s: common.Session):
     return gr.update(value=df, x_title=title, y_title="number of cells")
 
 
-CP3_CYTO_CHOICES = [("0: grey (all channels averaged)", 0), ("1: first channel (red)", 1),
-                    ("2: second channel (green)", 2), ("3: third channel (blue)", 3)]
-CP3_NUC_CHOICES = [("0: none", 0), ("1: first channel (red)", 1), ("2: second channel (green)", 2),
-                   ("3: third channel (blue)", 3)]
+# Cellpose 3's channel numbers (1-based), labelled so they read the same as the file's channel order
+CP3_CYTO_CHOICES = [("0: grey (mean)", 0), ("1: red / first", 1), ("2: green / second", 2), ("3: blue / third", 3)]
+CP3_NUC_CHOICES = [("0: none", 0), ("1: red / first", 1), ("2: green / second", 2), ("3: blue / third", 3)]
 
 
 def make_params(diameter, flow, cellprob, niter, min_size, ch_axis, z_axis, channels, lo, hi, do3d, aniso,
