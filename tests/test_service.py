@@ -192,6 +192,20 @@ def test_segment_records_provenance_and_writes_files(tmp_path, fake_model):
     assert len(files["outlines_txt"].read_text().splitlines()) == res.n_cells
 
 
+def test_puncta_on_a_stack_are_skipped_with_a_note(fake_model):
+    """Puncta are 2D: a plane-by-plane stack is still segmented and measured, and the result says why
+    it has no puncta (the app shows provenance notes under the count)."""
+    from cellpose_web.measure import PunctaParams
+    from cellpose_web.ui import common, segment_tab
+
+    stack = np.stack([_blobs(0), _blobs(1)])
+    res = segment.segment(stack, segment.SegmentParams(z_axis=0), "thresh", "s.tif", puncta=PunctaParams(channel=0))
+    assert res.puncta is None and len(res.table) == res.n_cells > 0 and "puncta_count" not in res.table
+    assert any("puncta" in n for n in res.provenance["notices"])
+    s = common.Session(name="s.tif", masks=res.masks, table=res.table, provenance=res.provenance)
+    assert "note: puncta are counted on 2D images" in segment_tab.summary_md(s)
+
+
 # ---------------------------------------------------------------- batch
 def test_batch_asked_for_cellpose_sam_offline_stops_with_the_api_message(tmp_path, monkeypatch, fake_model):
     """Never another model's masks: the batch stops before any image, with CellposeModel's message."""

@@ -165,6 +165,8 @@ def summary_md(s: common.Session) -> str:
                      f"{summ['puncta_in_cells']} inside cells ({summ['mean_puncta_per_cell']:.2f} per cell"
                      + (f", median {dens:.3g} per µm²" if dens is not None and np.isfinite(dens) else "")
                      + f"), {summ['puncta_outside_cells']} outside cells</span>")
+    for note in p.get("notices") or []:  # e.g. puncta skipped for a z-stack, channels beyond the first 3
+        lines.append(f"<span class='cpw-small'>note: {note}</span>")
     if p.get("masks_from_file"):
         lines.append(f"<span class='cpw-small'>masks loaded from **{p['masks_from_file']}** · pixel size "
                      f"{W.fmt_num(s.pixel_size_um, 'µm/px', 4)}</span>")
