@@ -239,10 +239,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     tr.add_argument("--test_dir", default=None, help="folder of held-out images with masks")
     tr.add_argument("--file_list", default=None, help=argparse.SUPPRESS)
     tr.add_argument("--mask_filter", default="_masks", help="label file suffix (_masks, or _seg.npy)")
-    tr.add_argument("--learning_rate", type=float, default=1e-5)
-    tr.add_argument("--weight_decay", type=float, default=0.1)
-    tr.add_argument("--n_epochs", type=int, default=100)
-    tr.add_argument("--train_batch_size", type=int, default=1)
+    tr.add_argument("--learning_rate", type=float, default=None,
+                    help="default: the base model's recipe (train.FINETUNE_DEFAULTS; lite 1e-3, Cellpose-SAM 1e-5)")
+    tr.add_argument("--weight_decay", type=float, default=None, help="default: the base model's recipe")
+    tr.add_argument("--n_epochs", type=int, default=None, help="default: the base model's recipe")
+    tr.add_argument("--train_batch_size", type=int, default=None, help="default: the base model's recipe")
     tr.add_argument("--nimg_per_epoch", type=int, default=None)
     tr.add_argument("--nimg_test_per_epoch", type=int, default=None)
     tr.add_argument("--min_train_masks", type=int, default=5)
@@ -400,13 +401,14 @@ def _check_params(args, training: bool = False) -> None:
     if args.bsize is not None and not (16 <= args.bsize <= 4096):
         bad(f"--bsize must be between 16 and 4096, got {args.bsize}")
     if training:
-        if args.n_epochs < 1 or args.n_epochs > 100000:
+        # None = not given: filled from the base model's recipe once it is loaded
+        if args.n_epochs is not None and not 1 <= args.n_epochs <= 100000:
             bad(f"--n_epochs must be between 1 and 100000, got {args.n_epochs}")
-        if not (0 < args.learning_rate < 1):
+        if args.learning_rate is not None and not (0 < args.learning_rate < 1):
             bad(f"--learning_rate must be between 0 and 1, got {args.learning_rate}")
-        if not finite(args.weight_decay) or args.weight_decay < 0:
+        if args.weight_decay is not None and (not finite(args.weight_decay) or args.weight_decay < 0):
             bad(f"--weight_decay must be >= 0, got {args.weight_decay}")
-        if args.train_batch_size < 1:
+        if args.train_batch_size is not None and args.train_batch_size < 1:
             bad(f"--train_batch_size must be at least 1, got {args.train_batch_size}")
 
 
@@ -514,8 +516,16 @@ def run_training(args) -> int:
     model, info = _load_model(args, spec, for_training=True)
     if info.arch == "cpsam" and args.bsize not in (None, 256):
         raise CellposeWebError(f"Cellpose-SAM models train on 256x256 tiles; --bsize {args.bsize} is not possible")
+    recipe = train_mod.finetune_defaults(info.arch or train_mod.net_arch(model.net))
+    for flag, value in (("learning_rate", recipe.learning_rate), ("weight_decay", recipe.weight_decay),
+                        ("n_epochs", recipe.n_epochs), ("train_batch_size", recipe.batch_size)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if args.nimg_per_epoch is None:
+        args.nimg_per_epoch = recipe.nimg_per_epoch(len(images))
     _say(f"training '{name}' from '{info.name}' on {len(images)} image(s)"
-         + (f", testing on {len(timgs)}" if timgs else "") + f", {args.n_epochs} epochs, on {model.device}")
+         + (f", testing on {len(timgs)}" if timgs else "") + f", {args.n_epochs} epochs, learning rate "
+         f"{args.learning_rate:g}, weight decay {args.weight_decay:g}, on {model.device}")
     bar = ProgressLine(args.n_epochs)
 
     def cb(epoch, train_loss, test_loss, elapsed):
@@ -531,7 +541,7 @@ def run_training(args) -> int:
         n_epochs=args.n_epochs, batch_size=args.train_batch_size, save_path=args.dir, model_name=name,
         min_train_masks=args.min_train_masks, nimg_per_epoch=args.nimg_per_epoch,
         nimg_test_per_epoch=args.nimg_test_per_epoch, save_every=args.save_every, save_each=args.save_each,
-        bsize=args.bsize or 256, seed=args.seed, callback=cb)
+        bsize=args.bsize or recipe.bsize, seed=args.seed, callback=cb)
     bar.clear()
     secs = time.perf_counter() - t0
     tl = np.asarray(train_losses, float)

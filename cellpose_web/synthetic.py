@@ -194,3 +194,18 @@ def synthetic_sample(rng: np.random.Generator, shape=(256, 256), style: str | No
     if style == "brightfield" or rng.random() < 0.08:
         img = img.max() - img
     return SyntheticSample(img.astype(np.float32), labels, str(style), float(diameter))
+
+
+def whole_cell_sample(rng: np.random.Generator, shape=(256, 256), diameter: float = 35.0,
+                      cytoplasm: float = 0.12) -> SyntheticSample:
+    """Touching whole cells whose cytoplasm is dim (``cytoplasm`` of the nucleus brightness) around a
+    bright nucleus, one channel; labels are the whole cells. A model trained on nuclei finds the
+    nuclei only, so this is the kind of image a lab fine-tunes for (benchmarks/bench_finetune.py).
+    Not one of STYLES: lite was not trained on it."""
+    labels = synthetic_labels(rng, shape, diameter, confluence=0.9, irregularity=0.3, elongation=1.5)
+    body = _render_objects(rng, labels, texture_sigma=max(1.0, diameter / 8))
+    nucleus = _nuclei_inside(rng, labels, 0.4)
+    img = cytoplasm * body + nucleus * (body > 0)
+    img = ndi.gaussian_filter(img.astype(np.float32), 1.0) + 0.1
+    img = rng.poisson(img * 200).astype(np.float32) / 200
+    return SyntheticSample(img[None].astype(np.float32), labels, "whole_cell", float(diameter))

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,64 @@ from cellpose_web.errors import CellposeWebError
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, float, "float | None", float], "bool | None"]
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """Fine-tuning settings for one network family (what the Fine-tune tab and ``--train`` start from).
+
+    learning_rate, weight_decay : AdamW settings.
+    n_epochs : passes over the training images (at least ``min_steps_per_epoch`` crops each pass).
+    batch_size : crops per optimiser step.
+    bsize : crop side in px (Cellpose-SAM needs 256).
+    min_steps_per_epoch : ``nimg_per_epoch`` is raised to this when the set is smaller, so that a
+        handful of corrected images still gets enough optimiser steps per epoch (None = one pass).
+    source : where the numbers come from.
+    """
+    learning_rate: float
+    weight_decay: float
+    n_epochs: int
+    batch_size: int = 1
+    bsize: int = 256
+    min_steps_per_epoch: int | None = None
+    source: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def nimg_per_epoch(self, n_images: int) -> int | None:
+        """``train_seg``'s nimg_per_epoch for a set of ``n_images`` (None = every image once)."""
+        if self.min_steps_per_epoch is None:
+            return None
+        return max(int(n_images), self.min_steps_per_epoch * self.batch_size)
+
+
+#: Fine-tuning defaults per network family (``registry`` arch name). Cellpose-SAM's recipe is
+#: Cellpose 4's (train_seg / CLI defaults); the Cellpose 1-3 U-Net's is Cellpose 3's train_seg
+#: recipe with AdamW (lr 0.005, weight decay 1e-5, batch 8, 224 px crops) for the 100 epochs its
+#: GUI uses for human-in-the-loop; ``lite`` was measured with ``benchmarks/bench_finetune.py``
+#: (Cellpose-SAM's 1e-5 barely moves it: 10 epochs gave held-out AP 0.008 -> 0.027).
+FINETUNE_DEFAULTS: dict[str, FinetuneRecipe] = {
+    "lite": FinetuneRecipe(learning_rate=2e-3, weight_decay=1e-4, n_epochs=20, batch_size=1, bsize=128,
+                           min_steps_per_epoch=8,
+                           source="measured for cellpose-web's lite (benchmarks/bench_finetune.py)"),
+    "cpsam": FinetuneRecipe(learning_rate=1e-5, weight_decay=0.1, n_epochs=100, batch_size=1, bsize=256,
+                            source="Cellpose 4 (train_seg and CLI defaults)"),
+    "cellpose3": FinetuneRecipe(learning_rate=5e-3, weight_decay=1e-5, n_epochs=100, batch_size=8, bsize=224,
+                                source="Cellpose 3 (train_seg defaults with AdamW; 100 epochs as its GUI)"),
+}
+
+
+def finetune_defaults(arch: str | None) -> FinetuneRecipe:
+    """The fine-tuning recipe for a network family: "lite", "cpsam" or "cellpose3" (Cellpose 1-3
+    U-Nets). Unknown or None gives Cellpose-SAM's recipe, Cellpose 4's own default."""
+    return FINETUNE_DEFAULTS.get(str(arch or "").lower(), FINETUNE_DEFAULTS["cpsam"])
+
+
+def net_arch(net: nn.Module) -> str:
+    """"lite", "cpsam" or "cellpose3" for a network object (by its class), "unknown" otherwise."""
+    name = type(net).__name__
+    return {"LiteUNet": "lite", "CPSAMNet": "cpsam", "CPnet": "cellpose3"}.get(name, "unknown")
 
 
 def learning_rate_schedule(learning_rate: float, n_epochs: int) -> np.ndarray:

@@ -84,10 +84,42 @@ def check_offered(name: str | None) -> str:
     return name
 
 
+def _preferred_path() -> Path:
+    from cellpose_web.service.config import home_dir
+    return Path(home_dir()) / "default_model.json"
+
+
+def set_preferred_model(name: str | None, reason: str = "") -> None:
+    """Make `name` the pre-selected model in every model list (None: back to the best available).
+
+    The fine-tune job calls this when the new model beats its base on the held-out images.
+    CELLPOSE_WEB_DEFAULT_MODEL, when set, still wins.
+    """
+    from cellpose_web.service.storage import atomic_write_json
+    atomic_write_json(_preferred_path(), {"name": name, "reason": reason})
+
+
+def preferred_model() -> dict[str, Any] | None:
+    """{'name', 'reason'} of the model the lab's last successful fine-tune made the default, if any."""
+    from cellpose_web.service.storage import read_json
+    d = read_json(_preferred_path(), None)
+    return d if isinstance(d, dict) and d.get("name") else None
+
+
 def default_model_name() -> str | None:
+    """The model to pre-select: CELLPOSE_WEB_DEFAULT_MODEL, else the last fine-tuned model that beat
+    its base on held-out images (while it exists), else the registry's best available model."""
     env = os.environ.get("CELLPOSE_WEB_DEFAULT_MODEL")
     if env:
         return env
+    pref = preferred_model()
+    if pref is not None:
+        try:
+            from cellpose_web import registry
+            registry.resolve_model(pref["name"], download=False)
+            return pref["name"]
+        except Exception:  # deleted or renamed since: fall back to the best available
+            pass
     try:
         from cellpose_web import registry
         best = registry.best_available_model()

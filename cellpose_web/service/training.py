@@ -188,14 +188,44 @@ def split_holdout(n: int, fraction: float = 0.2, seed: int = 0) -> tuple[list[in
     return [i for i in range(n) if i not in held], held
 
 
-def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int = 100,
-                 learning_rate: float = 1e-5, weight_decay: float = 0.1, holdout_fraction: float = 0.2,
+def base_model_arch(base_model: str) -> str:
+    """Network family of a model name: "lite", "cpsam", "cellpose3" ("" when it cannot be told)."""
+    try:
+        return models_cache.resolve(base_model).get("arch") or ""
+    except CellposeWebError:
+        return ""
+
+
+def finetune_defaults(base_model: str) -> dict[str, Any]:
+    """The fine-tuning recipe for a base model name (its network family's entry in
+    ``train.FINETUNE_DEFAULTS``): {learning_rate, weight_decay, n_epochs, batch_size, bsize,
+    min_steps_per_epoch, source, arch}. The Fine-tune tab fills its boxes from it."""
+    from cellpose_web.train import finetune_defaults as recipe_for
+    arch = base_model_arch(base_model)
+    return {**recipe_for(arch).as_dict(), "arch": arch}
+
+
+def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | None = None,
+                 learning_rate: float | None = None, weight_decay: float | None = None,
+                 holdout_fraction: float = 0.2,
                  user: str | None = None, work_dir: Path | None = None,
                  on_epoch: Callable[[int, float, float | None, float], None] | None = None,
                  cancelled: Callable[[], bool] | None = None, on_status: Callable[[str], None] | None = None,
-                 limits: Limits | None = None, min_train_masks: int = 1) -> dict[str, Any]:
-    """Fine-tune `base_model` on a training set; register and return {name, path, ap_before, ap_after, ...}."""
+                 limits: Limits | None = None, min_train_masks: int = 1, make_default: bool = True,
+                 seed: int = 0) -> dict[str, Any]:
+    """Fine-tune `base_model` on a training set; register and return {name, path, ap_before, ap_after, ...}.
+
+    n_epochs, learning_rate, weight_decay : None takes the base model's entry of
+        ``finetune_defaults`` (as do batch size, crop size and steps per epoch, always).
+    make_default : when the new model scores a higher AP@0.5 than its base on the held-out images,
+        make it the pre-selected model in every model list (``result['is_default']``).
+    """
     limits = limits or Limits.from_env()
+    from cellpose_web.train import finetune_defaults as recipe_for
+    recipe = recipe_for(base_model_arch(base_model))
+    n_epochs = recipe.n_epochs if n_epochs in (None, "") else n_epochs
+    learning_rate = recipe.learning_rate if learning_rate in (None, "") else learning_rate
+    weight_decay = recipe.weight_decay if weight_decay in (None, "") else weight_decay
     try:
         n_epochs = int(n_epochs)
         learning_rate = float(learning_rate)
@@ -233,8 +263,9 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int = 
     path, tl, vl = train_seg(model.net, [imgs[i] for i in tr], [labs[i] for i in tr],
                              test_data=[imgs[i] for i in ho] or None, test_labels=[labs[i] for i in ho] or None,
                              channel_axis=ca, learning_rate=learning_rate, weight_decay=weight_decay,
-                             n_epochs=n_epochs, save_path=str(work_dir), model_name=new_name,
-                             min_train_masks=min_train_masks, callback=cb)
+                             n_epochs=n_epochs, batch_size=recipe.batch_size, bsize=recipe.bsize,
+                             nimg_per_epoch=recipe.nimg_per_epoch(len(tr)), save_path=str(work_dir),
+                             model_name=new_name, min_train_masks=min_train_masks, callback=cb, seed=seed)
     train_s = time.perf_counter() - t0
     if cancelled and cancelled():
         return {"cancelled": True, "epochs_done": int(np.count_nonzero(np.asarray(tl))), "name": None}
@@ -244,13 +275,19 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int = 
     meta = {"base_model": info["name"], "base_sha256": info["sha256"], "training_set": set_name,
             "train_images": [names[i] for i in tr], "test_images": [names[i] for i in ho],
             "n_epochs": n_epochs, "learning_rate": learning_rate, "weight_decay": weight_decay,
+            "batch_size": recipe.batch_size, "bsize": recipe.bsize,
             "train_seconds": round(train_s, 1), "ap_before": ap_before, "ap_after": ap_after,
             "test_ap": ap_after, "final_train_loss": float(np.asarray(tl)[-1]) if len(tl) else None}
     from cellpose_web import registry
     registered = registry.add_lab_model(str(path), new_name, meta)
     models_cache.forget(new_name)
     reg_name = getattr(registered, "name", new_name)
+    better = ap_before is not None and ap_after is not None and ap_after > ap_before
+    if make_default and better:
+        models_cache.set_preferred_model(reg_name, f"held-out AP@0.5 {ap_before:.3f} -> {ap_after:.3f} "
+                                                   f"(base {info['name']})")
     return {"name": reg_name, "path": str(getattr(registered, "path", path)), "ap_before": ap_before,
-            "ap_after": ap_after, "train_losses": [float(x) for x in tl],
+            "ap_after": ap_after, "is_default": bool(make_default and better), "train_seconds": round(train_s, 1),
+            "train_losses": [float(x) for x in tl],
             "test_losses": [None if x is None or not np.isfinite(x) else float(x) for x in np.asarray(vl, float)],
             "metadata": meta}

@@ -72,6 +72,9 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
                     for _ in ctx["model_dropdowns"]]
 
         demo.load(refresh_models, None, ctx["model_dropdowns"], api_visibility="private")
+        restore_fn, restore_in, restore_out = seg["restore"]
+        demo.load(restore_fn, restore_in, restore_out, api_visibility="private")
+        demo.unload(seg["unload"])
         for fn, outs in ctx["refreshers"]:
             demo.load(fn, None, outs, api_visibility="private")
             # a pair added in the Correct tab shows in the Fine-tune tab's training sets at once

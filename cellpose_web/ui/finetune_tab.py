@@ -16,8 +16,20 @@ from cellpose_web.ui import common, widgets as W
 
 INTRO = ("Fine-tuning starts from a **base model** (as Cellpose advises) and trains on your corrected "
          "images. About 20 % of the images are held out to measure **AP (IoU 0.5) before and after**. "
-         "Cellpose-SAM: learning rate 1e-5, weight decay 0.1, ~100 epochs; `lite`: 1e-3 works better. "
-         "The new model appears in every model list when it finishes.")
+         "Epochs, learning rate and weight decay are filled in for the base model you pick (each network "
+         "family has its own); change them if you like. The new model appears in every model list when it "
+         "finishes, and becomes the pre-selected model when it beats its base on the held-out images.")
+
+
+def recipe_for(base: str | None) -> tuple[int, float, float, str]:
+    """(epochs, learning rate, weight decay, a line saying where they come from) for a base model."""
+    r = training.finetune_defaults(base or "")
+    family = {"lite": "the built-in lite U-Net", "cpsam": "Cellpose-SAM",
+              "cellpose3": "a Cellpose 1-3 U-Net"}.get(r["arch"], "Cellpose-SAM (family not known)")
+    note = (f"Defaults for **{base or '–'}** ({family}): {r['n_epochs']} epochs, learning rate "
+            f"{r['learning_rate']:g}, weight decay {r['weight_decay']:g}, batch {r['batch_size']}, "
+            f"{r['bsize']} px crops — {r['source']}.")
+    return int(r["n_epochs"]), float(r["learning_rate"]), float(r["weight_decay"]), note
 
 
 def sets_table(user: str | None) -> pd.DataFrame:
@@ -89,10 +101,12 @@ def build(ctx: dict[str, Any]) -> None:
                 up_msg = gr.Markdown("")
             base = gr.Dropdown(names, value=default, label="Base model", elem_id="ft-base")
             new_name = gr.Textbox("", label="New model name", placeholder="e.g. nuclei_lab_v1", elem_id="ft-name")
+            ep0, lr0, wd0, note0 = recipe_for(default)
             with gr.Row():
-                epochs = gr.Number(100, label="Epochs", precision=0, minimum=1, elem_id="ft-epochs")
-                lr = gr.Number(1e-5, label="Learning rate", elem_id="ft-lr")
-                wd = gr.Number(0.1, label="Weight decay", elem_id="ft-wd")
+                epochs = gr.Number(ep0, label="Epochs", precision=0, minimum=1, elem_id="ft-epochs")
+                lr = gr.Number(lr0, label="Learning rate", elem_id="ft-lr")
+                wd = gr.Number(wd0, label="Weight decay", elem_id="ft-wd")
+            recipe_note = gr.Markdown(note0, elem_id="ft-recipe")
             with gr.Row():
                 start = gr.Button("Start fine-tuning", variant="primary", elem_id="ft-start")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
@@ -108,6 +122,11 @@ def build(ctx: dict[str, Any]) -> None:
     def on_refresh(request: gr.Request):
         user = W.username(request)
         return sets_table(user), gr.update(choices=[s["name"] for s in training.list_sets(user)])
+
+    def on_base(b):
+        return recipe_for(b)
+
+    base.change(on_base, [base], [epochs, lr, wd, recipe_note], api_visibility="private")
 
     refresh.click(on_refresh, None, [sets, set_name], api_visibility="private")
     ctx["refreshers"].append((on_refresh, [sets, set_name]))
@@ -158,8 +177,11 @@ def build(ctx: dict[str, Any]) -> None:
         names_now, default_now = common.model_choices()
         ap_b, ap_a = r.get("ap_before"), r.get("ap_after")
         msg = (f"Done: model **{r['name']}** saved to the registry. AP (IoU 0.5) on held-out images: "
-               f"{W.fmt_num(ap_b, '', 3)} before → **{W.fmt_num(ap_a, '', 3)}** after.")
-        ups = [gr.update(choices=names_now) for _ in dds]
+               f"{W.fmt_num(ap_b, '', 3)} before → **{W.fmt_num(ap_a, '', 3)}** after. "
+               + ("It is now the pre-selected model." if r.get("is_default") else
+                  "It did not beat its base on the held-out images, so the pre-selected model is unchanged."))
+        pick = {"value": default_now} if r.get("is_default") else {}
+        ups = [gr.update(choices=names_now, **pick) for _ in dds]
         yield (job.id, msg, loss_frame(st.get("losses", [])),
                gr.update(value={k: v for k, v in r.items() if k not in ("train_losses", "test_losses")},
                          visible=True), *ups)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +10,11 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from cellpose_web import measure, pipeline
+from cellpose_web import hints, measure, pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.measure import PunctaParams
 from cellpose_web.resources import examples_dir
-from cellpose_web.service import inputs, models_cache
+from cellpose_web.service import inputs, models_cache, runs
 from cellpose_web.service.config import Limits
 from cellpose_web.service.segment import SegmentParams, segment
 from cellpose_web.ui import common, widgets as W
@@ -102,6 +103,26 @@ def run_segmentation(s: common.Session, model: str, params: SegmentParams, pixel
     return out
 
 
+def run_under_control(s: common.Session, model: str, params: SegmentParams, pixel_size_um: float | None,
+                      puncta: PunctaParams | None, run_key: str, browser_session: str = "", owner: str = "",
+                      progress=None) -> common.Session:
+    """run_segmentation as one cancellable run of the service's run registry: Cancel (or the browser
+    going away) stops it at the next progress step with runs.RunCancelled; progress lines carry an
+    ETA; the finished result is kept for `owner` (user + browser) so a page reload can reopen it."""
+    reg = runs.registry()
+
+    def work(run: runs.Run) -> common.Session:
+        def prog(fraction, desc=""):
+            line = run.progress(fraction, desc)
+            if progress is not None:
+                progress(fraction, desc=line)
+        return run_segmentation(s, model, params, pixel_size_um, puncta, prog)
+
+    new = reg.run(run_key, browser_session, work)
+    reg.keep(owner, new)
+    return new
+
+
 def load_masks(path: str | None, s: common.Session | None) -> common.Session:
     """Attach existing masks (a Cellpose _seg.npy or a label image) to the loaded image."""
     if s is None or s.image is None:
@@ -155,8 +176,14 @@ def summary_md(s: common.Session) -> str:
     med_um = W.fmt_num(np.nanmedian(t[um_col]) if n and t[um_col].notna().any() else np.nan,
                        "µm²" if um_col == "area_um2" else "µm³", 1)
     p = s.provenance
-    lines = [f"<span class='cpw-count'>**{W.plural(n, 'cell')}**</span> · median size {med_px}"
+    lines = [f"<span class='cpw-count'>**{count_text(s, n)}**</span> · median size {med_px}"
              + (f" ({med_um})" if med_um != "–" else " (enter the pixel size for µm²)")]
+    note = stack_note(s)
+    if note:
+        lines.append(f"<span class='cpw-small'>{note}</span>")
+    tip = hint(s)
+    if tip:
+        lines.append(f"<span class='cpw-hint'>Try: {tip}</span>")
     if s.puncta is not None:
         summ = measure.summarize(t, s.puncta)
         dens = summ.get("median_puncta_density_per_um2")
@@ -183,14 +210,79 @@ def histogram(s: common.Session) -> tuple[pd.DataFrame, str]:
         return pd.DataFrame({"bin": pd.Series(dtype="str"), "count": pd.Series(dtype="int64")}), "cell size"
     h = measure.size_histogram(s.table, bins=15)
     q = h["quantity"].iloc[0] if len(h) else "area_px"
-    unit = {"area_um2": "area (µm²)", "area_px": "area (px)", "volume_um3": "volume (µm³)",
-            "volume_px": "volume (voxels)"}.get(q, q)
-    return h[["bin", "count"]], f"cell {unit}"
+    unit = {"area_um2": "µm²", "area_px": "px", "volume_um3": "µm³", "volume_px": "voxels"}.get(q, "")
+    what = "volume" if q.startswith("volume") else "area"
+    h = h.assign(bin=[f"{b} {unit}" for b in h["bin"]])  # rows are in numeric order already
+    return h[["bin", "count"]], f"cell {what} ({unit})"
 
 
 def histogram_update(s: common.Session):
     df, title = histogram(s)
-    return gr.update(value=df, x_title=title, y_title="number of cells")
+    # the bins are text: give the bar plot their numeric order explicitly (else it sorts them as text)
+    return gr.update(value=df, x_title=title, y_title="number of cells", sort=list(df["bin"]) or None)
+
+
+def is_volumetric(s: common.Session) -> bool:
+    """Whether a stack result holds 3D objects (do_3D or stitched) rather than per-plane masks."""
+    prm = (s.provenance or {}).get("params") or (s.provenance or {}).get("eval_params") or {}
+    return bool(prm.get("do_3D")) or float(prm.get("stitch_threshold") or 0) > 0
+
+
+def count_text(s: common.Session, n: int) -> str:
+    """'12 cells', '20 3D cells' or '834 masks in 60 Z planes' (see hints.count_text)."""
+    ndim = 3 if (s.masks is not None and s.masks.ndim == 3) else 2
+    return hints.count_text(n, ndim, s.masks.shape[0] if ndim == 3 else 1, is_volumetric(s))
+
+
+def stack_note(s: common.Session) -> str:
+    """For a plane-by-plane stack: say so, and offer stitching when the planes show the same cells."""
+    if s.masks is None or s.masks.ndim != 3 or is_volumetric(s):
+        return ""
+    linked = hints.planes_linked(s.masks)
+    if linked >= 0.5:
+        return (f"Segmented plane by plane: {100 * linked:.0f} % of the masks continue into the next plane, so "
+                "they are slices of 3D cells. Press **Stitch planes into 3D cells** (or set a stitch threshold "
+                "or tick do_3D and run again) to count cells.")
+    return "Segmented plane by plane: each plane's masks are counted on their own."
+
+
+def stitch_offer(s: common.Session | None):
+    """Show the 'Stitch planes into 3D cells' button only for plane-by-plane results whose planes link."""
+    show = (s is not None and s.masks is not None and s.masks.ndim == 3 and not is_volumetric(s)
+            and hints.planes_linked(s.masks) >= 0.5)
+    return gr.update(visible=bool(show))
+
+
+def hint(s: common.Session) -> str:
+    """One line of what to try when the result looks wrong (hints.suggest), "" otherwise."""
+    p = s.provenance or {}
+    if s.masks is None or p.get("masks_from_file"):
+        return ""
+    prm = p.get("params") or p.get("eval_params") or {}
+    model = p.get("model_name") or (p.get("model") or {}).get("name")
+    n_channels = int(s.image.shape[-1]) if s.image is not None else 1
+    chosen = bool(prm.get("channels") or (p.get("channels") or {}).get("segment"))
+    return hints.suggest(s.masks, diameter=prm.get("diameter"), n_channels=n_channels, channels_chosen=chosen,
+                         model_name=model)
+
+
+def stitch_session(s: common.Session, threshold: float = 0.3) -> common.Session:
+    """Link a plane-by-plane result into 3D cells (dynamics.stitch3D by IoU) without running the model again."""
+    from cellpose_web import dynamics
+    if s is None or s.masks is None or s.masks.ndim != 3:
+        raise CellposeWebError("Stitching needs a z-stack result segmented plane by plane; run one first.")
+    if is_volumetric(s):
+        raise CellposeWebError("This result already has 3D cells.")
+    out = common.Session(**{**vars(s)})
+    out.masks = dynamics.stitch3D(s.masks, threshold)
+    out.table, out.puncta = measure.measure_cells(out.masks, out.image, out.pixel_size_um, channel_axis=-1)
+    prov = dict(s.provenance)
+    key = "params" if "params" in prov else "eval_params"
+    prov[key] = {**(prov.get(key) or {}), "stitch_threshold": float(threshold)}
+    prov["stitched_after_segmentation"] = True
+    out.provenance, out.version = prov, s.version + 1
+    write_files(out)
+    return out
 
 
 # Cellpose 3's channel numbers (1-based), labelled so they read the same as the file's channel order
@@ -240,8 +332,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 nuc_ch = gr.Dropdown(CP3_NUC_CHOICES, value=0, label="Nucleus channel (optional)",
                                      info="a nuclear stain helps to split touching cells", elem_id="seg-cp3-nuc")
             with gr.Row():
-                diameter = gr.Number(None, label="Diameter (px)", info="0 or blank = automatic", minimum=0,
-                                     elem_id="seg-diameter")
+                diameter = gr.Textbox("", label="Diameter (px)", info="blank = automatic", placeholder="automatic",
+                                      elem_id="seg-diameter")
                 pixel = gr.Number(None, label="Pixel size (µm/px)", info="filled from the file; 0 = unknown", minimum=0,
                                   elem_id="seg-pixel")
             with gr.Row():
@@ -280,7 +372,10 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 masks_in = gr.File(label="_seg.npy, _cp_masks.tif/.png or _masks.tif of this image",
                                    file_types=[".npy", ".tif", ".tiff", ".png"], type="filepath", height=100,
                                    elem_id="seg-masks-file")
-            run = gr.Button("Run segmentation", variant="primary", elem_id="seg-run")
+            with gr.Row():
+                run = gr.Button("Run segmentation", variant="primary", elem_id="seg-run", scale=3)
+                cancel = gr.Button("Cancel", variant="stop", elem_id="seg-cancel", scale=1)
+            browser_id = gr.BrowserState("", storage_key="cellpose_web_browser")
         with gr.Column(scale=2, min_width=480):
             with gr.Row():
                 overlays = gr.CheckboxGroup([W.OVERLAY_MASKS, W.OVERLAY_OUTLINES, W.OVERLAY_PUNCTA],
@@ -294,6 +389,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             zslider = gr.Slider(0, 1, 0, step=1, label="z-plane", visible=False, elem_id="seg-z")
             count = gr.Markdown("No result yet — upload an image (or click an example), then press "
                                 "**Run segmentation**.", elem_id="seg-count")
+            stitch_btn = gr.Button("Stitch planes into 3D cells", visible=False, size="sm", elem_id="seg-stitch")
             with gr.Tabs():
                 with gr.Tab("Cells table"):
                     table = gr.Dataframe(pd.DataFrame(columns=["label", "area_px", "area_um2", "centroid_y_px",
@@ -335,19 +431,54 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                   cyto_ch, nuc_ch]
     seg_outputs = [session, view, count, table, hist, files, prov, zslider]
 
-    @W.user_errors(outputs=8)
-    def on_run(s, model_name, d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st, px, pon, pch, psmin, psmax,
-               pthr, ov, bg, cyto=0, nuc=0, progress=gr.Progress()):
-        cp3 = [int(cyto or 0), int(nuc or 0)] if models_cache.is_legacy_model(model_name) else None
-        params = make_params(d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st, cp3_channels=cp3)
-        puncta = make_puncta(pon, pch, psmin, psmax, pthr)
-        new = run_segmentation(s, model_name, params, px, puncta, progress)
+    def result_outputs(new: common.Session, ov, bg) -> tuple:
         zs = gr.update(visible=new.is_stack, maximum=max(1, new.masks.shape[0] - 1) if new.is_stack else 1)
         return (new, render(new, ov, bg, 0), summary_md(new), W.table_for_display(new.table), histogram_update(new),
                 new.files, new.provenance, zs)
 
-    run.click(on_run, seg_inputs, seg_outputs, api_name="segment_ui", api_visibility="private",
-              concurrency_limit=ctx["limits"].concurrency["segment"], concurrency_id="segment")
+    @W.user_errors(outputs=8)
+    def on_run(s, model_name, d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st, px, pon, pch, psmin, psmax,
+               pthr, ov, bg, cyto=0, nuc=0, browser="", request: gr.Request = None, progress=gr.Progress()):
+        cp3 = [int(cyto or 0), int(nuc or 0)] if models_cache.is_legacy_model(model_name) else None
+        params = make_params(d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st, cp3_channels=cp3)
+        puncta = make_puncta(pon, pch, psmin, psmax, pthr)
+        tab = getattr(request, "session_hash", None) or ""
+        new = run_under_control(s, model_name, params, px, puncta, run_key=tab or str(id(s)), browser_session=tab,
+                                owner=runs.owner_key(W.username(request), browser), progress=progress)
+        return result_outputs(new, ov, bg)
+
+    run.click(on_run, seg_inputs + [browser_id], seg_outputs, api_name="segment_ui", api_visibility="private",
+              concurrency_limit=ctx["limits"].concurrency["segment"], concurrency_id="segment"
+              ).then(stitch_offer, [session], [stitch_btn], api_visibility="private", show_progress="hidden")
+
+    def on_cancel(request: gr.Request):
+        if runs.registry().cancel(getattr(request, "session_hash", None) or ""):
+            gr.Info("Cancelling the run…")
+        else:
+            gr.Info("Nothing is running.")
+
+    cancel.click(on_cancel, None, None, api_visibility="private", queue=False)
+
+    @W.user_errors(outputs=8)
+    def on_stitch(s, ov, bg):
+        return result_outputs(stitch_session(s), ov, bg)
+
+    stitch_btn.click(on_stitch, [session, overlays, background], seg_outputs, api_visibility="private"
+                     ).then(stitch_offer, [session], [stitch_btn], api_visibility="private", show_progress="hidden")
+
+    def on_restore(browser, request: gr.Request):
+        """Page (re)load: give the browser an id, and reopen its last finished result if the server has it."""
+        browser = browser or uuid.uuid4().hex
+        kept = runs.registry().kept(runs.owner_key(W.username(request), browser))
+        if kept is None:
+            return (browser,) + tuple(gr.skip() for _ in range(len(seg_outputs) + 2))
+        gr.Info(f"Reopened your last result ({kept.name}).")
+        return (browser,) + result_outputs(kept, [W.OVERLAY_MASKS, W.OVERLAY_OUTLINES, W.OVERLAY_PUNCTA],
+                                           W.BG_IMAGE) + (image_info(kept), stitch_offer(kept))
+
+    def on_unload(request: gr.Request):
+        """The browser tab closed or reloaded: stop its runs (another user's run must not wait on them)."""
+        runs.registry().cancel_session(getattr(request, "session_hash", None) or "")
 
     @W.user_errors(outputs=7)
     def on_puncta(s, pon, pch, psmin, psmax, pthr, ov, bg, z):
@@ -375,7 +506,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         return (new, render(new, ov, bg, 0), summary_md(new), W.table_for_display(new.table), histogram_update(new),
                 new.files, new.provenance, zs)
 
-    masks_in.upload(on_masks, [masks_in, session, overlays, background], seg_outputs, api_visibility="private")
+    masks_in.upload(on_masks, [masks_in, session, overlays, background], seg_outputs, api_visibility="private"
+                    ).then(stitch_offer, [session], [stitch_btn], api_visibility="private", show_progress="hidden")
 
     p_btn.click(on_puncta, [session, p_on, p_ch, p_smin, p_smax, p_thr, overlays, background, zslider],
                 [session, view, count, table, files, prov, overlays], api_visibility="private")
@@ -427,4 +559,6 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                   concurrency_limit=ctx["limits"].concurrency["segment"], concurrency_id="segment")
 
     ctx["model_dropdowns"].append(model)
-    return {"model": model, "view": view, "count": count, "files": files, "file_in": file_in}
+    return {"model": model, "view": view, "count": count, "files": files, "file_in": file_in,
+            "restore": (on_restore, [browser_id], [browser_id, *seg_outputs, info, stitch_btn]),
+            "unload": on_unload}

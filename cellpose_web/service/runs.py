@@ -1,0 +1,170 @@
+"""Interactive runs under control: cancel, stop when the browser goes away, progress with an ETA,
+and the last finished result kept per browser so a page reload can reopen it.
+
+The Segment tab registers each run under its browser session; a Cancel click, or the browser
+closing/reloading (Gradio's unload event), sets the run's cancel flag, and the next progress
+callback inside ``eval`` raises :class:`RunCancelled`, which unwinds the run and frees the model
+for the next user within seconds. No Gradio here: a script can use the same registry.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from cellpose_web.errors import CellposeWebError
+
+#: finished results kept in memory (oldest dropped first); a result is one image's masks + table
+MAX_KEPT_RESULTS = 64
+
+
+class RunCancelled(CellposeWebError):
+    """Raised inside a run whose cancel flag was set (Cancel button, or the browser went away)."""
+
+
+@dataclass
+class Run:
+    """One interactive run: a cancel flag, when it started, and its last progress."""
+    key: str
+    session: str
+    started: float = field(default_factory=time.monotonic)
+    fraction: float = 0.0
+    message: str = ""
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def check(self) -> None:
+        """Raise RunCancelled when the run was cancelled."""
+        if self.cancel_event.is_set():
+            raise RunCancelled("Run cancelled; nothing was changed (the earlier result, if any, is kept).")
+
+    def progress(self, fraction: float, message: str = "") -> str:
+        """Record progress (0..1) and return a line with the ETA; raises RunCancelled when cancelled."""
+        self.check()
+        self.fraction = float(min(max(fraction, 0.0), 1.0))
+        self.message = message
+        return progress_line(self.fraction, time.monotonic() - self.started, message)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def eta_seconds(fraction: float, elapsed_s: float) -> float | None:
+    """Seconds left, assuming the rest goes at the rate so far (None before 3 % or 1 s of work)."""
+    if fraction < 0.03 or elapsed_s < 1.0 or fraction >= 1.0:
+        return None
+    return elapsed_s * (1.0 - fraction) / fraction
+
+
+def format_duration(seconds: float) -> str:
+    """'12 s', '3 min 05 s', '1 h 02 min'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def progress_line(fraction: float, elapsed_s: float, message: str = "") -> str:
+    """'image 3/20: tiles 4/9 · 12 s elapsed, about 22 s left' (progress bars show the percentage)."""
+    eta = eta_seconds(fraction, elapsed_s)
+    parts = [message] if message else []
+    parts.append(f"{format_duration(elapsed_s)} elapsed" + (f", about {format_duration(eta)} left" if eta else ""))
+    return " · ".join(parts)
+
+
+class RunRegistry:
+    """Active runs by key (one browser tab = one key) and finished results by owner (user + browser)."""
+
+    def __init__(self, max_kept: int = MAX_KEPT_RESULTS):
+        self._lock = threading.Lock()
+        self._active: dict[str, Run] = {}
+        self._kept: OrderedDict[str, Any] = OrderedDict()
+        self.max_kept = max_kept
+
+    # ---------------------------------------------------------------- active runs
+    def start(self, key: str, session: str = "") -> Run:
+        """Register a new run for `key`, cancelling one still going for the same key."""
+        run = Run(key=key, session=session)
+        with self._lock:
+            old = self._active.get(key)
+            if old is not None:
+                old.cancel_event.set()
+            self._active[key] = run
+        return run
+
+    def finish(self, run: Run) -> None:
+        with self._lock:
+            if self._active.get(run.key) is run:
+                del self._active[run.key]
+
+    def cancel(self, key: str) -> bool:
+        """Cancel the run of `key`; True if one was running."""
+        with self._lock:
+            run = self._active.get(key)
+        if run is None:
+            return False
+        run.cancel_event.set()
+        return True
+
+    def cancel_session(self, session: str) -> int:
+        """Cancel every run started from a browser session (its tab closed or reloaded)."""
+        with self._lock:
+            runs = [r for r in self._active.values() if r.session == session]
+        for r in runs:
+            r.cancel_event.set()
+        return len(runs)
+
+    def active(self) -> list[Run]:
+        with self._lock:
+            return list(self._active.values())
+
+    def run(self, key: str, session: str, work: Callable[[Run], Any]) -> Any:
+        """``work(run)`` registered under `key`; RunCancelled if it was cancelled meanwhile."""
+        run = self.start(key, session)
+        try:
+            out = work(run)
+            run.check()
+            return out
+        finally:
+            self.finish(run)
+
+    # ---------------------------------------------------------------- finished results
+    def keep(self, owner: str, result: Any) -> None:
+        """Keep `result` as `owner`'s latest (replacing the previous one)."""
+        if not owner:
+            return
+        with self._lock:
+            self._kept.pop(owner, None)
+            self._kept[owner] = result
+            while len(self._kept) > self.max_kept:
+                self._kept.popitem(last=False)
+
+    def kept(self, owner: str) -> Any | None:
+        with self._lock:
+            return self._kept.get(owner) if owner else None
+
+    def forget(self, owner: str) -> None:
+        with self._lock:
+            self._kept.pop(owner, None)
+
+
+_registry = RunRegistry()
+
+
+def registry() -> RunRegistry:
+    """The process-wide registry the app uses."""
+    return _registry
+
+
+def owner_key(user: str | None, browser_id: str | None) -> str:
+    """Key for a browser's kept results: the account name (if any) plus the browser's random id."""
+    if not browser_id:
+        return ""
+    return f"{user or ''}\n{browser_id}"
