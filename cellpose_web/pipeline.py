@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from cellpose_web import dynamics, io, measure
+from cellpose_web import dynamics, hints, io, measure
 from cellpose_web.errors import CellposeWebError, ModelNotAvailableError
 from cellpose_web.measure import PunctaParams
 
@@ -551,7 +551,8 @@ def process_file(path: str | os.PathLike, loaded: LoadedModel, settings: ImageSe
 
     name : the output file name to use instead of the path's (e.g. a unique stem in a batch).
     Returns {"name", "n_masks", "seconds", "device", "notices", "files": {kind: path}, "summary":
-    measure.summarize(...) or {}, "pixel_size_um", "model"}. Raises CellposeWebError for a bad image.
+    measure.summarize(...) or {}, "pixel_size_um", "model", "hint": hints.suggest(...) ("" when the
+    result looks plausible)}. Raises CellposeWebError for a bad image.
     """
     f = Path(path)
     img, axes, px_file = read_image(f, settings.max_pixels)
@@ -567,7 +568,10 @@ def process_file(path: str | os.PathLike, loaded: LoadedModel, settings: ImageSe
     return {"name": f.name, "n_masks": seg.n_masks, "seconds": seg.seconds, "device": seg.device,
             "notices": [f"notice: {f.name}: {n}" for n in seg.notices], "files": {k: str(v) for k, v in files.items()},
             "summary": measure.summarize(table, spots) if table is not None else {}, "pixel_size_um": px,
-            "model": seg.model}
+            "model": seg.model,
+            "hint": hints.suggest(seg.masks, diameter=settings.eval_kwargs.get("diameter"),
+                                  n_channels=int(seg.image.shape[-1]), channels_chosen=bool(settings.segment_channels),
+                                  model_name=seg.model.get("name"))}
 
 
 def command_line() -> str:

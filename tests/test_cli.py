@@ -92,6 +92,15 @@ def test_cli_writes_all_files(folder, stub, capsys):
     assert kw["diameter"] == 25.0 and kw["normalize"] == {"percentile": [2.0, 98.0]} and kw["resample"] is True
 
 
+def test_cli_summary_says_what_to_try(tmp_path, stub, capsys):
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    tifffile.imwrite(blank / "empty.tif", np.zeros((128, 128), np.uint16))  # the stand-in finds nothing
+    rc, out, err = _run(["--dir", str(blank), "--pretrained_model", "stub"], capsys)
+    assert rc == 0, err
+    assert "empty.tif: 0 masks" in out and "  try: No cells found" in out
+
+
 def test_cli_savedir_in_folders_no_npy_and_edges(folder, stub, capsys, tmp_path):
     from cellpose_web import dynamics
 

@@ -1,13 +1,15 @@
 """Runs under control (cancel, ETA, results kept per browser), fine-tune defaults per base model,
 "what to try" hints and z-stack counts."""
-import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import standin
 from cellpose_web import hints, train
 from cellpose_web.service import models_cache, runs
-from tests.test_ui_app import EXAMPLE, ThresholdModel
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "u2os_nuclei.tif"
 
 
 # ------------------------------------------------------------------ run registry
@@ -62,10 +64,7 @@ def test_progress_line_has_an_eta():
 
 @pytest.fixture
 def thresh_model(monkeypatch):
-    cm = models_cache.CachedModel(ThresholdModel(), "thresh", "cd" * 32, "/nowhere", "test", threading.Lock())
-    monkeypatch.setattr(models_cache, "get_model", lambda name: cm)
-    monkeypatch.setenv("CELLPOSE_WEB_DEFAULT_MODEL", "thresh")
-    return cm
+    return standin.install(monkeypatch)
 
 
 def test_segment_run_cancel_keeps_model_free_and_reload_restores(thresh_model):

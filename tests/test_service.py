@@ -234,6 +234,9 @@ def test_batch_bad_file_listed_others_processed(tmp_path, fake_model):
                           puncta=batch.PunctaParams(channel=0, threshold=0.2))
     assert res["n_ok"] == 2
     summary = pd.read_csv(res["summary_csv"], comment="#")
+    assert list(summary.columns[:2]) == ["image", "n_cells"]  # the useful columns first, long ones last
+    cols = list(summary.columns)
+    assert cols.index("n_cells") < cols.index("status") < cols.index("reason") < cols.index("model_sha256")
     ok = summary[summary.status == "ok"].set_index("image")
     assert set(ok.index) == {"one.tif", "two.tif"}
     assert ok.loc["one.tif", "n_cells"] == standin.threshold_labels(_blobs(1)).max() > 1

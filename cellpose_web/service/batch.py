@@ -54,13 +54,30 @@ def _settings(params: SegmentParams, pixel_size_um: float | None, puncta: Puncta
                                   max_pixels=limits.max_pixels)
 
 
+#: summary.csv columns a reader wants first (when present), and the long ones that go last
+SUMMARY_FIRST = ("image", "n_cells", "median_area_um2", "median_area_px", "median_volume_um3", "median_volume_px",
+                 "puncta_in_cells", "mean_puncta_per_cell", "median_puncta_density_per_um2",
+                 "puncta_outside_cells", "puncta_total", "status")
+SUMMARY_LAST = ("hint", "reason", "pixel_size_um", "model", "model_sha256", "cells_csv")
+
+
+def summary_column_order(columns) -> list[str]:
+    """The summary's columns with the useful ones first (image, n_cells, sizes, puncta, status) and
+    the long ones (what to try, error reason, model hash, file paths) last."""
+    cols = list(columns)
+    first = [c for c in SUMMARY_FIRST if c in cols]
+    last = [c for c in SUMMARY_LAST if c in cols]
+    return first + [c for c in cols if c not in first and c not in last] + last
+
+
 def _row(image: str, r: dict[str, Any]) -> dict[str, Any]:
     """A summary row from :func:`cellpose_web.pipeline.process_file`'s result (or its error)."""
     if r.get("error"):
         return {"image": image, "status": "error", "reason": r["error"]}
     m = r.get("model") or {}
     return {"image": image, "status": "ok", **r.get("summary", {}), "pixel_size_um": r.get("pixel_size_um"),
-            "model": m.get("name"), "model_sha256": m.get("sha256"), "cells_csv": r["files"]["cells_csv"]}
+            "model": m.get("name"), "model_sha256": m.get("sha256"), "cells_csv": r["files"]["cells_csv"],
+            "hint": r.get("hint", "")}
 
 
 def process_image(path: str | Path, stem: str, params: SegmentParams, model_name: str, out_dir: str | Path,
@@ -177,8 +194,7 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
         summary = pd.DataFrame(rows)
         if "reason" not in summary:
             summary["reason"] = ""
-        first = ["image", "status", "reason"]
-        summary = summary[first + [c for c in summary.columns if c not in first]]
+        summary = summary[summary_column_order(summary.columns)]
         all_cells = pd.concat(cells, ignore_index=True) if cells else pd.DataFrame(columns=["image", "label"])
         ok_rows = [r for r in rows if r.get("status") == "ok"]
         from cellpose_web import __version__

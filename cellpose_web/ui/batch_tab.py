@@ -104,8 +104,8 @@ def build(ctx: dict[str, Any]) -> None:
             status = gr.Markdown("No batch running.", elem_id="batch-status")
             result = gr.File(label="Results (zip, summary CSV, all-cells CSV)", file_count="multiple",
                              interactive=False, elem_id="batch-result")
-            summary = gr.Dataframe(pd.DataFrame(columns=["image", "status", "n_cells", "median_area_px",
-                                                         "median_area_um2", "reason"]), label="Summary: one row per image (cell count, median area px / µm², "
+            summary = gr.Dataframe(pd.DataFrame(columns=["image", "n_cells", "median_area_um2", "median_area_px",
+                                                         "status", "hint", "reason"]), label="Summary: one row per image (cell count, median area px / µm², "
                                          "puncta)", interactive=False, max_height=320, elem_id="batch-summary")
             with gr.Accordion("Earlier batches (kept on the server)", open=False):
                 history = gr.Dataframe(jobs_table(None), interactive=False, elem_id="batch-history")
