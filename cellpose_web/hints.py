@@ -108,7 +108,7 @@ def suggest(masks: np.ndarray, diameter: float | None = None, n_channels: int = 
     if not diameter and med < 8:
         return (f"Objects are only about {med:.0f} px across: if the cells are larger, give their size as "
                 f"Diameter,{channel_tip} or try {other}.")
-    if n >= 3 and border_fraction(m) > 0.5:
+    if n >= 3 and border_fraction(m) > 0.5 and med > min(m.shape) / 4:  # small crops cut many cells: fine
         return (f"Most cells ({100 * border_fraction(m):.0f} %) touch the image border: cells may be larger "
                 f"than the model expects (give their size as Diameter), or{channel_tip or ' '} try {other}.")
     return ""

@@ -229,14 +229,17 @@ def is_volumetric(s: common.Session) -> bool:
 
 
 def count_text(s: common.Session, n: int) -> str:
-    """'12 cells', '20 3D cells' or '834 masks in 60 Z planes' (see hints.count_text)."""
+    """'12 cells', '20 3D cells' or '834 masks in 60 Z planes' (see hints.count_text); masks loaded
+    from a file are counted as the file labels them ('N cells')."""
     ndim = 3 if (s.masks is not None and s.masks.ndim == 3) else 2
+    if (s.provenance or {}).get("masks_from_file"):
+        return W.plural(n, "cell")
     return hints.count_text(n, ndim, s.masks.shape[0] if ndim == 3 else 1, is_volumetric(s))
 
 
 def stack_note(s: common.Session) -> str:
     """For a plane-by-plane stack: say so, and offer stitching when the planes show the same cells."""
-    if s.masks is None or s.masks.ndim != 3 or is_volumetric(s):
+    if s.masks is None or s.masks.ndim != 3 or is_volumetric(s) or (s.provenance or {}).get("masks_from_file"):
         return ""
     linked = hints.planes_linked(s.masks)
     if linked >= 0.5:
@@ -249,7 +252,7 @@ def stack_note(s: common.Session) -> str:
 def stitch_offer(s: common.Session | None):
     """Show the 'Stitch planes into 3D cells' button only for plane-by-plane results whose planes link."""
     show = (s is not None and s.masks is not None and s.masks.ndim == 3 and not is_volumetric(s)
-            and hints.planes_linked(s.masks) >= 0.5)
+            and not (s.provenance or {}).get("masks_from_file") and hints.planes_linked(s.masks) >= 0.5)
     return gr.update(visible=bool(show))
 
 

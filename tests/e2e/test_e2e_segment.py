@@ -21,7 +21,8 @@ def upload_and_segment(page, path=EXAMPLE, example=False):
     page.click("#seg-run")
     page.wait_for_function(
         "() => { const s = document.querySelector('#seg-count strong');"
-        " return s && /^\\d+ cells?$/.test(s.innerText.trim()); }", timeout=180_000)
+        " return s && /^\\d+ (cells?|3D cells?|masks? in \\d+ Z planes?)$/.test(s.innerText.trim()); }",
+        timeout=180_000)
     return page.inner_text("#seg-count")
 
 
