@@ -106,6 +106,8 @@ def test_finetune_tab_fills_the_base_models_recipe():
     epochs, lr, wd, note = finetune_tab.recipe_for("lite")
     assert (epochs, lr, wd) == (r["n_epochs"], r["learning_rate"], r["weight_decay"]) and "lite" in note
     assert finetune_tab.recipe_for("no_such_model")[1] == 1e-5
+    assert training.finetune_defaults("cyto3")["arch"] == "cellpose3"  # known by name, nothing downloaded
+    assert training.finetune_defaults("cpsam_v2")["learning_rate"] == 1e-5
 
 
 # ------------------------------------------------------------------ hints and counts

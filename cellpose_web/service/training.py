@@ -189,7 +189,13 @@ def split_holdout(n: int, fraction: float = 0.2, seed: int = 0) -> tuple[list[in
 
 
 def base_model_arch(base_model: str) -> str:
-    """Network family of a model name: "lite", "cpsam", "cellpose3" ("" when it cannot be told)."""
+    """Network family of a model name: "lite", "cpsam", "cellpose3" ("" when it cannot be told).
+    Hub and Cellpose 1-3 names are known without downloading them."""
+    from cellpose_web import registry
+    if base_model in registry.LEGACY_MODELS:
+        return "cellpose3"
+    if base_model in registry.HUB_MODELS:
+        return "cpsam"
     try:
         return models_cache.resolve(base_model).get("arch") or ""
     except CellposeWebError:
