@@ -177,7 +177,7 @@ CASES: list[Case] = [
     Case("bool_array", "array", _good > 500, OK, OK),
     Case("complex_array", "array", _good.astype(np.complex64) + 1j, "complex", "complex"),
     Case("float_nan_inf", "array", np.vstack([np.where(_good[:32] > 500, np.nan, np.inf), _good[32:]]).astype(np.float32),
-         OK, "NaN or infinite"),
+         OK, OK),  # one pipeline for app and CLI: non-finite pixels are set to 0
     Case("all_nan", "array", np.full((64, 64), np.nan, np.float32), "no finite", "NaN or infinite"),
     Case("one_by_n", "array", rng.random((1, 300)).astype(np.float32), "at least 2 pixels", "at least 3 pixels"),
     Case("five_d", "array", rng.random((2, 2, 2, 32, 32)).astype(np.float32), "dimensions", "5 dimensions"),
@@ -212,7 +212,7 @@ CASES: list[Case] = [
     Case("percentiles_reversed", "params", ({"lo": 99, "hi": 1}, ["--norm_percentile", "99", "1"]), "percentile",
          "norm_percentile"),
     Case("stitch_2", "params", ({"stitch": 2}, ["--stitch_threshold", "2"]), "Stitch", "--stitch_threshold"),
-    Case("channel_axis_7", "params", ({"ch_axis": "7"}, ["--channel_axis", "7"]), "Channel axis 7", "channel_axis=7"),
+    Case("channel_axis_7", "params", ({"ch_axis": "7"}, ["--channel_axis", "7"]), "Channel axis 7", "channel axis 7"),
     Case("pixel_size_negative", "params", ({"px": -1}, NA), "Pixel size", NA),
     # --- code in files
     Case("evil_seg_npy", "seg", None, "refused", "refused"),
@@ -291,7 +291,7 @@ def _write_input(case: Case, tmp: Path, layer: str) -> Path:
 
 
 def _app_params(over: dict):
-    from cellpose_web.ui import segment_tab
+    from cellpose_web.ui import common, segment_tab
 
     a = dict(diameter=None, flow=0.4, cellprob=0.0, niter=0, min_size=15, ch_axis="auto", z_axis="auto", channels="",
              lo=1.0, hi=99.0, do3d=False, aniso=None, stitch=0)
@@ -302,11 +302,11 @@ def _app_params(over: dict):
 
 def _app_segment(path: Path, over: dict | None = None):
     """What the Segment tab does for an upload + Run (load_image, make_params, run_segmentation)."""
-    from cellpose_web.ui import segment_tab
+    from cellpose_web.ui import common, segment_tab
 
     over = over or {}
     s, _, _ = segment_tab.load_image(str(path), None)
-    return segment_tab.run_segmentation(s, MODEL, _app_params(over), segment_tab._pixel(over.get("px")), None)
+    return segment_tab.run_segmentation(s, MODEL, _app_params(over), common.parse_pixel_size(over.get("px")), None)
 
 
 def app_outcome(case: Case, e: dict) -> str:
