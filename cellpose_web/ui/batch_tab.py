@@ -14,7 +14,7 @@ import pandas as pd
 
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.measure import PunctaParams
-from cellpose_web.service import batch, jobs, models_cache
+from cellpose_web.service import batch, jobs, models_cache, runs
 from cellpose_web.service.segment import SegmentParams
 from cellpose_web.ui import common, segment_tab, widgets as W
 
@@ -76,7 +76,8 @@ def build(ctx: dict[str, Any]) -> None:
                             file_types=[".zip", ".tif", ".tiff", ".png", ".jpg", ".jpeg"], elem_id="batch-files")
             model = gr.Dropdown(names, value=default, label="Model", elem_id="batch-model")
             with gr.Row():
-                diameter = gr.Number(None, label="Diameter (px)", info="0 or blank = automatic", minimum=0)
+                diameter = gr.Textbox("", label="Diameter (px)", info="blank = automatic", placeholder="automatic",
+                                      elem_id="batch-diameter")
                 pixel = gr.Number(None, label="Pixel size (µm/px)", info="used when a file has none", minimum=0)
             with gr.Row():
                 flow = gr.Slider(0, 3, 0.4, step=0.05, label="Flow threshold")
@@ -126,9 +127,14 @@ def build(ctx: dict[str, Any]) -> None:
         job = start_batch([f for f in (files or [])], model, params, common.parse_pixel_size(pixel_size_um), pp, user)
         jm = jobs.manager(user)
         yield job.id, f"Batch **{job.id}** queued…", gr.skip(), gr.skip(), jobs_table(user)
+        started = None
         while True:
             st = jm.get(job.id) or {}
-            progress(st.get("progress", 0.0), desc=st.get("message", ""))
+            if started is None and st.get("state") == "running":
+                started = time.monotonic()
+            frac = float(st.get("progress", 0.0))
+            progress(frac, desc=runs.progress_line(frac, time.monotonic() - started, st.get("message", ""))
+                     if started is not None else st.get("message", ""))
             if st.get("state") not in jobs.ACTIVE:
                 break
             time.sleep(0.5)
