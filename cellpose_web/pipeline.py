@@ -350,6 +350,11 @@ def segment(loaded: LoadedModel, image: np.ndarray, eval_kwargs: dict[str, Any],
         raise CellposeWebError("3D / stitching needs a z-stack; this image is 2D. Untick 'do_3D' and set the stitch "
                                "threshold to 0.")
     chans = check_channels(segment_channels, img.shape[-1])
+    if chans and kw.get("channels") is not None:
+        # Cellpose 3's [cytoplasm, nucleus] count from 1 in the image given to eval: with a selection
+        # first they would no longer be the file's numbers
+        raise CellposeWebError("Choose the channels one way: either the segmentation channels (file numbering) or "
+                               "Cellpose 3's cytoplasm/nucleus channels, not both.")
     x = img[..., chans] if chans else img
     notices = []
     if x.shape[-1] > 3 and not chans:

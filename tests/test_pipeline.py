@@ -102,6 +102,8 @@ def test_segment_channels_are_file_channels():
     assert table["integrated_intensity_ch2"].iloc[0] == 30 * 16
     with pytest.raises(CellposeWebError, match="Segmentation channel 3 does not exist.*3 channel"):
         pipeline.segment(loaded, img, {}, file_axes="CYX", segment_channels=[3])
+    with pytest.raises(CellposeWebError, match="one way"):  # Cellpose 3's pair counts in the file already
+        pipeline.segment(loaded, img, {"channels": [2, 3]}, file_axes="CYX", segment_channels=[1, 2])
 
 
 def test_one_model_cache_shared_and_forgotten_by_name():
