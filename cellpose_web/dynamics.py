@@ -33,7 +33,7 @@ import contextlib
 import logging
 import math
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -855,10 +855,17 @@ def flow_error(masks, dP, device=None, threshold: float | None = None) -> tuple[
     return errors, mu.to(torch.float32).cpu().numpy()
 
 
-def remove_bad_flow_masks(masks, dP, threshold: float = 0.4, device=None) -> np.ndarray:
-    """Remove masks whose flow error (see :func:`flow_error`) is above ``threshold``; renumber."""
+def remove_bad_flow_masks(masks, dP, threshold: float = 0.4, device=None,
+                          flow_error_fn: Callable | None = None) -> np.ndarray:
+    """Remove masks whose flow error (see :func:`flow_error`) is above ``threshold``; renumber.
+
+    ``flow_error_fn(labels, dP) -> errors (N,)`` replaces :func:`flow_error` (Cellpose 3 models use
+    Cellpose 3's own flows, ``legacy.flow_error``)."""
     lab = _as_labels(masks, "masks")
-    errors, _ = flow_error(lab, dP, device=device, threshold=threshold)
+    if flow_error_fn is not None:
+        errors = np.asarray(flow_error_fn(lab, dP))
+    else:
+        errors, _ = flow_error(lab, dP, device=device, threshold=threshold)
     bad = np.zeros(len(errors) + 1, dtype=bool)
     bad[1:] = errors > threshold
     out = lab.copy()
@@ -877,6 +884,7 @@ def compute_masks(
     do_3D: bool = False,
     device=None,
     interp: bool | str = True,
+    flow_error_fn: Callable | None = None,
 ) -> np.ndarray:
     """Masks from network flows and cell probability (Cellpose 4 ``resize_and_compute_masks``).
 
@@ -899,6 +907,8 @@ def compute_masks(
         Where the integration and the flow check run (CPU when None).
     interp : True, "pixel" or False
         How the flows are read during integration, see :func:`follow_flows` (True: Cellpose 4).
+    flow_error_fn : None, or ``f(labels, dP) -> errors (N,)`` for the flow check (see
+        :func:`remove_bad_flow_masks`).
 
     Returns
     -------
@@ -930,7 +940,7 @@ def compute_masks(
     del p_final
     is3d = cellprob.ndim == 3 or do_3D
     if not is3d and mask.max() > 0 and flow_threshold is not None and flow_threshold > 0:
-        mask = remove_bad_flow_masks(mask, dP, threshold=flow_threshold, device=device)
+        mask = remove_bad_flow_masks(mask, dP, threshold=flow_threshold, device=device, flow_error_fn=flow_error_fn)
     if mask.max() < 2**16 and mask.dtype != np.uint16:
         mask = mask.astype(np.uint16)
     mask = fill_holes_and_remove_small_masks(mask, min_size=min_size)

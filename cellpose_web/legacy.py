@@ -232,6 +232,89 @@ def run_3D(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment:
 
 
 # --------------------------------------------------------------------------------------------
+# Cellpose 3's flow check (its CPU flows: per-object diffusion in float64)
+# --------------------------------------------------------------------------------------------
+def masks_to_flows(masks: np.ndarray, max_elements: int = 4_000_000) -> np.ndarray:
+    """Unit flows (2, Y, X) float64 of a 2D label image as Cellpose 3 computes them on a CPU.
+
+    Each object diffuses heat from its centre pixel (the mask pixel nearest its mean) inside its
+    bounding box plus a 1-pixel border, for 2 * (box height + box width + 4) steps of the 3x3 mean
+    (sum of the 9 neighbours in Cellpose's order, times 1/9) on its own pixels; the flow is the
+    central difference of the heat, normalised. Objects of similar size are stepped together in
+    padded stacks of at most ``max_elements`` values.
+    """
+    from scipy.ndimage import find_objects
+
+    masks = np.asarray(masks)
+    mu = np.zeros((2, *masks.shape), np.float64)
+    boxes = [(i + 1, sl) for i, sl in enumerate(find_objects(masks)) if sl is not None]
+    boxes.sort(key=lambda b: (b[1][0].stop - b[1][0].start + 2) * (b[1][1].stop - b[1][1].start + 2))
+    k = 0
+    while k < len(boxes):
+        ly = max(b[1][0].stop - b[1][0].start for b in boxes[k:k + 1]) + 2
+        group = []
+        hmax = wmax = 0
+        while k < len(boxes):
+            lab, (sr, sc) = boxes[k]
+            h, w = sr.stop - sr.start + 2, sc.stop - sc.start + 2
+            H, W = max(hmax, h), max(wmax, w)
+            if group and (len(group) + 1) * H * W > max_elements:
+                break
+            group.append(boxes[k])
+            hmax, wmax = H, W
+            k += 1
+        del ly
+        n = len(group)
+        inside = np.zeros((n, hmax + 2, wmax + 2), bool)  # one more zero ring: neighbours of the border
+        steps = np.zeros(n, np.int64)
+        centre = np.zeros((n, 2), np.int64)
+        for j, (lab, (sr, sc)) in enumerate(group):
+            m = masks[sr, sc] == lab
+            inside[j, 2:2 + m.shape[0], 2:2 + m.shape[1]] = m
+            y, x = np.nonzero(m)
+            y, x = y + 1, x + 1  # coordinates in the box with its 1-pixel border
+            i = ((x - x.mean()) ** 2 + (y - y.mean()) ** 2).argmin()
+            centre[j] = (y[i] + 1, x[i] + 1)  # + the extra zero ring
+            steps[j] = 2 * ((sr.stop - sr.start + 2) + (sc.stop - sc.start + 2))
+        T = np.zeros(inside.shape, np.float64)
+        idx = np.arange(n)
+        for t in range(int(steps.max())):
+            act = idx[steps > t]
+            T[act, centre[act, 0], centre[act, 1]] += 1
+            Ta = T[act]
+            c = Ta[:, 1:-1, 1:-1]
+            up, down = Ta[:, :-2, 1:-1], Ta[:, 2:, 1:-1]
+            left, right = Ta[:, 1:-1, :-2], Ta[:, 1:-1, 2:]
+            ul, ur, dl, dr = Ta[:, :-2, :-2], Ta[:, :-2, 2:], Ta[:, 2:, :-2], Ta[:, 2:, 2:]
+            new = 1 / 9. * (c + up + down + left + right + ul + ur + dl + dr)
+            sub = inside[act, 1:-1, 1:-1]
+            c[sub] = new[sub]
+            T[act] = Ta
+        for j, (lab, (sr, sc)) in enumerate(group):
+            m = inside[j, 2:2 + sr.stop - sr.start, 2:2 + sc.stop - sc.start]
+            y, x = np.nonzero(m)
+            Y, X = y + 2, x + 2
+            mu[0, sr.start + y, sc.start + x] = T[j, Y + 1, X] - T[j, Y - 1, X]
+            mu[1, sr.start + y, sc.start + x] = T[j, Y, X + 1] - T[j, Y, X - 1]
+    mu /= (1e-60 + (mu ** 2).sum(axis=0) ** 0.5)
+    return mu
+
+
+def flow_error(masks: np.ndarray, dP: np.ndarray) -> np.ndarray:
+    """Cellpose 3's flow error per object: mean over its pixels of the squared difference between
+    its own flows (:func:`masks_to_flows`) and the network's ``dP / 5``, summed over Y and X. (N,)."""
+    from scipy.ndimage import mean
+
+    masks = np.asarray(masks)
+    mu = masks_to_flows(masks)
+    n = int(masks.max())
+    errors = np.zeros(n)
+    for i in range(2):
+        errors += mean((mu[i] - np.asarray(dP[i]) / 5.) ** 2, masks, index=np.arange(1, n + 1))
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
 # one image or stack
 # --------------------------------------------------------------------------------------------
 def _masks(shape, dP, cellprob, *, niter, cellprob_threshold, flow_threshold, min_size, max_size_fraction,
@@ -253,7 +336,8 @@ def _masks(shape, dP, cellprob, *, niter, cellprob_threshold, flow_threshold, mi
     for i in range(nimg):
         m = dynamics.compute_masks(dP[:, i], cellprob[i], niter=niter, cellprob_threshold=cellprob_threshold,
                                    flow_threshold=flow_threshold, min_size=-1, max_size_fraction=max_size_fraction,
-                                   device=device, interp="pixel" if interp is True else interp)
+                                   device=device, interp="pixel" if interp is True else interp,
+                                   flow_error_fn=flow_error)
         if m.shape != (Ly, Lx):
             m = transforms.resize_image(m, Ly, Lx, interpolation="nearest")
         out.append(dynamics.fill_holes_and_remove_small_masks(np.asarray(m), min_size=per_plane_min))
