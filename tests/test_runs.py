@@ -60,6 +60,7 @@ def test_progress_line_has_an_eta():
     assert runs.eta_seconds(0.01, 10.0) is None
     line = runs.progress_line(0.5, 65.0, "image 3/6")
     assert line == "image 3/6 · 1 min 05 s elapsed, about 1 min 05 s left"
+    assert runs.progress_line(0.5, 10.0, "network (about 9 s left)") == "network (about 9 s left) · 10 s elapsed"
 
 
 @pytest.fixture

@@ -74,6 +74,8 @@ def format_duration(seconds: float) -> str:
 def progress_line(fraction: float, elapsed_s: float, message: str = "") -> str:
     """'image 3/20: tiles 4/9 · 12 s elapsed, about 22 s left' (progress bars show the percentage)."""
     eta = eta_seconds(fraction, elapsed_s)
+    if " left" in message:  # eval already says how long is left for its part: do not say it twice
+        eta = None
     parts = [message] if message else []
     parts.append(f"{format_duration(elapsed_s)} elapsed" + (f", about {format_duration(eta)} left" if eta else ""))
     return " · ".join(parts)
