@@ -232,3 +232,32 @@ def test_train_seg_fine_tunes_a_cellpose3_unet(cp3_dir, tmp_path):
     assert tuned.legacy and abs(float(tuned.diam_labels) - float(sd["diam_labels"])) < 1e-6
     masks = tuned.eval(imgs[0], channels=[1, 2], channel_axis=-1, diameter=25)[0]
     assert masks.shape == imgs[0].shape[:2]
+
+
+# ------------------------------------------------------------------------------------------ own fixture
+# tests/data/cp3_wholecell_seed9000.npz: a 256x256 two-channel whole-cell image (synthetic.py, seed 9000,
+# cytoplasm + nuclei) run through the published Cellpose 3.1.1.2 with cp_cyto.pth, channels [1, 2] and
+# the true diameter (25.8 px): its masks, dP and cellprob. On it Cellpose 4's flow check removes one
+# object that Cellpose 3's keeps, so it checks that legacy models use Cellpose 3's flows for the check.
+@pytest.fixture(scope="module")
+def own():
+    from pathlib import Path
+    return dict(np.load(Path(__file__).parent / "data" / "cp3_wholecell_seed9000.npz"))
+
+
+def test_cellpose3_flow_check_on_its_own_flows(own):
+    from cellpose_web import legacy
+
+    niter = int(np.uint32(1 / (np.float32(30.0) / float(own["diameter"])) * 200))
+    masks = dynamics.compute_masks(own["dP"], own["cellprob"], niter=niter, interp="pixel",
+                                   flow_error_fn=legacy.flow_error)
+    assert np.array_equal(masks, own["masks"])
+
+
+@pytest.mark.slow
+def test_whole_cell_image_not_in_the_fixtures_matches_cellpose3(own):
+    model = models.CellposeModel(pretrained_model="cp_cyto")
+    masks, flows, _ = model.eval(own["image"], channels=own["channels"].tolist(), channel_axis=-1,
+                                 diameter=float(own["diameter"]))
+    np.testing.assert_allclose(flows[1], own["dP"], atol=1e-3)
+    assert np.array_equal(masks, own["masks"])
