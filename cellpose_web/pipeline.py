@@ -334,12 +334,15 @@ def distinct_plane_labels(planes: list[np.ndarray]) -> np.ndarray:
 
 def segment(loaded: LoadedModel, image: np.ndarray, eval_kwargs: dict[str, Any], channel_axis: int | None = None,
             z_axis: int | None = None, file_axes: str = "", segment_channels: list[int] | None = None,
-            exclude_on_edges: bool = False, progress: ProgressFn | None = None) -> Segmentation:
+            exclude_on_edges: bool = False, progress: ProgressFn | None = None,
+            measure_only_channels: list[int] | None = None) -> Segmentation:
     """Segment one image (as read from its file) with a loaded model.
 
     image : 2D, 2D + channels, or a z-stack (+ channels), axes as :func:`find_axes`.
     eval_kwargs : ``CellposeModel.eval`` keywords (diameter, thresholds, normalize, do_3D, ...).
     segment_channels : file channel numbers fed to the model, in that order (None: all).
+    measure_only_channels : file channels kept out of segmentation when ``segment_channels`` is None
+        (e.g. the puncta channel: PIEZO1 spots would otherwise be segmented as tiny "cells").
     A stack without do_3D or stitch_threshold is segmented plane by plane, each plane's cells
     getting labels of their own.
     """
@@ -350,13 +353,19 @@ def segment(loaded: LoadedModel, image: np.ndarray, eval_kwargs: dict[str, Any],
         raise CellposeWebError("3D / stitching needs a z-stack; this image is 2D. Untick 'do_3D' and set the stitch "
                                "threshold to 0.")
     chans = check_channels(segment_channels, img.shape[-1])
+    notices = []
+    if not chans and measure_only_channels and kw.get("channels") is None and img.shape[-1] > 1:
+        keep = [c for c in range(img.shape[-1]) if c not in set(measure_only_channels)]
+        if keep and len(keep) < img.shape[-1]:
+            chans = keep
+            notices.append(f"segmenting on channel(s) {', '.join(map(str, keep))}; channel(s) "
+                           f"{', '.join(map(str, sorted(set(measure_only_channels))))} only measured (puncta)")
     if chans and kw.get("channels") is not None:
         # Cellpose 3's [cytoplasm, nucleus] count from 1 in the image given to eval: with a selection
         # first they would no longer be the file's numbers
         raise CellposeWebError("Choose the channels one way: either the segmentation channels (file numbering) or "
                                "Cellpose 3's cytoplasm/nucleus channels, not both.")
     x = img[..., chans] if chans else img
-    notices = []
     if x.shape[-1] > 3 and not chans:
         notices.append(f"the image has {x.shape[-1]} channels and the model sees the first 3; choose the "
                        "segmentation channels to use others")
@@ -563,7 +572,8 @@ def process_file(path: str | os.PathLike, loaded: LoadedModel, settings: ImageSe
     img, axes, px_file = read_image(f, settings.max_pixels)
     px = px_file or settings.pixel_size_um
     seg = segment(loaded, img, settings.eval_kwargs, settings.channel_axis, settings.z_axis, axes,
-                  settings.segment_channels, settings.exclude_on_edges)
+                  settings.segment_channels, settings.exclude_on_edges,
+                  measure_only_channels=[settings.puncta.channel] if settings.puncta is not None else None)
     table = spots = None
     if settings.measure:
         table, spots = measure_segmentation(seg, px, settings.puncta)

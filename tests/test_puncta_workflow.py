@@ -72,3 +72,19 @@ def test_cli_puncta_flags_give_the_python_table(planted, lite, tmp_path, capsys)
     csv = pd.read_csv(tmp_path / "piezo1_cells.csv", comment="#")
     pd.testing.assert_frame_equal(csv, pd.read_csv(pd.io.common.StringIO(py.to_csv(index=False, float_format="%.6g"))))
     assert '"segment": [1, 2]' in (tmp_path / "piezo1_cells.csv").read_text()
+
+
+def test_puncta_channel_is_kept_out_of_segmentation_by_default(planted, lite, tmp_path):
+    """With no segmentation channels chosen, the named puncta channel is measured, not segmented:
+    the same cells and puncta as choosing the other two channels by hand (the issue's 295 "cells"
+    of 25 px came from segmenting the spots)."""
+    loaded = pipeline.LoadedModel(lite, "lite", "", "")
+    chosen = pipeline.process_file(planted.path, loaded, pipeline.ImageSettings(
+        segment_channels=[1, 2], puncta=measure.PunctaParams(channel=0)), tmp_path / "a",
+        pipeline.SaveOptions(tif=True))
+    default = pipeline.process_file(planted.path, loaded, pipeline.ImageSettings(
+        puncta=measure.PunctaParams(channel=0)), tmp_path / "b", pipeline.SaveOptions(tif=True))
+    assert default["n_masks"] == chosen["n_masks"] == len(planted.counts)
+    assert default["summary"]["puncta_in_cells"] == sum(planted.counts)
+    np.testing.assert_array_equal(io.imread(default["files"]["masks_tif"]), io.imread(chosen["files"]["masks_tif"]))
+    assert any("only measured" in n for n in default["notices"])

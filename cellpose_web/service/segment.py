@@ -140,9 +140,11 @@ def _duration(model_name, img, *a, **k) -> int:
 
 @gpu.gpu_task(_duration)
 def _segment_on_device(model_name: str, img: np.ndarray, params: SegmentParams, file_axes: str,
-                       progress: ProgressFn | None) -> pipeline.Segmentation:
+                       progress: ProgressFn | None, measure_only_channels: list[int] | None = None
+                       ) -> pipeline.Segmentation:
     return pipeline.segment(models_cache.get_model(model_name), img, params.eval_kwargs(), params.channel_axis,
-                            params.z_axis, file_axes, params.channels, progress=progress)
+                            params.z_axis, file_axes, params.channels, progress=progress,
+                            measure_only_channels=measure_only_channels)
 
 
 def segment(image: np.ndarray, params: SegmentParams, model_name: str, image_name: str = "image",
@@ -157,7 +159,8 @@ def segment(image: np.ndarray, params: SegmentParams, model_name: str, image_nam
     limits = limits or Limits.from_env()
     params = params.validated(limits)
     try:
-        seg = _segment_on_device(model_name, image, params, file_axes, progress)
+        seg = _segment_on_device(model_name, image, params, file_axes, progress,
+                                 [puncta.channel] if puncta is not None else None)
     except (CellposeWebError, FileNotFoundError):
         raise
     except MemoryError:

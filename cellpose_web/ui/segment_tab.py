@@ -350,7 +350,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 with gr.Row():
                     ch_axis = gr.Dropdown(common.axis_choices(4), value="auto", label="Channel axis")
                     z_axis = gr.Dropdown(common.axis_choices(4), value="auto", label="Z axis")
-                    channels = gr.Textbox("", label="Segmentation channels", placeholder="e.g. 1,2 (blank = all)",
+                    channels = gr.Textbox("", label="Segmentation channels", placeholder="e.g. 1,2 (blank = all but puncta)",
                                           info="file channels the model sees (0 = first, as in the file); "
                                                "every channel is measured", elem_id="seg-channels")
                 with gr.Row():
