@@ -77,7 +77,7 @@ def build(ctx: dict[str, Any]) -> None:
             model = gr.Dropdown(names, value=default, label="Model", elem_id="batch-model")
             with gr.Row():
                 diameter = gr.Textbox("", label="Diameter (px)", info="blank = automatic", placeholder="automatic",
-                                      elem_id="batch-diameter")
+                                      max_lines=1, elem_id="batch-diameter")
                 pixel = gr.Number(None, label="Pixel size (µm/px)", info="used when a file has none", minimum=0)
             with gr.Row():
                 flow = gr.Slider(0, 3, 0.4, step=0.05, label="Flow threshold")

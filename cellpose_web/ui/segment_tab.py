@@ -336,7 +336,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                                      info="a nuclear stain helps to split touching cells", elem_id="seg-cp3-nuc")
             with gr.Row():
                 diameter = gr.Textbox("", label="Diameter (px)", info="blank = automatic", placeholder="automatic",
-                                      elem_id="seg-diameter")
+                                      max_lines=1, elem_id="seg-diameter")
                 pixel = gr.Number(None, label="Pixel size (µm/px)", info="filled from the file; 0 = unknown", minimum=0,
                                   elem_id="seg-pixel")
             with gr.Row():

@@ -89,6 +89,9 @@ def test_cellpose3_model_uploaded_segments_batches_and_fine_tunes(page, referenc
     page.get_by_role("button", name="Add pairs to the training set").click()
     page.wait_for_selector("text=Added 2 pair(s)")
     choose(page, "ft-base", "lab_cp3")
+    # the base model's fine-tune defaults fill the boxes first (Cellpose 3's recipe), then we override
+    page.wait_for_selector("#ft-recipe :text('Defaults for lab_cp3')")
+    assert float(page.locator("#ft-lr input").input_value()) == 0.005
     page.locator("#ft-name textarea, #ft-name input").first.fill("lab_cp3_tuned")
     page.locator("#ft-epochs input").fill("1")
     page.click("#ft-start")
