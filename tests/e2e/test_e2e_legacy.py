@@ -48,7 +48,7 @@ def test_cellpose3_model_uploaded_segments_batches_and_fine_tunes(page, referenc
     choose(page, "seg-cp3-nuc", "1: red")
     page.set_input_files("#seg-file input[type=file]", str(img_path))
     page.wait_for_selector("#seg-info :text('whole_cells.tif')")
-    page.locator("#seg-diameter input").fill("40")
+    page.locator("#seg-diameter input, #seg-diameter textarea").first.fill("40")
     page.click("#seg-run")
     page.wait_for_function("() => { const s = document.querySelector('#seg-count strong');"
                            " return s && /^\\d+ cells?$/.test(s.innerText.trim()); }", timeout=300_000)
