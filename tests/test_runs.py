@@ -53,6 +53,10 @@ def test_results_kept_per_owner_and_bounded():
     reg.keep(runs.owner_key(None, "b3"), "r3")
     assert reg.kept(runs.owner_key("alice", "b1")) is None  # oldest dropped
     assert runs.owner_key("x", "") == "" and reg.kept("") is None
+    small = runs.RunRegistry(max_bytes=100)
+    assert small.keep("a", "ra", nbytes=60) and small.keep("b", "rb", nbytes=60)
+    assert small.kept("a") is None and small.kept("b") == "rb"  # memory bound: oldest dropped
+    assert not small.keep("c", "rc", nbytes=500) and small.kept("c") is None  # too big to keep at all
 
 
 def test_progress_line_has_an_eta():

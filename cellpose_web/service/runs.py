@@ -8,6 +8,7 @@ for the next user within seconds. No Gradio here: a script can use the same regi
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -16,8 +17,16 @@ from typing import Any, Callable
 
 from cellpose_web.errors import CellposeWebError
 
-#: finished results kept in memory (oldest dropped first); a result is one image's masks + table
+#: finished results kept in memory (oldest dropped first): at most this many, and at most
+#: CELLPOSE_WEB_KEEP_RESULTS_MB megabytes of arrays in all (default 2048)
 MAX_KEPT_RESULTS = 64
+
+
+def _max_kept_bytes() -> int:
+    try:
+        return int(float(os.environ.get("CELLPOSE_WEB_KEEP_RESULTS_MB", "2048")) * 2**20)
+    except ValueError:
+        return 2048 * 2**20
 
 
 class RunCancelled(CellposeWebError):
@@ -84,11 +93,12 @@ def progress_line(fraction: float, elapsed_s: float, message: str = "") -> str:
 class RunRegistry:
     """Active runs by key (one browser tab = one key) and finished results by owner (user + browser)."""
 
-    def __init__(self, max_kept: int = MAX_KEPT_RESULTS):
+    def __init__(self, max_kept: int = MAX_KEPT_RESULTS, max_bytes: int | None = None):
         self._lock = threading.Lock()
         self._active: dict[str, Run] = {}
-        self._kept: OrderedDict[str, Any] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self.max_kept = max_kept
+        self.max_bytes = _max_kept_bytes() if max_bytes is None else int(max_bytes)
 
     # ---------------------------------------------------------------- active runs
     def start(self, key: str, session: str = "") -> Run:
@@ -138,19 +148,24 @@ class RunRegistry:
             self.finish(run)
 
     # ---------------------------------------------------------------- finished results
-    def keep(self, owner: str, result: Any) -> None:
-        """Keep `result` as `owner`'s latest (replacing the previous one)."""
+    def keep(self, owner: str, result: Any, nbytes: int = 0) -> bool:
+        """Keep `result` (about `nbytes` of memory) as `owner`'s latest, replacing the previous one and
+        dropping the oldest results beyond the count and memory bounds; False if it is too big to keep."""
         if not owner:
-            return
+            return False
         with self._lock:
             self._kept.pop(owner, None)
-            self._kept[owner] = result
-            while len(self._kept) > self.max_kept:
+            if nbytes > self.max_bytes:
+                return False
+            self._kept[owner] = (result, int(nbytes))
+            while len(self._kept) > self.max_kept or sum(b for _, b in self._kept.values()) > self.max_bytes:
                 self._kept.popitem(last=False)
+            return True
 
     def kept(self, owner: str) -> Any | None:
         with self._lock:
-            return self._kept.get(owner) if owner else None
+            entry = self._kept.get(owner) if owner else None
+        return entry[0] if entry is not None else None
 
     def forget(self, owner: str) -> None:
         with self._lock:
