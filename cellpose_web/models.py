@@ -133,11 +133,15 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
         rsz, Lyr, Lxr = None, Ly0, Lx0
     if Lyr < 1 or Lxr < 1:
         raise CellposeWebError(f"the diameter makes the image {Lyr} x {Lxr} pixels; use a smaller diameter")
+    blocks = False
     if whole_image is None:
         mult = int(getattr(net, "multiple", 16))
         p = transforms.get_pad_yx(Lyr, Lxr, div=mult, extra=1)
-        whole_image = (bool(getattr(net, "fully_convolutional", False)) and not augment
-                       and (Lyr + p[0] + p[1]) * (Lxr + p[2] + p[3]) <= int(getattr(net, "max_whole_pixels", 0)))
+        fully_conv = bool(getattr(net, "fully_convolutional", False)) and not augment
+        whole_image = fully_conv and (Lyr + p[0] + p[1]) * (Lxr + p[2] + p[3]) <= int(getattr(net, "max_whole_pixels", 0))
+        blocks = fully_conv and not whole_image
+    if blocks:
+        return _run_blocks(net, imgs, rsz, Lyr, Lxr, prog)
     if whole_image:
         mult = int(getattr(net, "multiple", 16))
         ypad1, ypad2, xpad1, xpad2 = transforms.get_pad_yx(Lyr, Lxr, div=mult, extra=1)
@@ -208,6 +212,57 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
             yf[g0:g1] = out.permute(0, 2, 3, 1).cpu().numpy()
             if whole_image:
                 prog((gi + 1) / ngroups, "running the network")
+    return yf
+
+
+# Large images through a fully convolutional net: blocks of at most BLOCK_PIXELS (plus a context margin
+# of BLOCK_MARGIN px on every inner side, cut off again), each written straight into the output. The
+# network's activations then stay bounded (a 1024 x 1024 block of lite needs about 1.3 GB, mostly im2col
+# buffers of its full-resolution convolutions) and no padded copy of the whole image is made.
+BLOCK_PIXELS = 768 * 768
+BLOCK_MARGIN = 32
+
+
+def _run_blocks(net: torch.nn.Module, imgs: np.ndarray, rsz: float | None, Lyr: int, Lxr: int,
+                prog: "_Progress") -> np.ndarray:
+    """Run a fully convolutional net on (N, Ly, Lx, C) images in overlapping blocks; see ``run_net``."""
+    device, dtype = _net_device_dtype(net)
+    N = imgs.shape[0]
+    mult = int(getattr(net, "multiple", 16))
+    core = max(mult, int(math.sqrt(min(BLOCK_PIXELS, int(getattr(net, "max_whole_pixels", BLOCK_PIXELS))))))
+    core = max(mult, core - 2 * BLOCK_MARGIN)
+    ys = np.linspace(0, Lyr, math.ceil(Lyr / core) + 1).round().astype(int)
+    xs = np.linspace(0, Lxr, math.ceil(Lxr / core) + 1).round().astype(int)
+    nblocks = (len(ys) - 1) * (len(xs) - 1)
+    wpad = transforms.get_pad_yx(Lyr, Lxr, div=mult, extra=1)
+    yf = None
+    with torch.inference_mode():
+        for i in range(N):
+            t = torch.from_numpy(np.ascontiguousarray(imgs[i], dtype=np.float32)).to(device).permute(2, 0, 1)
+            if rsz is not None:
+                t = transforms.resize_yx(t[None], Lyr, Lxr, 2, nearest=False)[0]
+            n = 0
+            for a in range(len(ys) - 1):
+                for b in range(len(xs) - 1):
+                    cy0, cy1, cx0, cx1 = ys[a], ys[a + 1], xs[b], xs[b + 1]
+                    y0, y1 = max(0, cy0 - BLOCK_MARGIN), min(Lyr, cy1 + BLOCK_MARGIN)
+                    x0, x1 = max(0, cx0 - BLOCK_MARGIN), min(Lxr, cx1 + BLOCK_MARGIN)
+                    # zero padding that keeps the block on the whole image's pooling grid (a shifted
+                    # grid changes a U-Net's output), with the whole image's padding at its borders
+                    py1 = wpad[0] if y0 == 0 else (y0 + wpad[0]) % mult
+                    px1 = wpad[2] if x0 == 0 else (x0 + wpad[2]) % mult
+                    py2 = wpad[1] if y1 == Lyr else -(y1 - y0 + py1) % mult
+                    px2 = wpad[3] if x1 == Lxr else -(x1 - x0 + px1) % mult
+                    blk = torch.nn.functional.pad(t[None, :, y0:y1, x0:x1], (px1, px2, py1, py2))
+                    out = _forward(net, blk, dtype)[0]
+                    if yf is None:
+                        yf = np.zeros((N, Lyr, Lxr, out.shape[0]), np.float32)
+                    sub = out[:, py1 + cy0 - y0:py1 + cy1 - y0, px1 + cx0 - x0:px1 + cx1 - x0]
+                    yf[i, cy0:cy1, cx0:cx1] = sub.permute(1, 2, 0).cpu().numpy()
+                    del out, blk, sub
+                    n += 1
+                    prog((i + n / nblocks) / N, "running the network")
+            del t
     return yf
 
 

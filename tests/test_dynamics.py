@@ -221,8 +221,9 @@ def test_flow_error_per_object_steps_and_threshold_margin():
     dP[:, lab == 3] = 0.5  # a wrong flow
     dP = dP.astype(np.float32)
     exact = _exact_flow_errors(lab, dP)  # from float32 flows: equal to about 1e-6
-    fast, mu = dy.flow_error(lab, dP)
+    fast, mu = dy.flow_error(lab, dP, threshold=100.0)  # no error near this threshold: the fast pass only
     assert mu.shape == dP.shape and np.all(mu[:, lab == 0] == 0)
+    assert np.abs(dy.flow_error(lab, dP)[0] - exact).max() < 1e-5  # without threshold: Cellpose's
     assert np.abs(fast - exact).max() < 0.05
     assert np.abs(fast[1:] - exact[1:]).max() > 1e-4  # small objects did run fewer steps
     assert abs(fast[0] - exact[0]) < 1e-4  # the largest runs Cellpose's count (its border reads object 6)
