@@ -204,10 +204,22 @@ def test_lite_runs_whole_image_or_tiles(lite_model):
     assert shapes[0][-2] >= 200 and shapes[0][-1] >= 260
     assert flows[1].shape == (2, 200, 260)
     shapes.clear()
-    lite_model.net.max_whole_pixels = 10_000
-    _, flows2, _ = lite_model.eval(img, diameter=30, compute_masks=False, bsize=128)
-    assert len(shapes) > 1 and all(s[-2:] == (128, 128) for s in shapes)
-    assert flows2[1].shape == (2, 200, 260)
+    lite_model.net.max_whole_pixels = 20_000
+    try:
+        # too large for one pass: blocks with context, each a multiple of 16, on the whole image's grid
+        _, flows2, _ = lite_model.eval(img, diameter=30, compute_masks=False)
+        assert len(shapes) > 4 and all(s[-2] % 16 == 0 and s[-1] % 16 == 0 for s in shapes)
+        assert max(s[-2] * s[-1] for s in shapes) < 200 * 260 / 2
+        assert flows2[1].shape == (2, 200, 260)
+        diff = np.abs(flows2[1] - flows[1])
+        assert np.median(diff) < 1e-3 and diff.mean() < 0.05 * np.abs(flows[1]).mean()
+        # test-time augmentation keeps Cellpose's flipped tiles of bsize
+        shapes.clear()
+        _, flows3, _ = lite_model.eval(img, diameter=30, compute_masks=False, bsize=128, augment=True)
+        assert len(shapes) > 1 and all(s[-2:] == (128, 128) for s in shapes)
+        assert flows3[1].shape == (2, 200, 260)
+    finally:
+        lite_model.net.max_whole_pixels = 1024 * 1024
 
 
 def test_lite_estimates_diameter_and_reruns(lite_model, monkeypatch):
