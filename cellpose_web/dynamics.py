@@ -682,21 +682,20 @@ def _check_flows(dP, cellprob) -> tuple[np.ndarray, np.ndarray]:
     return dP, cellprob
 
 
-def _heat_in_window(lab: np.ndarray, Tg: torch.Tensor, ids: np.ndarray, centers: np.ndarray, n_steps: int,
-                    start: bool, fast: bool = False) -> None:
+def _heat_in_window(lab: np.ndarray, Tg: torch.Tensor, ids: np.ndarray, centers: np.ndarray, boxes: np.ndarray,
+                    n_steps: int, start: bool, fast: bool = False) -> None:
     """Diffuse the objects ``ids`` (labels, 1-based) for ``n_steps`` on the bounding box that holds them.
 
     Other objects in that box count as background. ``Tg`` is the zero-padded (Y + 2, X + 2) heat of the
     whole image: the objects start from their heat there (or from zero when ``start`` is False) and
-    their new heat is written back. ``fast``: float32 heat and a separable 3x3 sum (4 instead of 8
+    their new heat is written back. ``boxes`` (N, 4) holds every object's [y0, y1, x0, x1) bounding box.
+    ``fast``: float32 heat and a separable 3x3 sum (4 instead of 8
     additions on half the bytes), for the first pass of the flow check.
     """
-    sl = ndi.find_objects(np.isin(lab, ids).astype(np.uint8))[0] if len(ids) > 1 else None
-    if sl is None:
-        ys, xs = np.nonzero(lab == ids[0])
-        sl = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
+    b = boxes[ids - 1]
+    sl = (slice(int(b[:, 0].min()), int(b[:, 1].max())), slice(int(b[:, 2].min()), int(b[:, 3].max())))
     crop = lab[sl]
-    active = np.zeros(int(lab.max()) + 1, dtype=bool)
+    active = np.zeros(len(centers) + 1, dtype=bool)
     active[ids] = True
     sub = np.where(active[crop], crop, 0)
     act = torch.from_numpy(sub > 0).to(Tg.device)
@@ -736,7 +735,7 @@ def _object_heat_2d(lab: np.ndarray, nlab: int, centers: np.ndarray, n_own: np.n
         j = i + 1 + int(smaller[0]) if len(smaller) else nlab
         t_end = int(n_own[order[j - 1]])
         if t_end > done:
-            _heat_in_window(lab, Tg, order[i:] + 1, centers, t_end - done, start=done > 0, fast=fast)
+            _heat_in_window(lab, Tg, order[i:] + 1, centers, box, t_end - done, start=done > 0, fast=fast)
             done = t_end
         ran[order[i:j]] = done
         i = j
@@ -784,27 +783,29 @@ def _flow_errors_2d(lab: np.ndarray, dP: np.ndarray, device: torch.device,
     err, mu = errors()
     if threshold is not None:
         near = np.flatnonzero(np.abs(err - threshold) <= _FLOW_ERROR_MARGIN) + 1
-        redo = [_touching_labels(lab, np.array([v])) for v in near]
-        for ids in redo:
-            _heat_in_window(lab, Tg, ids, centers, n_global, start=False)
-        if redo:
+        if len(near):
+            box = np.array([[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in slices])
+            touching = _touching_labels(lab)
+            for v in near:
+                _heat_in_window(lab, Tg, touching(v), centers, box, n_global, start=False)
             err, mu = errors()
     return err, flat_np, mu.to(torch.float32)
 
 
-def _touching_labels(lab: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Labels (1..N) that share a 4-connected edge with any label in ``ids`` (ids included)."""
+def _touching_labels(lab: np.ndarray):
+    """A function v -> labels (int array, v first) sharing a 4-connected edge with label v (2D, 1..N)."""
     pairs = []
     for a, b in ((lab[:, :-1], lab[:, 1:]), (lab[:-1], lab[1:])):
         sel = (a != b) & (a > 0) & (b > 0)
         pairs.append(np.stack([a[sel], b[sel]], 1))
     pairs = np.concatenate(pairs).astype(np.int64)
-    want = np.zeros(int(lab.max()) + 1, dtype=bool)
-    want[ids] = True
-    hit = want[pairs[:, 0]] | want[pairs[:, 1]]
-    out = want.copy()
-    out[pairs[hit].reshape(-1)] = True
-    return np.flatnonzero(out)
+    pairs = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0)  # sorted by the first column
+    start = np.searchsorted(pairs[:, 0], np.arange(int(lab.max()) + 2))
+
+    def touching(v: int) -> np.ndarray:
+        return np.concatenate([[v], pairs[start[v]:start[v + 1], 1]])
+
+    return touching
 
 
 def flow_error(masks, dP, device=None, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -850,6 +851,7 @@ def flow_error(masks, dP, device=None, threshold: float | None = None) -> tuple[
         if nmax == 0:
             return np.zeros(0), mu
         ren, nlab = _renumber_sorted(lab)
+        ren = ren.astype(np.int32, copy=False) if nlab < 2**31 - 1 else ren
         with _cpu_threads(device):
             err, flat, mu_obj = _flow_errors_2d(ren, dP, device, threshold=threshold)
         mu.reshape(2, -1)[:, flat] = mu_obj.cpu().numpy()
@@ -951,9 +953,12 @@ def compute_masks(
         return np.zeros(shape0, np.uint16)
     inds = np.nonzero(fg)
     with _cpu_threads(device):
-        p_final = follow_flows(dP * fg / 5.0, inds, niter=niter, device=device, interp=interp).int()
+        step = np.multiply(dP, fg, dtype=np.float32)  # one temporary (large images: bounded memory)
+        step /= 5.0
+        p_final = follow_flows(step, inds, niter=niter, device=device, interp=interp).int()
+        del step
         mask = get_masks(p_final, inds, shape0, max_size_fraction=max_size_fraction)
-    del p_final
+    del p_final, inds
     is3d = cellprob.ndim == 3 or do_3D
     if not is3d and mask.max() > 0 and flow_threshold is not None and flow_threshold > 0:
         mask = remove_bad_flow_masks(mask, dP, threshold=flow_threshold, device=device, flow_error_fn=flow_error_fn)
