@@ -55,21 +55,40 @@ normalize_default = {
 # --------------------------------------------------------------------------------------------
 # progress reporting
 # --------------------------------------------------------------------------------------------
+def _duration(seconds: float) -> str:
+    """'8 s', '2 min 5 s', '1 h 3 min'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {(s % 3600) // 60} min"
+
+
 class _Progress:
     """Adapt ``progress`` (callable(fraction, message), tqdm-like, or Qt-like setValue) to one call.
 
     An exception raised by the callback stops the eval (use it to cancel).
     """
 
-    def __init__(self, progress: Any, lo: float = 0.0, hi: float = 1.0, prefix: str = ""):
+    def __init__(self, progress: Any, lo: float = 0.0, hi: float = 1.0, prefix: str = "",
+                 started: float | None = None):
         self.p, self.lo, self.hi, self.prefix = progress, lo, hi, prefix
         self._last = 0.0
+        self.started = time.perf_counter() if started is None else started
 
     def sub(self, a: float, b: float, prefix: str = "") -> "_Progress":
         """The part [a, b] of this range; messages get ``prefix`` (e.g. "image 2/5: ") in front."""
         span = self.hi - self.lo
-        return _Progress(self.p, self.lo + span * a, self.lo + span * b, self.prefix + prefix) \
+        return _Progress(self.p, self.lo + span * a, self.lo + span * b, self.prefix + prefix, self.started) \
             if self.p is not None else self
+
+    def eta(self, f: float) -> float | None:
+        """Seconds left, extrapolated from the time so far (None until 3% done and 2 s spent)."""
+        spent = time.perf_counter() - self.started
+        if f < 0.03 or spent < 2.0 or f >= 1.0:
+            return None
+        return spent * (1.0 - f) / f
 
     def __call__(self, frac: float, msg: str = "") -> None:
         p = self.p
@@ -77,6 +96,9 @@ class _Progress:
             return
         f = float(min(1.0, max(0.0, self.lo + (self.hi - self.lo) * frac)))
         msg = self.prefix + msg if msg else msg
+        left = self.eta(f)
+        if msg and left is not None:  # long runs (large images, many planes) say how long is left
+            msg += f" (about {_duration(left)} left)"
         # exceptions raised by the callback propagate: that is how a caller cancels a running eval
         if hasattr(p, "update") and hasattr(p, "n") and not callable(getattr(p, "setValue", None)):
             total = getattr(p, "total", None) or 100
@@ -538,6 +560,9 @@ class CellposeModel:
         augment, tile_overlap, bsize : test-time flips; tile overlap fraction; tile size (None = 256).
         compute_masks : False returns masks = np.zeros(0) (network only).
         progress : callable(fraction, message), a tqdm-like bar, or a Qt-like bar with setValue.
+            Once 3% is done and 2 s have passed, messages end with the time left, extrapolated from
+            the time so far: "running the network (about 1 min 20 s left)". Large images report
+            every block of the network pass.
         interp : interpolate flows during the Euler steps (False: Cellpose 3's size model pass).
 
         Returns

@@ -243,6 +243,24 @@ def test_lite_estimates_diameter_and_reruns(lite_model, monkeypatch):
     assert len(calls) == 2 and masks.shape == (200, 240) and flows[1].shape == (2, 200, 240)
 
 
+def test_progress_messages_say_time_left(monkeypatch):
+    from cellpose_web import models as models_mod
+    clock = [100.0]
+    monkeypatch.setattr(models_mod.time, "perf_counter", lambda: clock[0])
+    seen = []
+    prog = models_mod._Progress(lambda f, msg: seen.append(msg))
+    net = prog.sub(0.0, 0.5)
+    clock[0] += 1.0
+    net(0.5, "running the network")  # 1 s spent: too early to say
+    clock[0] += 9.0
+    net(0.5, "running the network")  # 25% done in 10 s: 30 s left
+    clock[0] += 80.0
+    prog(0.5, "computing masks")  # 50% in 90 s: 1 min 30 s left
+    prog(1.0, "done")
+    assert seen == ["running the network", "running the network (about 30 s left)",
+                    "computing masks (about 1 min 30 s left)", "done"]
+
+
 def test_progress_callback_can_cancel(model, io):
     class Stop(Exception):
         pass
