@@ -786,10 +786,64 @@ def _flow_errors_2d(lab: np.ndarray, dP: np.ndarray, device: torch.device,
         if len(near):
             box = np.array([[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in slices])
             touching = _touching_labels(lab)
-            for v in near:
-                _heat_in_window(lab, Tg, touching(v), centers, box, n_global, start=False)
+            redo = np.unique(np.concatenate([touching(v) for v in near]))
+            _exact_heat_per_object(lab, Tg, redo, centers, box, n_global)
             err, mu = errors()
     return err, flat_np, mu.to(torch.float32)
+
+
+def _exact_heat_per_object(lab: np.ndarray, Tg: torch.Tensor, ids: np.ndarray, centers: np.ndarray,
+                           boxes: np.ndarray, n_steps: int, max_elems: int = 1 << 22) -> None:
+    """Cellpose's heat of the objects ``ids`` (labels), each alone on its own bounding box, batched.
+
+    Objects of similar box size run together as a (B, H, W) stack; every step adds the source, sums the
+    3x3 neighbours in Cellpose's order and divides by 9, then zeroes the pixels outside each object, so
+    the heat is bit-identical to Cellpose's (float64, ``n_steps`` steps). Written into ``Tg``.
+    """
+    hw = np.stack([boxes[ids - 1, 1] - boxes[ids - 1, 0], boxes[ids - 1, 3] - boxes[ids - 1, 2]], 1)
+    order = np.argsort(-(hw[:, 0] * hw[:, 1]), kind="stable")
+    groups, cur, H, W = [], [], 0, 0
+    for i in order:  # batches whose common box wastes at most 2.5x each object's box
+        h, w = int(hw[i, 0]), int(hw[i, 1])
+        nh, nw = max(H, h), max(W, w)
+        if cur and (nh * nw > 2.5 * h * w or (len(cur) + 1) * (nh + 2) * (nw + 2) > max_elems):
+            groups.append(cur)
+            cur, nh, nw = [], h, w
+        cur.append(i)
+        H, W = nh, nw
+    if cur:
+        groups.append(cur)
+    device, dtype = Tg.device, torch.float64
+    Lx2 = Tg.shape[1]
+    offs = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))  # Cellpose's order
+    for grp in groups:
+        lbl = ids[np.array(grp)]
+        b = boxes[lbl - 1]
+        B = len(lbl)
+        H, W = int((b[:, 1] - b[:, 0]).max()), int((b[:, 3] - b[:, 2]).max())
+        msk = np.zeros((B, H + 2, W + 2), dtype=bool)
+        for k, v in enumerate(lbl):
+            msk[k, 1:1 + b[k, 1] - b[k, 0], 1:1 + b[k, 3] - b[k, 2]] = lab[b[k, 0]:b[k, 1], b[k, 2]:b[k, 3]] == v
+        M = torch.from_numpy(msk).to(device)
+        Mw = M[:, 1:-1, 1:-1].to(dtype)
+        c = centers[lbl - 1]
+        src = torch.from_numpy(np.arange(B) * (H + 2) * (W + 2) + (c[:, 0] - b[:, 0] + 1) * (W + 2)
+                               + (c[:, 1] - b[:, 2] + 1)).to(device)
+        ones = torch.ones(B, dtype=dtype, device=device)
+        T = torch.zeros((B, H + 2, W + 2), dtype=dtype, device=device)
+        S = torch.empty((B, H, W), dtype=dtype, device=device)
+        views = [T[:, 1 + dy:H + 1 + dy, 1 + dx:W + 1 + dx] for dy, dx in offs]
+        for _ in range(int(n_steps)):
+            T.view(-1).index_add_(0, src, ones)
+            torch.add(views[0], views[1], out=S)
+            for v in views[2:]:
+                S.add_(v)
+            S.div_(9.0)
+            S.mul_(Mw)
+            T[:, 1:-1, 1:-1] = S
+        k, yy, xx = torch.nonzero(M, as_tuple=True)
+        bt = torch.from_numpy(b).to(device)[k]
+        Tg.view(-1)[(yy + bt[:, 0]) * Lx2 + (xx + bt[:, 2])] = T[k, yy, xx].to(Tg.dtype)
 
 
 def _touching_labels(lab: np.ndarray):
