@@ -55,14 +55,14 @@ normalize_default = {
 # --------------------------------------------------------------------------------------------
 # progress reporting
 # --------------------------------------------------------------------------------------------
-def _duration(seconds: float) -> str:
-    """'8 s', '2 min 5 s', '1 h 3 min'."""
+def format_duration(seconds: float) -> str:
+    """'12 s', '3 min 05 s', '1 h 02 min' (progress messages of eval, the service and the UI)."""
     s = int(round(seconds))
     if s < 60:
         return f"{s} s"
     if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    return f"{s // 3600} h {(s % 3600) // 60} min"
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
 class _Progress:
@@ -98,7 +98,7 @@ class _Progress:
         msg = self.prefix + msg if msg else msg
         left = self.eta(f)
         if msg and left is not None:  # long runs (large images, many planes) say how long is left
-            msg += f" (about {_duration(left)} left)"
+            msg += f" (about {format_duration(left)} left)"
         # exceptions raised by the callback propagate: that is how a caller cancels a running eval
         if hasattr(p, "update") and hasattr(p, "n") and not callable(getattr(p, "setValue", None)):
             total = getattr(p, "total", None) or 100

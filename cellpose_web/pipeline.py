@@ -17,7 +17,6 @@ channel of the file, with puncta counted on ``PunctaParams.channel`` of the file
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io as _pyio
 import json
 import logging
@@ -70,14 +69,6 @@ _CACHE: dict[tuple, LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def default_gpu() -> bool:
     """Use CUDA when present, unless CELLPOSE_WEB_CPU=1."""
     if os.environ.get("CELLPOSE_WEB_CPU", "0") == "1":
@@ -117,7 +108,7 @@ def get_model(spec: Any, device: str | None = None, gpu: bool | None = None) -> 
         info = spec
     gpu = default_gpu() if gpu is None else bool(gpu)
     path = str(getattr(info, "path", "") or "")
-    sha = getattr(info, "sha256", None) or (_file_sha256(path) if path and Path(path).is_file() else "")
+    sha = getattr(info, "sha256", None) or (registry.file_sha256(path) if path and Path(path).is_file() else "")
     key = (path or info.name, sha, str(device), gpu)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)

@@ -4,26 +4,17 @@ Set CELLPOSE_WEB_DEFAULT_MODEL to a name or path to override the registry's best
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from cellpose_web import pipeline
+from cellpose_web import pipeline, registry
 from cellpose_web.errors import ModelNotAvailableError
 
 log = logging.getLogger(__name__)
 
 CachedModel = pipeline.LoadedModel  # model, name, sha256, path, arch, lock
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def use_gpu() -> bool:
@@ -37,7 +28,6 @@ def list_model_choices() -> list[tuple[str, str]]:
     ready: list[tuple[str, str]] = []
     later: list[tuple[str, str]] = []
     try:
-        from cellpose_web import registry
         for m in registry.list_models():
             purpose = f" · {m.purpose}" if getattr(m, "purpose", "") else ""
             if getattr(m, "available", True):
@@ -63,7 +53,6 @@ def is_legacy_model(name: str | None) -> bool:
     if not name:
         return False
     try:
-        from cellpose_web import registry
         return registry.resolve_model(name, download=False).arch == "cellpose3"
     except Exception:  # noqa: BLE001 - unknown or damaged: not a legacy model as far as the form goes
         return False
@@ -115,13 +104,11 @@ def default_model_name() -> str | None:
     pref = preferred_model()
     if pref is not None:
         try:
-            from cellpose_web import registry
             registry.resolve_model(pref["name"], download=False)
             return pref["name"]
         except Exception:  # deleted or renamed since: fall back to the best available
             pass
     try:
-        from cellpose_web import registry
         best = registry.best_available_model()
         return getattr(best, "name", best)
     except Exception:
@@ -133,16 +120,15 @@ def resolve(name: str) -> dict[str, Any]:
     if not name:
         raise ModelNotAvailableError("No model chosen: pick a model in the list (the Models tab shows them all).")
     try:
-        from cellpose_web import registry
         info = registry.resolve_model(name)
         path = str(getattr(info, "path", "") or "")
-        sha = getattr(info, "sha256", None) or (_sha256(path) if path and Path(path).is_file() else "")
+        sha = getattr(info, "sha256", None) or (registry.file_sha256(path) if path and Path(path).is_file() else "")
         return {"name": getattr(info, "name", name), "path": path, "sha256": sha,
                 "arch": getattr(info, "arch", ""), "source": getattr(info, "source", "")}
     except (ImportError, AttributeError):
         p = Path(name)
         if p.is_file():
-            return {"name": p.stem, "path": str(p), "sha256": _sha256(str(p)), "arch": "", "source": "file"}
+            return {"name": p.stem, "path": str(p), "sha256": registry.file_sha256(p), "arch": "", "source": "file"}
         raise ModelNotAvailableError(f"Model {name!r} is not available on this server; choose another "
                                      "model or add it in the Models tab.")
 

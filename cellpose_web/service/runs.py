@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.models import format_duration
 
 #: finished results kept in memory (oldest dropped first): at most this many, and at most
 #: CELLPOSE_WEB_KEEP_RESULTS_MB megabytes of arrays in all (default 2048)
@@ -68,16 +69,6 @@ def eta_seconds(fraction: float, elapsed_s: float) -> float | None:
     if fraction < 0.03 or elapsed_s < 1.0 or fraction >= 1.0:
         return None
     return elapsed_s * (1.0 - fraction) / fraction
-
-
-def format_duration(seconds: float) -> str:
-    """'12 s', '3 min 05 s', '1 h 02 min'."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
 def progress_line(fraction: float, elapsed_s: float, message: str = "") -> str:
