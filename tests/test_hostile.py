@@ -199,7 +199,7 @@ CASES: list[Case] = [
     # --- absurd parameters (app: the Segment tab's fields; CLI: flags)
     Case("negative_diameter", "params", ({"diameter": -5}, ["--diameter", "-5"]), "Diameter", "--diameter"),
     Case("nan_diameter", "params", ({"diameter": float("nan")}, ["--diameter", "nan"]), "Diameter", "--diameter"),
-    Case("tiny_diameter", "params", ({"diameter": 1e-4}, ["--diameter", "1e-4"]), "too large", "too large"),
+    Case("tiny_diameter", "params", ({"diameter": 1e-4}, ["--diameter", "1e-4"]), "at least 3 px", "too large"),
     Case("huge_diameter", "params", ({"diameter": 1e9}, ["--diameter", "1e9"]), "Diameter", "below one pixel"),
     Case("string_diameter", "params", ({"diameter": "abc"}, ["--diameter", "abc"]), "number", "expected a number"),
     Case("niter_1e9", "params", ({"niter": 10**9}, ["--niter", str(10**9)]), "niter", "--niter"),

@@ -133,6 +133,8 @@ def test_odd_arrays_that_are_fixed():
     ({"diameter": -5}, "Diameter"), ({"niter": 10**9}, "niter"), ({"flow_threshold": float("nan")}, "Flow"),
     ({"norm_percentile": (50, 10)}, "percentiles"), ({"cellprob_threshold": "abc"}, "number"),
     ({"stitch_threshold": 2}, "Stitch"),
+    # a 0.5 px diameter would enlarge the image 60x per side and run out of memory minutes later
+    ({"diameter": 0.5}, "at least 3 px"), ({"diameter": 1e5}, "at most 5000; got"),
 ])
 def test_absurd_parameters(kw, match):
     with pytest.raises(CellposeWebError, match=match):

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
 
 
+MIN_DIAMETER_PX = 3.0  # smallest diameter the form accepts (the models look at cells of 30 px: 10x enlargement)
+
+
 @dataclass
 class SegmentParams:
     """All eval parameters a result records. diameter None/0 = automatic."""
@@ -53,13 +56,20 @@ class SegmentParams:
             except (TypeError, ValueError):
                 raise CellposeWebError(f"{name} must be a number; got {v!r}.") from None
             if not math.isfinite(x) or x < lo or x > hi:
-                raise CellposeWebError(f"{name} must be between {lo} and {hi}; got {v}.")
+                allowed = f"at most {hi:g}" if lo == -math.inf else f"between {lo:g} and {hi:g}"
+                raise CellposeWebError(f"{name} must be {allowed}; got {v}.")
             return x
 
         # the form's own limits (a shared server caps the work one request may ask for) ...
         d = num("Diameter (px)", p.diameter, -math.inf, 5000, allow_none=True)
         if d is not None and d < 0:
             raise CellposeWebError("Diameter cannot be negative; leave it blank (or 0) for automatic.")
+        if d and d < MIN_DIAMETER_PX:
+            # the models see cells at 30 px: a 0.5 px diameter would enlarge the image 60x per side
+            # (a 256 x 256 crop becomes 15,360 x 15,360) and run for minutes into an out-of-memory error
+            raise CellposeWebError(f"Diameter {d:g} px is smaller than any cell the models can find (at least "
+                                   f"{MIN_DIAMETER_PX:g} px): it is the cells' width in pixels of this image "
+                                   "(typically 10-100). Leave it blank (or 0) for automatic.")
         p.diameter = d or None
         p.niter = num("niter", p.niter, 0, limits.max_niter, allow_none=True)
         p.anisotropy = num("Anisotropy", p.anisotropy, 0.01, 100, allow_none=True)
