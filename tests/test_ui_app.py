@@ -273,3 +273,15 @@ def test_correct_tab_refuses_malformed_operations(fake_model):
         st, pay = C.apply_op(s, st, op)
         assert pay["kind"] == "error" and pay["message"], op
     assert st.editor.n_edits == 0 and st.editor.n_cells == 0
+
+
+def test_summary_asks_for_the_pixel_size_only_when_it_is_unknown():
+    """A result with no cells on an image whose file gives the pixel size must not ask for it."""
+    from cellpose_web import measure
+    from cellpose_web.ui import common, segment_tab
+    masks = np.zeros((32, 32), np.uint16)
+    for px in (0.1, None):
+        s = common.Session(name="a.tif", pixel_size_um=px, image=np.zeros((32, 32, 1)), masks=masks,
+                           table=measure.cell_table(masks, np.zeros((32, 32, 1)), px, channel_axis=-1))
+        asks = "enter the pixel size" in segment_tab.summary_md(s)
+        assert asks == (px is None)

@@ -177,7 +177,7 @@ def summary_md(s: common.Session) -> str:
                        "µm²" if um_col == "area_um2" else "µm³", 1)
     p = s.provenance
     lines = [f"<span class='cpw-count'>**{count_text(s, n)}**</span> · median size {med_px}"
-             + (f" ({med_um})" if med_um != "–" else " (enter the pixel size for µm²)")]
+             + (f" ({med_um})" if med_um != "–" else "" if s.pixel_size_um else " (enter the pixel size for µm²)")]
     note = stack_note(s)
     if note:
         lines.append(f"<span class='cpw-small'>{note}</span>")
@@ -401,8 +401,9 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                                          label="Per-cell measurements (areas in px and µm², centroids in px/µm)",
                                          interactive=False, max_height=360, elem_id="seg-table")
                 with gr.Tab("Size histogram"):
-                    hist = gr.BarPlot(None, x="bin", y="count",
-                                      label="Cell size histogram", height=300, elem_id="seg-hist",
+                    # slanted bin labels: 15 ranges like "1,024–1,102 px" side by side overlap
+                    hist = gr.BarPlot(None, x="bin", y="count", x_label_angle=-40,
+                                      label="Cell size histogram", height=340, elem_id="seg-hist",
                                       sort=None)
                 with gr.Tab("Downloads"):
                     files = gr.File(label="Masks (_cp_masks.tif/.png), _seg.npy, outlines, ImageJ ROIs, CSV",
