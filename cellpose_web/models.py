@@ -741,6 +741,10 @@ class CellposeModel:
 
         # ---------------- masks
         tic = time.perf_counter()
+        may_rerun = (diameter is None and rescale is None and compute_masks and not stack and nimg == 1
+                     and getattr(self.net, "estimate_diameter", False))
+        if not may_rerun:
+            x = None  # the normalised image is only needed for lite's second pass: free it (large images)
         if niter is None or niter == 0:
             niter_scale = image_scaling if resample else 1.0
             niter = int(200 / niter_scale)
@@ -772,8 +776,7 @@ class CellposeModel:
                                      model=self.model_name, device=str(self.device), dtype=str(self.dtype).replace(
                                          "torch.", ""), diameter_estimate=None)
         # lite: estimate the diameter from a first pass and rerun at the estimated size
-        if (diameter is None and rescale is None and compute_masks and not stack and nimg == 1
-                and getattr(self.net, "estimate_diameter", False) and masks.max() > 0):
+        if may_rerun and masks.max() > 0:
             est = float(dynamics.diameters(masks)[0])
             self.diam_estimate = est
             if est > 0 and abs(est / DIAM_MEAN - 1) > 0.1:
