@@ -307,7 +307,7 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
               model_name: str | None = None, class_weights: Any = None, *, seed: int = 0,
               callback: EpochCallback | None = None, augment_intensity: bool = False,
               scale_sampler: Callable[[np.random.Generator, int], np.ndarray] | None = None,
-              **cellpose3: Any) -> tuple[Path, np.ndarray, np.ndarray]:
+              mixed_precision: bool = False, **cellpose3: Any) -> tuple[Path, np.ndarray, np.ndarray]:
     """Train or fine-tune ``net`` (``model.net``) on images and instance labels, Cellpose-style.
 
     The arguments are Cellpose 4's ``train_seg`` (same names and order); progress is logged per
@@ -337,6 +337,9 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
     callback : called after each epoch as ``callback(epoch, train_loss, test_loss or None,
         elapsed_s)``; return False to stop early (the model so far is saved).
     augment_intensity : add intensity, blur, noise and inversion augmentation (used for `lite`).
+    mixed_precision : run the forward pass and loss in bfloat16 (``torch.autocast``; weights, gradients
+        and the optimizer stay float32). About 2x faster on CPUs with native bf16 (AVX512-BF16/AMX) and
+        on recent GPUs; slower on CPUs without it. Off by default.
 
     Returns
     -------
@@ -441,8 +444,9 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
             xb, yb = batch_tensors(rng, idx, imgs, flows, diams)
             if augment_intensity:
                 xb = _intensity_augment(xb, gen)
-            y = net(xb)[0]
-            loss = flow_loss(y, yb)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(mixed_precision)):
+                y = net(xb)[0]
+                loss = flow_loss(y.float(), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
