@@ -715,7 +715,8 @@ def _object_heat_2d(lab: np.ndarray, nlab: int, centers: np.ndarray, n_own: np.n
 
     Object i needs ``n_own[i]`` steps (Cellpose's count for that object alone). All objects start
     together on the foreground's bounding box; a phase ends when the objects that still need more steps
-    fit in a box of at most ``shrink`` times the area, and only those continue there. Objects that finish
+    fit in a box of at most ``shrink`` times the area, and only those continue there; once their own
+    boxes add up to less than that, each goes on alone on its own box (batched). Objects that finish
     within a phase run to the phase's end, so images of similar objects get exactly Cellpose's
     image-wide step count. ``fast``: float32 heat with a separable sum (see ``_heat_in_window``).
     Returns the steps each object ran.
@@ -729,9 +730,17 @@ def _object_heat_2d(lab: np.ndarray, nlab: int, centers: np.ndarray, n_own: np.n
                     np.minimum.accumulate(nb[::-1, 2])[::-1], np.maximum.accumulate(nb[::-1, 3])[::-1]], 1)
     area = (suf[:, 1] - suf[:, 0]) * (suf[:, 3] - suf[:, 2])
     ran = np.zeros(nlab, dtype=np.int64)
+    own_area = (nb[:, 1] - nb[:, 0]) * (nb[:, 3] - nb[:, 2])
+    rest_area = np.cumsum(own_area[::-1])[::-1]  # total box area of the objects order[i:]
     done, i = 0, 0
     while i < nlab:
-        smaller = np.flatnonzero(area[i + 1:] <= shrink * area[i])
+        if rest_area[i] <= shrink * area[i]:
+            # the objects left are scattered: their own boxes hold less than their common box
+            rest = order[i:]
+            _heat_per_object(lab, Tg, rest + 1, centers, box, n_own[rest] - done, start=done > 0, fast=fast)
+            ran[rest] = n_own[rest]
+            break
+        smaller = np.flatnonzero(np.minimum(area[i + 1:], rest_area[i + 1:]) <= shrink * area[i])
         j = i + 1 + int(smaller[0]) if len(smaller) else nlab
         t_end = int(n_own[order[j - 1]])
         if t_end > done:
@@ -787,19 +796,23 @@ def _flow_errors_2d(lab: np.ndarray, dP: np.ndarray, device: torch.device,
             box = np.array([[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in slices])
             touching = _touching_labels(lab)
             redo = np.unique(np.concatenate([touching(v) for v in near]))
-            _exact_heat_per_object(lab, Tg, redo, centers, box, n_global)
+            _heat_per_object(lab, Tg, redo, centers, box, np.full(len(redo), n_global))
             err, mu = errors()
     return err, flat_np, mu.to(torch.float32)
 
 
-def _exact_heat_per_object(lab: np.ndarray, Tg: torch.Tensor, ids: np.ndarray, centers: np.ndarray,
-                           boxes: np.ndarray, n_steps: int, max_elems: int = 1 << 22) -> None:
-    """Cellpose's heat of the objects ``ids`` (labels), each alone on its own bounding box, batched.
+def _heat_per_object(lab: np.ndarray, Tg: torch.Tensor, ids: np.ndarray, centers: np.ndarray,
+                     boxes: np.ndarray, steps: np.ndarray, start: bool = False, fast: bool = False,
+                     max_elems: int = 1 << 22) -> None:
+    """Heat of the objects ``ids`` (labels), each alone on its own bounding box, batched.
 
-    Objects of similar box size run together as a (B, H, W) stack; every step adds the source, sums the
-    3x3 neighbours in Cellpose's order and divides by 9, then zeroes the pixels outside each object, so
-    the heat is bit-identical to Cellpose's (float64, ``n_steps`` steps). Written into ``Tg``.
+    Objects of similar box size run together as a (B, H, W) stack; object k runs ``steps[k]`` steps
+    (the stack is sorted so that the objects still running are a prefix). Every step adds the source,
+    sums the 3x3 neighbours and divides by 9, then zeroes the pixels outside each object. Not ``fast``:
+    float64 summed in Cellpose's order, bit-identical to Cellpose's heat. ``fast``: float32 with a
+    separable sum. ``start``: continue from the heat in ``Tg``. The result is written into ``Tg``.
     """
+    steps = np.asarray(steps, dtype=np.int64)
     hw = np.stack([boxes[ids - 1, 1] - boxes[ids - 1, 0], boxes[ids - 1, 3] - boxes[ids - 1, 2]], 1)
     order = np.argsort(-(hw[:, 0] * hw[:, 1]), kind="stable")
     groups, cur, H, W = [], [], 0, 0
@@ -813,11 +826,14 @@ def _exact_heat_per_object(lab: np.ndarray, Tg: torch.Tensor, ids: np.ndarray, c
         H, W = nh, nw
     if cur:
         groups.append(cur)
-    device, dtype = Tg.device, torch.float64
+    device = Tg.device
+    dtype = torch.float32 if fast else torch.float64
     Lx2 = Tg.shape[1]
     offs = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))  # Cellpose's order
     for grp in groups:
-        lbl = ids[np.array(grp)]
+        grp = np.array(grp)
+        grp = grp[np.argsort(-steps[grp], kind="stable")]
+        lbl, nst = ids[grp], steps[grp]
         b = boxes[lbl - 1]
         B = len(lbl)
         H, W = int((b[:, 1] - b[:, 0]).max()), int((b[:, 3] - b[:, 2]).max())
@@ -830,20 +846,35 @@ def _exact_heat_per_object(lab: np.ndarray, Tg: torch.Tensor, ids: np.ndarray, c
         src = torch.from_numpy(np.arange(B) * (H + 2) * (W + 2) + (c[:, 0] - b[:, 0] + 1) * (W + 2)
                                + (c[:, 1] - b[:, 2] + 1)).to(device)
         ones = torch.ones(B, dtype=dtype, device=device)
+        k_idx, yy, xx = torch.nonzero(M, as_tuple=True)
+        bt = torch.from_numpy(b).to(device)[k_idx]
+        gpos = (yy + bt[:, 0]) * Lx2 + (xx + bt[:, 2])
         T = torch.zeros((B, H + 2, W + 2), dtype=dtype, device=device)
+        if start:
+            T[k_idx, yy, xx] = Tg.view(-1)[gpos].to(dtype)
         S = torch.empty((B, H, W), dtype=dtype, device=device)
-        views = [T[:, 1 + dy:H + 1 + dy, 1 + dx:W + 1 + dx] for dy, dx in offs]
-        for _ in range(int(n_steps)):
-            T.view(-1).index_add_(0, src, ones)
-            torch.add(views[0], views[1], out=S)
-            for v in views[2:]:
-                S.add_(v)
-            S.div_(9.0)
-            S.mul_(Mw)
-            T[:, 1:-1, 1:-1] = S
-        k, yy, xx = torch.nonzero(M, as_tuple=True)
-        bt = torch.from_numpy(b).to(device)[k]
-        Tg.view(-1)[(yy + bt[:, 0]) * Lx2 + (xx + bt[:, 2])] = T[k, yy, xx].to(Tg.dtype)
+        R = torch.empty((B, H + 2, W), dtype=dtype, device=device) if fast else None
+        k = B
+        for t in range(int(nst[0]) if B else 0):
+            while k > 0 and nst[k - 1] <= t:
+                k -= 1
+            Tk, Sk = T[:k], S[:k]
+            Tk.view(-1).index_add_(0, src[:k], ones[:k])
+            if fast:
+                Rk = R[:k]
+                torch.add(Tk[:, :, :-2], Tk[:, :, 1:-1], out=Rk)
+                Rk.add_(Tk[:, :, 2:])
+                torch.add(Rk[:, :-2], Rk[:, 1:-1], out=Sk)
+                Sk.add_(Rk[:, 2:])
+            else:
+                views = [Tk[:, 1 + dy:H + 1 + dy, 1 + dx:W + 1 + dx] for dy, dx in offs]
+                torch.add(views[0], views[1], out=Sk)
+                for v in views[2:]:
+                    Sk.add_(v)
+            Sk.div_(9.0)
+            Sk.mul_(Mw[:k])
+            Tk[:, 1:-1, 1:-1] = Sk
+        Tg.view(-1)[gpos] = T[k_idx, yy, xx].to(Tg.dtype)
 
 
 def _touching_labels(lab: np.ndarray):
