@@ -416,7 +416,15 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
     def on_upload(path, s):
         if not path:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        new, ca, za = load_image(path, s)
+        try:
+            new, ca, za = load_image(path, s)
+        except CellposeWebError as e:
+            # the uploader now shows the bad file: say so where the image is described, so nobody takes the
+            # result on screen (and what Run segments) for that file's
+            gr.Warning(str(e))
+            kept = f" The image below is still **{s.name}**; Run segments it." if s is not None and s.raw is not None \
+                else ""
+            return (gr.skip(), gr.skip(), f"**{Path(path).name}** could not be read.{kept}") + (gr.skip(),) * 4
         zs = gr.update(visible=new.is_stack, maximum=max(1, new.image.shape[0] - 1) if new.is_stack else 1,
                        value=0)
         nax = new.raw.ndim

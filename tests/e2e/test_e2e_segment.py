@@ -69,8 +69,16 @@ def test_segment_without_image_shows_message(page):
 
 
 def test_unreadable_file_shows_message(page, tmp_path):
+    upload_and_segment(page, example=True)
+    count = page.inner_text("#seg-count strong")
+    page.locator("#seg-file button[aria-label='Clear']").first.click()
     bad = tmp_path / "broken.tif"
     bad.write_bytes(b"this is text, not a TIFF")
     page.set_input_files("#seg-file input[type=file]", str(bad))
     page.wait_for_selector("text=/could not|not a|cannot|text/i")
     assert "Traceback" not in page.content()
+    # the earlier result stays, and the line under the uploader no longer describes the old file as if
+    # it were the one shown in the uploader
+    page.wait_for_selector("#seg-info :text('broken.tif could not be read')")
+    assert f"still {EXAMPLE.name}" in page.inner_text("#seg-info")
+    assert page.inner_text("#seg-count strong") == count
