@@ -11,6 +11,7 @@ packages do. Timed: the whole ``train_seg`` call (flows + epochs).
 - ours, legacy U-Net: ``cellpose_web.train.train_seg`` on ``CellposeModel(cp_cyto.pth).net``
 - reference, legacy U-Net: ``cellpose.train.train_seg`` in the Python named by CELLPOSE3_REF_PYTHON
   (default /work/venvs/cp3/bin/python, cellpose==3.1.1.2), in a subprocess
+- ours, legacy U-Net with ``mixed_precision=True`` (bfloat16 autocast; the reference runs float32)
 - ours, lite: the same data and settings on the built-in ``lite`` (crops per second of its epochs,
   from the per-epoch callback, against the legacy U-Net's in the same run)
 
@@ -69,7 +70,7 @@ def load_data(n: int = 3) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return imgs, labels
 
 
-def run_ours(pretrained: str, imgs, labels, k: dict) -> dict:
+def run_ours(pretrained: str, imgs, labels, k: dict, mixed_precision: bool = False) -> dict:
     model = models.CellposeModel(pretrained_model=pretrained)
     ticks = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,6 +78,7 @@ def run_ours(pretrained: str, imgs, labels, k: dict) -> dict:
         train.train_seg(model.net, imgs, labels, channels=[0, 0], batch_size=k["batch"], n_epochs=k["epochs"],
                         nimg_per_epoch=k["nimg"], bsize=k["bsize"], learning_rate=k["lr"], weight_decay=k["wd"],
                         min_train_masks=1, save_path=tmp, model_name="bench", seed=0,
+                        mixed_precision=mixed_precision,
                         callback=lambda epoch, loss, test_loss, elapsed: ticks.append(time.perf_counter()))
         dt = time.perf_counter() - t0
     # crops per second of the epochs after the first (the first also holds the flows and warm-up)
@@ -118,11 +120,15 @@ def main() -> None:
             print(f"reference legacy U-Net: {ref['seconds']:7.1f} s  (cellpose 3.1.1.2)", flush=True)
         ours.append(run_ours(str(CP_CYTO), imgs, labels, k))
         print(f"ours      legacy U-Net: {ours[-1]['seconds']:7.1f} s  ({ours[-1]['crops_per_s']:.2f} crops/s)", flush=True)
+        bf16 = run_ours(str(CP_CYTO), imgs, labels, k, mixed_precision=True)
+        print(f"ours      legacy U-Net, mixed_precision=True (bf16 autocast): {bf16['seconds']:7.1f} s  "
+              f"({bf16['crops_per_s']:.2f} crops/s)", flush=True)
         lite = run_ours("lite", imgs, labels, k)
         print(f"ours      lite        : {lite['seconds']:7.1f} s  ({lite['crops_per_s']:.2f} crops/s)", flush=True)
     best = min(ours, key=lambda r: r["seconds"])
     if ref:
-        print(f"legacy U-Net fine-tuning, ours / Cellpose 3.1.1.2: {best['seconds'] / ref['seconds']:.2f}x time")
+        print(f"legacy U-Net fine-tuning, ours / Cellpose 3.1.1.2: {best['seconds'] / ref['seconds']:.2f}x time "
+              f"(float32), {bf16['seconds'] / ref['seconds']:.2f}x with mixed_precision=True")
     else:
         print(f"set CELLPOSE3_REF_PYTHON to a Python with cellpose==3.1.1.2 to compare (tried {ref_py})")
     print(f"lite / legacy U-Net crops per second (same run): {lite['crops_per_s'] / max(r['crops_per_s'] for r in ours):.1f}x")

@@ -123,6 +123,21 @@ def test_unknown_keyword_is_a_type_error_naming_it(tiny_data, tmp_path):
     assert not (tmp_path / "models").exists()  # refused before any work
 
 
+def test_mixed_precision_trains_in_bf16_and_keeps_float32_weights(tiny_data, tmp_path, monkeypatch):
+    imgs, labels = tiny_data
+    net = LiteUNet(widths=(8, 16, 32, 64))
+    seen = []
+    orig = train.flow_loss
+    monkeypatch.setattr(train, "flow_loss", lambda y, t: seen.append(torch.get_autocast_dtype("cpu")
+                                                                     if torch.is_autocast_enabled("cpu") else None)
+                        or orig(y, t))
+    path, losses, _ = train.train_seg(net, imgs, labels, n_epochs=2, bsize=64, batch_size=2, seed=0,
+                                      save_path=tmp_path, mixed_precision=True)
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert np.isfinite(losses).all() and all(p.dtype == torch.float32 for p in net.parameters())
+    assert path.exists()
+
+
 def test_cellpose_keywords_accepted_with_notice_and_epochs_logged(tiny_data, tmp_path, caplog):
     imgs, labels = tiny_data
     caplog.set_level("INFO", logger="cellpose_web")
