@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -797,6 +798,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return EXIT_INTERRUPT
+    except BrokenPipeError:
+        # the reader went away (`cellpose-web models list | head`): stop quietly, as other command-line
+        # tools do; stdout points at /dev/null so the interpreter's final flush does not complain either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAIL
     except MemoryError:
         _say("error: out of memory: use smaller images, a smaller --batch_size, or a machine with more memory")
         return EXIT_FAIL

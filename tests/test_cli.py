@@ -385,3 +385,18 @@ def test_cli_train_registers_lab_model(folder, reference_dir, tmp_path):
     r3 = _cli(["--train", "--dir", str(d), "--pretrained_model", "cli_ft", "--model_name_out", "cli_ft"],
               cwd=tmp_path, env_extra=env)
     assert r3.returncode == 2 and "already exists" in r3.stderr
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`cellpose-web models list | head -1`: the reader leaves early; no 'unexpected BrokenPipeError' line."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               CELLPOSE_WEB_HOME=str(tmp_path))
+    try:
+        r = subprocess.run([sys.executable, "-m", "cellpose_web", "models", "list"], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "BrokenPipe" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    assert r.returncode == 1
