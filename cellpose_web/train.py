@@ -6,10 +6,12 @@ MSE(y[:, :2], 5 * unit flows) / 2 + BCE-with-logits(y[:, 2], foreground).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -131,6 +133,26 @@ def _normalize_chw(img: np.ndarray) -> np.ndarray:
     return np.stack([transforms.normalize99(c) for c in img]).astype(np.float32)
 
 
+# Flows of training labels, kept between train_seg calls (the Fine-tune tab and scripts often train
+# again on the same set): key = sha1 of the label bytes and shape; bounded by total bytes.
+_FLOW_CACHE: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_FLOW_CACHE_MAX_BYTES = 512 * 2**20
+
+
+def _label_flows(lbl: np.ndarray, device: torch.device | None) -> np.ndarray:
+    """``dynamics.labels_to_flows`` of one int64 label image, (4, Y, X) float32, cached."""
+    key = (hashlib.sha1(np.ascontiguousarray(lbl).view(np.uint8)).hexdigest(), lbl.shape)
+    hit = _FLOW_CACHE.get(key)
+    if hit is not None:
+        _FLOW_CACHE.move_to_end(key)
+        return hit
+    fl = dynamics.labels_to_flows([lbl], device=device)[0]
+    _FLOW_CACHE[key] = fl
+    while sum(v.nbytes for v in _FLOW_CACHE.values()) > _FLOW_CACHE_MAX_BYTES and len(_FLOW_CACHE) > 1:
+        _FLOW_CACHE.popitem(last=False)
+    return fl
+
+
 def prepare_training_data(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                           channel_axis: int | None = None, normalize: bool = True,
                           min_train_masks: int = 5, device: torch.device | None = None,
@@ -164,7 +186,7 @@ def prepare_training_data(images: Sequence[np.ndarray], labels: Sequence[np.ndar
             continue
         if normalize:
             x = _normalize_chw(x)
-        fl = precomputed if precomputed is not None else dynamics.labels_to_flows([lbl], device=device)[0]
+        fl = precomputed if precomputed is not None else _label_flows(lbl, device)
         imgs.append(x)
         flows.append(np.ascontiguousarray(fl[1:]).astype(np.float32))
         diams.append(max(5.0, float(dynamics.diameters(lbl)[0])))

@@ -123,6 +123,25 @@ def test_unknown_keyword_is_a_type_error_naming_it(tiny_data, tmp_path):
     assert not (tmp_path / "models").exists()  # refused before any work
 
 
+def test_label_flows_computed_once_across_calls(tiny_data, monkeypatch):
+    imgs, labels = tiny_data
+    calls = []
+    orig = train.dynamics.labels_to_flows
+    monkeypatch.setattr(train.dynamics, "labels_to_flows", lambda lbls, **kw: calls.append(1) or orig(lbls, **kw))
+    lab = labels[0].astype(np.int64) + 0  # a label image no other test used (fresh cache key)
+    lab[lab > 0] += 7
+    a = train.prepare_training_data([imgs[0]], [lab], min_train_masks=1)[1]
+    b = train.prepare_training_data([imgs[0]], [lab], min_train_masks=1)[1]
+    assert len(calls) == 1 and np.array_equal(a[0], b[0])
+    a[0][:] = 0  # callers get their own copy: the cache is not changed through it
+    c = train.prepare_training_data([imgs[0]], [lab], min_train_masks=1)[1]
+    assert len(calls) == 1 and np.array_equal(c[0], b[0])
+    lab2 = lab.copy()
+    lab2[lab2 == lab2.max()] = 0  # different labels: computed anew
+    train.prepare_training_data([imgs[0]], [lab2], min_train_masks=1)
+    assert len(calls) == 2
+
+
 def test_mixed_precision_trains_in_bf16_and_keeps_float32_weights(tiny_data, tmp_path, monkeypatch):
     imgs, labels = tiny_data
     net = LiteUNet(widths=(8, 16, 32, 64))
