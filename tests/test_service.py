@@ -236,6 +236,8 @@ def test_batch_bad_file_listed_others_processed(tmp_path, fake_model):
                           puncta=batch.PunctaParams(channel=0, threshold=0.2))
     assert res["n_ok"] == 2
     summary = pd.read_csv(res["summary_csv"], comment="#")
+    header = Path(res["summary_csv"]).read_text().splitlines()[:6]
+    assert any(" date=20" in line for line in header), header  # when the batch ran, as every result records
     assert list(summary.columns[:2]) == ["image", "n_cells"]  # the useful columns first, long ones last
     cols = list(summary.columns)
     assert cols.index("n_cells") < cols.index("status") < cols.index("reason") < cols.index("model_sha256")

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import zipfile
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -202,7 +203,8 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
                 "eval_params": params.eval_kwargs(),
                 "channels": {"segment": params.channels, "measured": "all", "numbering": "as in the file"},
                 "image": f"{n} images", "pixel_size_um": pixel_size_um, "puncta": asdict(puncta) if puncta else None,
-                "cellpose_web_version": __version__, "dask_scheduler": scheduler}
+                "cellpose_web_version": __version__, "dask_scheduler": scheduler,
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         summary_csv = atomic_write_bytes(out_dir / "summary.csv", pipeline.csv_bytes(summary, prov))
         cells_csv = atomic_write_bytes(out_dir / "all_cells.csv", pipeline.csv_bytes(all_cells, prov))
         atomic_write_json(out_dir / "batch.json", {"provenance": prov, "errors": errors,
