@@ -532,10 +532,12 @@ def run_training(args) -> int:
     bar = ProgressLine(args.n_epochs)
 
     def cb(epoch, train_loss, test_loss, elapsed):
-        bar.show(epoch + 1, f"loss {train_loss:.4f}" + (f" test {test_loss:.4f}" if test_loss is not None else "")
-                 + f" {elapsed:.0f}s")
-        if args.verbose:
-            logger.info("epoch %d train %.4f test %s", epoch, train_loss, test_loss)
+        line = (f"loss {train_loss:.4f}" + (f" test {test_loss:.4f}" if test_loss is not None else "")
+                + f" {elapsed:.0f}s")
+        if bar.tty:
+            bar.show(epoch + 1, line)
+        else:  # a log file or a pipe: one line per epoch, as Cellpose's training prints
+            print(f"epoch {epoch + 1}/{args.n_epochs}: {line}", flush=True)
 
     t0 = time.perf_counter()
     model_path, train_losses, test_losses = train_mod.train_seg(

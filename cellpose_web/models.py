@@ -37,7 +37,7 @@ __all__ = ["CellposeModel", "SizeModel", "run_net", "run_3D", "normalize_default
 
 DIAM_MEAN = 30.0
 MAX_NITER = 10000
-MAX_RESIZED_PIXELS = 600_000_000
+MAX_RESIZED_PIXELS = 150_000_000  # ~12,000 x 12,000 after rescaling; a 0.5 px diameter on a 256² image would be 236 M
 
 normalize_default = {
     "lowhigh": None,

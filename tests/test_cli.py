@@ -374,6 +374,7 @@ def test_cli_train_registers_lab_model(folder, reference_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (d / "models" / "cli_ft").is_file()
     assert "registered lab model 'cli_ft'" in r.stdout
+    assert "epoch 1/2: loss " in r.stdout and "epoch 2/2: loss " in r.stdout  # one line per epoch (not a tty)
     r2 = _cli(["models", "list", "--json"], cwd=tmp_path, env_extra=env)
     import json
 

@@ -97,6 +97,8 @@ def test_list_input_gives_lists(model, io):
     (np.zeros((0, 60), np.float32), {}, "empty"),
     (np.zeros((50, 60), np.float32), dict(bsize=128), "bsize"),
     (np.zeros((50, 60), np.float32), dict(diameter=1e-4), "diameter"),
+    # a 0.5 px diameter zooms 256² to 15,360²: refused at once instead of filling 6+ GB of memory
+    (np.zeros((256, 256), np.float32), dict(diameter=0.5), "too large"),
 ])
 def test_bad_input_raises_clear_error(model, x, kwargs, match):
     with pytest.raises(CellposeWebError, match=match):
