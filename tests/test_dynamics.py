@@ -348,3 +348,21 @@ def test_cuda_matches_cpu(flows_ref, masks_ref):
     assert np.abs(f - flows_ref["flows"]).max() < 1e-4
     out = dy.compute_masks(masks_ref["dP"], masks_ref["cellprob"], device=dev)
     assert metrics.average_precision(masks_ref["default"], out, threshold=[0.5])[0][0] == 1.0
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_follow_flows_in_chunks_equals_one_batch(flows_ref, monkeypatch, ndim):
+    """On a CPU the points are integrated in cache-sized chunks: every final position is bit-identical
+    to integrating all points at once (and the chunk edges fall inside objects here)."""
+    flows = np.asarray(flows_ref["flows" if ndim == 2 else "flows_3d"], np.float32)
+    fg = np.abs(flows).sum(0) > 0
+    inds = np.nonzero(fg)
+    npts = len(inds[0])
+    assert npts > 1000
+    monkeypatch.setattr(dy, "FOLLOW_CHUNK_POINTS", npts + 1)
+    whole = dy.follow_flows(flows * 2.0, inds, niter=60)
+    monkeypatch.setattr(dy, "FOLLOW_CHUNK_POINTS", 997)  # uneven chunks, last one short
+    chunked = dy.follow_flows(flows * 2.0, inds, niter=60)
+    assert chunked.shape == (ndim, npts)
+    assert torch.equal(whole, chunked)
+    assert dy.follow_flows(flows, tuple(i[:0] for i in inds), niter=5).shape == (ndim, 0)
