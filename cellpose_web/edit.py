@@ -30,7 +30,7 @@ from cellpose_web.errors import CellposeWebError
 
 __all__ = [
     "label_at", "delete_label", "polygon_region", "brush_region", "add_mask", "erase",
-    "merge_labels", "relabel", "cell_from_flows", "EditHistory", "MaskEditor", "Change",
+    "merge_labels", "relabel", "cell_from_flows", "MaskEditor", "Change",
 ]
 
 
@@ -333,55 +333,6 @@ def cell_from_flows(dP: np.ndarray, cellprob: np.ndarray, y: float, x: float, ma
 
 
 # ------------------------------------------------------------------ editing with undo
-class EditHistory:
-    """Undo/redo stack of whole label images (keeps at most `max_steps` earlier states).
-
-    For big images or stacks use :class:`MaskEditor`, which stores only the changed boxes.
-    """
-
-    def __init__(self, masks: np.ndarray | None = None, max_steps: int = 30):
-        self.max_steps = int(max_steps)
-        self._undo: list[np.ndarray] = []
-        self._redo: list[np.ndarray] = []
-        self.current = None if masks is None else np.array(masks, copy=True)
-
-    def reset(self, masks: np.ndarray | None) -> None:
-        self._undo.clear()
-        self._redo.clear()
-        self.current = None if masks is None else np.array(masks, copy=True)
-
-    def push(self, masks: np.ndarray) -> np.ndarray:
-        """Record a new state (the old one goes on the undo stack; redo is cleared)."""
-        if self.current is not None:
-            self._undo.append(self.current)
-            del self._undo[:-self.max_steps]
-        self._redo.clear()
-        self.current = np.array(masks, copy=True)
-        return self.current
-
-    @property
-    def can_undo(self) -> bool:
-        return bool(self._undo)
-
-    @property
-    def can_redo(self) -> bool:
-        return bool(self._redo)
-
-    def undo(self) -> np.ndarray:
-        if not self._undo:
-            raise CellposeWebError("Nothing to undo.")
-        self._redo.append(self.current)
-        self.current = self._undo.pop()
-        return self.current
-
-    def redo(self) -> np.ndarray:
-        if not self._redo:
-            raise CellposeWebError("Nothing to redo.")
-        self._undo.append(self.current)
-        self.current = self._redo.pop()
-        return self.current
-
-
 @dataclass(frozen=True)
 class Change:
     """What one edit (or undo/redo) changed: planes ``z0:z1`` and the box ``y0:y1, x0:x1``.

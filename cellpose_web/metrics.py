@@ -53,22 +53,6 @@ def _pair(masks_true, masks_pred) -> tuple[np.ndarray, np.ndarray]:
     return t, p
 
 
-def _intersection_over_union(masks_true, masks_pred) -> np.ndarray:
-    """Dense IoU matrix [t.max()+1, p.max()+1] (background row/column included, as Cellpose)."""
-    t, p = _pair(masks_true, masks_pred)
-    ti, pi, cnt, at, ap_ = label_overlap(t, p)
-    overlap = np.zeros((len(at), len(ap_)), dtype=np.int64)
-    overlap[ti, pi] = cnt
-    # background row / column (pixels where one side is 0)
-    overlap[0, :] = np.bincount(p.reshape(-1)[t.reshape(-1) == 0].astype(np.int64), minlength=len(ap_))
-    overlap[1:, 0] = np.bincount(t.reshape(-1)[p.reshape(-1) == 0].astype(np.int64), minlength=len(at))[1:]
-    union = at[:, None] + ap_[None, :] - overlap
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = overlap / union
-    iou[np.isnan(iou)] = 0.0
-    return iou
-
-
 def _iou_sub(t: np.ndarray, p: np.ndarray) -> np.ndarray:
     """IoU matrix without background: [t.max(), p.max()] float64."""
     ti, pi, cnt, at, ap_ = label_overlap(t, p)

@@ -64,16 +64,19 @@ def test_merge_fills_gap():
 def test_label_at_and_history():
     m = _masks()
     assert edit.label_at(m, 3, 3) == 1 and edit.label_at(m, -1, 3) == 0
-    h = edit.EditHistory(m)
-    h.push(edit.delete_label(m, 1))
-    h.push(edit.delete_label(h.current, 1))
-    assert h.current.max() == 1
-    assert h.undo().max() == 2
-    assert h.undo().max() == 3
+    h = edit.MaskEditor(m)
+    h.delete(1)
+    h.delete(3)
+    assert h.n_cells == 1
+    h.undo()
+    assert h.n_cells == 2
+    h.undo()
+    assert h.n_cells == 3 and np.array_equal(h.masks, m)
     with pytest.raises(CellposeWebError):
         h.undo()
-    assert h.redo().max() == 2
-    h.push(m)
+    h.redo()
+    assert h.n_cells == 2
+    h.delete(2)
     assert not h.can_redo
 
 

@@ -43,8 +43,3 @@ def gpu_task(duration_fn: Callable[..., int]) -> Callable[[Callable], Callable]:
         wrapped = spaces.GPU(duration=duration_fn)(fn)  # dynamic duration: called with fn's arguments
         return functools.wraps(fn)(wrapped)
     return deco
-
-
-def _image_duration(image: Any, *args: Any, **kwargs: Any) -> int:
-    shape = getattr(image, "shape", (1000, 1000))
-    return gpu_duration(tuple(shape))
