@@ -201,6 +201,8 @@ def test_stack_plane_by_plane_and_render(fake_model, tmp_path):
     out = segment_tab.run_segmentation(s, "thresh", segment_tab.make_params(
         None, 0.4, 0, 0, 15, "auto", "auto", "", 1, 99, False, None, 0), None, None)
     assert out.masks.shape == (5, 96, 96) and "volume_px" in out.table
+    md = segment_tab.summary_md(out)  # plane-by-plane masks are areas, not volumes
+    assert "Z planes" in md and "px per plane" in md and "voxels" not in md
     assert segment_tab.render(out, [W.OVERLAY_MASKS], W.BG_IMAGE, 3).shape[-1] == 3
     from cellpose_web.ui import correct_tab as C
     st, pay = C.apply_op(out, None, {"op": "plane", "z": 3})

@@ -170,13 +170,15 @@ def summary_md(s: common.Session) -> str:
     t = s.table
     n = len(t) if t is not None else 0
     area_col = "area_px" if "area_px" in t else "volume_px"
-    unit = "px" if area_col == "area_px" else "voxels"
+    # plane-by-plane stack masks are one plane thick: their "volume" is an area in px
+    unit = "px" if area_col == "area_px" or not is_volumetric(s) else "voxels"
     med_px = W.fmt_num(np.median(t[area_col]) if n else np.nan, unit, 0)
     um_col = "area_um2" if "area_um2" in t else "volume_um3"
     med_um = W.fmt_num(np.nanmedian(t[um_col]) if n and t[um_col].notna().any() else np.nan,
                        "µm²" if um_col == "area_um2" else "µm³", 1)
     p = s.provenance
     lines = [f"<span class='cpw-count'>**{count_text(s, n)}**</span> · median size {med_px}"
+             + (" per plane" if unit == "px" and area_col == "volume_px" else "")
              + (f" ({med_um})" if med_um != "–" else "" if s.pixel_size_um else " (enter the pixel size for µm²)")]
     note = stack_note(s)
     if note:
