@@ -402,6 +402,42 @@ def measure_segmentation(seg: Segmentation, pixel_size_um: float | None = None,
     return measure.measure_cells(seg.masks, seg.image, pixel_size_um, channel_axis=-1, puncta=puncta)
 
 
+def stitch_planes(masks: np.ndarray, image: np.ndarray | None, provenance: dict[str, Any] | None = None,
+                  pixel_size_um: float | None = None, threshold: float = 0.3
+                  ) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
+    """Link a stack segmented plane by plane into 3D cells, without running the model again.
+
+    Masks of neighbouring planes whose IoU is at least ``threshold`` get one label
+    (:func:`cellpose_web.dynamics.stitch3D`, Cellpose's ``stitch_threshold``); the table is measured
+    again over the 3D cells.
+
+    Parameters
+    ----------
+    masks : (Z, Y, X) int labels of a plane-by-plane result.
+    image : the stack with every file channel, (Z, Y, X, C) (None: a table without intensities).
+    provenance : the result's provenance; the copy returned records the threshold and
+        ``stitched_after_segmentation``.
+    pixel_size_um : µm per pixel (XY) for the µm columns.
+    threshold : IoU (0-1) above which masks of neighbouring planes are the same cell.
+
+    Returns
+    -------
+    (masks (Z, Y, X) labels of the 3D cells, per-cell table, provenance)
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise CellposeWebError("Stitching needs a z-stack result segmented plane by plane; run one first.")
+    if not 0.0 < float(threshold) <= 1.0:
+        raise CellposeWebError(f"The stitch threshold is an IoU between 0 and 1, not {threshold}.")
+    stitched = dynamics.stitch3D(masks, float(threshold))
+    table, _ = measure.measure_cells(stitched, image, pixel_size_um, channel_axis=-1 if image is not None else None)
+    prov = dict(provenance or {})
+    key = "params" if "params" in prov else "eval_params"
+    prov[key] = {**(prov.get(key) or {}), "stitch_threshold": float(threshold)}
+    prov["stitched_after_segmentation"] = True
+    return stitched, table, prov
+
+
 # ----------------------------------------------------------------------------------------------
 # provenance + files
 # ----------------------------------------------------------------------------------------------

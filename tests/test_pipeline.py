@@ -119,3 +119,24 @@ def test_one_model_cache_shared_and_forgotten_by_name():
     assert pipeline.get_model("lite", gpu=False) is a
     models_cache.forget("lite")
     assert pipeline.get_model("lite", gpu=False) is not a
+
+
+def test_stitch_planes_links_planes_and_remeasures():
+    from cellpose_web import pipeline
+    planes = np.zeros((4, 64, 64), np.uint16)
+    planes[:, 10:30, 10:30] = 1                      # one cell seen in every plane
+    planes[1:3, 40:60, 40:60] = 2                    # a second one in planes 1-2
+    planes[3, 40:60, 5:20] = 3                       # unrelated mask in the last plane
+    per_plane = pipeline.distinct_plane_labels(list(planes))
+    image = np.random.default_rng(0).random((4, 64, 64, 2)).astype(np.float32)
+    prov = {"eval_params": {"diameter": 30}}
+    masks, table, new_prov = pipeline.stitch_planes(per_plane, image, prov, pixel_size_um=0.5, threshold=0.25)
+    assert int(per_plane.max()) == 8 and len(np.unique(masks)) - 1 == 3
+    assert sorted(table["volume_px"]) == sorted([4 * 400, 2 * 400, 15 * 20])
+    assert {"mean_intensity_ch0", "mean_intensity_ch1"} <= set(table.columns)
+    assert new_prov["eval_params"] == {"diameter": 30, "stitch_threshold": 0.25}
+    assert new_prov["stitched_after_segmentation"] is True and "stitch_threshold" not in prov["eval_params"]
+    with pytest.raises(CellposeWebError, match="plane by plane"):
+        pipeline.stitch_planes(per_plane[0], None)
+    with pytest.raises(CellposeWebError, match="between 0 and 1"):
+        pipeline.stitch_planes(per_plane, None, threshold=1.5)

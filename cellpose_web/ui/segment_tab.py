@@ -272,20 +272,15 @@ def hint(s: common.Session) -> str:
 
 
 def stitch_session(s: common.Session, threshold: float = 0.3) -> common.Session:
-    """Link a plane-by-plane result into 3D cells (dynamics.stitch3D by IoU) without running the model again."""
-    from cellpose_web import dynamics
+    """Link a plane-by-plane result into 3D cells (:func:`pipeline.stitch_planes`) and rewrite its files."""
     if s is None or s.masks is None or s.masks.ndim != 3:
         raise CellposeWebError("Stitching needs a z-stack result segmented plane by plane; run one first.")
     if is_volumetric(s):
         raise CellposeWebError("This result already has 3D cells.")
     out = common.Session(**{**vars(s)})
-    out.masks = dynamics.stitch3D(s.masks, threshold)
-    out.table, out.puncta = measure.measure_cells(out.masks, out.image, out.pixel_size_um, channel_axis=-1)
-    prov = dict(s.provenance)
-    key = "params" if "params" in prov else "eval_params"
-    prov[key] = {**(prov.get(key) or {}), "stitch_threshold": float(threshold)}
-    prov["stitched_after_segmentation"] = True
-    out.provenance, out.version = prov, s.version + 1
+    out.masks, out.table, out.provenance = pipeline.stitch_planes(s.masks, s.image, s.provenance, s.pixel_size_um,
+                                                                  threshold)
+    out.puncta, out.version = None, s.version + 1
     write_files(out)
     return out
 
