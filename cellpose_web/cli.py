@@ -341,12 +341,15 @@ def _resolve_model(args, spec: str, for_training: bool = False):
 
 
 def _load_model(args, spec: str, for_training: bool = False):
-    from cellpose_web import registry
+    """(model, registry entry) for ``spec``. Segmentation uses the process's one model cache
+    (``pipeline.get_model``); training gets a fresh float32 instance, since it changes the weights."""
+    from cellpose_web import pipeline
     from cellpose_web.models import CellposeModel
 
     info = _resolve_model(args, spec, for_training)
-    model = CellposeModel(gpu=args.use_gpu, pretrained_model=info.path, device=_device_arg(args),
-                          use_bfloat16=False if for_training else None)
+    if not for_training:
+        return pipeline.get_model(info, device=_device_arg(args), gpu=args.use_gpu).model, info
+    model = CellposeModel(gpu=args.use_gpu, pretrained_model=info.path, device=_device_arg(args), use_bfloat16=False)
     model.model_info = info  # keep the registry name (CellposeModel saw a path)
     return model, info
 
