@@ -451,6 +451,8 @@ def _print_result(r: dict[str, Any], done: int, total: int, where: str = "") -> 
         extra = (f", {summ['puncta_in_cells']} puncta in cells ({summ['puncta_outside_cells']} outside)")
     print(f"{r['name']}: {r['n_masks']} masks{extra}, {r['seconds']:.2f} s, {r['device']}{where} [{done}/{total}]",
           flush=True)
+    if r.get("diameter_note"):
+        print(f"  {r['diameter_note']}", flush=True)
     if r.get("hint"):
         print(f"  try: {r['hint']}", flush=True)
 

@@ -55,6 +55,23 @@ normalize_default = {
 # --------------------------------------------------------------------------------------------
 # progress reporting
 # --------------------------------------------------------------------------------------------
+#: lite's automatic diameter reruns at 30 / estimate when its first pass's estimate is off 30 px by more
+AUTO_DIAMETER_TOLERANCE = 0.1
+
+
+def auto_diameter_zoom(diameter_estimate: float | None) -> float | None:
+    """The zoom of lite's second pass for a first-pass diameter estimate (px), None when there is none.
+
+    ``diameter=None`` with lite: the first pass at the image's own scale estimates the median object
+    diameter; when it differs from 30 px by more than ``AUTO_DIAMETER_TOLERANCE``, the image runs
+    again zoomed by 30 / estimate, i.e. at (30 / estimate)² times the pixels.
+    """
+    if diameter_estimate is None or not diameter_estimate > 0:
+        return None
+    zoom = DIAM_MEAN / float(diameter_estimate)
+    return zoom if abs(1 / zoom - 1) > AUTO_DIAMETER_TOLERANCE else None
+
+
 def format_duration(seconds: float) -> str:
     """'12 s', '3 min 05 s', '1 h 02 min' (progress messages of eval, the service and the UI)."""
     s = int(round(seconds))
@@ -573,6 +590,7 @@ class CellposeModel:
         styles : zeros(256) (kept for compatibility); Cellpose 1-3 U-Nets give their real style vectors.
         A list input gives lists.
         """
+        self.diam_estimate = None  # set again below when this call estimates the diameter
         if channels is not None and not self.legacy:
             logger.warning("channels is deprecated in Cellpose 4 and ignored: Cellpose 4 is channel-agnostic and "
                            "segments on the first 3 channels of the image (use channel_axis to say where they are)")
@@ -779,7 +797,7 @@ class CellposeModel:
         if may_rerun and masks.max() > 0:
             est = float(dynamics.diameters(masks)[0])
             self.diam_estimate = est
-            if est > 0 and abs(est / DIAM_MEAN - 1) > 0.1:
+            if auto_diameter_zoom(est) is not None:
                 kw = dict(batch_size=batch_size, resample=resample, channel_axis=None, z_axis=None,
                           normalize=False, invert=False, rescale=None, diameter=est, flow_threshold=flow_threshold,
                           cellprob_threshold=cellprob_threshold, do_3D=False, anisotropy=None, flow3D_smooth=0,

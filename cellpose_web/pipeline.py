@@ -592,7 +592,8 @@ def process_file(path: str | os.PathLike, loaded: LoadedModel, settings: ImageSe
 
     name : the output file name to use instead of the path's (e.g. a unique stem in a batch).
     Returns {"name", "n_masks", "seconds", "device", "notices", "files": {kind: path}, "summary":
-    measure.summarize(...) or {}, "pixel_size_um", "model", "hint": hints.suggest(...) ("" when the
+    measure.summarize(...) or {}, "pixel_size_um", "model", "diameter_note": hints.diameter_note(...),
+    "hint": hints.suggest(...) ("" when the
     result looks plausible)}. Raises CellposeWebError for a bad image.
     """
     f = Path(path)
@@ -610,7 +611,7 @@ def process_file(path: str | os.PathLike, loaded: LoadedModel, settings: ImageSe
     return {"name": f.name, "n_masks": seg.n_masks, "seconds": seg.seconds, "device": seg.device,
             "notices": [f"notice: {f.name}: {n}" for n in seg.notices], "files": {k: str(v) for k, v in files.items()},
             "summary": measure.summarize(table, spots) if table is not None else {}, "pixel_size_um": px,
-            "model": seg.model,
+            "model": seg.model, "diameter_note": hints.diameter_note(seg.est_diam),
             "hint": hints.suggest(seg.masks, diameter=settings.eval_kwargs.get("diameter"),
                                   n_channels=int(seg.image.shape[-1]), channels_chosen=bool(settings.segment_channels),
                                   model_name=seg.model.get("name"))}

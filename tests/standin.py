@@ -54,7 +54,7 @@ class StandInModel:
         self.answers = dict(answers or {})  # image_key(image) -> labels
         self.device = "cpu"
         self.dtype = "float32"
-        self.diam_estimate = 17.0
+        self.diam_estimate: float | None = None  # 17.0 after an eval with diameter=None, as lite
         self.calls: list[dict] = []
 
     def eval(self, img, channel_axis=None, progress=None, **kw):
@@ -64,6 +64,7 @@ class StandInModel:
                 progress(1.0, "done")
             return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]
         self.calls.append({"channel_axis": channel_axis, **kw})
+        self.diam_estimate = 17.0 if kw.get("diameter") is None else None
         known = self.answers.get(image_key(img))
         masks = known.copy() if known is not None else threshold_labels(img, channel_axis)
         x = np.nan_to_num(first_channel(img, channel_axis))

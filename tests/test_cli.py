@@ -70,6 +70,7 @@ def test_cli_writes_all_files(folder, stub, capsys):
                         capsys)
     assert rc == 0, err
     assert "--chan/--chan2" in err  # accepted with a notice
+    assert "diameter estimated" not in out  # --diameter 25 was given
     for name, lab in labels.items():
         stem = Path(name).stem
         n = int(lab.max())
@@ -99,6 +100,8 @@ def test_cli_summary_says_what_to_try(tmp_path, stub, capsys):
     rc, out, err = _run(["--dir", str(blank), "--pretrained_model", "stub"], capsys)
     assert rc == 0, err
     assert "empty.tif: 0 masks" in out and "  try: No cells found" in out
+    # automatic diameter: the stand-in estimates 17 px, as lite would report it
+    assert "  diameter estimated at 17 px; a second pass ran zoomed 1.76x (3.1x the pixels)" in out
 
 
 def test_cli_savedir_in_folders_no_npy_and_edges(folder, stub, capsys, tmp_path):

@@ -245,6 +245,35 @@ def test_lite_estimates_diameter_and_reruns(lite_model, monkeypatch):
     assert len(calls) == 2 and masks.shape == (200, 240) and flows[1].shape == (2, 200, 240)
 
 
+@pytest.mark.parametrize("estimate, reruns", [(31.0, False), (27.5, False), (26.9, True), (33.4, True), (60.0, True)])
+def test_lite_reruns_only_outside_the_tolerance(lite_model, monkeypatch, estimate, reruns):
+    calls = []
+
+    def compute_masks(dP, cellprob, **kw):
+        calls.append(cellprob.shape)
+        return np.ones(cellprob.shape, np.uint16)
+
+    monkeypatch.setattr(M.dynamics, "compute_masks", compute_masks)
+    monkeypatch.setattr(M.dynamics, "fill_holes_and_remove_small_masks", lambda m, min_size=15: m)
+    monkeypatch.setattr(M.dynamics, "diameters", lambda m: (estimate, np.array([estimate])))
+    lite_model.eval(np.random.default_rng(2).random((96, 128)).astype(np.float32))
+    zoom = M.auto_diameter_zoom(estimate)
+    assert (zoom is not None) == reruns and len(calls) == 1 + reruns
+    if reruns:
+        assert lite_model.last_eval_params["rescale"] == pytest.approx(30.0 / estimate)
+    lite_model.eval(np.random.default_rng(2).random((96, 128)).astype(np.float32), diameter=30)
+    assert lite_model.diam_estimate is None  # a given diameter leaves no estimate from an earlier call
+
+
+def test_diameter_note_says_how_the_estimate_went():
+    from cellpose_web import hints
+    assert hints.diameter_note(None) == "" and hints.diameter_note(0.0) == ""
+    assert hints.diameter_note(29.0) == "diameter estimated at 29 px"
+    note = hints.diameter_note(15.0)
+    assert note.startswith("diameter estimated at 15 px; a second pass ran zoomed 2.00x (4.0x the pixels)")
+    assert "enter the diameter" in note
+
+
 def test_progress_messages_say_time_left(monkeypatch):
     from cellpose_web import models as models_mod
     clock = [100.0]

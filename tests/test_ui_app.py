@@ -48,6 +48,7 @@ def test_segment_tab_functions(fake_model):
     assert (saved == out.masks).all()
     md = segment_tab.summary_md(out)
     assert f"{n} cells" in md and "µm²" in md and "sha256" in md
+    assert "diameter estimated at 17 px; a second pass ran zoomed 1.76x" in md  # the stand-in's estimate
     img = segment_tab.render(out, [W.OVERLAY_MASKS, W.OVERLAY_OUTLINES], W.BG_IMAGE, 0)
     assert img.shape == (512, 512, 3) and img.dtype == np.uint8
     for bg in (W.BG_FLOWS, W.BG_CELLPROB):
