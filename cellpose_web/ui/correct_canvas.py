@@ -70,7 +70,7 @@ SCRIPT = r"""
 (function () {
   if (window.cpwCorrect) { return; }
   var C = window.cpwCorrect = {
-    W: 0, H: 0, nz: 1, z: 0, labels: null, s: 1, tx: 0, ty: 0, fitted: false,
+    W: 0, H: 0, nz: 1, z: 0, labels: null, s: 1, tx: 0, ty: 0, fitted: false, cw: 0, ch: 0, dpr: 1,
     tool: 'outline', radius: 5, showMasks: true, showOutlines: true, selected: [],
     stroke: null, drag: null, hover: null, queue: [], busy: false, busyAt: 0, outbox: null,
     lastSerial: -1, zWant: null, chain: Promise.resolve(), pal: new Uint8Array(3), srvPal: null, line: [255, 0, 0], frame: false, sent: []
@@ -127,19 +127,25 @@ SCRIPT = r"""
   // ---------------------------------------------------------------- view
   function fit() {
     var c = canvas(); if (!c || !C.W) { return; }
-    C.s = Math.min(c.width / C.W, c.height / C.H);
-    C.tx = (c.width - C.W * C.s) / 2; C.ty = (c.height - C.H * C.s) / 2; redraw();
+    C.s = Math.min(C.cw / C.W, C.ch / C.H);
+    C.tx = (C.cw - C.W * C.s) / 2; C.ty = (C.ch - C.H * C.s) / 2; redraw();
   }
   function zoomAt(f, cx, cy) {
     var c = canvas(); if (!c || !C.W) { return; }
-    if (cx === undefined) { cx = c.width / 2; cy = c.height / 2; }
-    var lo = Math.min(0.5, Math.min(c.width / C.W, c.height / C.H) / 2), s = Math.max(lo, Math.min(64, C.s * f));
+    if (cx === undefined) { cx = C.cw / 2; cy = C.ch / 2; }
+    var lo = Math.min(0.5, Math.min(C.cw / C.W, C.ch / C.H) / 2), s = Math.max(lo, Math.min(64, C.s * f));
     C.tx = cx - (cx - C.tx) * s / C.s; C.ty = cy - (cy - C.ty) * s / C.s; C.s = s; redraw();
   }
   function resize() {
     var c = canvas(), vp = $('cor-viewport'); if (!c || !vp) { return; }
     var w = Math.max(1, vp.clientWidth), h = Math.max(1, vp.clientHeight);
-    if (c.width !== w || c.height !== h) { c.width = w; c.height = h; if (C.W && !C.fitted) { C.fitted = true; fit(); } redraw(); }
+    // view maths in CSS pixels; the backing store has devicePixelRatio x as many, so HiDPI screens stay sharp
+    var dpr = window.devicePixelRatio || 1;
+    if (C.cw !== w || C.ch !== h || C.dpr !== dpr) {
+      C.cw = w; C.ch = h; C.dpr = dpr;
+      c.width = Math.round(w * dpr); c.height = Math.round(h * dpr); c.style.width = w + 'px'; c.style.height = h + 'px';
+      if (C.W && !C.fitted) { C.fitted = true; fit(); } redraw();
+    }
   }
   function redraw() { if (!C.frame) { C.frame = true; requestAnimationFrame(draw); } }
   function draw() {
@@ -148,14 +154,15 @@ SCRIPT = r"""
     var g = c.getContext('2d');
     g.setTransform(1, 0, 0, 1, 0, 0); g.fillStyle = '#111'; g.fillRect(0, 0, c.width, c.height);
     if (!C.W) {
-      g.fillStyle = '#aaa'; g.font = '15px sans-serif';
+      g.setTransform(C.dpr || 1, 0, 0, C.dpr || 1, 0, 0); g.fillStyle = '#aaa'; g.font = '15px sans-serif';
       g.fillText('Segment an image in the Segment tab (or load masks there); it appears here.', 16, 30); return;
     }
     g.imageSmoothingEnabled = false;
-    g.setTransform(C.s, 0, 0, C.s, C.tx, C.ty);
+    var d = C.dpr || 1;
+    g.setTransform(d * C.s, 0, 0, d * C.s, d * C.tx, d * C.ty);
     // only the part of the layers that is on screen (zoomed in on a big image this is a few pixels)
     var x0 = Math.max(0, Math.floor(-C.tx / C.s)), y0 = Math.max(0, Math.floor(-C.ty / C.s));
-    var x1 = Math.min(C.W, Math.ceil((c.width - C.tx) / C.s)), y1 = Math.min(C.H, Math.ceil((c.height - C.ty) / C.s));
+    var x1 = Math.min(C.W, Math.ceil((C.cw - C.tx) / C.s)), y1 = Math.min(C.H, Math.ceil((C.ch - C.ty) / C.s));
     if (x1 > x0 && y1 > y0) {
       var layers = [C.imgCv].concat(C.showMasks ? [C.maskCv] : [], C.showOutlines ? [C.lineCv] : []);
       layers.forEach(function (l) { g.drawImage(l, x0, y0, x1 - x0, y1 - y0, x0, y0, x1 - x0, y1 - y0); });
@@ -226,7 +233,7 @@ SCRIPT = r"""
         if (pl) { pl.max = String(C.nz - 1); pl.value = String(C.z); }
         if (box) { box.style.display = C.nz > 1 ? '' : 'none'; }
         if ($('cor-plane-val')) { $('cor-plane-val').textContent = (C.z + 1) + '/' + C.nz; }
-        if (!C.fitted) { resize(); var c = canvas(); if (c && c.width > 1) { C.fitted = true; fit(); } }
+        if (!C.fitted) { resize(); var c = canvas(); if (c && C.cw > 1) { C.fitted = true; fit(); } }
       });
     } else if (d.kind === 'patch') {
       work = inflate(d.labels.data).then(function (crop) { putLabels(d.labels, crop); });

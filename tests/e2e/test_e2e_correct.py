@@ -249,3 +249,42 @@ def test_correct_2048_zoom_to_pixels_and_stroke(page, tmp_path):
     got = page.evaluate(f"() => Array.from(cpwCorrect.labels.slice({y} * 2048 + {x0}, {y} * 2048 + {x0 + 5}))")
     assert got == [0] * 5
     assert "1 edit" in page.inner_text("#correct-count")
+
+
+def test_correct_hidpi_canvas_is_sharp_and_strokes_land(browser, app_url):
+    """On a 2x (HiDPI) screen the canvas backing store has 2x the pixels and strokes land where drawn."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 1000}, device_scale_factor=2)
+    page = ctx.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(app_url)
+        page.wait_for_selector("#seg-run")
+        upload_and_segment(page)
+        open_correct(page)
+        cw, ch, bw, bh = page.evaluate("() => { const c = document.querySelector('#correct-canvas'); "
+                                       "return [c.clientWidth, c.clientHeight, c.width, c.height]; }")
+        assert cw > 100 and (bw, bh) == (2 * cw, 2 * ch)
+        m0 = labels(page)
+        n0 = len(np.unique(m0[m0 > 0]))
+        wait_count(page, n0)
+        free = ndi.binary_erosion(m0 == 0, iterations=16, border_value=0)
+        cy, cx = np.argwhere(free)[len(np.argwhere(free)) // 2]
+        t = np.linspace(0, 2 * np.pi, 40)
+        poly = [(cy + 12 * np.sin(a), cx + 12 * np.cos(a)) for a in t]
+        tool(page, "outline")
+        s0 = serial(page)
+        stroke(page, poly)
+        wait_count(page, n0 + 1)
+        wait_applied(page, s0)
+        shot(page, "15_correct_hidpi")
+        m1 = labels(page)
+        new = set(np.unique(m1)) - set(np.unique(m0))
+        assert len(new) == 1
+        cell = m1 == new.pop()
+        truth = np.zeros_like(cell)
+        pv = np.asarray(poly)
+        rr, cc = draw.polygon(pv[:, 0], pv[:, 1], cell.shape)
+        truth[rr, cc] = True
+        assert (cell & truth).sum() / (cell | truth).sum() >= 0.8
+    finally:
+        ctx.close()
