@@ -196,3 +196,19 @@ def test_a_better_finetuned_model_becomes_the_preselected_one(monkeypatch):
     monkeypatch.delenv("CELLPOSE_WEB_DEFAULT_MODEL")
     registry.delete_lab_model("lab_v1")
     assert models_cache.default_model_name() == before  # a deleted model is no longer pre-selected
+
+
+def test_attached_values_live_and_die_with_the_kept_result():
+    reg = runs.RunRegistry(max_kept=2, max_bytes=1000)
+    assert not reg.attach("a", "correct", "edits")              # nothing kept for "a" yet
+    assert reg.keep("a", "result a", nbytes=400)
+    assert reg.attach("a", "correct", "edits a", nbytes=300)
+    assert reg.attached("a", "correct") == "edits a" and reg.attached("a", "other") is None
+    assert not reg.attach("a", "correct", "too big", nbytes=700)  # 400 + 700 > 1000: refused, old dropped
+    assert reg.attached("a", "correct") is None and reg.kept("a") == "result a"
+    reg.attach("a", "correct", "edits a2", nbytes=300)
+    reg.keep("a", "new result a", nbytes=100)                    # a new result replaces the edits too
+    assert reg.attached("a", "correct") is None
+    reg.attach("a", "correct", "edits a3", nbytes=500)
+    reg.keep("b", "result b", nbytes=500)                        # 100 + 500 + 500 > 1000: oldest ("a") goes
+    assert reg.kept("a") is None and reg.attached("a", "correct") is None and reg.kept("b") == "result b"

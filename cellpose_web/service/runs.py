@@ -87,7 +87,7 @@ class RunRegistry:
     def __init__(self, max_kept: int = MAX_KEPT_RESULTS, max_bytes: int | None = None):
         self._lock = threading.Lock()
         self._active: dict[str, Run] = {}
-        self._kept: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._kept: OrderedDict[str, "_Kept"] = OrderedDict()
         self.max_kept = max_kept
         self.max_bytes = _max_kept_bytes() if max_bytes is None else int(max_bytes)
 
@@ -140,27 +140,65 @@ class RunRegistry:
 
     # ---------------------------------------------------------------- finished results
     def keep(self, owner: str, result: Any, nbytes: int = 0) -> bool:
-        """Keep `result` (about `nbytes` of memory) as `owner`'s latest, replacing the previous one and
-        dropping the oldest results beyond the count and memory bounds; False if it is too big to keep."""
+        """Keep `result` (about `nbytes` of memory) as `owner`'s latest, replacing the previous one (and
+        what was attached to it) and dropping the oldest results beyond the count and memory bounds;
+        False if it is too big to keep."""
         if not owner:
             return False
         with self._lock:
             self._kept.pop(owner, None)
             if nbytes > self.max_bytes:
                 return False
-            self._kept[owner] = (result, int(nbytes))
-            while len(self._kept) > self.max_kept or sum(b for _, b in self._kept.values()) > self.max_bytes:
-                self._kept.popitem(last=False)
+            self._kept[owner] = _Kept(result, int(nbytes))
+            self._trim()
             return True
+
+    def attach(self, owner: str, name: str, value: Any, nbytes: int = 0) -> bool:
+        """Attach `value` (e.g. the Correct tab's edits) to `owner`'s kept result under `name`, so that
+        a page reload gets it back with the result; False when there is no kept result or it is too big."""
+        with self._lock:
+            entry = self._kept.get(owner) if owner else None
+            if entry is None:
+                return False
+            entry.extras.pop(name, None)
+            if entry.nbytes + int(nbytes) > self.max_bytes:
+                return False
+            entry.extras[name] = (value, int(nbytes))
+            self._kept.move_to_end(owner)
+            self._trim()
+            return owner in self._kept
 
     def kept(self, owner: str) -> Any | None:
         with self._lock:
             entry = self._kept.get(owner) if owner else None
-        return entry[0] if entry is not None else None
+        return entry.result if entry is not None else None
+
+    def attached(self, owner: str, name: str) -> Any | None:
+        """What :meth:`attach` put on `owner`'s kept result under `name` (None if nothing)."""
+        with self._lock:
+            entry = self._kept.get(owner) if owner else None
+            item = entry.extras.get(name) if entry is not None else None
+        return item[0] if item is not None else None
+
+    def _trim(self) -> None:
+        while len(self._kept) > self.max_kept or sum(e.nbytes for e in self._kept.values()) > self.max_bytes:
+            self._kept.popitem(last=False)
 
     def forget(self, owner: str) -> None:
         with self._lock:
             self._kept.pop(owner, None)
+
+
+@dataclass
+class _Kept:
+    """A kept result, its size, and what was attached to it ({name: (value, nbytes)})."""
+    result: Any
+    result_nbytes: int
+    extras: dict[str, tuple[Any, int]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.result_nbytes + sum(n for _, n in self.extras.values())
 
 
 _registry = RunRegistry()

@@ -74,6 +74,7 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
         demo.load(refresh_models, None, ctx["model_dropdowns"], api_visibility="private")
         restore_fn, restore_in, restore_out = seg["restore"]
         demo.load(restore_fn, restore_in, restore_out, api_visibility="private")
+        demo.load(*cor["restore"], api_visibility="private")
         demo.unload(seg["unload"])
         for fn, outs in ctx["refreshers"]:
             demo.load(fn, None, outs, api_visibility="private")

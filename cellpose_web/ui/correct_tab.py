@@ -20,7 +20,7 @@ import numpy as np
 
 from cellpose_web import edit, measure, render
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import training
+from cellpose_web.service import runs, training
 from cellpose_web.ui import common, correct_canvas, segment_tab, widgets as W
 
 HELP = """**Draw** on the image: pick a tool above it.
@@ -44,9 +44,21 @@ class CorrectState:
     version: int = -1
     z: int = 0
     serial: int = 0
+    needs_full: bool = False  # the browser has not got these masks yet (e.g. restored after a page reload)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the masks and their undo history, roughly (for the run registry's bounds)."""
+        return 0 if self.editor is None else 3 * int(self.editor.masks.nbytes)
 
 
 # ------------------------------------------------------------------ state and payloads
+def edits_belong_to(s: common.Session | None, st: CorrectState | None) -> bool:
+    """Whether the Correct tab's editor holds edits of the session's masks (same result, same shape)."""
+    return (s is not None and st is not None and st.editor is not None and s.image is not None
+            and st.version == s.version and tuple(st.editor.masks.shape) == tuple(s.image.shape[:-1]))
+
+
 def enter(s: common.Session | None, st: CorrectState | None) -> CorrectState:
     """The editor for the session's current masks (a new one when the session has new masks)."""
     st = st if isinstance(st, CorrectState) else CorrectState()
@@ -55,7 +67,7 @@ def enter(s: common.Session | None, st: CorrectState | None) -> CorrectState:
     if st.version != s.version or st.editor is None:
         shape = s.image.shape[:-1]
         m = s.masks if s.masks is not None else np.zeros(shape, np.uint16)
-        st = CorrectState(edit.MaskEditor(np.asarray(m)), s.version, 0, st.serial)
+        st = CorrectState(edit.MaskEditor(np.asarray(m)), s.version, 0, st.serial, needs_full=True)
     return st
 
 
@@ -265,12 +277,24 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         st2 = enter(s, st)
         if st2.editor is None:
             return st2, json.dumps(_payload(st2, "error", message=NO_MASKS)), NO_MASKS
-        if st2 is st:  # same masks: the browser still has them
+        if st2 is st and not st.needs_full:  # same masks: the browser still has them
             return st2, gr.skip(), status(st2)
+        st2.needs_full = False
         return respond(st2, full_payload(s, st2))
 
+    browser_id = ctx["segment"]["browser_id"]
+
+    def keep_edits(s: common.Session, st: CorrectState, browser: str, request: gr.Request | None) -> None:
+        """Attach the edits to this browser's kept result (when they are edits of it), so a page
+        reload does not lose them."""
+        if st is None or st.editor is None or not st.editor.n_edits:
+            return
+        owner = runs.owner_key(W.username(request), browser)
+        if edits_belong_to(runs.registry().kept(owner), st):
+            runs.registry().attach(owner, "correct", st, st.nbytes)
+
     @W.user_errors(outputs=3)
-    def on_op(op_text, s, st):
+    def on_op(op_text, s, st, browser, request: gr.Request):
         try:
             op = json.loads(op_text or "{}")
         except json.JSONDecodeError:
@@ -283,24 +307,41 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             W.log.exception("Correct tab operation %r failed", op.get("op"))
             st = enter(s, st)
             pay = _payload(st, "error", message="That edit failed on the server; nothing was changed. Try again.")
+        keep_edits(s, st, browser, request)
         return respond(st, pay)
 
     outs = [state, payload, count]
-    op_btn.click(on_op, [op_box, session, state], outs, api_visibility="private", show_progress="hidden",
-                 js="(op, s, st) => [window.cpwCorrect ? window.cpwCorrect.takeOp() : op, s, st]")
+    op_btn.click(on_op, [op_box, session, state, browser_id], outs, api_visibility="private", show_progress="hidden",
+                 js="(op, s, st, b) => [window.cpwCorrect ? window.cpwCorrect.takeOp() : op, s, st, b]")
     payload.change(None, [payload], None, js="(p) => { if (window.cpwCorrect) { window.cpwCorrect.apply(p); } }")
 
     @W.user_errors(outputs=2)
-    def on_save(s, st):
-        new = save(s, enter(s, st))
+    def on_save(s, st, browser, request: gr.Request):
+        st = enter(s, st)
+        new = save(s, st)
+        owner = runs.owner_key(W.username(request), browser)
+        if runs.registry().kept(owner) is not None:  # a reload reopens the saved masks and the edit history
+            runs.registry().keep(owner, new, nbytes=sum(v.nbytes for v in vars(new).values()
+                                                         if isinstance(v, np.ndarray)))
+            keep_edits(new, st, browser, request)
         gr.Info(f"Saved {len(new.table)} cells; downloads updated (Segment tab too).")
         return new, new.files
 
-    save_btn.click(on_save, [session, state], [session, files], api_visibility="private")
+    save_btn.click(on_save, [session, state, browser_id], [session, files], api_visibility="private")
+
+    def on_restore(browser, request: gr.Request):
+        """Page (re)load: the edits made on this browser's kept result, if any, come back with it."""
+        owner = runs.owner_key(W.username(request), browser)
+        kept = runs.registry().attached(owner, "correct")
+        if not isinstance(kept, CorrectState) or not edits_belong_to(runs.registry().kept(owner), kept):
+            return gr.skip()
+        kept.needs_full = True
+        return kept
 
     @W.user_errors(outputs=1)
     def on_add(s, st, name, request: gr.Request):
         return add_to_training_set(s, enter(s, st), name, W.username(request))
 
     added = add_btn.click(on_add, [session, state, set_name], [set_msg], api_visibility="private")
-    return {"state": state, "on_enter": on_enter, "enter_outputs": outs, "added_to_training_set": added}
+    return {"state": state, "on_enter": on_enter, "enter_outputs": outs, "added_to_training_set": added,
+            "restore": (on_restore, [browser_id], [state])}

@@ -572,4 +572,4 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
     ctx["model_dropdowns"].append(model)
     return {"model": model, "view": view, "count": count, "files": files, "file_in": file_in,
             "restore": (on_restore, [browser_id], [browser_id, *seg_outputs, info, stitch_btn]),
-            "unload": on_unload}
+            "unload": on_unload, "browser_id": browser_id}

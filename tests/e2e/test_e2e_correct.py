@@ -288,3 +288,38 @@ def test_correct_hidpi_canvas_is_sharp_and_strokes_land(browser, app_url):
         assert (cell & truth).sum() / (cell | truth).sum() >= 0.8
     finally:
         ctx.close()
+
+
+def test_correct_edits_survive_a_page_reload(page, tmp_path):
+    """Edits are attached to the browser's kept result: after a reload the Correct tab shows them, with
+    their undo history, and saving still works."""
+    upload_and_segment(page)
+    open_correct(page)
+    m0 = labels(page)
+    n0 = len(np.unique(m0[m0 > 0]))
+    wait_count(page, n0)
+    free = ndi.binary_erosion(m0 == 0, iterations=16, border_value=0)
+    cy, cx = np.argwhere(free)[len(np.argwhere(free)) // 3]
+    t = np.linspace(0, 2 * np.pi, 40)
+    tool(page, "outline")
+    s0 = serial(page)
+    stroke(page, [(cy + 10 * np.sin(a), cx + 10 * np.cos(a)) for a in t])
+    wait_count(page, n0 + 1)
+    wait_applied(page, s0)
+    m1 = labels(page)
+
+    page.reload()
+    page.wait_for_selector("#seg-run")
+    page.wait_for_function("() => (document.querySelector('#seg-info') || {innerText: ''}).innerText"
+                           ".includes('u2os_nuclei')")
+    open_correct(page)
+    wait_count(page, n0 + 1)
+    np.testing.assert_array_equal(labels(page), m1)
+    assert "1 edit" in page.inner_text("#correct-count") and "undo" in page.inner_text("#correct-count")
+    shot(page, "16_correct_after_reload")
+    # the restored history still undoes the stroke
+    s1 = serial(page)
+    page.locator("#cor-wrap").get_by_role("button", name="Undo").click()
+    wait_applied(page, s1)
+    wait_count(page, n0)
+    np.testing.assert_array_equal(labels(page), m0)
