@@ -366,3 +366,33 @@ def test_follow_flows_in_chunks_equals_one_batch(flows_ref, monkeypatch, ndim):
     assert chunked.shape == (ndim, npts)
     assert torch.equal(whole, chunked)
     assert dy.follow_flows(flows, tuple(i[:0] for i in inds), niter=5).shape == (ndim, 0)
+
+
+def test_flow_check_tiles_and_batches_give_the_same_heat(monkeypatch):
+    """The flow check's first pass splits a large window into tiles of whole objects, and the exact
+    recheck runs objects in cache-sized batches: errors and flows are bit-identical to one window /
+    one batch, also for objects that touch an object of another tile."""
+    rng = np.random.default_rng(3)
+    pts = rng.uniform(0, 200, (90, 2))  # Voronoi cells: every object touches others
+    yy, xx = np.mgrid[:200, :220]
+    lab = 1 + ((yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2).argmin(-1)
+    lab = lab.astype(np.int32)
+    dP = (5 * dy.masks_to_flows(lab) + rng.normal(0, 0.8, (2, *lab.shape))).astype(np.float32)
+    monkeypatch.setattr(dy, "HEAT_TILE_PIXELS", 10**9)
+    monkeypatch.setattr(dy, "HEAT_BATCH_ELEMS", 10**9)
+    err_one, mu_one = dy.flow_error(lab, dP, threshold=100.0)  # the first pass only
+    thr = float(np.median(err_one))  # half the objects near it: the exact recheck runs too
+    err_thr_one, _ = dy.flow_error(lab, dP, threshold=thr)
+    tiles = []
+    orig_tile = dy._heat_in_tile
+    monkeypatch.setattr(dy, "_heat_in_tile", lambda *a, **k: (tiles.append(a[5]), orig_tile(*a, **k)))
+    monkeypatch.setattr(dy, "HEAT_TILE_PIXELS", 40 * 40)
+    monkeypatch.setattr(dy, "HEAT_BATCH_ELEMS", 3000)
+    err_tiled, mu_tiled = dy.flow_error(lab, dP, threshold=100.0)
+    assert len(tiles) > 20  # many tiles (the phases' windows split)
+    touching = dy._touching_labels(lab)
+    assert any(len(touching(v)) > 1 for v in range(1, int(lab.max()) + 1))
+    assert np.array_equal(err_tiled, err_one) and np.array_equal(mu_tiled, mu_one)
+    err_thr_tiled, _ = dy.flow_error(lab, dP, threshold=thr)
+    assert np.array_equal(err_thr_tiled, err_thr_one)
+    assert np.abs(err_thr_one - err_one).max() > 1e-6  # the recheck did change errors
