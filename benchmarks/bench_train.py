@@ -5,19 +5,23 @@
 Three images of ``../shared/data/nuclei_2d/train`` (the first three by name) and their labels; the
 network is Cellpose 3's ``cyto`` U-Net (``../shared/reference/cp3/cp_cyto.pth``). Each run trains for
 ``--epochs`` epochs of ``--nimg`` random crops of ``--bsize`` px in batches of ``--batch`` (AdamW,
-channels [0, 0]), starting from the same weights, flows of the labels computed inside the call as both
-packages do. Timed: the whole ``train_seg`` call (flows + epochs).
+channels [0, 0], ``rescale=True`` as Cellpose 3's default), starting from the same weights, flows of the
+labels computed inside the call as both packages do (our flow cache is cleared before every run).
+Timed: the whole ``train_seg`` call (flows + epochs); the one-off import torch's AdamW triggers on
+first use (``torch._dynamo``, seconds) is done before the clock starts in both.
 
-- ours, legacy U-Net: ``cellpose_web.train.train_seg`` on ``CellposeModel(cp_cyto.pth).net``
+- ours, legacy U-Net: ``cellpose_web.train.train_seg`` on ``CellposeModel(cp_cyto.pth).net`` with its
+  default precision (bfloat16 autocast on a CPU with native bf16, else float32: ``train.training_uses_bf16``)
 - reference, legacy U-Net: ``cellpose.train.train_seg`` in the Python named by CELLPOSE3_REF_PYTHON
-  (default /work/venvs/cp3/bin/python, cellpose==3.1.1.2), in a subprocess
-- ours, legacy U-Net with ``mixed_precision=True`` (bfloat16 autocast; the reference runs float32)
-- ours, lite: the same data and settings on the built-in ``lite`` (crops per second of its epochs,
-  from the per-epoch callback, against the legacy U-Net's in the same run)
+  (default /work/venvs/cp3/bin/python, cellpose==3.1.1.2), in a subprocess; always float32
+- ours, legacy U-Net in float32 (``mixed_precision=False``): the same arithmetic as the reference
+- ours, lite with its default precision: the same data and settings on the built-in ``lite`` (crops per
+  second of its epochs, from the per-epoch callback, against the legacy U-Net's in the same run)
 
-Ours and the reference alternate (ours, reference, ours) and the faster of our two runs is used, so a
-busy machine shows up as a spread rather than as a bias. Cellpose-SAM is not compared: its weights
-cannot be fetched offline, and one CPU epoch of it takes minutes. Prints numbers, no pass/fail.
+Ours and the reference alternate (ours, reference, ours, float32, reference, float32) and the faster of
+each pair is used, so a busy machine shows up as a spread rather than as a bias; ``--repeats 1`` runs
+each once. Cellpose-SAM is not compared: its weights cannot be fetched offline, and one CPU epoch of it
+takes minutes. Prints numbers, no pass/fail.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ k = json.loads(sys.argv[2])
 imgs = [d[f"img{i}"] for i in range(k["n"])]
 labels = [d[f"lab{i}"] for i in range(k["n"])]
 m = models.CellposeModel(gpu=False, pretrained_model=k["weights"])
+torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # one-off lazy imports, outside the clock
 torch.manual_seed(0); np.random.seed(0)
 with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
@@ -70,20 +75,23 @@ def load_data(n: int = 3) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return imgs, labels
 
 
-def run_ours(pretrained: str, imgs, labels, k: dict, mixed_precision: bool = False) -> dict:
+def run_ours(pretrained: str, imgs, labels, k: dict, mixed_precision: bool | None = None) -> dict:
     model = models.CellposeModel(pretrained_model=pretrained)
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # one-off lazy imports, outside the clock
+    train.clear_flow_cache()
     ticks = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         train.train_seg(model.net, imgs, labels, channels=[0, 0], batch_size=k["batch"], n_epochs=k["epochs"],
                         nimg_per_epoch=k["nimg"], bsize=k["bsize"], learning_rate=k["lr"], weight_decay=k["wd"],
-                        min_train_masks=1, save_path=tmp, model_name="bench", seed=0,
+                        rescale=True, min_train_masks=1, save_path=tmp, model_name="bench", seed=0,
                         mixed_precision=mixed_precision,
                         callback=lambda epoch, loss, test_loss, elapsed: ticks.append(time.perf_counter()))
         dt = time.perf_counter() - t0
     # crops per second of the epochs after the first (the first also holds the flows and warm-up)
     rate = (k["nimg"] * (len(ticks) - 1) / (ticks[-1] - ticks[0])) if len(ticks) > 1 else float("nan")
-    return {"seconds": dt, "crops_per_s": rate}
+    return {"seconds": dt, "crops_per_s": rate,
+            "bf16": train.training_uses_bf16(model.net, model.device, mixed_precision)}
 
 
 def run_ref(py: str, inp: Path, k: dict, threads: int) -> dict | None:
@@ -102,37 +110,47 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--bsize", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="runs of ours and of the reference (the fastest counts)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     k = {"n": 3, "epochs": args.epochs, "nimg": args.nimg, "batch": args.batch, "bsize": args.bsize,
          "lr": 1e-4, "wd": 1e-5}
     imgs, labels = load_data(3)
     print(f"3 images {[im.shape for im in imgs]}, {args.epochs} epochs x {args.nimg} crops of {args.bsize} px, "
-          f"batch {args.batch}, {torch.get_num_threads()} torch threads")
+          f"batch {args.batch}, {torch.get_num_threads()} torch threads, native bf16: {train.cpu_has_native_bf16()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     ref_py = os.environ.get("CELLPOSE3_REF_PYTHON", "/work/venvs/cp3/bin/python")
+    have_ref = Path(ref_py).exists()
+
+    def show(name: str, r: dict) -> None:
+        prec = "bfloat16" if r.get("bf16") else "float32"
+        print(f"{name:34s}: {r['seconds']:7.1f} s  ({r['crops_per_s']:.2f} crops/s, {prec})", flush=True)
+
+    ours, fp32, refs = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "data.npz"
         np.savez(inp, **{f"img{i}": im for i, im in enumerate(imgs)}, **{f"lab{i}": lb for i, lb in enumerate(labels)})
-        ours = [run_ours(str(CP_CYTO), imgs, labels, k)]
-        print(f"ours      legacy U-Net: {ours[-1]['seconds']:7.1f} s  ({ours[-1]['crops_per_s']:.2f} crops/s)", flush=True)
-        ref = run_ref(ref_py, inp, k, args.threads) if Path(ref_py).exists() else None
-        if ref:
-            print(f"reference legacy U-Net: {ref['seconds']:7.1f} s  (cellpose 3.1.1.2)", flush=True)
-        ours.append(run_ours(str(CP_CYTO), imgs, labels, k))
-        print(f"ours      legacy U-Net: {ours[-1]['seconds']:7.1f} s  ({ours[-1]['crops_per_s']:.2f} crops/s)", flush=True)
-        bf16 = run_ours(str(CP_CYTO), imgs, labels, k, mixed_precision=True)
-        print(f"ours      legacy U-Net, mixed_precision=True (bf16 autocast): {bf16['seconds']:7.1f} s  "
-              f"({bf16['crops_per_s']:.2f} crops/s)", flush=True)
+        for _ in range(args.repeats):
+            ours.append(run_ours(str(CP_CYTO), imgs, labels, k))
+            show("ours      legacy U-Net (default)", ours[-1])
+            ref = run_ref(ref_py, inp, k, args.threads) if have_ref else None
+            if ref:
+                refs.append(ref)
+                print(f"{'reference legacy U-Net':34s}: {ref['seconds']:7.1f} s  (cellpose 3.1.1.2, float32)",
+                      flush=True)
+            fp32.append(run_ours(str(CP_CYTO), imgs, labels, k, mixed_precision=False))
+            show("ours      legacy U-Net, float32", fp32[-1])
         lite = run_ours("lite", imgs, labels, k)
-        print(f"ours      lite        : {lite['seconds']:7.1f} s  ({lite['crops_per_s']:.2f} crops/s)", flush=True)
-    best = min(ours, key=lambda r: r["seconds"])
-    if ref:
-        print(f"legacy U-Net fine-tuning, ours / Cellpose 3.1.1.2: {best['seconds'] / ref['seconds']:.2f}x time "
-              f"(float32), {bf16['seconds'] / ref['seconds']:.2f}x with mixed_precision=True")
+        show("ours      lite (default)", lite)
+    best, best32 = (min(r, key=lambda x: x["seconds"]) for r in (ours, fp32))
+    if refs:
+        ref_s = min(r["seconds"] for r in refs)
+        print(f"legacy U-Net fine-tuning, ours / Cellpose 3.1.1.2: {best['seconds'] / ref_s:.2f}x time by default "
+              f"({'bfloat16' if best['bf16'] else 'float32'}), {best32['seconds'] / ref_s:.2f}x in float32")
     else:
         print(f"set CELLPOSE3_REF_PYTHON to a Python with cellpose==3.1.1.2 to compare (tried {ref_py})")
-    print(f"lite / legacy U-Net crops per second (same run): {lite['crops_per_s'] / max(r['crops_per_s'] for r in ours):.1f}x")
-
+    print(f"lite / legacy U-Net crops per second (same run, default precision): "
+          f"{lite['crops_per_s'] / max(r['crops_per_s'] for r in ours):.1f}x")
 
 if __name__ == "__main__":
     main()

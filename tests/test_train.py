@@ -142,19 +142,82 @@ def test_label_flows_computed_once_across_calls(tiny_data, monkeypatch):
     assert len(calls) == 2
 
 
-def test_mixed_precision_trains_in_bf16_and_keeps_float32_weights(tiny_data, tmp_path, monkeypatch):
+def _conv_dtypes(net, seen):
+    """Record the output dtype of every convolution of ``net`` while it trains."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype) if mod.training else None)
+
+
+def test_mixed_precision_trains_in_bf16_and_keeps_float32_weights(tiny_data, tmp_path):
     imgs, labels = tiny_data
-    net = LiteUNet(widths=(8, 16, 32, 64))
-    seen = []
-    orig = train.flow_loss
-    monkeypatch.setattr(train, "flow_loss", lambda y, t: seen.append(torch.get_autocast_dtype("cpu")
-                                                                     if torch.is_autocast_enabled("cpu") else None)
-                        or orig(y, t))
-    path, losses, _ = train.train_seg(net, imgs, labels, n_epochs=2, bsize=64, batch_size=2, seed=0,
-                                      save_path=tmp_path, mixed_precision=True)
-    assert seen and all(d == torch.bfloat16 for d in seen)
-    assert np.isfinite(losses).all() and all(p.dtype == torch.float32 for p in net.parameters())
-    assert path.exists()
+    runs = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        net = LiteUNet(widths=(8, 16, 32, 64))
+        seen = []
+        _conv_dtypes(net, seen)
+        path, losses, _ = train.train_seg(net, imgs, labels, n_epochs=2, bsize=64, batch_size=2, seed=0,
+                                          learning_rate=1e-3, save_path=tmp_path, mixed_precision=bf16)
+        assert seen and set(seen) == {torch.bfloat16 if bf16 else torch.float32}
+        assert all(p.dtype == torch.float32 for p in net.parameters()) and path.exists()
+        runs[bf16] = losses
+    # the same crops and weights: bfloat16 gives nearly the float32 loss (not a different computation)
+    assert np.isfinite(runs[True]).all() and np.allclose(runs[True], runs[False], rtol=0.05), runs
+
+
+def test_channels_last_and_fused_optimizer_train_as_before(tiny_data, tmp_path, monkeypatch):
+    """The speed-ups (channels-last layout, fused AdamW) leave the float32 losses and weights as the
+    plain layout and optimizer give them, and hand the network back in its usual layout."""
+    from cellpose_web.nets.cpnet import CPnet
+
+    imgs, labels = tiny_data
+
+    def run(fast: bool):
+        torch.manual_seed(0)
+        net = CPnet((2, 8, 16, 32))
+        layouts = []
+        net.downsample.down[0].conv[0][2].register_forward_hook(
+            lambda mod, inp, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
+        if not fast:
+            monkeypatch.setattr(train, "_CONV_NETS", ())
+            monkeypatch.setattr(train, "_adamw", lambda n, lr, wd: torch.optim.AdamW(
+                [p for p in n.parameters() if p.requires_grad], lr=lr, weight_decay=wd, foreach=False))
+        path, losses, _ = train.train_seg(net, imgs, labels, channels=[0, 0], n_epochs=3, bsize=64, batch_size=2,
+                                          nimg_per_epoch=4, learning_rate=1e-3, weight_decay=1e-5, rescale=True,
+                                          min_train_masks=1, seed=3, save_path=tmp_path, model_name=f"cl{fast}",
+                                          mixed_precision=False)
+        monkeypatch.undo()
+        assert layouts and set(layouts) == {fast}
+        return net, path, losses
+
+    fast_net, fast_path, fast_losses = run(True)
+    _, _, plain_losses = run(False)
+    # epochs 2 and 3 see the weights the earlier steps made, so equal losses mean equal updates (the
+    # weights themselves are not compared: a conv bias before BatchNorm gets a ~0 gradient that Adam
+    # scales up to +-lr, so it drifts with rounding in either version)
+    assert np.allclose(fast_losses, plain_losses, rtol=1e-4), (fast_losses, plain_losses)
+    assert all(v.is_contiguous() for v in fast_net.state_dict().values())
+    assert all(v.is_contiguous() for v in torch.load(fast_path, weights_only=True).values())
+
+
+def test_bf16_is_the_default_only_where_it_is_native(monkeypatch):
+    from cellpose_web.nets.cpnet import CPnet
+
+    unet, lite = CPnet((2, 8, 16, 32)), LiteUNet(widths=(8, 16, 32, 64))
+    monkeypatch.delenv(train.TRAIN_BF16_ENV, raising=False)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.training_uses_bf16(unet, "cpu") and train.training_uses_bf16(lite, "cpu")
+    assert not train.training_uses_bf16(unet, "cpu", mixed_precision=False)
+    assert not train.training_uses_bf16(unet, "cuda")  # GPUs: float32 unless asked (not measured there)
+    assert not train.training_uses_bf16(torch.nn.Conv2d(3, 3, 1), "cpu")  # e.g. Cellpose-SAM: float32
+    monkeypatch.setenv(train.TRAIN_BF16_ENV, "0")
+    assert not train.training_uses_bf16(unet, "cpu") and train.training_uses_bf16(unet, "cpu", mixed_precision=True)
+    monkeypatch.setenv(train.TRAIN_BF16_ENV, "1")
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.training_uses_bf16(unet, "cpu")
+    monkeypatch.delenv(train.TRAIN_BF16_ENV)
+    assert not train.training_uses_bf16(unet, "cpu") and not train.training_uses_bf16(lite, "cpu")
 
 
 def test_cellpose_keywords_accepted_with_notice_and_epochs_logged(tiny_data, tmp_path, caplog):
