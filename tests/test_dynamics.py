@@ -396,3 +396,43 @@ def test_flow_check_tiles_and_batches_give_the_same_heat(monkeypatch):
     err_thr_tiled, _ = dy.flow_error(lab, dP, threshold=thr)
     assert np.array_equal(err_thr_tiled, err_thr_one)
     assert np.abs(err_thr_one - err_one).max() > 1e-6  # the recheck did change errors
+
+
+def test_masks_step_in_bands_equals_one_pass(masks_ref, flows_ref, monkeypatch):
+    """Large images are scanned in bands of BAND_PIXELS (histogram, seeds and their growth in
+    get_masks, per-label sums, hole detection, renumbering): tiny bands give the same masks, flow
+    errors and filled labels, bit for bit, as one band (2D and 3D)."""
+    rng = np.random.default_rng(5)
+    lab = np.zeros((70, 60), np.int32)  # holes, a ring, a two-piece label, objects on the borders
+    yy, xx = np.mgrid[:70, :60]
+    lab[((yy - 35) ** 2 + (xx - 25) ** 2 < 300) & ((yy - 35) ** 2 + (xx - 25) ** 2 > 30)] = 1
+    lab[0:6, :] = 2
+    lab[3, 20] = 0
+    lab[60:70, 45:60] = 3
+    lab[65, 50] = 0
+    lab[10:15, 48:55] = 4
+    lab[25:30, 48:55] = 4
+    lab[40:50, 45:55] = 5
+    lab[43:46, 48:51] = 6
+    dP = (5 * dy.masks_to_flows(lab) + rng.normal(0, 0.5, (2, *lab.shape))).astype(np.float32)
+    # final positions in broad noisy clusters: seeds and their growth cross many band edges
+    centres = rng.uniform(5, [115, 95], (12, 2))
+    pts = np.concatenate([c + rng.normal(0, 2.5, (800, 2)) for c in centres]).clip(0, [119, 99])
+    p_final = torch.from_numpy(pts.T.astype(np.int32))
+    inds = np.unravel_index(np.sort(rng.choice(120 * 100, len(pts), replace=False)), (120, 100))
+
+    def run():
+        return [dy.get_masks(p_final, inds, (120, 100)), dy._labels_with_holes_2d(lab, int(lab.max())),
+                dy.compute_masks(masks_ref["dP"], masks_ref["cellprob"], min_size=15),
+                dy.compute_masks(flows_ref["flows_3d"] * 5, (flows_ref["labels_3d"] > 0) * 8.0 - 4, do_3D=True),
+                *dy.flow_error(lab, dP, threshold=0.2),
+                dy.fill_holes_and_remove_small_masks(lab, min_size=15),
+                dy.fill_holes_and_remove_small_masks(lab, min_size=0)]
+
+    one = run()
+    assert one[0].max() > 12 and list(one[1]) == [1, 2, 3, 5]
+    filled = one[6]  # holes filled (the ring's too), 6 absorbed by 5, the two-piece label kept
+    assert filled.dtype == np.uint16 and filled.max() == 5 and filled[35, 25] == filled[35, 10] > 0
+    monkeypatch.setattr(dy, "BAND_PIXELS", 97)  # a row or two per band
+    for a, b in zip(one, run()):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
