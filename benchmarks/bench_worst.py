@@ -8,7 +8,10 @@ of 6-9 px width and 15-45 px length with a bright halo on a grey, unevenly lit b
 ``phase_bacteria``). The nuclei model was not trained on it and its objects are half its size, so
 lite's automatic diameter zooms the frame and the masks are blobs and fragments.
 
-Both run through ``CellposeModel('lite').eval`` with the app's defaults (automatic diameter, flow
+Other hostile pictures of the same size: denser bacteria, large smooth blobs (huge 'cells'), an 8 px
+checkerboard (texture read as tiny cells) and pure camera noise.
+
+All run through ``CellposeModel('lite').eval`` with the app's defaults (automatic diameter, flow
 threshold 0.4) and with a fixed diameter of 30 px (no zoom, the same pixel work). Each case is timed
 ``--repeats`` times alternately after one warm-up; the fastest run counts. Prints the stage timings,
 the diameter lite estimated, the mask counts and the ratio worst / normal. Numbers, no pass/fail.
@@ -74,6 +77,13 @@ def blobs(rng: np.random.Generator, shape=(727, 1026)) -> np.ndarray:
     return np.clip(x / x.max() * 40000, 0, 65535).astype(np.uint16)
 
 
+def texture(rng: np.random.Generator, shape=(727, 1026)) -> np.ndarray:
+    """An 8 px checkerboard with shot noise, uint16 (Y, X): texture the nuclei model reads as ~9 px cells,
+    so an automatic diameter zooms in as far as it goes."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    return (((yy // 8 + xx // 8) % 2) * 3000 + rng.poisson(100, shape)).astype(np.uint16)
+
+
 def noise(rng: np.random.Generator, shape=(727, 1026)) -> np.ndarray:
     """Pure camera noise, uint16 (Y, X)."""
     return rng.poisson(100, shape).astype(np.uint16)
@@ -109,7 +119,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed + 1)
     cases = {"normal (nuclei 768x869)": normal, "phase bacteria 727x1026": worst,
              "dense phase bacteria": phase_bacteria(rng, density=0.7), "large smooth blobs": blobs(rng),
-             "camera noise": noise(rng)}
+             "8 px checkerboard": texture(rng), "camera noise": noise(rng)}
     for diameter in (None, 30):
         best = {}
         for _ in range(args.repeats):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellpose_web.models import auto_diameter_zoom
+from cellpose_web.models import DIAM_MEAN, auto_diameter_zoom
 from cellpose_web.overlap import label_overlap
 
 #: a result is "very few cells" when the image could hold this many times more cells of the expected size
@@ -51,20 +51,23 @@ def planes_linked(masks: np.ndarray, iou: float = 0.3) -> float:
     return linked / total if total else 0.0
 
 
-def diameter_note(diameter_estimate: float | None) -> str:
+def diameter_note(diameter_estimate: float | None, image_shape: tuple[int, ...] | None = None) -> str:
     """How an automatic diameter went, "" when none was estimated.
 
     e.g. "diameter estimated at 20 px; a second pass ran zoomed 1.48x (2.2x the pixels): enter the
-    diameter to skip the estimate" (lite, ``diameter=None``; see ``models.auto_diameter_zoom``).
+    diameter to skip the estimate" (lite, ``diameter=None``; see ``models.auto_diameter_zoom``;
+    ``image_shape`` (Y, X, ...) of the image segmented).
     """
     if diameter_estimate is None or not diameter_estimate > 0:
         return ""
     note = f"diameter estimated at {diameter_estimate:.0f} px"
-    zoom = auto_diameter_zoom(diameter_estimate)
+    zoom = auto_diameter_zoom(diameter_estimate, image_shape)
     if zoom is None:
         return note
-    return (f"{note}; a second pass ran zoomed {zoom:.2f}x ({zoom * zoom:.1f}x the pixels): enter the diameter "
-            "to skip the estimate")
+    capped = zoom < DIAM_MEAN / diameter_estimate - 1e-6
+    return (f"{note}; a second pass ran zoomed {zoom:.2f}x ({zoom * zoom:.1f}x the pixels"
+            + (", the most an automatic diameter zooms" if capped else "")
+            + "): enter the diameter to skip the estimate")
 
 
 def count_text(n_objects: int, masks_ndim: int, n_planes: int = 1, volumetric: bool = False) -> str:

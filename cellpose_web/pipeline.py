@@ -611,7 +611,7 @@ def process_file(path: str | os.PathLike, loaded: LoadedModel, settings: ImageSe
     return {"name": f.name, "n_masks": seg.n_masks, "seconds": seg.seconds, "device": seg.device,
             "notices": [f"notice: {f.name}: {n}" for n in seg.notices], "files": {k: str(v) for k, v in files.items()},
             "summary": measure.summarize(table, spots) if table is not None else {}, "pixel_size_um": px,
-            "model": seg.model, "diameter_note": hints.diameter_note(seg.est_diam),
+            "model": seg.model, "diameter_note": hints.diameter_note(seg.est_diam, seg.masks.shape),
             "hint": hints.suggest(seg.masks, diameter=settings.eval_kwargs.get("diameter"),
                                   n_channels=int(seg.image.shape[-1]), channels_chosen=bool(settings.segment_channels),
                                   model_name=seg.model.get("name"))}

@@ -245,7 +245,8 @@ def test_lite_estimates_diameter_and_reruns(lite_model, monkeypatch):
     assert len(calls) == 2 and masks.shape == (200, 240) and flows[1].shape == (2, 200, 240)
 
 
-@pytest.mark.parametrize("estimate, reruns", [(31.0, False), (27.5, False), (26.9, True), (33.4, True), (60.0, True)])
+@pytest.mark.parametrize("estimate, reruns", [(31.0, False), (27.5, False), (26.9, True), (33.4, True), (60.0, True),
+                                               (6.0, True)])
 def test_lite_reruns_only_outside_the_tolerance(lite_model, monkeypatch, estimate, reruns):
     calls = []
 
@@ -259,8 +260,8 @@ def test_lite_reruns_only_outside_the_tolerance(lite_model, monkeypatch, estimat
     lite_model.eval(np.random.default_rng(2).random((96, 128)).astype(np.float32))
     zoom = M.auto_diameter_zoom(estimate)
     assert (zoom is not None) == reruns and len(calls) == 1 + reruns
-    if reruns:
-        assert lite_model.last_eval_params["rescale"] == pytest.approx(30.0 / estimate)
+    if reruns:  # zoomed by 30 / estimate, in by at most MAX_AUTO_ZOOM (objects of 6 px: 2.5x, not 5x)
+        assert lite_model.last_eval_params["rescale"] == pytest.approx(min(30.0 / estimate, M.MAX_AUTO_ZOOM))
     lite_model.eval(np.random.default_rng(2).random((96, 128)).astype(np.float32), diameter=30)
     assert lite_model.diam_estimate is None  # a given diameter leaves no estimate from an earlier call
 
@@ -271,7 +272,13 @@ def test_diameter_note_says_how_the_estimate_went():
     assert hints.diameter_note(29.0) == "diameter estimated at 29 px"
     note = hints.diameter_note(15.0)
     assert note.startswith("diameter estimated at 15 px; a second pass ran zoomed 2.00x (4.0x the pixels)")
-    assert "enter the diameter" in note
+    assert "enter the diameter" in note and "the most" not in note
+    assert hints.diameter_note(6.0).startswith("diameter estimated at 6 px; a second pass ran zoomed 2.50x (6.2x the "
+                                               "pixels, the most an automatic diameter zooms)")
+    # a large image zooms at most to MAX_RESIZED_PIXELS
+    from cellpose_web import models
+    zoom = models.auto_diameter_zoom(12.0, (8000, 8000))
+    assert zoom == pytest.approx((models.MAX_RESIZED_PIXELS / 64e6) ** 0.5) and zoom < 2.5
 
 
 def test_progress_messages_say_time_left(monkeypatch):

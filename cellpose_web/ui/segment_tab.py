@@ -201,7 +201,7 @@ def summary_md(s: common.Session) -> str:
                      f"{W.fmt_num(s.pixel_size_um, 'µm/px', 4)}</span>")
         return "\n\n".join(lines)
     m = p.get("model") or {}
-    est = hints.diameter_note(p.get("est_diam"))
+    est = hints.diameter_note(p.get("est_diam"), s.masks.shape)
     lines.append(f"<span class='cpw-small'>model **{m.get('name')}** (sha256 {W.short_sha(m.get('sha256'))}) · "
                  f"{p.get('seconds', '–')} s · pixel size {W.fmt_num(s.pixel_size_um, 'µm/px', 4)}"
                  + (f" · {est}" if est else "") + "</span>")
