@@ -320,7 +320,7 @@ def _halo_bands(shape: Sequence[int], halo: int, device: torch.device) -> Iterat
     elements: (r0, r1, a, b) = the rows [r0, r1) to keep, computed from the rows [a, b) around them
     (the whole array in one band off the CPU)."""
     n = int(shape[0])
-    rows = n if device.type != "cpu" else max(4 * halo, BAND_PIXELS // max(1, math.prod(shape[1:])))
+    rows = n if device.type != "cpu" else max(1, 4 * halo, BAND_PIXELS // max(1, math.prod(shape[1:])))
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         yield r0, r1, max(0, r0 - halo), min(n, r1 + halo)
@@ -1513,8 +1513,6 @@ def _labels_with_holes_2d(lab: np.ndarray, nmax: int) -> np.ndarray:
     Uses the Euler number (8-connected foreground) from 2x2 pixel quads, evaluated only on quads that
     mix labels, and the number of 8-connected pieces: holes = pieces - Euler number.
     """
-    from skimage.measure import label as sk_label
-
     Ly = lab.shape[0]
     euler4 = np.zeros(nmax + 1, dtype=np.int64)  # 4 x Euler number per label
     for r0, r1 in _row_bands(lab.shape):  # integer sums: the same in any order
@@ -1534,14 +1532,50 @@ def _labels_with_holes_2d(lab: np.ndarray, nmax: int) -> np.ndarray:
             contrib = (n == 1).astype(np.int64) - (n == 3) - 2 * diag
             sel = valid & (contrib != 0)
             euler4 += np.bincount(v[sel], weights=contrib[sel], minlength=nmax + 1).astype(np.int64)
-    comp = sk_label(lab, connectivity=2, background=0)
-    ncomp = int(comp.max())
-    comp_obj = np.zeros(ncomp + 1, dtype=np.int64)
-    comp_obj[comp.reshape(-1)] = lab.reshape(-1)
-    pieces = np.bincount(comp_obj[1:], minlength=nmax + 1)
-    holes = pieces * 4 - euler4
+    holes = _pieces_per_label_2d(lab, nmax) * 4 - euler4
     holes[0] = 0
     return np.flatnonzero(holes > 0)
+
+
+def _pieces_per_label_2d(lab: np.ndarray, nmax: int) -> np.ndarray:
+    """Number of 8-connected pieces of each label 0..nmax (int64; 0 for background) of a 2D label image.
+
+    The pieces are found in row bands (``BAND_PIXELS``) and joined across the bands' edges (a graph of
+    the bands' pieces, linked where two 8-adjacent pixels across an edge hold the same label), so the
+    counts are those of the whole image without whole-image component images.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from skimage.measure import label as sk_label
+
+    Lx = lab.shape[1]
+    piece_label, links, offset, above = [], [], 0, None
+    for r0, r1 in _row_bands(lab.shape):
+        blk = lab[r0:r1]
+        comp = sk_label(blk, connectivity=2, background=0).astype(np.int64, copy=False)
+        n = int(comp.max())
+        owner = np.zeros(n + 1, dtype=np.int64)
+        owner[comp.reshape(-1)] = blk.reshape(-1)
+        piece_label.append(owner[1:])
+        comp -= 1  # background -1, this band's pieces offset, offset + 1, ...
+        comp[comp >= 0] += offset
+        if above is not None:  # link pieces 8-adjacent across the edge between the two bands
+            ids_up, lab_up = above
+            for dx in (-1, 0, 1):
+                a = slice(max(0, -dx), Lx - max(0, dx))
+                b = slice(max(0, dx), Lx - max(0, -dx))
+                same = (lab_up[a] == blk[0, b]) & (lab_up[a] > 0)
+                links.append(np.stack([ids_up[a][same], comp[0, b][same]]))
+        above = (comp[-1].copy(), blk[-1].copy())
+        offset += n
+    if offset == 0:
+        return np.zeros(nmax + 1, dtype=np.int64)
+    edges = np.concatenate(links, 1) if links else np.zeros((2, 0), dtype=np.int64)
+    graph = coo_matrix((np.ones(edges.shape[1], dtype=np.int8), (edges[0], edges[1])), shape=(offset, offset))
+    n_joined, joined = connected_components(graph, directed=False)
+    joined_label = np.zeros(n_joined, dtype=np.int64)
+    joined_label[joined] = np.concatenate(piece_label)
+    return np.bincount(joined_label, minlength=nmax + 1)
 
 
 def masks_to_outlines(masks) -> np.ndarray:
@@ -1630,11 +1664,19 @@ def dx_to_circ(dP) -> np.ndarray:
         raise CellposeWebError(f"dP must have shape (2, Y, X) or (3, Z, Y, X), got {dP.shape}.")
     if dP.dtype.kind != "f":
         dP = dP.astype(np.float32)
-    mag = 255 * np.clip(transforms.normalize99(np.sqrt(np.sum(dP**2, axis=0)), downsample=True), 0, 1.0)
-    angles = np.arctan2(dP[1], dP[0]) + np.pi
-    mag /= 2
+    # elementwise in bands along the first spatial axis (large images: no whole-image temporaries),
+    # except the magnitude, whose percentiles are taken over the whole image
+    bands = [(r0, r1) for r0, r1, _, _ in _halo_bands(dP.shape[1:], 0, torch.device("cpu"))]
+    mag = np.empty(dP.shape[1:], dtype=dP.dtype)
+    for r0, r1 in bands:
+        mag[r0:r1] = np.sqrt(np.sum(dP[:, r0:r1] ** 2, axis=0))
+    mag = transforms.normalize99(mag, downsample=True, copy=False)
     rgb = np.zeros((*dP.shape[1:], 3), "uint8")
-    rgb[..., 0] = np.clip(mag * (np.cos(angles) + 1), 0, 255).astype("uint8")
-    rgb[..., 1] = np.clip(mag * (np.cos(angles + 2 * np.pi / 3) + 1), 0, 255).astype("uint8")
-    rgb[..., 2] = np.clip(mag * (np.cos(angles + 4 * np.pi / 3) + 1), 0, 255).astype("uint8")
+    for r0, r1 in bands:
+        m = 255 * np.clip(mag[r0:r1], 0, 1.0)
+        angles = np.arctan2(dP[1, r0:r1], dP[0, r0:r1]) + np.pi
+        m /= 2
+        rgb[r0:r1, ..., 0] = np.clip(m * (np.cos(angles) + 1), 0, 255).astype("uint8")
+        rgb[r0:r1, ..., 1] = np.clip(m * (np.cos(angles + 2 * np.pi / 3) + 1), 0, 255).astype("uint8")
+        rgb[r0:r1, ..., 2] = np.clip(m * (np.cos(angles + 4 * np.pi / 3) + 1), 0, 255).astype("uint8")
     return rgb

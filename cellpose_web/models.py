@@ -159,7 +159,8 @@ def _forward(net: torch.nn.Module, X: torch.Tensor, dtype: torch.dtype) -> torch
 
 def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment: bool = False,
             tile_overlap: float = 0.1, bsize: int = 256, rsz: float | None = None,
-            progress: Callable | None = None, whole_image: bool | None = None) -> np.ndarray:
+            progress: Callable | None = None, whole_image: bool | None = None,
+            channels_first: bool = False) -> np.ndarray:
     """Run the network on a stack of 2D images with Cellpose's tiling.
 
     Parameters
@@ -168,6 +169,8 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
     rsz : resize factor; each image is resized to (int(Ly*rsz), int(Lx*rsz)) first.
     whole_image : run each padded image in one piece (fully convolutional nets); None = decide
         from ``net.fully_convolutional`` / ``net.max_whole_pixels``.
+
+    channels_first : return (N, nout, Lyr, Lxr) instead, without a transposed copy (large images).
 
     Returns
     -------
@@ -190,7 +193,7 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
         whole_image = fully_conv and (Lyr + p[0] + p[1]) * (Lxr + p[2] + p[3]) <= int(getattr(net, "max_whole_pixels", 0))
         blocks = fully_conv and not whole_image
     if blocks:
-        return _run_blocks(net, imgs, rsz, Lyr, Lxr, prog)
+        return _run_blocks(net, imgs, rsz, Lyr, Lxr, prog, channels_first)
     if whole_image:
         mult = int(getattr(net, "multiple", 16))
         ypad1, ypad2, xpad1, xpad2 = transforms.get_pad_yx(Lyr, Lxr, div=mult, extra=1)
@@ -257,8 +260,9 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
                 out /= wsum
             out = out[:, :, ypad1:ypad1 + Lyr, xpad1:xpad1 + Lxr]
             if yf is None:
-                yf = np.zeros((N, Lyr, Lxr, out.shape[1]), np.float32)
-            yf[g0:g1] = out.permute(0, 2, 3, 1).cpu().numpy()
+                yf = np.zeros((N, out.shape[1], Lyr, Lxr) if channels_first else (N, Lyr, Lxr, out.shape[1]),
+                              np.float32)
+            yf[g0:g1] = (out if channels_first else out.permute(0, 2, 3, 1)).cpu().numpy()
             if whole_image:
                 prog((gi + 1) / ngroups, "running the network")
     return yf
@@ -273,7 +277,7 @@ BLOCK_MARGIN = 32
 
 
 def _run_blocks(net: torch.nn.Module, imgs: np.ndarray, rsz: float | None, Lyr: int, Lxr: int,
-                prog: "_Progress") -> np.ndarray:
+                prog: "_Progress", channels_first: bool = False) -> np.ndarray:
     """Run a fully convolutional net on (N, Ly, Lx, C) images in overlapping blocks; see ``run_net``."""
     device, dtype = _net_device_dtype(net)
     N = imgs.shape[0]
@@ -305,9 +309,13 @@ def _run_blocks(net: torch.nn.Module, imgs: np.ndarray, rsz: float | None, Lyr: 
                     blk = torch.nn.functional.pad(t[None, :, y0:y1, x0:x1], (px1, px2, py1, py2))
                     out = _forward(net, blk, dtype)[0]
                     if yf is None:
-                        yf = np.zeros((N, Lyr, Lxr, out.shape[0]), np.float32)
+                        nout = out.shape[0]
+                        yf = np.zeros((N, nout, Lyr, Lxr) if channels_first else (N, Lyr, Lxr, nout), np.float32)
                     sub = out[:, py1 + cy0 - y0:py1 + cy1 - y0, px1 + cx0 - x0:px1 + cx1 - x0]
-                    yf[i, cy0:cy1, cx0:cx1] = sub.permute(1, 2, 0).cpu().numpy()
+                    if channels_first:
+                        yf[i, :, cy0:cy1, cx0:cx1] = sub.cpu().numpy()
+                    else:
+                        yf[i, cy0:cy1, cx0:cx1] = sub.permute(1, 2, 0).cpu().numpy()
                     del out, blk, sub
                     n += 1
                     prog((i + n / nblocks) / N, "running the network")
@@ -752,12 +760,14 @@ class CellposeModel:
             cellprob = yf[..., -1]
             dP = yf[..., :-1].transpose((3, 0, 1, 2))
         else:
+            # (N, 3, Y, X): for one image, dP and cellprob are views of it (no whole-image copies)
             yf = run_net(self.net, x, batch_size=batch_size, augment=augment, tile_overlap=tile_overlap,
-                         bsize=bsize, rsz=image_scaling if image_scaling != 1.0 else None, progress=net_prog)
+                         bsize=bsize, rsz=image_scaling if image_scaling != 1.0 else None, progress=net_prog,
+                         channels_first=True)
             if resample and image_scaling != 1.0:
-                yf = transforms.resize_image(yf, Ly, Lx)
-            cellprob = yf[..., -1]
-            dP = yf[..., -3:-1].transpose((3, 0, 1, 2))
+                yf = transforms.resize_yx(yf, Ly, Lx, 2)
+            cellprob = yf[:, -1]
+            dP = yf[:, -3:-1].transpose((1, 0, 2, 3))
         del yf
         dP = np.ascontiguousarray(dP)
         cellprob = np.ascontiguousarray(cellprob)

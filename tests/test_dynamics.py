@@ -400,8 +400,8 @@ def test_flow_check_tiles_and_batches_give_the_same_heat(monkeypatch):
 
 def test_masks_step_in_bands_equals_one_pass(masks_ref, flows_ref, monkeypatch):
     """Large images are scanned in bands of BAND_PIXELS (histogram, seeds and their growth in
-    get_masks, per-label sums, hole detection, renumbering): tiny bands give the same masks, flow
-    errors and filled labels, bit for bit, as one band (2D and 3D)."""
+    get_masks, per-label sums, hole detection, renumbering, the flow picture): tiny bands give the
+    same masks, flow errors, filled labels and pictures, bit for bit, as one band (2D and 3D)."""
     rng = np.random.default_rng(5)
     lab = np.zeros((70, 60), np.int32)  # holes, a ring, a two-piece label, objects on the borders
     yy, xx = np.mgrid[:70, :60]
@@ -414,6 +414,9 @@ def test_masks_step_in_bands_equals_one_pass(masks_ref, flows_ref, monkeypatch):
     lab[25:30, 48:55] = 4
     lab[40:50, 45:55] = 5
     lab[43:46, 48:51] = 6
+    for i in range(7):  # a staircase joined only diagonally: one 8-connected piece without holes
+        lab[55 + i, 2 + 3 * i:5 + 3 * i] = 7
+        lab[62 + i, 40 - 3 * i:43 - 3 * i] = 8
     dP = (5 * dy.masks_to_flows(lab) + rng.normal(0, 0.5, (2, *lab.shape))).astype(np.float32)
     # final positions in broad noisy clusters: seeds and their growth cross many band edges
     centres = rng.uniform(5, [115, 95], (12, 2))
@@ -427,12 +430,13 @@ def test_masks_step_in_bands_equals_one_pass(masks_ref, flows_ref, monkeypatch):
                 dy.compute_masks(flows_ref["flows_3d"] * 5, (flows_ref["labels_3d"] > 0) * 8.0 - 4, do_3D=True),
                 *dy.flow_error(lab, dP, threshold=0.2),
                 dy.fill_holes_and_remove_small_masks(lab, min_size=15),
-                dy.fill_holes_and_remove_small_masks(lab, min_size=0)]
+                dy.fill_holes_and_remove_small_masks(lab, min_size=0),
+                dy.dx_to_circ(dP), dy.dx_to_circ(flows_ref["flows_3d"])]
 
     one = run()
     assert one[0].max() > 12 and list(one[1]) == [1, 2, 3, 5]
     filled = one[6]  # holes filled (the ring's too), 6 absorbed by 5, the two-piece label kept
-    assert filled.dtype == np.uint16 and filled.max() == 5 and filled[35, 25] == filled[35, 10] > 0
+    assert filled.dtype == np.uint16 and filled.max() == 7 and filled[35, 25] == filled[35, 10] > 0
     monkeypatch.setattr(dy, "BAND_PIXELS", 97)  # a row or two per band
     for a, b in zip(one, run()):
         assert a.dtype == b.dtype and np.array_equal(a, b)

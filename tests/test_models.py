@@ -224,6 +224,25 @@ def test_lite_runs_whole_image_or_tiles(lite_model):
         lite_model.net.max_whole_pixels = 1024 * 1024
 
 
+@pytest.mark.parametrize("whole", [True, False])
+def test_run_net_channels_first_is_the_same_output(lite_model, whole):
+    """eval's 2D path takes the network output channels-first (dP and cellprob are then views of it,
+    no whole-image copies): the same numbers as the channels-last output, whole image or blocks,
+    with and without resizing."""
+    imgs = np.random.default_rng(4).random((2, 130, 150, 3)).astype(np.float32)
+    net = lite_model.net
+    if not whole:
+        net.max_whole_pixels = 20_000
+    try:
+        for rsz in (None, 1.3):
+            last = M.run_net(net, imgs, rsz=rsz)
+            first = M.run_net(net, imgs, rsz=rsz, channels_first=True)
+            assert first.shape == (2, 3, *last.shape[1:3]) and first.flags.c_contiguous
+            assert np.array_equal(first, last.transpose(0, 3, 1, 2))
+    finally:
+        net.max_whole_pixels = 1024 * 1024
+
+
 def test_lite_estimates_diameter_and_reruns(lite_model, monkeypatch):
     calls = []
 
