@@ -11,7 +11,8 @@ Times ``masks_to_flows`` and ``compute_masks`` (default settings, flow check on)
 
 If the environment variable CELLPOSE_REF_PYTHON names a Python interpreter that has the reference
 ``cellpose`` package (4.2.1.1) installed, the same input is run there in a subprocess
-(``masks_to_flows_gpu`` and ``resize_and_compute_masks`` on the CPU) and the ratios ours / reference
+(``masks_to_flows_gpu`` and ``resize_and_compute_masks`` on the same ``--device``: cpu, or cuda on a GPU
+machine, where timers are synchronised and one warm-up run is dropped) and the ratios ours / reference
 are printed, with a check that both give the same masks (and AP@0.5 / the smallest matched IoU when they
 differ). Ours runs before and after the reference and the faster run counts, so that a busy machine
 shows up as a spread. No pass/fail: this only reports numbers.
@@ -42,15 +43,19 @@ torch.set_num_threads(int(sys.argv[3]))
 from cellpose import dynamics
 d = np.load(sys.argv[1])
 reps = int(sys.argv[2])
-cpu = torch.device("cpu")
+dev = torch.device(sys.argv[5] if len(sys.argv) > 5 else "cpu")
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 t_flows, t_masks = [], []
-for _ in range(reps):
-    t0 = time.perf_counter(); dynamics.masks_to_flows_gpu(d["labels"], device=cpu); t_flows.append(time.perf_counter() - t0)
-for _ in range(reps):
-    t0 = time.perf_counter()
+for _ in range(reps + (dev.type == "cuda")):  # on a GPU the first run is a warm-up
+    sync(); t0 = time.perf_counter(); dynamics.masks_to_flows_gpu(d["labels"], device=dev); sync()
+    t_flows.append(time.perf_counter() - t0)
+for _ in range(reps + (dev.type == "cuda")):
+    sync(); t0 = time.perf_counter()
     m = dynamics.resize_and_compute_masks(d["dP"], d["cellprob"], niter=200, cellprob_threshold=0.0,
-                                          flow_threshold=0.4, min_size=15, max_size_fraction=0.4, device=cpu)
-    t_masks.append(time.perf_counter() - t0)
+                                          flow_threshold=0.4, min_size=15, max_size_fraction=0.4, device=dev)
+    sync(); t_masks.append(time.perf_counter() - t0)
+if dev.type == "cuda":
+    t_flows, t_masks = t_flows[1:], t_masks[1:]
 np.save(sys.argv[4], m)
 print(json.dumps({"masks_to_flows": t_flows, "compute_masks": t_masks}))
 """
@@ -82,11 +87,17 @@ def lite_outputs(size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return sample.labels.astype(np.uint16), flows[1].astype(np.float32), flows[2].astype(np.float32)
 
 
-def timeit(fn, repeats: int) -> list[float]:
+def timeit(fn, repeats: int, device: torch.device = torch.device("cpu")) -> list[float]:
+    """Wall seconds of `repeats` calls (GPU work synchronised; on a GPU one warm-up call first)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        fn()
     out = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -99,8 +110,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ref-repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: ours and the reference on this device")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
     if args.kind == "lite":
         labels, dP, cellprob = lite_outputs(args.size)
@@ -108,14 +121,16 @@ def main() -> None:
         labels = voronoi_labels(args.size, args.cells)
         dP = (5 * dynamics.masks_to_flows(labels)).astype(np.float32)
         cellprob = np.where(labels > 0, 4.0, -4.0).astype(np.float32)
-    print(f"{args.kind}: image {labels.shape}, {labels.max()} cells, {torch.get_num_threads()} torch threads")
+    print(f"{args.kind}: image {labels.shape}, {labels.max()} cells, {torch.get_num_threads()} torch threads, "
+          f"device {device}")
 
     def run_ours() -> dict:
-        return {"masks_to_flows": timeit(lambda: dynamics.masks_to_flows(labels), args.repeats),
-                "compute_masks": timeit(lambda: dynamics.compute_masks(dP, cellprob), args.repeats)}
+        return {"masks_to_flows": timeit(lambda: dynamics.masks_to_flows(labels, device=device), args.repeats, device),
+                "compute_masks": timeit(lambda: dynamics.compute_masks(dP, cellprob, device=device), args.repeats,
+                                        device)}
 
     ours = run_ours()
-    masks = dynamics.compute_masks(dP, cellprob)
+    masks = dynamics.compute_masks(dP, cellprob, device=device)
     print(f"ours  masks found: {masks.max()}")
 
     ref_py = os.environ.get("CELLPOSE_REF_PYTHON")
@@ -129,7 +144,7 @@ def main() -> None:
         np.savez(inp, labels=labels, dP=dP, cellprob=cellprob)
         out_masks = Path(tmp) / "ref_masks.npy"
         res = subprocess.run(
-            [ref_py, "-c", REF_SCRIPT, str(inp), str(args.ref_repeats), str(args.threads), str(out_masks)],
+            [ref_py, "-c", REF_SCRIPT, str(inp), str(args.ref_repeats), str(args.threads), str(out_masks), args.device],
             capture_output=True, text=True,
         )
         if res.returncode != 0:
