@@ -15,11 +15,14 @@ Example
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -276,6 +279,53 @@ BLOCK_PIXELS = 768 * 768
 BLOCK_MARGIN = 32
 
 
+# glibc gives every allocation above 32 MB fresh pages from the kernel (mmap), and every block's
+# activations are such allocations: at 4096^2 the kernel zeroed 3.9 M pages, a third of the network's
+# CPU time, and two threads faulting at once made it worse (2 torch threads: 14.8 s with 11.2 s of
+# system time; 1024^2: 0.87 s). While blocks run, allocations therefore come from the heap (mallopt
+# M_MMAP_MAX = 0, no trimming), where each block reuses what the previous one freed; afterwards the
+# defaults that glibc's own adaptive threshold reaches are set (mmap above 32 MB, trim above 64 MB) and
+# the unused heap is returned to the system (malloc_trim). Measured on lite: 4096^2 network 7.7 s (1024^2:
+# 0.62 s) with 2 threads, 12.7 s vs 19.5 s on one; peak memory +70 MB on one thread, +340 MB on two
+# (1.64 GB for the network step). Outputs are unchanged (only where memory comes from). A no-op off glibc.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_heap_lock = threading.Lock()
+_heap_users = 0
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _reuse_freed_memory() -> Iterator[None]:
+    """Serve large allocations from the heap (reused block after block) inside the ``with``."""
+    global _heap_users
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _heap_lock:
+        if _heap_users == 0:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+        _heap_users += 1
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _heap_users -= 1
+            if _heap_users == 0:
+                libc.mallopt(_M_MMAP_MAX, 65536)
+                libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+                libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+                libc.malloc_trim(0)
+
+
 def _run_blocks(net: torch.nn.Module, imgs: np.ndarray, rsz: float | None, Lyr: int, Lxr: int,
                 prog: "_Progress", channels_first: bool = False) -> np.ndarray:
     """Run a fully convolutional net on (N, Ly, Lx, C) images in overlapping blocks; see ``run_net``."""
@@ -289,7 +339,7 @@ def _run_blocks(net: torch.nn.Module, imgs: np.ndarray, rsz: float | None, Lyr: 
     nblocks = (len(ys) - 1) * (len(xs) - 1)
     wpad = transforms.get_pad_yx(Lyr, Lxr, div=mult, extra=1)
     yf = None
-    with torch.inference_mode():
+    with torch.inference_mode(), _reuse_freed_memory():
         for i in range(N):
             t = torch.from_numpy(np.ascontiguousarray(imgs[i], dtype=np.float32)).to(device).permute(2, 0, 1)
             if rsz is not None:

@@ -243,6 +243,25 @@ def test_run_net_channels_first_is_the_same_output(lite_model, whole):
         net.max_whole_pixels = 1024 * 1024
 
 
+def test_blocks_reuse_freed_memory_and_restore_malloc(lite_model, monkeypatch):
+    """While blocks run, large allocations come from the heap (glibc): same output as without, and
+    the malloc settings are restored once the last of several concurrent runs ends."""
+    import contextlib
+    imgs = np.random.default_rng(6).random((1, 130, 150, 3)).astype(np.float32)
+    lite_model.net.max_whole_pixels = 20_000
+    try:
+        reused = M.run_net(lite_model.net, imgs)
+        with M._reuse_freed_memory():
+            with M._reuse_freed_memory():
+                assert M._heap_users == (2 if M._glibc() is not None else 0)
+            assert M._heap_users == (1 if M._glibc() is not None else 0)
+        assert M._heap_users == 0
+        monkeypatch.setattr(M, "_reuse_freed_memory", contextlib.nullcontext)
+        assert np.array_equal(M.run_net(lite_model.net, imgs), reused)
+    finally:
+        lite_model.net.max_whole_pixels = 1024 * 1024
+
+
 def test_lite_estimates_diameter_and_reruns(lite_model, monkeypatch):
     calls = []
 
