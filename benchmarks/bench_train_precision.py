@@ -5,7 +5,8 @@
 Fine-tunes Cellpose 3's ``cyto`` U-Net (``../shared/reference/cp3/cp_cyto.pth``, a whole-cell model,
 so fine-tuning on nuclei has something to learn) on all of ``../shared/data/nuclei_2d/train`` with its
 Cellpose 3 recipe (``train.finetune_defaults("cellpose3")``: AdamW, batch 8, 224 px crops,
-``rescale=True``), ``--epochs`` epochs of ``--nimg`` crops, once per precision and seed:
+``rescale=True``), ``--epochs`` epochs of ``--nimg`` crops, once per precision and seed
+(``--model lite``: the built-in ``lite`` with its own recipe, ``finetune_defaults("lite")``):
 
 - float32: ``train_seg(..., mixed_precision=False)``
 - bfloat16: ``train_seg(..., mixed_precision=True)`` (autocast; weights and optimizer stay float32)
@@ -44,14 +45,14 @@ def load_folder(folder: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[
     return imgs, labels, [p.stem for p in names]
 
 
-def score(model: models.CellposeModel, imgs, labels) -> dict:
+def score(model: models.CellposeModel, imgs, labels, **kw) -> dict:
     """Pooled AP@0.5 / AP@0.75 and mean matched IoU of ``model`` on (imgs, labels)."""
     tp = np.zeros(2)
     fp = np.zeros(2)
     fn = np.zeros(2)
     ious = []
     for img, lbl in zip(imgs, labels):
-        masks = model.eval(img, channels=[0, 0])[0]
+        masks = model.eval(img, **kw)[0]
         _, t, p, n = metrics.average_precision(lbl, masks, threshold=(0.5, 0.75))
         tp, fp, fn = tp + t, fp + p, fn + n
         iou = metrics.mask_ious(lbl, masks)[0]
@@ -62,37 +63,43 @@ def score(model: models.CellposeModel, imgs, labels) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="cp_cyto", choices=["cp_cyto", "lite"])
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--nimg", type=int, default=32)
+    ap.add_argument("--nimg", type=int, default=None, help="crops per epoch (default: 32 for cp_cyto, "
+                    "the recipe's for lite)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = train.finetune_defaults("cellpose3")
+    weights = str(CP_CYTO) if args.model == "cp_cyto" else "lite"
+    recipe = train.finetune_defaults("cellpose3" if args.model == "cp_cyto" else "lite")
     tr_imgs, tr_labels, _ = load_folder(DATA / "train")
+    chan = {"channels": [0, 0]} if args.model == "cp_cyto" else {}  # the legacy U-Net's grey input
+    nimg = args.nimg or (32 if args.model == "cp_cyto" else recipe.nimg_per_epoch(len(tr_imgs)))
     va_imgs, va_labels, va_names = load_folder(DATA / "val")
-    print(f"train: {len(tr_imgs)} images; val: {va_names}; {args.epochs} epochs x {args.nimg} crops of "
+    print(f"{args.model}; train: {len(tr_imgs)} images; val: {va_names}; {args.epochs} epochs x {nimg} crops of "
           f"{recipe.bsize} px, batch {recipe.batch_size}, lr {recipe.learning_rate}, wd {recipe.weight_decay}, "
           f"{torch.get_num_threads()} threads, native bf16: {train.cpu_has_native_bf16()}", flush=True)
-    base = score(models.CellposeModel(pretrained_model=str(CP_CYTO)), va_imgs, va_labels)
+    base = score(models.CellposeModel(pretrained_model=weights), va_imgs, va_labels, **chan)
     print(f"before fine-tuning        : AP@0.5 {base['ap50']:.3f}  AP@0.75 {base['ap75']:.3f}  "
           f"IoU {base['iou']:.3f}", flush=True)
     rows = []
     for seed in args.seeds:
         for bf16 in (False, True):
-            model = models.CellposeModel(pretrained_model=str(CP_CYTO))
+            model = models.CellposeModel(pretrained_model=weights)
             torch.manual_seed(seed)
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
                 path, losses, test_losses = train.train_seg(
-                    model.net, tr_imgs, tr_labels, test_data=va_imgs, test_labels=va_labels, channels=[0, 0],
+                    model.net, tr_imgs, tr_labels, test_data=va_imgs, test_labels=va_labels, **chan,
                     batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
-                    weight_decay=recipe.weight_decay, n_epochs=args.epochs, nimg_per_epoch=args.nimg,
-                    bsize=recipe.bsize, rescale=True, min_train_masks=1, save_path=tmp, model_name="prec",
+                    weight_decay=recipe.weight_decay, n_epochs=args.epochs, nimg_per_epoch=nimg,
+                    bsize=recipe.bsize, rescale=args.model == "cp_cyto", min_train_masks=1, save_path=tmp,
+                    model_name="prec",
                     seed=seed, mixed_precision=bf16)
                 dt = time.perf_counter() - t0
                 tuned = models.CellposeModel(pretrained_model=str(path))
-                s = score(tuned, va_imgs, va_labels)
+                s = score(tuned, va_imgs, va_labels, **chan)
             rows.append((seed, bf16, s))
             print(f"seed {seed} {'bfloat16' if bf16 else 'float32 '}: AP@0.5 {s['ap50']:.3f}  AP@0.75 {s['ap75']:.3f}  "
                   f"IoU {s['iou']:.3f}  train loss {losses[-1]:.4f}  held-out loss {test_losses[-1]:.4f}  "
