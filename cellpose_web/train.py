@@ -138,10 +138,13 @@ def training_uses_bf16(net: nn.Module, device: torch.device | str,
 
     This differs from Cellpose 3, which trains in float32 on a CPU (on NVIDIA GPUs its convolutions
     already run in TF32, torch's default there). Why it is the default here: a step costs about 0.4x
-    the float32 one on an AVX512-BF16 CPU, and the accuracy after fine-tuning did not drop:
-    ``benchmarks/bench_train_precision.py`` (Cellpose 3's ``cyto`` U-Net fine-tuned on
-    nuclei_2d/train, 20 epochs x 32 crops, scored on nuclei_2d/val) gave AP@0.5 / AP@0.75
-    0.895 / 0.841 in float32 and 0.899 / 0.829 in bfloat16 for seed 0 (0.789 / 0.662 before).
+    the float32 one on an AVX512-BF16 CPU, and held-out AP@0.5 after fine-tuning was the same.
+    ``benchmarks/bench_train_precision.py`` (Cellpose 3's ``cyto`` U-Net fine-tuned on nuclei_2d/train,
+    20 epochs x 32 crops, scored on nuclei_2d/val; before: AP@0.5 0.789, AP@0.75 0.662), seeds 0 and 1:
+    float32 AP@0.5 0.895 / 0.900, AP@0.75 0.841 / 0.839, matched IoU 0.927 / 0.930; bfloat16
+    AP@0.5 0.899 / 0.895, AP@0.75 0.829 / 0.833, IoU 0.930 / 0.911. AP@0.75 came out ~0.01 lower in
+    both seeds: too few runs to call, so where boundaries must be exact, train with
+    ``mixed_precision=False``.
     """
     if mixed_precision is not None:
         return bool(mixed_precision)
