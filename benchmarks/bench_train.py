@@ -20,7 +20,9 @@ first use (``torch._dynamo``, seconds) is done before the clock starts in both.
 
 Ours and the reference alternate (ours, reference, ours, float32, reference, float32) and the faster of
 each pair is used, so a busy machine shows up as a spread rather than as a bias; ``--repeats 1`` runs
-each once. Cellpose-SAM is not compared: its weights cannot be fetched offline, and one CPU epoch of it
+each once. The process's CPU seconds are printed too: with ``--threads 1`` they hardly depend on what
+else the machine is running, so their ratio is the one to trust on a busy machine. Cellpose-SAM is
+not compared: its weights cannot be fetched offline, and one CPU epoch of it
 takes minutes. Prints numbers, no pass/fail.
 """
 from __future__ import annotations
@@ -59,12 +61,12 @@ m = models.CellposeModel(gpu=False, pretrained_model=k["weights"])
 torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # one-off lazy imports, outside the clock
 torch.manual_seed(0); np.random.seed(0)
 with tempfile.TemporaryDirectory() as tmp:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     train.train_seg(m.net, train_data=imgs, train_labels=labels, channels=[0, 0], batch_size=k["batch"],
                     n_epochs=k["epochs"], nimg_per_epoch=k["nimg"], bsize=k["bsize"], learning_rate=k["lr"],
                     weight_decay=k["wd"], min_train_masks=1, save_path=tmp, model_name="bench")
-    dt = time.perf_counter() - t0
-print(json.dumps({"seconds": dt}))
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+print(json.dumps({"seconds": dt, "cpu_seconds": cpu}))
 """
 
 
@@ -81,16 +83,16 @@ def run_ours(pretrained: str, imgs, labels, k: dict, mixed_precision: bool | Non
     train.clear_flow_cache()
     ticks = []
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train.train_seg(model.net, imgs, labels, channels=[0, 0], batch_size=k["batch"], n_epochs=k["epochs"],
                         nimg_per_epoch=k["nimg"], bsize=k["bsize"], learning_rate=k["lr"], weight_decay=k["wd"],
                         rescale=True, min_train_masks=1, save_path=tmp, model_name="bench", seed=0,
                         mixed_precision=mixed_precision,
                         callback=lambda epoch, loss, test_loss, elapsed: ticks.append(time.perf_counter()))
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     # crops per second of the epochs after the first (the first also holds the flows and warm-up)
     rate = (k["nimg"] * (len(ticks) - 1) / (ticks[-1] - ticks[0])) if len(ticks) > 1 else float("nan")
-    return {"seconds": dt, "crops_per_s": rate,
+    return {"seconds": dt, "cpu_seconds": cpu, "crops_per_s": rate,
             "bf16": train.training_uses_bf16(model.net, model.device, mixed_precision)}
 
 
@@ -124,7 +126,8 @@ def main() -> None:
 
     def show(name: str, r: dict) -> None:
         prec = "bfloat16" if r.get("bf16") else "float32"
-        print(f"{name:34s}: {r['seconds']:7.1f} s  ({r['crops_per_s']:.2f} crops/s, {prec})", flush=True)
+        print(f"{name:34s}: {r['seconds']:7.1f} s, CPU {r['cpu_seconds']:7.1f} s  ({r['crops_per_s']:.2f} crops/s, "
+              f"{prec})", flush=True)
 
     ours, fp32, refs = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,8 +139,8 @@ def main() -> None:
             ref = run_ref(ref_py, inp, k, args.threads) if have_ref else None
             if ref:
                 refs.append(ref)
-                print(f"{'reference legacy U-Net':34s}: {ref['seconds']:7.1f} s  (cellpose 3.1.1.2, float32)",
-                      flush=True)
+                print(f"{'reference legacy U-Net':34s}: {ref['seconds']:7.1f} s, CPU {ref['cpu_seconds']:7.1f} s  "
+                      "(cellpose 3.1.1.2, float32)", flush=True)
             fp32.append(run_ours(str(CP_CYTO), imgs, labels, k, mixed_precision=False))
             show("ours      legacy U-Net, float32", fp32[-1])
         lite = run_ours("lite", imgs, labels, k)
@@ -145,8 +148,11 @@ def main() -> None:
     best, best32 = (min(r, key=lambda x: x["seconds"]) for r in (ours, fp32))
     if refs:
         ref_s = min(r["seconds"] for r in refs)
+        ref_c = min(r["cpu_seconds"] for r in refs)
+        cpu = min(r["cpu_seconds"] for r in ours), min(r["cpu_seconds"] for r in fp32)
         print(f"legacy U-Net fine-tuning, ours / Cellpose 3.1.1.2: {best['seconds'] / ref_s:.2f}x time by default "
-              f"({'bfloat16' if best['bf16'] else 'float32'}), {best32['seconds'] / ref_s:.2f}x in float32")
+              f"({'bfloat16' if best['bf16'] else 'float32'}), {best32['seconds'] / ref_s:.2f}x in float32; "
+              f"CPU time {cpu[0] / ref_c:.2f}x and {cpu[1] / ref_c:.2f}x")
     else:
         print(f"set CELLPOSE3_REF_PYTHON to a Python with cellpose==3.1.1.2 to compare (tried {ref_py})")
     print(f"lite / legacy U-Net crops per second (same run, default precision): "
