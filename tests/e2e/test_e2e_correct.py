@@ -71,34 +71,58 @@ def open_correct(page):
     page.wait_for_function("() => window.cpwCorrect && cpwCorrect.W > 0 && !cpwCorrect.busy")
 
 
-def test_correct_strokes_undo_click_add_save(page, tmp_path):
+def segmented_correct_tab(page) -> tuple[np.ndarray, int]:
+    """Segment the example, open the Correct tab; (its labels (Y, X), number of cells)."""
     upload_and_segment(page)
     open_correct(page)
     m0 = labels(page)
     n0 = len(np.unique(m0[m0 > 0]))
     wait_count(page, n0)
-    # --- outline: one drag around free background adds exactly one cell, shown within 2 s
-    free = ndi.binary_erosion(m0 == 0, iterations=16, border_value=0)
-    cy, cx = np.argwhere(free)[len(np.argwhere(free)) // 2]
+    return m0, n0
+
+
+def ring(masks, ry, rx, wobble=0.0, at=0.5):
+    """(A closed outline [(y, x), ...] of radii (ry, rx), its centre (y, x)): around a background pixel
+    at least 16 px from any cell (the one at fraction `at` of them in raster order)."""
+    free = np.argwhere(ndi.binary_erosion(masks == 0, iterations=16, border_value=0))
+    cy, cx = free[int(len(free) * at)]
     t = np.linspace(0, 2 * np.pi, 40)
-    poly = [(cy + 11 * np.sin(a) + 2 * np.sin(3 * a), cx + 13 * np.cos(a)) for a in t]
+    return [(cy + ry * np.sin(a) + wobble * np.sin(3 * a), cx + rx * np.cos(a)) for a in t], (cy, cx)
+
+
+def draw_outline(page, poly, n_before, timeout=60_000) -> float:
+    """Draw `poly` with the Outline tool; wait until the count is n_before + 1 (within `timeout` ms of
+    the release) and the browser has the new labels. Returns the seconds from release to count."""
     tool(page, "outline")
     s0 = serial(page)
     stroke(page, poly)
     t_release = time.perf_counter()
-    wait_count(page, n0 + 1, timeout=2_000)
+    wait_count(page, n_before + 1, timeout=timeout)
     latency = time.perf_counter() - t_release
     wait_applied(page, s0)
+    return latency
+
+
+def polygon_iou(cell, poly) -> float:
+    """IoU of a boolean (Y, X) mask with the filled polygon [(y, x), ...]."""
+    pv = np.asarray(poly)
+    truth = np.zeros_like(cell)
+    rr, cc = draw.polygon(pv[:, 0], pv[:, 1], cell.shape)
+    truth[rr, cc] = True
+    return (cell & truth).sum() / (cell | truth).sum()
+
+
+def test_correct_strokes_undo_click_add_save(page, tmp_path):
+    m0, n0 = segmented_correct_tab(page)
+    # --- outline: one drag around free background adds exactly one cell, shown within 2 s
+    poly, (cy, cx) = ring(m0, 11, 13, wobble=2)
+    latency = draw_outline(page, poly, n0, timeout=2_000)
     shot(page, "10_correct_outline")
     m1 = labels(page)
     new = set(np.unique(m1)) - set(np.unique(m0))
     assert len(new) == 1 and (m1[m0 > 0] == m0[m0 > 0]).all()
     cell = m1 == new.pop()
-    pv = np.asarray(poly)
-    truth = np.zeros_like(cell)
-    rr, cc = draw.polygon(pv[:, 0], pv[:, 1], cell.shape)
-    truth[rr, cc] = True
-    iou = (cell & truth).sum() / (cell | truth).sum()
+    iou = polygon_iou(cell, poly)
     print(f"outline: IoU {iou:.3f} against the drawn polygon, count shown {latency:.2f} s after release")
     assert iou >= 0.8
     # --- brush from the new cell out over background: the selected cell grows along the whole path
@@ -259,33 +283,17 @@ def test_correct_hidpi_canvas_is_sharp_and_strokes_land(browser, app_url):
     try:
         page.goto(app_url)
         page.wait_for_selector("#seg-run")
-        upload_and_segment(page)
-        open_correct(page)
+        m0, n0 = segmented_correct_tab(page)
         cw, ch, bw, bh = page.evaluate("() => { const c = document.querySelector('#correct-canvas'); "
                                        "return [c.clientWidth, c.clientHeight, c.width, c.height]; }")
         assert cw > 100 and (bw, bh) == (2 * cw, 2 * ch)
-        m0 = labels(page)
-        n0 = len(np.unique(m0[m0 > 0]))
-        wait_count(page, n0)
-        free = ndi.binary_erosion(m0 == 0, iterations=16, border_value=0)
-        cy, cx = np.argwhere(free)[len(np.argwhere(free)) // 2]
-        t = np.linspace(0, 2 * np.pi, 40)
-        poly = [(cy + 12 * np.sin(a), cx + 12 * np.cos(a)) for a in t]
-        tool(page, "outline")
-        s0 = serial(page)
-        stroke(page, poly)
-        wait_count(page, n0 + 1)
-        wait_applied(page, s0)
+        poly, _ = ring(m0, 12, 12)
+        draw_outline(page, poly, n0)
         shot(page, "15_correct_hidpi")
         m1 = labels(page)
         new = set(np.unique(m1)) - set(np.unique(m0))
         assert len(new) == 1
-        cell = m1 == new.pop()
-        truth = np.zeros_like(cell)
-        pv = np.asarray(poly)
-        rr, cc = draw.polygon(pv[:, 0], pv[:, 1], cell.shape)
-        truth[rr, cc] = True
-        assert (cell & truth).sum() / (cell | truth).sum() >= 0.8
+        assert polygon_iou(m1 == new.pop(), poly) >= 0.8
     finally:
         ctx.close()
 
@@ -293,19 +301,8 @@ def test_correct_hidpi_canvas_is_sharp_and_strokes_land(browser, app_url):
 def test_correct_edits_survive_a_page_reload(page, tmp_path):
     """Edits are attached to the browser's kept result: after a reload the Correct tab shows them, with
     their undo history, and saving still works."""
-    upload_and_segment(page)
-    open_correct(page)
-    m0 = labels(page)
-    n0 = len(np.unique(m0[m0 > 0]))
-    wait_count(page, n0)
-    free = ndi.binary_erosion(m0 == 0, iterations=16, border_value=0)
-    cy, cx = np.argwhere(free)[len(np.argwhere(free)) // 3]
-    t = np.linspace(0, 2 * np.pi, 40)
-    tool(page, "outline")
-    s0 = serial(page)
-    stroke(page, [(cy + 10 * np.sin(a), cx + 10 * np.cos(a)) for a in t])
-    wait_count(page, n0 + 1)
-    wait_applied(page, s0)
+    m0, n0 = segmented_correct_tab(page)
+    draw_outline(page, ring(m0, 10, 10, at=1 / 3)[0], n0)
     m1 = labels(page)
 
     page.reload()
