@@ -142,7 +142,7 @@ def _ours_worker(args: dict) -> dict:
     return out
 
 
-def _make_full_weights(path: str, seed: int = 0) -> None:
+def make_full_weights(path: str, seed: int = 0) -> None:
     """Random full-size (ViT-L) Cellpose-SAM weights with the cpsam layout, written to ``path``."""
     import torch
     from cellpose_web.nets.vit_sam import CPSAMNet
@@ -198,7 +198,7 @@ def main(argv=None) -> None:
         sys.path.insert(0, str(REPO))
         w = json.loads(args.worker)
         if w["task"] == "make_weights":
-            _make_full_weights(w["output"])
+            make_full_weights(w["output"])
             print("RESULT " + json.dumps({"ok": True}))
             return
         print("RESULT " + json.dumps(_ours_worker(w)))

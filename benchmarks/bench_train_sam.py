@@ -25,6 +25,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_engine import make_full_weights  # noqa: E402  (the same random ViT-L weights as bench_engine)
 DATA = ROOT.parent / "shared" / "data" / "nuclei_2d" / "train"
 
 CHILD = r"""
@@ -55,22 +59,6 @@ print(json.dumps({"cpu_s": cpu, "wall_s": wall, "peak_mb": resource.getrusage(re
 """
 
 
-def make_weights(path: str) -> None:
-    import torch
-
-    sys.path.insert(0, str(ROOT))
-    from cellpose_web.nets.vit_sam import CPSAMNet
-
-    torch.manual_seed(0)
-    net = CPSAMNet()
-    with torch.no_grad():
-        net.encoder.pos_embed.normal_(0, 0.02)
-        for blk in net.encoder.blocks:
-            blk.attn.rel_pos_h.normal_(0, 0.02)
-            blk.attn.rel_pos_w.normal_(0, 0.02)
-    torch.save(net.state_dict(), path)
-
-
 def run(py: str, k: dict) -> dict | None:
     res = subprocess.run([py, "-c", CHILD, json.dumps(k)], capture_output=True, text=True)
     if res.returncode != 0:
@@ -87,7 +75,7 @@ def main() -> None:
     ref_py = os.environ.get("CELLPOSE_REF_PYTHON", "/work/venvs/cp4/bin/python")
     with tempfile.TemporaryDirectory() as tmp:
         weights = str(Path(tmp) / "cpsam_random.pth")
-        make_weights(weights)
+        make_full_weights(weights)
         k = {"root": str(ROOT), "data": str(DATA), "weights": weights, "epochs": args.epochs, "nimg": args.nimg}
         print(f"Cellpose-SAM (ViT-L, random weights), 3 images, {args.epochs} epoch(s) x {args.nimg} crops of 256 px, "
               "batch 1, float32, one thread")

@@ -29,15 +29,20 @@ def _pairs_zip(data_dir, tmp_path):
     return z, names
 
 
-def test_finetune_two_epochs_new_model_everywhere(page, data_dir, tmp_path):
-    z, names = _pairs_zip(data_dir, tmp_path)
+def add_pairs(page, set_name: str, zip_path, n_pairs: int) -> None:
+    """In the Fine-tune tab, upload a zip of image + mask pairs into training set `set_name`."""
     page.get_by_role("tab", name="Fine-tune").click()
-    page.locator("#ft-set input").fill("e2e_set")
+    page.locator("#ft-set input").fill(set_name)
     page.get_by_text("Upload image + mask pairs").click()
-    page.set_input_files("#ft-pairs input[type=file]", str(z))
+    page.set_input_files("#ft-pairs input[type=file]", str(zip_path))
     page.wait_for_selector("#ft-pairs :text('pairs')")
     page.get_by_role("button", name="Add pairs to the training set").click()
-    page.wait_for_selector("text=Added 3 pair(s)")
+    page.wait_for_selector(f"text=Added {n_pairs} pair(s)")
+
+
+def test_finetune_two_epochs_new_model_everywhere(page, data_dir, tmp_path):
+    z, names = _pairs_zip(data_dir, tmp_path)
+    add_pairs(page, "e2e_set", z, 3)
     page.locator("#ft-name textarea, #ft-name input").first.fill("e2e_tuned")
     # the boxes hold the base model's own fine-tune defaults (lite's, not Cellpose-SAM's 1e-5)
     from cellpose_web.train import FINETUNE_DEFAULTS

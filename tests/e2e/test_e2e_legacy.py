@@ -12,6 +12,7 @@ from playwright.sync_api import expect
 from cellpose_web import synthetic
 from cellpose_web.models import CellposeModel
 from tests.e2e.conftest import shot
+from tests.e2e.test_e2e_finetune import add_pairs
 
 pytestmark = pytest.mark.e2e
 
@@ -81,13 +82,7 @@ def test_cellpose3_model_uploaded_segments_batches_and_fine_tunes(page, referenc
                 b = io.BytesIO()
                 tifffile.imwrite(b, arr)
                 zf.writestr(name, b.getvalue())
-    page.get_by_role("tab", name="Fine-tune").click()
-    page.locator("#ft-set input").fill("legacy_set")
-    page.get_by_text("Upload image + mask pairs").click()
-    page.set_input_files("#ft-pairs input[type=file]", str(z))
-    page.wait_for_selector("#ft-pairs :text('pairs')")
-    page.get_by_role("button", name="Add pairs to the training set").click()
-    page.wait_for_selector("text=Added 2 pair(s)")
+    add_pairs(page, "legacy_set", z, 2)
     choose(page, "ft-base", "lab_cp3")
     # the base model's fine-tune defaults fill the boxes first (Cellpose 3's recipe), then we override
     page.wait_for_selector("#ft-recipe :text('Defaults for lab_cp3')")

@@ -41,6 +41,15 @@ def _open(browser, app_url):
     return ctx, pg
 
 
+def _start_long_run(pg, stack, started: float):
+    """Upload `stack`, press Run; the server's run once it is `started` (fraction) done, else None."""
+    from cellpose_web.service import runs
+    pg.set_input_files("#seg-file input[type=file]", str(stack))
+    pg.wait_for_selector(f"#seg-info :text('{stack.name}')")
+    pg.click("#seg-run")
+    return _wait(lambda: next((r for r in runs.registry().active() if r.fraction > started), None), 240)
+
+
 def _count(pg):
     pg.wait_for_function("() => { const s = document.querySelector('#seg-count strong');"
                          " return s && /^\\d+ cells?$/.test(s.innerText.trim()); }", timeout=180_000)
@@ -53,10 +62,7 @@ def test_reload_mid_run_stops_it_and_does_not_delay_others(browser, app_url, tmp
     ctx_a, a = _open(browser, app_url)
     ctx_b, b = _open(browser, app_url)
     try:
-        a.set_input_files("#seg-file input[type=file]", str(stack))
-        a.wait_for_selector("#seg-info :text('long_stack.tif')")
-        a.click("#seg-run")
-        run = _wait(lambda: next((r for r in runs.registry().active() if r.fraction > 0.08), None), 240)
+        run = _start_long_run(a, stack, 0.08)
         assert run is not None, "the long run never got going"
         a.wait_for_selector("text=/left/")  # the progress line shows an ETA
         shot(a, "runs_01_progress_eta")
@@ -96,10 +102,7 @@ def test_cancel_button_stops_the_run(browser, app_url, tmp_path):
     stack = _long_stack(tmp_path / "cancel_stack.tif", planes=60, size=384)
     ctx, pg = _open(browser, app_url)
     try:
-        pg.set_input_files("#seg-file input[type=file]", str(stack))
-        pg.wait_for_selector("#seg-info :text('cancel_stack.tif')")
-        pg.click("#seg-run")
-        run = _wait(lambda: next((r for r in runs.registry().active() if r.fraction > 0.05), None), 240)
+        run = _start_long_run(pg, stack, 0.05)
         assert run is not None
         t0 = time.perf_counter()
         pg.click("#seg-cancel")
