@@ -1153,9 +1153,7 @@ def flow_error(masks, dP, device=None, threshold: float | None = None) -> tuple[
         Unit flows recomputed from ``masks`` (0 outside objects).
     """
     lab = _as_labels(masks, "masks")
-    dP = _to_numpy(dP, "dP")
-    if dP.shape[1:] != lab.shape or dP.shape[0] != lab.ndim:
-        raise CellposeWebError(f"dP has shape {dP.shape}, which does not match masks of shape {lab.shape}.")
+    dP = _flows_matching(dP, lab)
     device = _device(device)
     nmax = int(lab.max()) if lab.size else 0
     if lab.ndim == 2 and threshold is not None:
@@ -1173,6 +1171,14 @@ def flow_error(masks, dP, device=None, threshold: float | None = None) -> tuple[
     with np.errstate(invalid="ignore", divide="ignore"):
         errors = (sums / cnts).cpu().numpy()
     return errors, mu.to(torch.float32).cpu().numpy()
+
+
+def _flows_matching(dP, lab: np.ndarray) -> np.ndarray:
+    """``dP`` as a numpy array, checked to be (ndim, *lab.shape)."""
+    dP = _to_numpy(dP, "dP")
+    if dP.shape[1:] != lab.shape or dP.shape[0] != lab.ndim:
+        raise CellposeWebError(f"dP has shape {dP.shape}, which does not match masks of shape {lab.shape}.")
+    return dP
 
 
 def _flow_errors_thresholded(lab: np.ndarray, dP: np.ndarray, device: torch.device, threshold: float,
@@ -1204,10 +1210,7 @@ def remove_bad_flow_masks(masks, dP, threshold: float = 0.4, device=None,
     if flow_error_fn is not None:
         errors = np.asarray(flow_error_fn(lab, dP))
     elif lab.ndim == 2:  # flow_error's errors without its unit flows (not needed here)
-        dP = _to_numpy(dP, "dP")
-        if dP.shape != (2, *lab.shape):
-            raise CellposeWebError(f"dP has shape {dP.shape}, which does not match masks of shape {lab.shape}.")
-        errors = _flow_errors_thresholded(lab, dP, _device(device), threshold)
+        errors = _flow_errors_thresholded(lab, _flows_matching(dP, lab), _device(device), threshold)
     else:
         errors, _ = flow_error(lab, dP, device=device, threshold=threshold)
     bad = np.zeros(len(errors) + 1, dtype=bool)
@@ -1368,16 +1371,15 @@ def fill_holes_and_remove_small_masks(masks, min_size: int = 15) -> np.ndarray:
         crop = lab[slc]
         filled = _fill_object_holes(crop, int(v))
         crop[filled] = v
-    if min_size > 0:
+    lut = None
+    if min_size > 0:  # holes filled: drop what is still too small, renumber by first appearance
         lab = _remove_small(lab, min_size)
         lut, nmax = _first_appearance_lut(lab)
-        if dtype is None or nmax >= np.iinfo(dtype).max:
-            dtype = _label_dtype(nmax)
-        return lut.astype(dtype)[lab]
-    nmax = int(lab.max()) if lab.size else 0
+    else:
+        nmax = int(lab.max()) if lab.size else 0
     if dtype is None or nmax >= np.iinfo(dtype).max:
         dtype = _label_dtype(nmax)
-    return lab.astype(dtype)
+    return lab.astype(dtype) if lut is None else lut.astype(dtype)[lab]
 
 
 def stitch3D(masks, stitch_threshold: float = 0.25) -> np.ndarray:

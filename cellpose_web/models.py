@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import math
 import threading
@@ -293,6 +294,7 @@ _heap_lock = threading.Lock()
 _heap_users = 0
 
 
+@functools.cache
 def _glibc():
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -18,6 +18,7 @@ What differs from Cellpose 3/4's loop, for speed (the recipe, augmentation and l
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -101,6 +102,7 @@ def net_arch(net: nn.Module) -> str:
     return {"LiteUNet": "lite", "CPSAMNet": "cpsam", "CPnet": "cellpose3"}.get(name, "unknown")
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when this CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX-BF16), so bf16 convolutions
     run about 2-3x faster than float32 ones; on other CPUs oneDNN emulates bf16 and it is slower."""
