@@ -37,6 +37,11 @@ class Session:
         return Path(self.workdir)
 
     @property
+    def nbytes(self) -> int:
+        """Memory held in the session's arrays (image, masks, flows), for the run registry's bounds."""
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+
+    @property
     def stem(self) -> str:
         from cellpose_web.service.storage import safe_name
         n = self.name or "image"

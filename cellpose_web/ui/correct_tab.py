@@ -321,8 +321,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         new = save(s, st)
         owner = runs.owner_key(W.username(request), browser)
         if runs.registry().kept(owner) is not None:  # a reload reopens the saved masks and the edit history
-            runs.registry().keep(owner, new, nbytes=sum(v.nbytes for v in vars(new).values()
-                                                         if isinstance(v, np.ndarray)))
+            runs.registry().keep(owner, new, nbytes=new.nbytes)
             keep_edits(new, st, browser, request)
         gr.Info(f"Saved {len(new.table)} cells; downloads updated (Segment tab too).")
         return new, new.files

@@ -119,7 +119,7 @@ def run_under_control(s: common.Session, model: str, params: SegmentParams, pixe
         return run_segmentation(s, model, params, pixel_size_um, puncta, prog)
 
     new = reg.run(run_key, browser_session, work)
-    reg.keep(owner, new, nbytes=sum(v.nbytes for v in vars(new).values() if isinstance(v, np.ndarray)))
+    reg.keep(owner, new, nbytes=new.nbytes)
     return new
 
 
