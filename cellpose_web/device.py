@@ -46,16 +46,29 @@ def choose_device(gpu: bool = False, device: torch.device | str | int | None = N
     return torch.device("cpu")
 
 
-def default_dtype(device: torch.device | str, use_bfloat16: bool | None = None) -> torch.dtype:
+def default_dtype(device: torch.device | str, use_bfloat16: bool | None = None,
+                  legacy: bool = False) -> torch.dtype:
     """Network dtype: bfloat16 on CUDA when ``use_bfloat16`` is None, float32 elsewhere.
 
     Cellpose 4 uses bf16 on every device by default; on a CPU without fast bf16 that is slow,
-    and MPS (older torch) lacks bf16, so cellpose-web only defaults to bf16 on CUDA. An explicit
-    True/False is honoured (True on MPS falls back to float32 with a warning).
+    and MPS (older torch) lacks bf16, so cellpose-web only defaults to bf16 on CUDA. Cellpose 1-3
+    U-Nets (``legacy``) default to float32 on every device: Cellpose 3 runs them in float32 (it has
+    no bfloat16 mode) and their masks are meant to match Cellpose 3's. An explicit True/False is
+    honoured (True on MPS falls back to float32 with a warning).
+
+    Parameters
+    ----------
+    device : the device the network runs on.
+    use_bfloat16 : True / False, or None for the default above.
+    legacy : the network is a Cellpose 1-3 U-Net.
+
+    Returns
+    -------
+    torch.bfloat16 or torch.float32.
     """
     dev = torch.device(device)
     if use_bfloat16 is None:
-        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+        return torch.bfloat16 if dev.type == "cuda" and not legacy else torch.float32
     if use_bfloat16 and dev.type == "mps":
         logger.warning("bfloat16 is not supported on MPS by all torch versions; using float32")
         return torch.float32

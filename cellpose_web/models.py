@@ -155,6 +155,15 @@ def _net_device_dtype(net: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def _stored_number(net: torch.nn.Module, name: str) -> np.float32 | None:
+    """First element of a number kept in the network's weights (``diam_mean``, ``diam_labels``) as
+    np.float32, or None when the network has none; read through float32, since numpy has no bfloat16."""
+    t = getattr(net, name, None)
+    if not torch.is_tensor(t):
+        return None
+    return np.float32(t.detach().reshape(-1)[0].float().item())
+
+
 def _forward(net: torch.nn.Module, X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     y = net(X.to(dtype))
     y = y[0] if isinstance(y, (tuple, list)) else y
@@ -532,7 +541,8 @@ class CellposeModel:
     model_type, diam_mean, nchan : accepted for compatibility; ignored with a warning (as Cellpose 4).
     device : explicit torch device (wins over ``gpu``).
     use_bfloat16 : run the network in bfloat16; None = bf16 on CUDA only, float32 elsewhere
-        (Cellpose 4 defaults to bf16 everywhere, which is slow on most CPUs).
+        (Cellpose 4 defaults to bf16 everywhere, which is slow on most CPUs); Cellpose 1-3 U-Nets
+        default to float32 on every device, as Cellpose 3 runs them.
 
     Attributes
     ----------
@@ -570,23 +580,22 @@ class CellposeModel:
         obj = load_checkpoint(path)
         net = build_net(obj)
         del obj
-        self.dtype = default_dtype(self.device, use_bfloat16)
-        self.net = net.to(device=self.device, dtype=self.dtype)
-        self.net.eval()
         self.pretrained_model = str(path)
         self.model_name = name
         self.legacy = bool(getattr(net, "legacy", False))
         self.arch = "cellpose3" if self.legacy else ("lite" if getattr(net, "fully_convolutional", False) else "cpsam")
         self.backbone = {"cpsam": "sam_vitl", "lite": "lite", "cellpose3": "unet_cp3"}[self.arch]
+        # numbers stored in the weights are read before the network may go to bfloat16 (which would
+        # round them, and which numpy cannot hold)
         self.diam_mean = DIAM_MEAN
-        dl = getattr(net, "diam_labels", None)
-        self.diam_labels = float(dl.reshape(-1)[0]) if torch.is_tensor(dl) else DIAM_MEAN
+        dl = _stored_number(net, "diam_labels")
+        self.diam_labels = DIAM_MEAN if dl is None else float(dl)
         self.nchan = int(getattr(net, "nchan", 3))
         self.size_model_path = None
         if self.legacy:
             # Cellpose 3 keeps these as float32 numbers read from the weights; rescale factors follow them
-            self.diam_mean = np.float32(net.diam_mean.detach().cpu().reshape(-1)[0])
-            self.diam_labels = np.float32(net.diam_labels.detach().cpu().reshape(-1)[0])
+            self.diam_mean = _stored_number(net, "diam_mean")
+            self.diam_labels = dl
             named = getattr(self.model_info, "diam_mean", None)
             if named:  # a model known by name: Cellpose 3 takes diam_mean from its table (17 for nuclei)
                 self.diam_mean = float(named)
@@ -595,6 +604,9 @@ class CellposeModel:
             size = getattr(self.model_info, "size_model", None)
             beside = Path(str(path) + "_size.npy")  # where Cellpose 3 saves a trained model's size model
             self.size_model_path = size or (str(beside) if beside.is_file() else None)
+        self.dtype = default_dtype(self.device, use_bfloat16, legacy=self.legacy)
+        self.net = net.to(device=self.device, dtype=self.dtype)
+        self.net.eval()
         self.timing: list[float] = []
         self.last_timing: dict[str, float] = {}
         self.last_eval_params: dict[str, Any] = {}
