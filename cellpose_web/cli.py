@@ -306,8 +306,12 @@ def _model_spec(args) -> str:
 
     spec = args.pretrained_model
     if spec is None or str(spec).strip() in ("", "None", "False", "0"):
-        spec = registry.best_available_model()
-        _say(f"model: {spec} (default; choose with --pretrained_model)")
+        if getattr(args, "puncta_channel", None) is not None and not getattr(args, "train", False):
+            spec = registry.whole_cell_model()
+            _say(f"model: {spec} (whole cells, for puncta per cell; choose with --pretrained_model)")
+        else:
+            spec = registry.best_available_model()
+            _say(f"model: {spec} (default; choose with --pretrained_model)")
     return spec
 
 

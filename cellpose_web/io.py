@@ -417,8 +417,14 @@ def _read_tiff(path: Path, max_pixels: int | None) -> tuple[np.ndarray, ImageMet
                         pixel_size = (scale / yr, scale / xr)
                     if ij.get("spacing") is not None:
                         z_step = float(ij["spacing"]) * scale
+                names = _imagej_channel_names(ij)
+                if names:
+                    extra["channel_names"] = names
             if tif.is_ome and tif.ome_metadata:
                 extra["ome"] = True
+                names = [m.group(1) for m in _OME_CHANNEL_NAME.finditer(tif.ome_metadata)]
+                if names and all(names):
+                    extra["channel_names"] = names
                 ps, zs = _ome_pixel_size(tif.ome_metadata)
                 pixel_size = ps or pixel_size
                 z_step = zs if zs is not None else z_step
@@ -434,6 +440,20 @@ def _read_tiff(path: Path, max_pixels: int | None) -> tuple[np.ndarray, ImageMet
     if len(axes) != arr.ndim:  # tifffile squeezed something we did not expect
         axes = _default_axes(arr)
     return arr, ImageMeta(axes=axes, pixel_size_um=pixel_size, z_step_um=z_step, extra=extra)
+
+
+_OME_CHANNEL_NAME = re.compile(r'<(?:\w+:)?Channel\b[^>]*?\bName\s*=\s*"([^"]*)"', re.S)
+
+
+def _imagej_channel_names(ij: dict) -> list[str]:
+    """The channel names of an ImageJ hyperstack: its slice labels of the first plane (C varies
+    fastest in ImageJ's CZT order); [] when the file has none or they do not fit."""
+    labels = ij.get("Labels")
+    n = int(ij.get("channels") or 0)
+    if not isinstance(labels, (list, tuple)) or n < 2 or len(labels) < n:
+        return []
+    names = [str(x).strip() for x in labels[:n]]
+    return names if all(names) else []
 
 
 _OME_PIXELS = re.compile(r"<(?:\w+:)?Pixels\b([^>]*)>", re.S)

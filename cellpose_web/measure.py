@@ -28,8 +28,16 @@ from cellpose_web.errors import CellposeWebError
 
 __all__ = [
     "measure_cells", "PunctaParams", "cell_table", "size_histogram", "detect_puncta", "puncta_per_cell",
-    "add_puncta", "summarize", "normalize_for_puncta",
+    "add_puncta", "summarize", "normalize_for_puncta", "assign_to_nearest_cell", "max_distance_px",
+    "DEFAULT_MAX_DISTANCE_UM", "FALLBACK_MAX_DISTANCE_PX",
 ]
+
+#: A spot outside every mask but within this distance (µm) of a cell is counted for the nearest cell.
+#: Chosen with ``benchmarks/bench_puncta.py`` on PIEZO1-style files (0.1 µm/px) with *predicted* masks:
+#: predicted masks end a little inside the cell's footprint, where a membrane protein's spots sit.
+DEFAULT_MAX_DISTANCE_UM = 0.4
+#: The same rule in px for images without a pixel size (4 px = 0.4 µm at TIRF's 0.1 µm/px).
+FALLBACK_MAX_DISTANCE_PX = 4.0
 
 
 @dataclass
@@ -40,11 +48,16 @@ class PunctaParams:
         file's numbering), whichever channels were used for segmentation.
     sigma_min, sigma_max : spot scale range in px (Laplacian of Gaussian; radius ≈ sigma·√2).
     threshold : LoG response threshold on the percentile-normalised channel (lower = more spots).
+    max_distance_um : a spot outside every mask but at most this far (µm) from a cell is counted
+        for the nearest cell (masks end a little inside the cell's footprint; a membrane protein sits
+        right there); 0 counts only spots under a mask. Images without a pixel size use
+        :data:`FALLBACK_MAX_DISTANCE_PX` px instead of the default.
     """
     channel: int = 0
     sigma_min: float = 1.0
     sigma_max: float = 3.0
     threshold: float = 0.1
+    max_distance_um: float = DEFAULT_MAX_DISTANCE_UM
 
 
 def _pixel_size(pixel_size_um: float | None) -> float | None:
@@ -184,8 +197,74 @@ def normalize_for_puncta(image: np.ndarray, lower: float = 1.0, upper: float = 9
     return np.clip((img - lo) / (hi - lo), 0, 1).astype(np.float32)
 
 
+def max_distance_px(params: PunctaParams, pixel_size_um: float | None) -> float:
+    """The nearest-cell distance of `params` in px for an image of `pixel_size_um` µm per pixel.
+
+    Without a pixel size the default distance becomes :data:`FALLBACK_MAX_DISTANCE_PX`; another
+    distance in µm cannot be converted and counts as 0 (only spots under a mask).
+    """
+    d = float(params.max_distance_um or 0.0)
+    if not np.isfinite(d) or d < 0:
+        raise CellposeWebError("The puncta nearest-cell distance must be 0 or more µm, e.g. 0.4.")
+    if d == 0:
+        return 0.0
+    px = _pixel_size(pixel_size_um)
+    if px is None:
+        return FALLBACK_MAX_DISTANCE_PX if d == DEFAULT_MAX_DISTANCE_UM else 0.0
+    return d / px
+
+
+def assign_to_nearest_cell(masks: np.ndarray, y: np.ndarray, x: np.ndarray, max_distance_px: float
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """The cell each point lies in, or the nearest cell within `max_distance_px`.
+
+    Parameters
+    ----------
+    masks : (Y, X) int labels, 0 = background.
+    y, x : (N,) point coordinates in px (rounded to the nearest pixel).
+    max_distance_px : how far (px, centre to the nearest cell pixel's centre) a point outside
+        every mask may be from a cell and still count for it; 0 = only points on a mask.
+
+    Returns
+    -------
+    labels : (N,) int64, the cell of each point (0 = none within reach).
+    distance_px : (N,) float64, 0 for points on a mask, the distance to the cell a point was given
+        to, NaN for points left outside.
+    """
+    masks = np.asarray(masks)
+    yi = np.clip(np.round(np.asarray(y, np.float64)).astype(np.int64), 0, masks.shape[0] - 1)
+    xi = np.clip(np.round(np.asarray(x, np.float64)).astype(np.int64), 0, masks.shape[1] - 1)
+    labels = masks[yi, xi].astype(np.int64)
+    distance = np.where(labels > 0, 0.0, np.nan)
+    out = np.flatnonzero(labels == 0)
+    r = float(max_distance_px)
+    if not len(out) or r <= 0:
+        return labels, distance
+    # offsets of a disk, nearest first: each outside point looks at its own disk only, so the cost
+    # follows the number of spots, not the image size
+    R = int(np.floor(r))
+    dy, dx = np.mgrid[-R:R + 1, -R:R + 1]
+    d = np.hypot(dy, dx).ravel()
+    keep = (d > 0) & (d <= r)
+    order = np.argsort(d[keep], kind="stable")
+    dy, dx, d = dy.ravel()[keep][order], dx.ravel()[keep][order], d[keep][order]
+    if not len(d):  # under one pixel: no neighbour is that close
+        return labels, distance
+    yy = yi[out, None] + dy[None]
+    xx = xi[out, None] + dx[None]
+    inside = (yy >= 0) & (yy < masks.shape[0]) & (xx >= 0) & (xx < masks.shape[1])
+    found = np.where(inside, masks[np.clip(yy, 0, masks.shape[0] - 1), np.clip(xx, 0, masks.shape[1] - 1)], 0)
+    hit = found > 0
+    first = np.argmax(hit, axis=1)
+    got = hit[np.arange(len(out)), first]
+    labels[out[got]] = found[got, first[got]]
+    distance[out[got]] = d[first[got]]
+    return labels, distance
+
+
 def detect_puncta(image: np.ndarray, sigma_min: float = 1.0, sigma_max: float = 3.0, threshold: float = 0.1,
-                  num_sigma: int = 5, masks: np.ndarray | None = None, overlap: float = 0.5) -> pd.DataFrame:
+                  num_sigma: int = 5, masks: np.ndarray | None = None, overlap: float = 0.5,
+                  max_distance_px: float = 0.0) -> pd.DataFrame:
     """Find spots with a Laplacian-of-Gaussian (skimage.feature.blob_log).
 
     Parameters
@@ -194,12 +273,16 @@ def detect_puncta(image: np.ndarray, sigma_min: float = 1.0, sigma_max: float = 
     sigma_min, sigma_max : spot scale range in px (radius ≈ sigma·√2).
     threshold : LoG response threshold on the normalised image (lower finds more, fainter spots).
     masks : optional (Y, X) labels; each spot gets the label under it (0 = outside cells).
+    max_distance_px : a spot outside every mask within this distance (px) of a cell gets that
+        cell's label (:func:`assign_to_nearest_cell`); 0 = only the label under the spot.
 
     Returns
     -------
     DataFrame, one row per spot: y_px, x_px, sigma_px, radius_px, intensity_peak (the channel's
     value at the centre), intensity_sum (sum of the channel's values within radius_px of the centre,
-    in the image's own units), label (the cell under the centre, 0 = outside cells).
+    in the image's own units), label (the cell the spot counts for, 0 = outside cells),
+    distance_to_cell_px (0 under a mask, the distance to the nearest cell it was given to, NaN
+    outside cells).
     """
     if not (np.isfinite(sigma_min) and np.isfinite(sigma_max)) or sigma_min <= 0 or sigma_max < sigma_min:
         raise CellposeWebError("Puncta sigma: need 0 < min sigma ≤ max sigma (in px), e.g. 1 and 3.")
@@ -225,9 +308,10 @@ def detect_puncta(image: np.ndarray, sigma_min: float = 1.0, sigma_max: float = 
         m = np.asarray(masks)
         if m.shape != img.shape:
             raise CellposeWebError(f"Puncta channel {img.shape} and masks {m.shape} differ in size.")
-        df["label"] = m[yi, xi].astype(np.int64)
+        df["label"], df["distance_to_cell_px"] = assign_to_nearest_cell(m, y, x, max_distance_px)
     else:
         df["label"] = np.zeros(len(df), dtype=np.int64)
+        df["distance_to_cell_px"] = np.full(len(df), np.nan)
     return df
 
 
@@ -289,7 +373,8 @@ def add_puncta(table: pd.DataFrame, per_cell: pd.DataFrame) -> pd.DataFrame:
 
 def summarize(table: pd.DataFrame, puncta: pd.DataFrame | None = None) -> dict[str, Any]:
     """One summary row per image: n_cells, median area (px, µm²), puncta totals when given
-    (puncta_total, puncta_in_cells, puncta_outside_cells, mean_puncta_per_cell, median density)."""
+    (puncta_total, puncta_in_cells, puncta_outside_cells, puncta_near_cell_edge: of those in cells,
+    the ones just outside a mask given to the nearest cell, mean_puncta_per_cell, median density)."""
     n = int(len(table))
     area_px = "area_px" if "area_px" in table else "volume_px"
     area_um = "area_um2" if "area_um2" in table else "volume_um3"
@@ -303,6 +388,8 @@ def summarize(table: pd.DataFrame, puncta: pd.DataFrame | None = None) -> dict[s
         s["puncta_total"] = int(len(puncta))
         s["puncta_in_cells"] = inside
         s["puncta_outside_cells"] = int(len(puncta)) - inside
+        if "distance_to_cell_px" in puncta:
+            s["puncta_near_cell_edge"] = int((puncta["distance_to_cell_px"] > 0).sum())
         s["mean_puncta_per_cell"] = inside / n if n else np.nan
         if "puncta_density_per_um2" in table and table["puncta_density_per_um2"].notna().any():
             s["median_puncta_density_per_um2"] = float(np.nanmedian(table["puncta_density_per_um2"]))
@@ -341,5 +428,6 @@ def measure_cells(masks: np.ndarray, image: np.ndarray | None = None, pixel_size
     if not 0 <= ch < img.shape[-1]:
         raise CellposeWebError(f"Puncta channel {ch} does not exist; the image has {img.shape[-1]} channel(s) "
                                f"(0..{img.shape[-1] - 1}, numbered as in the file).")
-    spots = detect_puncta(img[..., ch], puncta.sigma_min, puncta.sigma_max, puncta.threshold, masks=masks)
+    spots = detect_puncta(img[..., ch], puncta.sigma_min, puncta.sigma_max, puncta.threshold, masks=masks,
+                          max_distance_px=max_distance_px(puncta, pixel_size_um))
     return add_puncta(table, puncta_per_cell(masks, spots, pixel_size_um)), spots

@@ -39,7 +39,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "get_model", "forget_models", "read_image", "prepare_image", "find_axes",
            "to_channels_last", "Segmentation", "segment", "measure_segmentation", "provenance", "SaveOptions",
-           "ImageSettings", "write_outputs", "process_file", "csv_bytes", "PunctaParams"]
+           "ImageSettings", "write_outputs", "process_file", "csv_bytes", "PunctaParams", "puncta_model_warning",
+           "model_for_puncta",
+           "describe_channels", "channels_for_segmentation",
+           "puncta_channel_from_names"]
 
 ProgressFn = Callable[[float, str], None]
 _STACK_ONLY = ("do_3D", "anisotropy", "stitch_threshold", "flow3D_smooth")
@@ -281,6 +284,9 @@ class Segmentation:
     flows : [RGB flow picture uint8, dP float32, cellprob float32] as ``CellposeModel.eval``.
     image : the whole image, every channel in the file's order, (Y, X, C) or (Z, Y, X, C).
     segment_channels : the file channels the model saw (None = all / the first three).
+    est_diam : the diameter (px) lite estimated (``diameter=None``), else None.
+    diameter_px : the diameter (px) the model segmented at: the one given, lite's estimate, or a
+        Cellpose 1-3 model's training size when none was given (those models do not estimate it).
     """
     masks: np.ndarray
     flows: list
@@ -294,6 +300,7 @@ class Segmentation:
     dtype: str = ""
     est_diam: float | None = None
     notices: list[str] = field(default_factory=list)
+    diameter_px: float | None = None
 
     @property
     def n_masks(self) -> int:
@@ -351,6 +358,10 @@ def segment(loaded: LoadedModel, image: np.ndarray, eval_kwargs: dict[str, Any],
             chans = keep
             notices.append(f"segmenting on channel(s) {', '.join(map(str, keep))}; channel(s) "
                            f"{', '.join(map(str, sorted(set(measure_only_channels))))} only measured (puncta)")
+    if chans and measure_only_channels and set(chans) & set(measure_only_channels):
+        both = sorted(set(chans) & set(measure_only_channels))
+        notices.append(f"channel(s) {', '.join(map(str, both))} are both segmented and the puncta channel: the "
+                       "spots may be segmented as small cells; list only the channels that show the cells")
     if chans and kw.get("channels") is not None:
         # Cellpose 3's [cytoplasm, nucleus] count from 1 in the image given to eval: with a selection
         # first they would no longer be the file's numbers
@@ -384,10 +395,30 @@ def segment(loaded: LoadedModel, image: np.ndarray, eval_kwargs: dict[str, Any],
     seconds = time.perf_counter() - t0
     params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in eval_kwargs.items()}
     params.update(channel_axis=channel_axis, z_axis=z_axis, exclude_on_edges=bool(exclude_on_edges))
+    est = getattr(model, "diam_estimate", None)
+    used = _diameter_used(model, kw.get("diameter"), est)
+    if getattr(model, "legacy", False) and not kw.get("diameter") and used:
+        notices.append(f"diameter {used:.0f} px, the size {loaded.name} was trained on (Cellpose 1-3 models do not "
+                       "estimate it): enter the diameter when your cells are much larger or smaller")
     return Segmentation(masks, flows, img, stack, chans, params, loaded.describe(), seconds,
                         device=str(getattr(model, "device", "")),
                         dtype=str(getattr(model, "dtype", "")).replace("torch.", ""),
-                        est_diam=getattr(model, "diam_estimate", None), notices=notices)
+                        est_diam=est, notices=notices, diameter_px=used)
+
+
+def _diameter_used(model: Any, diameter: float | None, estimate: float | None) -> float | None:
+    """The diameter (px) a model segmented at: the one given, lite's estimate, or (Cellpose 1-3
+    models, diameter None) ``diam_mean / rescale`` of the last eval, i.e. their training size."""
+    if diameter:
+        return float(diameter)
+    if estimate:
+        return float(estimate)
+    rescale = (getattr(model, "last_eval_params", None) or {}).get("rescale")
+    mean = getattr(model, "diam_mean", None)
+    try:
+        return float(mean) / float(rescale) if rescale and mean else None
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,7 +430,96 @@ def measure_segmentation(seg: Segmentation, pixel_size_um: float | None = None,
     if puncta is not None and seg.masks.ndim != 2:
         seg.notices.append("puncta are counted on 2D images; skipped for this z-stack")
         puncta = None
+    if puncta is not None:
+        warning = puncta_model_warning(seg.model.get("name"))
+        if warning:
+            seg.notices.append(warning)
     return measure.measure_cells(seg.masks, seg.image, pixel_size_um, channel_axis=-1, puncta=puncta)
+
+
+def channels_for_segmentation(n_channels: int, segment_channels: list[int] | None,
+                              puncta_channel: int | None = None) -> list[int] | None:
+    """The file channels a model will see: ``segment_channels`` when given (checked), else all
+    channels but the puncta channel (None = all of them)."""
+    chans = check_channels(segment_channels, n_channels)
+    if chans:
+        return chans
+    if puncta_channel is not None and n_channels > 1 and 0 <= int(puncta_channel) < n_channels:
+        return [c for c in range(n_channels) if c != int(puncta_channel)]
+    return None
+
+
+_PUNCTA_NAMES = ("piezo", "halo", "punct", "spot")
+
+
+def puncta_channel_from_names(names: list[str] | None) -> int | None:
+    """The one channel whose file name says it holds spots (PIEZO1, HaloTag, puncta, spots), else None."""
+    hits = [i for i, n in enumerate(names or []) if any(k in str(n).lower() for k in _PUNCTA_NAMES)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def describe_channels(n_channels: int, segment_channels: list[int] | None = None, puncta_channel: int | None = None,
+                      legacy: bool = False, names: list[str] | None = None) -> str:
+    """One line saying what each file channel is used for, in file numbering (0 = first).
+
+    Parameters
+    ----------
+    n_channels : channels in the file.
+    segment_channels : the segmentation channels asked for (None = all but the puncta channel).
+    puncta_channel : the file channel puncta are counted on (None = no puncta).
+    legacy : a Cellpose 1-3 U-Net: its two inputs are [cytoplasm, nucleus], first two listed.
+    names : the file's own channel names, when it has them.
+    """
+    def ch(c: int) -> str:
+        nm = names[c] if names and c < len(names) and names[c] else ""
+        return f"channel {c}" + (f" ({nm})" if nm else "")
+
+    if n_channels < 1:
+        return ""
+    chans = channels_for_segmentation(n_channels, segment_channels, puncta_channel)
+    seen = chans if chans is not None else list(range(n_channels))
+    if legacy:
+        parts = [f"cytoplasm = {ch(seen[0])}", f"nucleus = {ch(seen[1])}" if len(seen) > 1 else "no nucleus channel"]
+        if len(seen) > 2:
+            parts.append(f"{', '.join(ch(c) for c in seen[2:])} not used (a Cellpose 1-3 model takes two)")
+        text = "Cellpose 1-3 model: " + ", ".join(parts)
+    else:
+        shown = seen[:3]
+        text = "the model sees " + ", ".join(ch(c) for c in shown)
+        if len(seen) > 3:
+            text += f" (the first 3 of the {len(seen)} listed)"
+    if puncta_channel is not None:
+        pc = int(puncta_channel)
+        if not 0 <= pc < n_channels:
+            return text + f"; puncta channel {pc} does not exist (0..{n_channels - 1})"
+        text += f"; puncta counted on {ch(pc)}"
+        if pc in seen[: 2 if legacy else 3]:
+            text += " — which is also segmented: leave the segmentation channels blank or list the others"
+    return text + "; every channel is measured"
+
+
+def puncta_model_warning(model_name: str | None) -> str:
+    """A warning when puncta are counted per cell with a model that finds nuclei, "" otherwise."""
+    from cellpose_web import registry
+
+    if registry.model_purpose(model_name) != "nuclei":
+        return ""
+    return (f"{model_name} finds nuclei, not whole cells: these puncta are counted per nucleus. For puncta per "
+            f"cell choose a whole-cell model ({registry.whole_cell_model()})")
+
+
+def model_for_puncta(model_name: str | None) -> tuple[str, str]:
+    """The model to count puncta per whole cell with: (name, note).
+
+    ``model_name`` None or "" (nothing chosen) gives the best whole-cell model available
+    (:func:`cellpose_web.registry.whole_cell_model`) and a note saying so; a chosen model is kept.
+    """
+    from cellpose_web import registry
+
+    if model_name:
+        return str(model_name), ""
+    name = registry.whole_cell_model()
+    return name, f"model: {name} (whole cells, for puncta per cell; choose another with the model setting)"
 
 
 def stitch_planes(masks: np.ndarray, image: np.ndarray | None, provenance: dict[str, Any] | None = None,
@@ -453,7 +573,10 @@ def provenance(seg: Segmentation, image_name: str, image_shape: tuple[int, ...],
         "channels": {"segment": seg.segment_channels, "measured": list(range(int(seg.image.shape[-1]))),
                      "numbering": "as in the file"},
         "device": seg.device, "dtype": seg.dtype, "image": str(image_name), "image_shape": list(image_shape),
-        "pixel_size_um": pixel_size_um, "seconds": round(float(seg.seconds), 3), "est_diam": seg.est_diam,
+        "pixel_size_um": pixel_size_um, "seconds": round(float(seg.seconds), 3),
+        "est_diam": seg.est_diam if seg.est_diam is not None else (
+            seg.diameter_px if not seg.eval_params.get("diameter") else None),
+        "diameter_px": seg.diameter_px,
         "cellpose_web_version": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -54,6 +54,8 @@ __all__ = [
     "models_dir",
     "list_models",
     "resolve_model",
+    "whole_cell_model",
+    "model_purpose",
     "inspect_checkpoint",
     "add_lab_model",
     "rename_lab_model",
@@ -773,6 +775,25 @@ def best_available_model() -> str:
         if _cached_hub_file(HUB_REPO, name, None, s["cache_dir"]):
             return name
     return "lite"
+
+
+def whole_cell_model() -> str:
+    """The best whole-cell model usable without network: cpsam_v2 or cpsam when already cached,
+    else the built-in Cellpose 1-3 U-Net 'cp_cyto'. Puncta are counted per whole cell with it."""
+    best = best_available_model()
+    return best if PURPOSE.get(best) == "anything" else "cp_cyto"
+
+
+def model_purpose(name: str | None) -> str:
+    """What a model is for: "nuclei", "whole cells", "anything", or "" when unknown (no download)."""
+    if not name:
+        return ""
+    if str(name) in PURPOSE:
+        return PURPOSE[str(name)]
+    try:
+        return resolve_model(str(name), download=False).purpose or ""
+    except Exception:  # noqa: BLE001 - unknown, damaged or not downloaded: no purpose to report
+        return ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -209,3 +209,106 @@ def whole_cell_sample(rng: np.random.Generator, shape=(256, 256), diameter: floa
     img = ndi.gaussian_filter(img.astype(np.float32), 1.0) + 0.1
     img = rng.poisson(img * 200).astype(np.float32) / 200
     return SyntheticSample(img[None].astype(np.float32), labels, "whole_cell", float(diameter))
+
+
+@dataclass
+class PunctaSample:
+    """A PIEZO1-style TIRF image with known cells and known puncta.
+
+    image : (3, Y, X) uint16; channel 0 = puncta (PIEZO1-HaloTag), 1 = cytoplasm / membrane, 2 = nuclei.
+    labels : (Y, X) int32 whole cells, 0 = background.
+    spots : (N, 3) float64 rows (y_px, x_px, label) of the planted puncta; label 0 = outside every cell.
+    pixel_size_um : µm per pixel.
+    """
+    image: np.ndarray
+    labels: np.ndarray
+    spots: np.ndarray
+    pixel_size_um: float
+
+    def counts_per_cell(self) -> np.ndarray:
+        """(n_cells + 1,) int64: planted puncta per label (index 0 = outside cells)."""
+        lab = self.spots[:, 2].astype(np.int64)
+        return np.bincount(lab, minlength=int(self.labels.max()) + 1)
+
+
+def puncta_sample(rng: np.random.Generator, shape=(384, 384), diameter: float = 60.0,
+                  puncta_per_cell: tuple[int, int] = (2, 14), outside: int = 6, spacing_px: float = 6.0,
+                  pixel_size_um: float = 0.1) -> PunctaSample:
+    """Whole cells with puncta planted anywhere on each cell's footprint, as PIEZO1 in TIRF.
+
+    TIRF images the basal membrane, so a membrane protein's spots lie anywhere on the cell's
+    footprint, the outermost pixels included; that rim is where a predicted mask a little tighter
+    than the cell loses them. Cells touch along irregular borders (:func:`synthetic_labels`), the
+    cytoplasm channel is dim with a darker seam between neighbours and the nucleus channel holds one
+    nucleus per cell; spots are Gaussians (sigma 1.3 px) of random brightness at least
+    ``spacing_px`` apart, plus ``outside`` spots on the background.
+
+    Parameters
+    ----------
+    rng : the random generator (the same seed gives the same sample).
+    shape : (Y, X) in px.
+    diameter : typical cell diameter in px.
+    puncta_per_cell : inclusive range of planted spots per cell.
+    outside : spots planted on the background, at least 4 px from every cell.
+    spacing_px : least distance between two spots (each one stays resolvable).
+    pixel_size_um : µm per pixel, returned for the caller to write into the file.
+
+    Returns
+    -------
+    PunctaSample
+    """
+    labels = synthetic_labels(rng, shape, diameter, confluence=0.75, irregularity=0.25, elongation=1.6)
+    fg = labels > 0
+    body = _render_objects(rng, labels, texture_sigma=max(1.0, diameter / 8), brightness_range=(0.4, 1.0))
+    seam = fg & (ndi.grey_erosion(labels, size=3) != ndi.grey_dilation(labels, size=3))
+    # the cell thins out towards its edge (lamellipodia): the cytoplasm fades over the outer ~8 px,
+    # so predicted masks come out a little tighter than the footprint, as on real TIRF images
+    depth = ndi.distance_transform_edt(fg & ~seam)
+    cyto = body * (1 - 0.5 * seam) * np.clip(0.25 + 0.75 * depth / 8.0, 0.25, 1.0)
+    nuc = _nuclei_inside(rng, labels, 0.4) * _render_objects(rng, labels, max(1.0, diameter / 10), (0.5, 1.0))
+    n_cells = int(labels.max())
+    # candidate positions: every cell pixel, visited in a random order; a spot is kept when it is far
+    # enough from the spots already kept and its cell still wants more
+    want = np.zeros(n_cells + 1, np.int64)
+    want[1:] = rng.integers(puncta_per_cell[0], puncta_per_cell[1] + 1, n_cells)
+    dist_bg = ndi.distance_transform_edt(~fg)
+    outside_ok = (dist_bg >= 4) & (dist_bg < np.inf)
+    outside_ok[:6], outside_ok[-6:], outside_ok[:, :6], outside_ok[:, -6:] = False, False, False, False
+    cand = np.flatnonzero(fg | outside_ok)
+    cand = cand[rng.permutation(len(cand))]
+    cy, cx = np.unravel_index(cand, shape)
+    jitter = rng.uniform(-0.5, 0.5, (2, len(cand)))
+    cand_lab = labels.ravel()[cand]
+    want[0] = outside
+    taken = np.zeros(n_cells + 1, np.int64)
+    kept: list[tuple[float, float, int]] = []
+    grid: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    cell = spacing_px
+    for y, x, lab, jy, jx in zip(cy, cx, cand_lab, *jitter):  # one pass over candidates; stops when all are placed
+        if taken[lab] >= want[lab]:
+            continue
+        y, x = y + jy, x + jx
+        gy, gx = int(y // cell), int(x // cell)
+        near = (p for dy in (-1, 0, 1) for dx in (-1, 0, 1) for p in grid.get((gy + dy, gx + dx), ()))
+        if any((y - a) ** 2 + (x - b) ** 2 < spacing_px ** 2 for a, b in near):
+            continue
+        grid.setdefault((gy, gx), []).append((y, x))
+        kept.append((y, x, int(lab)))
+        taken[lab] += 1
+        if (taken >= want).all():
+            break
+    spots = np.array(kept, np.float64).reshape(-1, 3)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    piezo = np.zeros(shape, np.float32)
+    amp = rng.uniform(0.6, 1.4, len(spots))
+    for (y, x, _), a in zip(spots, amp):  # each spot touches only a 13x13 window
+        y0, y1 = max(0, int(y) - 6), min(shape[0], int(y) + 7)
+        x0, x1 = max(0, int(x) - 6), min(shape[1], int(x) + 7)
+        piezo[y0:y1, x0:x1] += a * np.exp(-((yy[y0:y1, x0:x1] - y) ** 2 + (xx[y0:y1, x0:x1] - x) ** 2)
+                                          / (2 * 1.3 ** 2))
+    piezo += 0.05 * fg  # a faint diffuse membrane signal under the cells
+    img = np.stack([piezo, cyto, nuc]).astype(np.float32)
+    img = ndi.gaussian_filter(img, (0, 0.7, 0.7)) + 0.08
+    img = rng.poisson(img * 300).astype(np.float32) / 300
+    img = np.clip(img * 2000 + 100, 0, 65535).astype(np.uint16)
+    return PunctaSample(img, labels, spots, float(pixel_size_um))

@@ -48,9 +48,13 @@ PYEOF
     pip_install "$TORCH_SPEC" --extra-index-url "$CPU_INDEX"
   else
     echo "install: no NVIDIA GPU and the PyTorch CPU index cannot be reached: torch $TORCH_VERSION from the"
-    echo "install: configured indexes (on Linux PyPI's wheel is the CUDA build; see README, 'GPU or CPU')"
+    echo "install: configured indexes"
     pip_install "$TORCH_SPEC"
   fi
+  # say which build was installed, not which one was hoped for (a local index may hold either)
+  "$PY" -c 'import torch; c = torch.version.cuda
+print("install: torch", torch.__version__, "(CUDA " + c + " build)" if c else "(CPU build)",
+      "- see README, GPU or CPU, to switch" if not c else "")' 2>/dev/null || true
 fi
 
 if [ "$MODE" = dev ]; then

@@ -58,8 +58,8 @@ def _settings(params: SegmentParams, pixel_size_um: float | None, puncta: Puncta
 #: summary.csv columns a reader wants first (when present), and the long ones that go last
 SUMMARY_FIRST = ("image", "n_cells", "median_area_um2", "median_area_px", "median_volume_um3", "median_volume_px",
                  "puncta_in_cells", "mean_puncta_per_cell", "median_puncta_density_per_um2",
-                 "puncta_outside_cells", "puncta_total", "status")
-SUMMARY_LAST = ("hint", "reason", "pixel_size_um", "model", "model_sha256", "cells_csv")
+                 "puncta_outside_cells", "puncta_near_cell_edge", "puncta_total", "status", "reason")
+SUMMARY_LAST = ("hint", "pixel_size_um", "model", "model_sha256", "cells_csv")
 
 
 def summary_column_order(columns) -> list[str]:
@@ -202,7 +202,11 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
         prov = {"model": {"name": model_name, "sha256": ok_rows[0].get("model_sha256") if ok_rows else None},
                 "eval_params": params.eval_kwargs(),
                 "channels": {"segment": params.channels, "measured": "all", "numbering": "as in the file"},
-                "image": f"{n} images", "pixel_size_um": pixel_size_um, "puncta": asdict(puncta) if puncta else None,
+                "image": f"{n} images",
+                # each file's own pixel size where it has one (the rows' pixel_size_um column says which)
+                "pixel_size_um": "per image, see the pixel_size_um column",
+                "pixel_size_um_for_files_without_one": pixel_size_um,
+                "puncta": asdict(puncta) if puncta else None,
                 "cellpose_web_version": __version__, "dask_scheduler": scheduler,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         summary_csv = atomic_write_bytes(out_dir / "summary.csv", pipeline.csv_bytes(summary, prov))

@@ -58,6 +58,11 @@ def is_legacy_model(name: str | None) -> bool:
         return False
 
 
+def model_purpose(name: str | None) -> str:
+    """What a model is for: "nuclei", "whole cells", "anything" or "" (no download)."""
+    return registry.model_purpose(name)
+
+
 def list_model_names() -> list[str]:
     """Model names for the dropdowns (see list_model_choices)."""
     return [v for _, v in list_model_choices()]

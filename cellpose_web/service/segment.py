@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from cellpose_web import legacy, measure, pipeline
+from cellpose_web import measure, pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.models import check_eval_params
 from cellpose_web.service import gpu, models_cache
@@ -35,8 +35,9 @@ class SegmentParams:
     min_size: int = 15
     channel_axis: int | None = None
     z_axis: int | None = None
-    channels: list[int] | None = None       # file channels fed to the model (None = all); measuring uses all
-    cp3_channels: list[int] | None = None   # Cellpose 1-3 models: [cytoplasm, nucleus], 1-based, 0 = grey / none
+    # file channels that show the cells, fed to the model in this order (None = all but the puncta
+    # channel; Cellpose 1-3 models: [cytoplasm, nucleus]); measuring uses every channel
+    channels: list[int] | None = None
     do_3D: bool = False
     anisotropy: float | None = None
     stitch_threshold: float = 0.0
@@ -97,8 +98,6 @@ class SegmentParams:
                 setattr(p, name, None)
         if p.channels is not None:
             p.channels = [int(c) for c in p.channels]
-        if p.cp3_channels is not None:
-            p.cp3_channels = list(legacy.parse_channels(p.cp3_channels))
         return p
 
     def eval_kwargs(self) -> dict[str, Any]:
@@ -106,8 +105,6 @@ class SegmentParams:
                   cellprob_threshold=self.cellprob_threshold, niter=self.niter, min_size=self.min_size,
                   do_3D=self.do_3D, anisotropy=self.anisotropy, stitch_threshold=self.stitch_threshold,
                   normalize={"percentile": tuple(self.norm_percentile)})
-        if self.cp3_channels is not None:
-            kw["channels"] = list(self.cp3_channels)
         return kw
 
 

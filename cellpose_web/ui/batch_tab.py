@@ -13,7 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.measure import PunctaParams
+from cellpose_web.measure import DEFAULT_MAX_DISTANCE_UM, PunctaParams
 from cellpose_web.service import batch, jobs, models_cache, runs
 from cellpose_web.service.segment import SegmentParams
 from cellpose_web.ui import common, segment_tab, widgets as W
@@ -75,6 +75,8 @@ def build(ctx: dict[str, Any]) -> None:
             files = gr.File(label="Zip or image files", file_count="multiple",
                             file_types=[".zip", ".tif", ".tiff", ".png", ".jpg", ".jpeg"], elem_id="batch-files")
             model = gr.Dropdown(names, value=default, label="Model", elem_id="batch-model")
+            channels = gr.Textbox("", label=W.SEG_CHANNELS_LABEL, placeholder=W.SEG_CHANNELS_PLACEHOLDER,
+                                  info=W.SEG_CHANNELS_INFO, max_lines=1, elem_id="batch-channels")
             with gr.Row():
                 diameter = gr.Textbox("", label="Diameter (px)", info="blank = automatic", placeholder="automatic",
                                       max_lines=1, elem_id="batch-diameter")
@@ -86,18 +88,17 @@ def build(ctx: dict[str, Any]) -> None:
                 with gr.Row():
                     niter = gr.Number(0, label="niter (0 = automatic)", minimum=0, precision=0)
                     min_size = gr.Number(15, label="Minimum cell size (px)", precision=0)
-                channels = gr.Textbox("", label="Segmentation channels", placeholder="e.g. 1,2 (blank = all)",
-                                      info="file channels the model sees (0 = first, as in the file); every "
-                                           "channel is measured", elem_id="batch-channels")
-            with gr.Accordion("Puncta", open=False):
-                p_on = gr.Checkbox(False, label="Count puncta per cell", elem_id="batch-puncta-on")
+            with gr.Accordion("Puncta (e.g. PIEZO1)", open=False):
+                p_on = gr.Checkbox(False, label=W.PUNCTA_ON_LABEL, info=W.PUNCTA_ON_INFO, elem_id="batch-puncta-on")
                 with gr.Row():
-                    p_ch = gr.Number(1, label="Puncta channel (0 = first, as in the file)", precision=0, minimum=0,
-                                     elem_id="batch-puncta-ch")
-                    p_thr = gr.Number(0.1, label="Threshold", minimum=0)
+                    p_ch = gr.Number(0, label=W.PUNCTA_CHANNEL_LABEL, precision=0, minimum=0,
+                                     info=W.PUNCTA_CHANNEL_INFO, elem_id="batch-puncta-ch")
+                    p_thr = gr.Number(0.1, label=W.PUNCTA_THRESHOLD_LABEL, minimum=0)
                 with gr.Row():
-                    p_smin = gr.Number(1.0, label="Min sigma (px)")
-                    p_smax = gr.Number(3.0, label="Max sigma (px)")
+                    p_smin = gr.Number(1.0, label=W.PUNCTA_SIGMA_MIN_LABEL, minimum=0.1)
+                    p_smax = gr.Number(3.0, label=W.PUNCTA_SIGMA_MAX_LABEL, minimum=0.1)
+                    p_dist = gr.Number(DEFAULT_MAX_DISTANCE_UM, label=W.PUNCTA_DISTANCE_LABEL, minimum=0,
+                                       info=W.PUNCTA_DISTANCE_INFO, elem_id="batch-puncta-dist")
             with gr.Row():
                 run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="batch-cancel")
@@ -118,11 +119,11 @@ def build(ctx: dict[str, Any]) -> None:
     @W.user_errors(outputs=5)
     def on_run(files, model, diameter_px, flow_threshold, cellprob_threshold, niter, min_size_px, channels,
                pixel_size_um, puncta, puncta_channel, puncta_sigma_min_px, puncta_sigma_max_px, puncta_threshold,
-               request: gr.Request, progress=gr.Progress()):
+               puncta_max_distance_um=DEFAULT_MAX_DISTANCE_UM, request: gr.Request = None, progress=gr.Progress()):
         params = segment_tab.make_params(diameter_px, flow_threshold, cellprob_threshold, niter, min_size_px, "auto",
                                          "auto", channels, 1.0, 99.0, False, None, 0)
         pp = segment_tab.make_puncta(puncta, puncta_channel, puncta_sigma_min_px, puncta_sigma_max_px,
-                                     puncta_threshold)
+                                     puncta_threshold, puncta_max_distance_um)
         user = W.username(request)
         job = start_batch([f for f in (files or [])], model, params, common.parse_pixel_size(pixel_size_um), pp, user)
         jm = jobs.manager(user)
@@ -141,8 +142,11 @@ def build(ctx: dict[str, Any]) -> None:
         yield (job.id,) + _result_outputs(st) + (jobs_table(user),)
 
     run.click(on_run, [files, model, diameter, flow, cellprob, niter, min_size, channels, pixel, p_on, p_ch,
-                       p_smin, p_smax, p_thr], [job_id, status, result, summary, history],
+                       p_smin, p_smax, p_thr, p_dist], [job_id, status, result, summary, history],
               api_name="batch", concurrency_limit=ctx["limits"].concurrency["batch"], concurrency_id="batch")
+
+    p_on.input(common.whole_cell_model_for_puncta, [p_on, model], [model], api_visibility="private",
+               show_progress="hidden")
 
     def on_cancel(jid, request: gr.Request):
         if jid and jobs.manager(W.username(request)).cancel(jid):
@@ -176,7 +180,11 @@ def _result_outputs(st: dict) -> tuple:
                           _download_copy(r.get("cells_csv"))) if x]
         errs = r.get("errors", [])
         msg = (f"Batch **{st['id']}** {state}: **{r.get('n_ok', 0)} of {r.get('n_images', 0)} image(s)** "
-               f"segmented" + (f", **{len(errs)} problem(s)** (see the summary table)." if errs else "."))
+               f"segmented" + (f", **{len(errs)} problem(s)**:" if errs else "."))
+        # each problem on its own line: the reason is the sentence a user needs, not a clipped cell
+        msg += "".join(f"\n- **{name}**: {reason}" for name, reason in errs[:20])
+        if len(errs) > 20:
+            msg += f"\n- … and {len(errs) - 20} more (summary.csv lists them all)"
         if summ is not None:
             summ = W.table_for_display(summ)
         return msg, dl, summ

@@ -30,6 +30,7 @@ class Session:
     files: list[str] = field(default_factory=list)
     workdir: str = ""
     version: int = 0                         # bumped on every new result (Correct tab reloads)
+    channel_names: list[str] = field(default_factory=list)  # the file's own names, when it has them
 
     def out_dir(self) -> Path:
         if not self.workdir or not Path(self.workdir).is_dir():
@@ -118,3 +119,21 @@ def axes_from_meta(axes: str, shape: tuple[int, ...]) -> tuple[int | None, int |
     c = axes.find("C") if "C" in axes else (axes.find("S") if "S" in axes else -1)
     z = axes.find("Z")
     return (c if c >= 0 else None), (z if z >= 0 else None)
+
+
+def whole_cell_model_for_puncta(on: bool, model_name: str):
+    """The "count puncta" box was ticked: puncta are counted per whole cell, so a nuclei model in the
+    model list (Segment, Batch) gives way to the best whole-cell model, and the user is told."""
+    import gradio as gr
+
+    from cellpose_web import pipeline
+
+    if not on or models_cache.model_purpose(model_name) != "nuclei":
+        return gr.skip()
+    name, _ = pipeline.model_for_puncta(None)
+    if name not in models_cache.list_model_names():
+        gr.Warning(pipeline.puncta_model_warning(model_name))
+        return gr.skip()
+    gr.Info(f"Puncta are counted per whole cell: model switched from {model_name} (nuclei) to {name} "
+            "(whole cells). Pick another model to override.")
+    return gr.update(value=name)

@@ -60,8 +60,9 @@ def image_info(s: common.Session) -> str:
     px = f"{s.pixel_size_um:.4g} µm/px (from the file)" if s.pixel_size_um else "not in the file — enter it below"
     kind = f"z-stack of {s.image.shape[0]} planes, " if s.is_stack else ""
     return (f"**{s.name}** — shape {tuple(s.raw.shape)}"
-            f"{' (' + s.axes + ')' if s.axes else ''}, {s.raw.dtype}; {kind}{s.image.shape[-1]} channel(s); "
-            f"pixel size: {px}")
+            f"{' (' + s.axes + ')' if s.axes else ''}, {s.raw.dtype}; {kind}{s.image.shape[-1]} channel(s)"
+            + (" (" + ", ".join(f"{i} = {n}" for i, n in enumerate(s.channel_names)) + ")" if s.channel_names else "")
+            + f"; pixel size: {px}")
 
 
 def load_image(path: str | None, s: common.Session | None, limits: Limits | None = None):
@@ -72,8 +73,10 @@ def load_image(path: str | None, s: common.Session | None, limits: Limits | None
     axes = str(li.meta.get("axes", "") or "")
     ca, za = common.axes_from_meta(axes, li.data.shape)
     img, stack = pipeline.to_channels_last(li.data, file_axes=axes)
+    names = [str(n) for n in (li.meta.get("extra") or {}).get("channel_names") or []]
     new = common.Session(name=li.name, raw=li.data, axes=axes,
                          pixel_size_um=li.pixel_size_um, image=img, is_stack=stack,
+                         channel_names=names if len(names) == img.shape[-1] else [],
                          files=list(s.files) if s else [], workdir=s.workdir if s else "",
                          version=(s.version + 1) if s else 1)
     return new, ca, za
@@ -193,7 +196,10 @@ def summary_md(s: common.Session) -> str:
         lines.append(f"<span class='cpw-puncta'>**{summ['puncta_total']} puncta** on channel {ch}: "
                      f"{summ['puncta_in_cells']} inside cells ({summ['mean_puncta_per_cell']:.2f} per cell"
                      + (f", median {dens:.3g} per µm²" if dens is not None and np.isfinite(dens) else "")
-                     + f"), {summ['puncta_outside_cells']} outside cells</span>")
+                     + f"), {summ['puncta_outside_cells']} outside cells"
+                     + (f"; {summ['puncta_near_cell_edge']} of those in cells lay just outside a mask and count "
+                        f"for the nearest cell (within {(p.get('puncta') or {}).get('max_distance_um', 0):g} µm)"
+                        if summ.get("puncta_near_cell_edge") else "") + "</span>")
     for note in p.get("notices") or []:  # e.g. puncta skipped for a z-stack, channels beyond the first 3
         lines.append(f"<span class='cpw-small'>note: {note}</span>")
     if p.get("masks_from_file"):
@@ -201,7 +207,9 @@ def summary_md(s: common.Session) -> str:
                      f"{W.fmt_num(s.pixel_size_um, 'µm/px', 4)}</span>")
         return "\n\n".join(lines)
     m = p.get("model") or {}
-    est = hints.diameter_note(p.get("est_diam"), s.masks.shape)
+    # lite's estimate (Cellpose 1-3 models do not estimate: their notice says which size they used)
+    legacy_model = (p.get("model") or {}).get("arch") == "cellpose3"
+    est = "" if legacy_model else hints.diameter_note(p.get("est_diam"), s.masks.shape)
     lines.append(f"<span class='cpw-small'>model **{m.get('name')}** (sha256 {W.short_sha(m.get('sha256'))}) · "
                  f"{p.get('seconds', '–')} s · pixel size {W.fmt_num(s.pixel_size_um, 'µm/px', 4)}"
                  + (f" · {est}" if est else "") + "</span>")
@@ -287,26 +295,24 @@ def stitch_session(s: common.Session, threshold: float = 0.3) -> common.Session:
     return out
 
 
-# Cellpose 3's channel numbers (1-based), labelled so they read the same as the file's channel order
-CP3_CYTO_CHOICES = [("0: grey (mean)", 0), ("1: red / first", 1), ("2: green / second", 2), ("3: blue / third", 3)]
-CP3_NUC_CHOICES = [("0: none", 0), ("1: red / first", 1), ("2: green / second", 2), ("3: blue / third", 3)]
-
-
 def make_params(diameter, flow, cellprob, niter, min_size, ch_axis, z_axis, channels, lo, hi, do3d, aniso,
-                stitch, cp3_channels=None) -> SegmentParams:
-    return SegmentParams(diameter=diameter, flow_threshold=flow, cellprob_threshold=cellprob, cp3_channels=cp3_channels,
+                stitch) -> SegmentParams:
+    return SegmentParams(diameter=diameter, flow_threshold=flow, cellprob_threshold=cellprob,
                          niter=niter or None, min_size=15 if min_size is None else min_size,
                          channel_axis=common.parse_axis(ch_axis), z_axis=common.parse_axis(z_axis),
                          channels=common.parse_channels(channels), norm_percentile=(lo, hi), do_3D=bool(do3d),
                          anisotropy=aniso or None, stitch_threshold=stitch or 0.0)
 
 
-def make_puncta(on, ch, smin, smax, thr) -> PunctaParams | None:
+def make_puncta(on, ch, smin, smax, thr, max_distance=None) -> PunctaParams | None:
     if not on:
         return None
     if ch is None:
         raise CellposeWebError("Choose the puncta channel number (0 = first channel).")
-    return PunctaParams(channel=int(ch), sigma_min=float(smin), sigma_max=float(smax), threshold=float(thr))
+    if max_distance is None or (isinstance(max_distance, str) and not max_distance.strip()):
+        max_distance = measure.DEFAULT_MAX_DISTANCE_UM
+    return PunctaParams(channel=int(ch), sigma_min=float(smin), sigma_max=float(smax), threshold=float(thr),
+                        max_distance_um=float(max_distance))
 
 
 # ------------------------------------------------------------------ layout
@@ -327,12 +333,10 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                                 info="From the model registry; the best available is pre-selected. Each says what "
                                      "it is for: nuclei, whole cells or anything.",
                                 elem_id="seg-model")
-            with gr.Row(visible=models_cache.is_legacy_model(default), elem_id="seg-cp3-row") as cp3_row:
-                cyto_ch = gr.Dropdown(CP3_CYTO_CHOICES, value=0, label="Cytoplasm channel (Cellpose 1-3 model)",
-                                      info="the channel with the cells; grey = all channels averaged",
-                                      elem_id="seg-cp3-cyto")
-                nuc_ch = gr.Dropdown(CP3_NUC_CHOICES, value=0, label="Nucleus channel (optional)",
-                                     info="a nuclear stain helps to split touching cells", elem_id="seg-cp3-nuc")
+            with gr.Group():
+                channels = gr.Textbox("", label=W.SEG_CHANNELS_LABEL, placeholder=W.SEG_CHANNELS_PLACEHOLDER,
+                                      info=W.SEG_CHANNELS_INFO, max_lines=1, elem_id="seg-channels")
+                channel_map = gr.Markdown("", elem_id="seg-channel-map")
             with gr.Row():
                 diameter = gr.Textbox("", label="Diameter (px)", info="blank = automatic", placeholder="automatic",
                                       max_lines=1, elem_id="seg-diameter")
@@ -349,9 +353,6 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 with gr.Row():
                     ch_axis = gr.Dropdown(common.axis_choices(4), value="auto", label="Channel axis")
                     z_axis = gr.Dropdown(common.axis_choices(4), value="auto", label="Z axis")
-                    channels = gr.Textbox("", label="Segmentation channels", placeholder="e.g. 1,2 (blank = all but puncta)",
-                                          info="file channels the model sees (0 = first, as in the file); "
-                                               "every channel is measured", elem_id="seg-channels")
                 with gr.Row():
                     norm_lo = gr.Number(1.0, label="Normalise: low percentile", minimum=0, maximum=100)
                     norm_hi = gr.Number(99.0, label="Normalise: high percentile", minimum=0, maximum=100)
@@ -361,14 +362,16 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                     aniso = gr.Number(None, label="Anisotropy (z step / xy pixel)", minimum=0)
                     stitch = gr.Slider(0, 1, 0, step=0.05, label="Stitch threshold (2D planes → 3D, IoU)")
             with gr.Accordion("Puncta (e.g. PIEZO1)", open=False):
-                p_on = gr.Checkbox(False, label="Detect puncta (Laplacian of Gaussian)", elem_id="seg-puncta-on")
+                p_on = gr.Checkbox(False, label=W.PUNCTA_ON_LABEL, info=W.PUNCTA_ON_INFO, elem_id="seg-puncta-on")
                 with gr.Row():
-                    p_ch = gr.Number(1, label="Puncta channel (0 = first, as in the file)", precision=0, minimum=0,
-                                     elem_id="seg-puncta-ch")
-                    p_thr = gr.Number(0.1, label="Threshold (normalised, lower = more)", minimum=0)
+                    p_ch = gr.Number(0, label=W.PUNCTA_CHANNEL_LABEL, precision=0, minimum=0,
+                                     info=W.PUNCTA_CHANNEL_INFO, elem_id="seg-puncta-ch")
+                    p_thr = gr.Number(0.1, label=W.PUNCTA_THRESHOLD_LABEL, minimum=0)
                 with gr.Row():
-                    p_smin = gr.Number(1.0, label="Min sigma (px)", minimum=0.1)
-                    p_smax = gr.Number(3.0, label="Max sigma (px)", minimum=0.1)
+                    p_smin = gr.Number(1.0, label=W.PUNCTA_SIGMA_MIN_LABEL, minimum=0.1)
+                    p_smax = gr.Number(3.0, label=W.PUNCTA_SIGMA_MAX_LABEL, minimum=0.1)
+                    p_dist = gr.Number(measure.DEFAULT_MAX_DISTANCE_UM, label=W.PUNCTA_DISTANCE_LABEL, minimum=0,
+                                       info=W.PUNCTA_DISTANCE_INFO, elem_id="seg-puncta-dist")
                 p_btn = gr.Button("Re-detect puncta only", size="sm")
             with gr.Accordion("Load existing masks instead (to inspect or correct them)", open=False):
                 masks_in = gr.File(label="_seg.npy, _cp_masks.tif/.png or _masks.tif of this image",
@@ -411,6 +414,12 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                     prov = gr.JSON(label="Model, sha256 and every parameter", elem_id="seg-prov")
 
     # ---------------- events
+    def on_named_puncta(s, current):
+        """A file that names its channels (ImageJ labels, OME names) and has a puncta-like one:
+        that channel becomes the puncta channel."""
+        found = pipeline.puncta_channel_from_names(s.channel_names if s is not None else None)
+        return gr.skip() if found is None or found == current else gr.update(value=found)
+
     @W.user_errors(outputs=7)
     def on_upload(path, s):
         if not path:
@@ -432,14 +441,37 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 gr.update(choices=common.axis_choices(nax), value="auto" if za is None else str(za)),
                 gr.update(value=new.pixel_size_um))
 
-    file_in.change(on_upload, [file_in, session], [session, view, info, zslider, ch_axis, z_axis, pixel],
-                   api_visibility="private", concurrency_limit=4, concurrency_id="load")
 
-    model.change(lambda name: gr.update(visible=models_cache.is_legacy_model(name)), [model], [cp3_row],
-                 api_visibility="private")
+    def on_channels(s, model_name, chs, pon, pch):
+        """The line under the segmentation channels: what each file channel is used for."""
+        try:
+            n = int(s.image.shape[-1]) if s is not None and s.image is not None else 0
+            if n == 0:
+                return ("Channels are numbered as in the file (0 = first); upload an image to see which one does "
+                        "what." + (" Cellpose 1-3 models: the first listed is the cytoplasm, the second the "
+                                   "nucleus." if models_cache.is_legacy_model(model_name) else ""))
+            return "→ " + pipeline.describe_channels(
+                n, common.parse_channels(chs), int(pch) if pon and pch is not None else None,
+                legacy=models_cache.is_legacy_model(model_name), names=s.channel_names)
+        except CellposeWebError as e:
+            return f"⚠ {e}"
+
+    file_in.change(on_upload, [file_in, session], [session, view, info, zslider, ch_axis, z_axis, pixel],
+                   api_visibility="private", concurrency_limit=4, concurrency_id="load"
+                   ).then(on_named_puncta, [session, p_ch], [p_ch], api_visibility="private", show_progress="hidden"
+                          ).then(on_channels, [session, model, channels, p_on, p_ch], [channel_map],
+                                 api_visibility="private", show_progress="hidden")
+
+    map_inputs = [session, model, channels, p_on, p_ch]
+    for comp in (model, channels, p_on, p_ch):
+        comp.change(on_channels, map_inputs, [channel_map], api_visibility="private", show_progress="hidden",
+                    queue=False)
+    # .input: only the user's own tick (a reopened result setting the box must not switch its model)
+    p_on.input(common.whole_cell_model_for_puncta, [p_on, model], [model], api_visibility="private",
+               show_progress="hidden")
     seg_inputs = [session, model, diameter, flow, cellprob, niter, min_size, ch_axis, z_axis, channels, norm_lo,
                   norm_hi, do3d, aniso, stitch, pixel, p_on, p_ch, p_smin, p_smax, p_thr, overlays, background,
-                  cyto_ch, nuc_ch]
+                  p_dist]
     seg_outputs = [session, view, count, table, hist, files, prov, zslider]
 
     def result_outputs(new: common.Session, ov, bg) -> tuple:
@@ -449,10 +481,9 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
 
     @W.user_errors(outputs=8)
     def on_run(s, model_name, d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st, px, pon, pch, psmin, psmax,
-               pthr, ov, bg, cyto=0, nuc=0, browser="", request: gr.Request = None, progress=gr.Progress()):
-        cp3 = [int(cyto or 0), int(nuc or 0)] if models_cache.is_legacy_model(model_name) else None
-        params = make_params(d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st, cp3_channels=cp3)
-        puncta = make_puncta(pon, pch, psmin, psmax, pthr)
+               pthr, ov, bg, pdist=None, browser="", request: gr.Request = None, progress=gr.Progress()):
+        params = make_params(d, fl, cp, ni, ms, ca, za, chs, lo, hi, d3, an, st)
+        puncta = make_puncta(pon, pch, psmin, psmax, pthr, pdist)
         tab = getattr(request, "session_hash", None) or ""
         new = run_under_control(s, model_name, params, px, puncta, run_key=tab or str(id(s)), browser_session=tab,
                                 owner=runs.owner_key(W.username(request), browser), progress=progress)
@@ -482,22 +513,35 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         browser = browser or uuid.uuid4().hex
         kept = runs.registry().kept(runs.owner_key(W.username(request), browser))
         if kept is None:
-            return (browser,) + tuple(gr.skip() for _ in range(len(seg_outputs) + 2))
+            return (browser,) + tuple(gr.skip() for _ in range(len(seg_outputs) + 8))
         gr.Info(f"Reopened your last result ({kept.name}).")
         return (browser,) + result_outputs(kept, [W.OVERLAY_MASKS, W.OVERLAY_OUTLINES, W.OVERLAY_PUNCTA],
-                                           W.BG_IMAGE) + (image_info(kept), stitch_offer(kept))
+                                           W.BG_IMAGE) + (image_info(kept), stitch_offer(kept)) + form_of(kept)
+
+    def form_of(kept: common.Session) -> tuple:
+        """The form as it was for a reopened result: model, pixel size, channels, diameter, puncta."""
+        p = kept.provenance or {}
+        prm = p.get("eval_params") or {}
+        chans = (p.get("channels") or {}).get("segment")
+        pp = p.get("puncta") or {}
+        name = (p.get("model") or {}).get("name")
+        return (gr.update(value=name) if name in models_cache.list_model_names() else gr.skip(),
+                gr.update(value=kept.pixel_size_um),
+                gr.update(value=",".join(map(str, chans)) if chans else ""),
+                gr.update(value="" if not prm.get("diameter") else f"{prm['diameter']:g}"),
+                gr.update(value=bool(pp)), gr.update(value=pp.get("channel", 0)))
 
     def on_unload(request: gr.Request):
         """The browser tab closed or reloaded: stop its runs (another user's run must not wait on them)."""
         runs.registry().cancel_session(getattr(request, "session_hash", None) or "")
 
     @W.user_errors(outputs=7)
-    def on_puncta(s, pon, pch, psmin, psmax, pthr, ov, bg, z):
+    def on_puncta(s, pon, pch, psmin, psmax, pthr, ov, bg, z, pdist=None):
         if s is None or s.masks is None:
             raise CellposeWebError("Run the segmentation first; puncta are counted per cell.")
         if s.is_stack:
             raise CellposeWebError("Puncta detection works on 2D images; pick a 2D image or one plane.")
-        puncta = make_puncta(True, pch, psmin, psmax, pthr)
+        puncta = make_puncta(True, pch, psmin, psmax, pthr, pdist)
         new = common.Session(**{**vars(s)})
         new.table, new.puncta = measure.measure_cells(new.masks, new.image, new.pixel_size_um, channel_axis=-1,
                                                       puncta=puncta)
@@ -520,7 +564,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
     masks_in.upload(on_masks, [masks_in, session, overlays, background], seg_outputs, api_visibility="private"
                     ).then(stitch_offer, [session], [stitch_btn], api_visibility="private", show_progress="hidden")
 
-    p_btn.click(on_puncta, [session, p_on, p_ch, p_smin, p_smax, p_thr, overlays, background, zslider],
+    p_btn.click(on_puncta, [session, p_on, p_ch, p_smin, p_smax, p_thr, overlays, background, zslider, p_dist],
                 [session, view, count, table, files, prov, overlays], api_visibility="private")
 
     def on_view(s, ov, bg, z):
@@ -551,10 +595,14 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                     segment_channels="", puncta_channel=None):
         """Segment one image file; returns (masks .tif, per-cell CSV, number of cells, provenance).
 
-        segment_channels: file channels the model sees, e.g. "1,2" (blank = all); puncta_channel: count
-        puncta on this file channel (None = no puncta). Channels are numbered as in the file (0 = first).
+        segment_channels: file channels that show the cells, e.g. "1,2" (blank = all but the puncta
+        channel; Cellpose 1-3 models: the first is the cytoplasm, the second the nucleus); puncta_channel:
+        count puncta on this file channel (None = no puncta); model "" with puncta: the best whole-cell
+        model. Channels are numbered as in the file (0 = first).
         """
         s, _, _ = load_image(image, None)
+        if not model and puncta_channel is not None:  # puncta per whole cell: a whole-cell model
+            model = pipeline.model_for_puncta(None)[0]
         model = model or common.model_choices()[1]
         params = SegmentParams(diameter=diameter_px, cellprob_threshold=cellprob_threshold or 0.0,
                                flow_threshold=0.4 if flow_threshold is None else flow_threshold,
@@ -571,5 +619,6 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
 
     ctx["model_dropdowns"].append(model)
     return {"model": model, "view": view, "count": count, "files": files, "file_in": file_in,
-            "restore": (on_restore, [browser_id], [browser_id, *seg_outputs, info, stitch_btn]),
+            "restore": (on_restore, [browser_id], [browser_id, *seg_outputs, info, stitch_btn, model, pixel,
+                                                    channels, diameter, p_on, p_ch]),
             "unload": on_unload, "browser_id": browser_id}

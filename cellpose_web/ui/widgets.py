@@ -25,6 +25,23 @@ BG_IMAGE = "Image"
 BG_FLOWS = "Flow field (RGB)"
 BG_CELLPROB = "Cell probability"
 
+# one wording for the channel and puncta controls of every tab (Segment, Batch); channels are
+# always numbered as in the file, 0 = first (Fiji's C=1)
+SEG_CHANNELS_LABEL = "Segmentation channels (the cells)"
+SEG_CHANNELS_PLACEHOLDER = "e.g. 1,2 — blank = all but the puncta channel"
+SEG_CHANNELS_INFO = ("file channels that show the cells, 0 = first as in the file; Cellpose 1-3 models "
+                     "(cp_cyto, cyto3): first = cytoplasm, second = nucleus. Every channel is measured.")
+PUNCTA_ON_LABEL = "Count puncta per cell"
+PUNCTA_ON_INFO = "spots (Laplacian of Gaussian) on one channel; a whole-cell model is chosen for it"
+PUNCTA_CHANNEL_LABEL = "Puncta channel (0 = first, as in the file)"
+PUNCTA_CHANNEL_INFO = "kept out of segmentation unless you list it there"
+PUNCTA_THRESHOLD_LABEL = "Threshold (normalised, lower = more spots)"
+PUNCTA_SIGMA_MIN_LABEL = "Min sigma (px)"
+PUNCTA_SIGMA_MAX_LABEL = "Max sigma (px)"
+PUNCTA_DISTANCE_LABEL = "Nearest cell within (µm)"
+PUNCTA_DISTANCE_INFO = ("a spot just outside every mask counts for the nearest cell this close "
+                        "(masks end a little inside the cell's edge); 0 = only spots on a mask")
+
 
 # ------------------------------------------------------------------ errors
 def _message(e: BaseException, fn: Callable) -> tuple[str, str]:

@@ -1,5 +1,5 @@
 """A lab's Cellpose 3 model in a real browser: upload it in the Models tab, segment a two-channel
-whole-cell image with the cytoplasm/nucleus pickers, run it in Batch and fine-tune from it."""
+whole-cell image with its cytoplasm and nucleus channels, run it in Batch and fine-tune from it."""
 import io
 import zipfile
 
@@ -40,15 +40,16 @@ def test_cellpose3_model_uploaded_segments_batches_and_fine_tunes(page, referenc
     expect(page.locator("#models-msg")).to_contain_text("Cellpose 1-3 U-Net", timeout=60_000)
     expect(page.locator("#models-table")).to_contain_text("whole cells")
 
-    # Segment tab: the channel pickers appear for it and mean what Cellpose 3 means
+    # Segment tab: the segmentation channels in file numbering, mapped to the model's cytoplasm and
+    # nucleus inputs (what Cellpose 3's channels=[2, 1] means: green = file channel 1, red = 0)
     page.get_by_role("tab", name="Segment").click()
-    expect(page.locator("#seg-cp3-row")).to_be_hidden()
     choose(page, "seg-model", "lab_cp3")
-    expect(page.locator("#seg-cp3-row")).to_be_visible()
-    choose(page, "seg-cp3-cyto", "2: green")
-    choose(page, "seg-cp3-nuc", "1: red")
     page.set_input_files("#seg-file input[type=file]", str(img_path))
     page.wait_for_selector("#seg-info :text('whole_cells.tif')")
+    box = page.locator("#seg-channels textarea, #seg-channels input").first
+    box.fill("1,0")
+    box.press("Tab")
+    expect(page.locator("#seg-channel-map")).to_contain_text("cytoplasm = channel 1, nucleus = channel 0")
     page.locator("#seg-diameter input, #seg-diameter textarea").first.fill("40")
     page.click("#seg-run")
     page.wait_for_function("() => { const s = document.querySelector('#seg-count strong');"
