@@ -234,6 +234,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                     help="spot size range in px (Laplacian of Gaussian sigma)")
     pu.add_argument("--puncta_threshold", type=float, default=0.1,
                     help="spot threshold on the normalised channel (lower finds more, fainter spots)")
+    pu.add_argument("--puncta_max_distance_um", type=float, default=None, metavar="UM",
+                    help="a spot just outside every mask counts for the nearest cell within UM µm (default "
+                         "0.4; 0 = only spots on a mask)")
 
     tr = p.add_argument_group("training")
     tr.add_argument("--train", action="store_true", help="fine-tune the model on --dir (images + _masks files)")
@@ -432,13 +435,15 @@ def save_options(args) -> "pipeline.SaveOptions":
 
 def image_settings(args) -> "pipeline.ImageSettings":
     """How each image is read, segmented and measured, from the flags (file channel numbering)."""
-    from cellpose_web import pipeline
+    from cellpose_web import measure, pipeline
     from cellpose_web.service.config import Limits
 
     puncta = None
     if args.puncta_channel is not None:
         puncta = pipeline.PunctaParams(channel=args.puncta_channel, sigma_min=args.puncta_sigma[0],
-                                       sigma_max=args.puncta_sigma[1], threshold=args.puncta_threshold)
+                                       sigma_max=args.puncta_sigma[1], threshold=args.puncta_threshold,
+                                       max_distance_um=measure.DEFAULT_MAX_DISTANCE_UM
+                                       if args.puncta_max_distance_um is None else args.puncta_max_distance_um)
     return pipeline.ImageSettings(
         eval_kwargs=eval_kwargs_from_args(args), channel_axis=args.channel_axis, z_axis=args.z_axis,
         segment_channels=args.segment_channels, exclude_on_edges=args.exclude_on_edges,
