@@ -442,7 +442,13 @@ class MaskEditor:
         return self._apply(z, (y0, y1, x0, x1), free, self._new_label())
 
     def brush(self, points: Sequence[Sequence[float]], radius: float, z: int = 0, label: int | None = None) -> Change:
-        """Brush stroke: extends cell `label` over background, or starts a new cell (label None or 0)."""
+        """Brush stroke: extends cell `label` (the selected cell) over background where the stroke
+        touches it, or starts a new cell (label None or 0, or a stroke that does not touch cell
+        `label`: as in Cellpose, a stroke of its own is a cell of its own, never a detached piece).
+
+        Touching: a painted background pixel next to (8-neighbours) a pixel of the cell on this plane,
+        or on the cell's pixels on the plane above or below (a 3D cell continued). Only the painted
+        pieces connected to the cell are added; a new cell keeps the largest piece."""
         pts = _points(points, "brush stroke")
         if len(pts) == 0:
             raise CellposeWebError("Nothing was painted: drag on the image with the brush.")
@@ -453,10 +459,30 @@ class MaskEditor:
         extend = label is not None and int(label) > 0
         if extend and not (0 < int(label) < len(self._area) and self._area[int(label)] > 0):
             raise CellposeWebError(f"Cell {label} no longer exists; select a cell again or paint without one.")
-        free = _free_part(region, old, keep_largest=not extend)
+        if extend:
+            free = self._touching(_free_part(region, old, keep_largest=False), z, box, int(label))
+            extend = bool(free.any())  # a stroke away from the selected cell starts a new one
+        if not extend:
+            free = _free_part(region, old, keep_largest=True)
         if not free.any():
             raise CellposeWebError(_NO_FREE)
         return self._apply(z, box, free, int(label) if extend else self._new_label())
+
+    def _touching(self, free: np.ndarray, z: int, box: Box, label: int) -> np.ndarray:
+        """The connected pieces (8-connectivity) of `free` (bool, the crop `box` of plane z) that touch
+        cell `label`: 8-adjacent to it on plane z, or over it on plane z - 1 or z + 1."""
+        y0, y1, x0, x1 = box
+        Y, X = self._m.shape[1:]
+        py0, py1, px0, px1 = max(y0 - 1, 0), min(y1 + 1, Y), max(x0 - 1, 0), min(x1 + 1, X)
+        cell = self._m[z, py0:py1, px0:px1] == label
+        near = ndi.binary_dilation(cell, structure=np.ones((3, 3), bool))[y0 - py0:y1 - py0, x0 - px0:x1 - px0]
+        for zz in (z - 1, z + 1):
+            if 0 <= zz < self._m.shape[0]:
+                near = near | (self._m[zz, y0:y1, x0:x1] == label)
+        pieces, n = ndi.label(free, structure=np.ones((3, 3), bool))
+        keep = np.unique(pieces[near & free])
+        keep = keep[keep > 0]
+        return np.isin(pieces, keep) if n and keep.size else np.zeros_like(free)
 
     def erase(self, points: Sequence[Sequence[float]], radius: float, z: int = 0) -> Change:
         """Eraser stroke: sets cell pixels along the path (disks of `radius`) to background."""

@@ -88,7 +88,7 @@ def test_editor_outline_brush_erase_undo_redo():
     assert (ch.y0, ch.y1, ch.x0, ch.x1) == (9, 20, 0, 14)
     assert (ed.masks[10:19, 0:13] == 4).all() and (ed.masks[2:8, 2:8] == 1).all()
     before = ed.masks.copy()
-    ch = ed.brush([(24, 2), (24, 14)], 1.5, label=4)          # extends the selected cell, path only
+    ch = ed.brush([(17, 2), (24, 2), (24, 14)], 1.5, label=4)  # from the selected cell out: extends it, path only
     assert ch.label == 4 and (ed.masks[24, 2:15] == 4).all() and ed.masks[27, 8] == 0
     ch = ed.brush([(28, 0), (28, 10)], 1, label=None)          # starts a new cell
     assert ch.label == 5 and ed.n_cells == 5
@@ -106,6 +106,29 @@ def test_editor_outline_brush_erase_undo_redo():
     assert np.array_equal(ed.masks, m) and ed.n_edits == 0 and ed.n_cells == 3
     with pytest.raises(CellposeWebError):
         ed.undo()
+
+
+def test_brush_away_from_the_new_outline_starts_a_new_cell():
+    """Issue 21 item 7: after an Outline the new cell is selected; a Brush stroke elsewhere (the
+    browser sends that cell's label) must be a cell of its own, not a detached piece of it."""
+    ed = edit.MaskEditor(_masks())
+    new = ed.outline([(10, 0), (10, 8), (16, 8), (16, 0)]).label
+    area = int((ed.masks == new).sum())
+    ch = ed.brush([(12, 20), (12, 26)], 1.5, label=new)       # far from cell `new`
+    assert ch.label not in (0, new) and ed.n_cells == 5
+    assert int((ed.masks == new).sum()) == area and ed.masks[12, 23] == ch.label
+    from scipy import ndimage as ndi
+    assert all(ndi.label(ed.masks == lab, structure=np.ones((3, 3)))[1] == 1 for lab in (new, ch.label))
+    # a stroke from the selected cell out over background extends it; painted pieces cut off from
+    # it by another cell are not added
+    ch = ed.brush([(13, 7), (13, 14)], 1, label=new)
+    assert ch.label == new and ed.masks[13, 12] == new and ed.n_cells == 5
+    assert ndi.label(ed.masks == new, structure=np.ones((3, 3)))[1] == 1
+    ed.brush([(5, 8), (5, 18)], 1, label=1)                    # crosses cell 2: beyond it is not cell 1's
+    assert ed.masks[5, 8] == 1 and ed.masks[5, 17] == 0
+    # undo takes the strokes back one by one, the first stroke's new cell last
+    ed.undo(), ed.undo(), ed.undo()
+    assert ed.n_cells == 4 and int((ed.masks == new).sum()) == area
 
 
 def test_editor_delete_merge_and_stack_labels():

@@ -299,7 +299,8 @@ def test_training_set_add_import_load(tmp_path):
     n, problems = training.import_pairs([z], "lab set")
     assert n == 1 and problems and problems[0][0] == "c.tif"
     sets = training.list_sets()
-    assert sets == [{"name": "lab_set", "n_images": 2, "n_cells": 4, "updated": sets[0]["updated"]}]
+    assert sets == [{"name": "lab_set", "n_images": 2, "n_cells": 4, "updated": sets[0]["updated"],
+                     "channels": None, "channels_differ": False}]
     imgs, labs, names = training.load_set("lab set")
     assert names == ["b", "img_1"] and (labs[0] == m).all()
     with pytest.raises(CellposeWebError):

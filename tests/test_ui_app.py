@@ -96,6 +96,39 @@ def test_correct_tab_edit_and_save(fake_model):
     assert "Added" in msg and training.list_sets()[0]["n_images"] == 1
 
 
+def test_correct_save_refreshes_the_segment_tab(fake_model):
+    """Issue 21 item 7: after Save in the Correct tab the Segment tab's view, count, table, histogram,
+    downloads and provenance show the saved masks (an event chained on the save, on success)."""
+    from cellpose_web.ui import correct_tab as C, segment_tab, widgets as W
+    from cellpose_web.ui.app import build_app
+    demo = build_app()
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    save = next(f for f in demo.fns.values() if (by_id["cor-save"]._id, "click") in f.targets)
+    after = [f for f in demo.fns.values() if f.trigger_after == save._id and f.trigger_only_on_success]
+    assert len(after) == 1
+    refresh = after[0]
+    assert [o.elem_id for o in refresh.outputs] == list(C.SEGMENT_REFRESH_OUTPUTS)
+    assert refresh.inputs[0] is demo._cpw_ctx["session"]
+    assert [i.elem_id for i in refresh.inputs[1:]] == list(C.SEGMENT_REFRESH_INPUTS)
+    # what it shows: the saved masks (one cell more), not the segmentation's
+    s, _, _ = segment_tab.load_image(str(EXAMPLE), None)
+    s = segment_tab.run_segmentation(s, "thresh", segment_tab.make_params(None, 0.4, 0, 0, 15, "auto", "auto", "",
+                                                                          1, 99, False, None, 0), None, None)
+    n0 = len(s.table)
+    st = C.enter(s, None)
+    bg = np.argwhere(ndi.binary_erosion(st.editor.masks == 0, iterations=12))
+    cy, cx = (int(v) for v in bg[len(bg) // 2])
+    st, _ = C.apply_op(s, st, {"op": "outline", "z": 0, "points": [[cy - 8, cx - 8], [cy - 8, cx + 8],
+                                                                    [cy + 8, cx + 8], [cy + 8, cx - 8]]})
+    saved = C.save(s, st)
+    view, count, table, hist, files, prov, _ = refresh.fn(saved, [W.OVERLAY_MASKS], W.BG_IMAGE, 0)
+    assert f"{n0 + 1} cells" in count and len(table) == n0 + 1 and prov["edited"]["manual_edits"] == 1
+    m = tifffile.imread(next(f for f in files if f.endswith("_cp_masks.tif")))
+    assert m.max() == n0 + 1 and m[cy, cx] > 0
+    assert np.array_equal(view, segment_tab.render(saved, [W.OVERLAY_MASKS], W.BG_IMAGE, 0))
+    assert not np.array_equal(view, segment_tab.render(s, [W.OVERLAY_MASKS], W.BG_IMAGE, 0))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,6 +3,12 @@
 Layout: ``<data>/training_sets/<set>/NAME.tif``, ``NAME_masks.tif``, ``set.json``.
 Fine-tuning always starts from a base model (as Cellpose advises), reports AP before and after
 on held-out images, and registers the new model in the registry with its recipe.
+
+Channels: a pair's image is stored whole (every file channel, channels last) with the channels it
+was segmented with (``channels`` in set.json, file numbering: 0 = first; None = all), and the set
+remembers the latest pair's. :func:`load_set` gives each image on its own channels, or on channels
+chosen for the whole set; :func:`run_finetune` trains and scores on the same. Sets made before
+channels were recorded stored the segmentation channels only: their images are used whole.
 """
 from __future__ import annotations
 
@@ -31,21 +37,104 @@ def sets_root(user: str | None = None) -> Path:
 
 
 def list_sets(user: str | None = None) -> list[dict[str, Any]]:
-    """[{name, n_images, n_cells, updated}] for every training set."""
+    """[{name, n_images, n_cells, updated, channels, channels_differ}] for every training set.
+
+    channels : the set's channels (its latest pair's segmentation channels, file numbering; None =
+        every stored channel); channels_differ : True when its pairs were segmented on different ones.
+    """
     out = []
     for d in sorted(sets_root(user).iterdir()):
         if d.is_dir():
             meta = read_json(d / "set.json", {}) or {}
             pairs = meta.get("pairs", [])
             out.append({"name": d.name, "n_images": len(pairs),
-                        "n_cells": int(sum(p.get("n_cells", 0) for p in pairs)), "updated": meta.get("updated")})
+                        "n_cells": int(sum(p.get("n_cells", 0) for p in pairs)), "updated": meta.get("updated"),
+                        "channels": meta.get("channels"),
+                        "channels_differ": len({_chan_key(p.get("channels")) for p in pairs}) > 1})
     return out
 
 
+def _chan_key(channels: Any) -> tuple[int, ...] | None:
+    return None if channels is None else tuple(int(c) for c in channels)
+
+
+def parse_channels(channels: Any) -> list[int] | None:
+    """Channels to train on as a list of file channel numbers (0 = first), in the order given; None
+    for None, "" or [] (as each image was segmented). Accepts "1,2" or [1, 2]."""
+    if channels is None:
+        return None
+    if isinstance(channels, str):
+        parts = [t for t in channels.replace(" ", "").split(",") if t != ""]
+    else:
+        parts = list(np.atleast_1d(np.asarray(channels, dtype=object)).ravel())
+    try:
+        vals = [int(v) for v in parts]
+        ok = all(float(v) == int(v) for v in parts)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or any(v < 0 for v in vals):
+        raise CellposeWebError(f"Channels to train on: write file channel numbers separated by commas, e.g. 1,2 "
+                               f"(0 = first channel; blank = as each image was segmented); got {channels!r}.")
+    if len(set(vals)) != len(vals):
+        raise CellposeWebError(f"Channels to train on: each channel once, please; got {channels!r}.")
+    return vals or None
+
+
+def _n_channels(img: np.ndarray) -> int:
+    return 1 if img.ndim == 2 else int(img.shape[-1])
+
+
+def _check_channels_exist(channels: list[int] | None, img: np.ndarray, where: str) -> None:
+    if channels is None:
+        return
+    n = _n_channels(img)
+    bad = [c for c in channels if c >= n]
+    if bad:
+        raise CellposeWebError(f"{where} has {n} channel(s) (0-{n - 1}, numbered as in the file, 0 = first); "
+                               f"channel {bad[0]} does not exist. Choose other channels to train on.")
+
+
+def select_channels(img: np.ndarray, channels: list[int] | None, where: str = "The image") -> np.ndarray:
+    """A stored (Y, X) or (Y, X, C) image on `channels` (file numbering, in that order; None = all):
+    (Y, X) for one channel, (Y, X, k) for k > 1."""
+    img = np.asarray(img)
+    _check_channels_exist(channels, img, where)
+    if channels is None or img.ndim == 2:
+        return img
+    out = img[..., list(channels)]
+    return out[..., 0] if out.shape[-1] == 1 else out
+
+
+def segmentation_channels(provenance: dict[str, Any] | None) -> list[int] | None:
+    """The file channels (0 = first) a result was segmented with, from its provenance: the
+    segmentation channels, or for a Cellpose 1-3 model run with its cytoplasm/nucleus pickers
+    ([cyto, nucleus], 1-based) those two as file channels [cyto - 1, nucleus - 1] (the network sees
+    the same two inputs). None: all channels (also for 'grey', the mean of every channel)."""
+    p = provenance or {}
+    seg = (p.get("channels") or {}).get("segment")
+    if seg:
+        return [int(c) for c in seg]
+    cp3 = (p.get("eval_params") or {}).get("channels")
+    if cp3 is not None:
+        try:
+            cyto, nuc = ([int(c) for c in np.atleast_1d(cp3).ravel()] + [0, 0])[:2]
+        except (TypeError, ValueError):
+            return None
+        if cyto > 0:
+            return [cyto - 1] + ([nuc - 1] if nuc > 0 and nuc != cyto else [])
+    return None
+
+
 def add_pair(set_name: str, image: np.ndarray, masks: np.ndarray, name: str, user: str | None = None,
-             meta: dict[str, Any] | None = None) -> Path:
-    """Store one image + corrected masks in a training set (replacing a pair of the same name)."""
+             meta: dict[str, Any] | None = None, channels: list[int] | None = None) -> Path:
+    """Store one image + corrected masks in a training set (replacing a pair of the same name).
+
+    image : the whole image, (Y, X), (Y, X, C) or (C, Y, X): every channel is stored.
+    channels : the file channels (0 = first) it was segmented with, which fine-tuning uses (None =
+        all); also becomes the set's channels.
+    """
     import tifffile
+    channels = parse_channels(channels)
     masks = np.asarray(masks)
     if masks.ndim != 2:
         raise CellposeWebError("Only 2D masks can be added to a training set; pick a z-plane.")
@@ -63,14 +152,16 @@ def add_pair(set_name: str, image: np.ndarray, masks: np.ndarray, name: str, use
     if img.shape[:2] != masks.shape or img.ndim > 3:
         raise CellposeWebError(f"Image {img.shape} and masks {masks.shape} do not match; a training pair needs "
                                "a 2D image (optionally with channels) and masks of the same Y, X size.")
+    _check_channels_exist(channels, img, f"Image {stem!r}")
     atomic_save(d / f"{stem}.tif", lambda p: tifffile.imwrite(p, img, compression="zlib"))
     m = masks.astype(np.uint16 if masks.max() < 65535 else np.uint32)
     atomic_save(d / f"{stem}_masks.tif", lambda p: tifffile.imwrite(p, m, compression="zlib"))
     setj = read_json(d / "set.json", {}) or {}
     pairs = [p for p in setj.get("pairs", []) if p.get("name") != stem]
     pairs.append({"name": stem, "n_cells": int(len(np.unique(m[m > 0]))), "shape": list(img.shape),
-                  "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **(meta or {})})
-    setj.update({"name": d.name, "pairs": pairs,
+                  "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **(meta or {}),
+                  "channels": channels})
+    setj.update({"name": d.name, "pairs": pairs, "channels": channels,
                  "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     atomic_write_json(d / "set.json", setj)
     return d
@@ -134,18 +225,41 @@ def import_pairs(files: list[str | Path], set_name: str, user: str | None = None
         shutil.rmtree(work, ignore_errors=True)
 
 
-def load_set(set_name: str, user: str | None = None) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    import tifffile
+def _set_dir(set_name: str, user: str | None) -> Path:
     d = safe_join(sets_root(user), safe_name(set_name, "training set name"))
     if not d.is_dir():
         raise CellposeWebError(f"Training set {set_name!r} does not exist; add corrected images in the "
                                "Correct tab or upload pairs here.")
+    return d
+
+
+def pair_channels(set_name: str, user: str | None = None) -> dict[str, list[int] | None]:
+    """{pair name: the file channels it was segmented with (None = all / not recorded)}."""
+    setj = read_json(_set_dir(set_name, user) / "set.json", {}) or {}
+    return {p.get("name"): (None if p.get("channels") is None else [int(c) for c in p["channels"]])
+            for p in setj.get("pairs", [])}
+
+
+def load_set(set_name: str, user: str | None = None, channels: Any = None
+             ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """(images, labels, names) of a training set, each image on the channels to train on.
+
+    channels : None (or blank) = each pair's own segmentation channels (every stored channel when none
+        were recorded); a list (or "1,2") = those file channels for every pair, in that order.
+        A channel an image does not have raises CellposeWebError naming the pair.
+    """
+    import tifffile
+    d = _set_dir(set_name, user)
+    chosen = parse_channels(channels)
+    recorded = pair_channels(set_name, user)
     imgs, labs, names = [], [], []
     for mp in sorted(d.glob("*_masks.tif")):
         stem = mp.name[: -len("_masks.tif")]
         ip = d / f"{stem}.tif"
         if ip.is_file():
-            imgs.append(tifffile.imread(ip))
+            chans = chosen if chosen is not None else recorded.get(stem)
+            where = f"Training set {d.name!r}: image {stem!r}"
+            imgs.append(select_channels(tifffile.imread(ip), chans, where))
             labs.append(tifffile.imread(mp))
             names.append(stem)
     if not imgs:
@@ -173,6 +287,16 @@ def _ap_on(model: Any, images: list[np.ndarray], labels: list[np.ndarray], chann
     ap, _, _, _ = average_precision([np.asarray(x) for x in labels], preds, threshold=[0.5, 0.75, 0.9])
     ap = np.asarray(ap)
     return float(np.mean(ap[:, 0])) if ap.ndim == 2 else float(np.mean(ap))
+
+
+def _channels_used(chosen: list[int] | None, recorded: dict[str, list[int] | None], names: list[str]) -> Any:
+    """For a model's metadata: the channel list every image was used on (None = all stored channels),
+    or {image: channels} when they differ."""
+    if chosen is not None:
+        return chosen
+    per = {n: recorded.get(n) for n in names}
+    distinct = {_chan_key(c) for c in per.values()}
+    return next(iter(per.values())) if len(distinct) == 1 else per
 
 
 def split_holdout(n: int, fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -218,13 +342,16 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
                  on_epoch: Callable[[int, float, float | None, float], None] | None = None,
                  cancelled: Callable[[], bool] | None = None, on_status: Callable[[str], None] | None = None,
                  limits: Limits | None = None, min_train_masks: int = 1, make_default: bool = True,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, channels: Any = None) -> dict[str, Any]:
     """Fine-tune `base_model` on a training set; register and return {name, path, ap_before, ap_after, ...}.
 
     n_epochs, learning_rate, weight_decay : None takes the base model's entry of
         ``finetune_defaults`` (as do batch size, crop size and steps per epoch, always).
     make_default : when the new model scores a higher AP@0.5 than its base on the held-out images,
         make it the pre-selected model in every model list (``result['is_default']``).
+    channels : file channels (0 = first) to train on for every image, e.g. [1, 2]; None = each image
+        on the channels it was segmented with (:func:`load_set`). Training and the held-out AP before
+        and after use the same images; the new model's metadata records them.
     """
     limits = limits or Limits.from_env()
     from cellpose_web.train import finetune_defaults as recipe_for
@@ -247,7 +374,9 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
         raise CellposeWebError("Weight decay must be between 0 and 10 (Cellpose uses 0.1).")
     new_name = safe_name(new_name, "model name")
     say = on_status or (lambda s: None)
-    imgs, labs, names = load_set(set_name, user)
+    chosen = parse_channels(channels)
+    imgs, labs, names = load_set(set_name, user, chosen)
+    used = _channels_used(chosen, pair_channels(set_name, user), names)
     tr, ho = split_holdout(len(imgs), holdout_fraction)
     info = models_cache.resolve(base_model)
     from cellpose_web.models import CellposeModel
@@ -280,6 +409,7 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
     ap_after = _ap_on(model, [imgs[i] for i in ho], [labs[i] for i in ho], ca)
     meta = {"base_model": info["name"], "base_sha256": info["sha256"], "training_set": set_name,
             "train_images": [names[i] for i in tr], "test_images": [names[i] for i in ho],
+            "channels": used, "channels_source": "chosen" if chosen is not None else "as segmented",
             "n_epochs": n_epochs, "learning_rate": learning_rate, "weight_decay": weight_decay,
             "batch_size": recipe.batch_size, "bsize": recipe.bsize,
             "train_seconds": round(train_s, 1), "ap_before": ap_before, "ap_after": ap_after,

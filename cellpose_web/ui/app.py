@@ -65,6 +65,12 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
                 models_tab.build(ctx)
         correct_tab_el.select(cor["on_enter"], [session, cor["state"]], cor["enter_outputs"],
                               api_visibility="private")
+        # a save in the Correct tab: the Segment tab shows, counts and serves the saved masks at once
+        by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+        cor["saved"].success(correct_tab.segment_refresh,
+                             [session] + [by_id[k] for k in correct_tab.SEGMENT_REFRESH_INPUTS],
+                             [by_id[k] for k in correct_tab.SEGMENT_REFRESH_OUTPUTS], api_visibility="private",
+                             show_progress="hidden")
 
         def refresh_models():
             names, default = common.model_choices()

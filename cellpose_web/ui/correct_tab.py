@@ -25,7 +25,8 @@ from cellpose_web.ui import common, correct_canvas, segment_tab, widgets as W
 
 HELP = """**Draw** on the image: pick a tool above it.
 - **Outline**: press, draw around the cell, release: a new cell (background pixels only, so cells never overlap).
-- **Brush**: paint with the radius; extends the selected cell, or starts a new one. **Eraser**: clears cell pixels.
+- **Brush**: paint with the radius; a stroke touching the selected cell extends it, any other stroke starts
+  a new cell. **Eraser**: clears cell pixels.
 - **Click to add**: one click on a missed cell grows it from the network's flows (needs a segmentation from this app).
 - **Select**: click a cell; **Shift+click** a second one to merge. **Ctrl+click** deletes a cell (any tool).
 - **Zoom** with the wheel or the buttons; **pan** by dragging with the right mouse button (or any drag with *Select*).
@@ -220,28 +221,50 @@ def save(s: common.Session, st: CorrectState) -> common.Session:
     return new
 
 
+def segment_refresh(s: common.Session, overlays: list[str] | None, background: str | None, z: Any) -> tuple:
+    """The Segment tab's result outputs for the session after a save here: (view, count, table,
+    histogram, downloads, provenance, stitch offer), so that tab shows and serves the saved masks."""
+    if s is None or s.masks is None:
+        return tuple(gr.skip() for _ in range(7))
+    try:
+        z = int(z or 0)
+    except (TypeError, ValueError):
+        z = 0
+    return (segment_tab.render(s, list(overlays or []), background or W.BG_IMAGE, z), segment_tab.summary_md(s),
+            W.table_for_display(s.table), segment_tab.histogram_update(s), s.files, s.provenance,
+            segment_tab.stitch_offer(s))
+
+
+# Segment-tab components segment_refresh fills, by elem_id (see ui.app)
+SEGMENT_REFRESH_INPUTS = ("seg-overlays", "seg-background", "seg-z")
+SEGMENT_REFRESH_OUTPUTS = ("seg-view", "seg-count", "seg-table", "seg-hist", "seg-files", "seg-prov", "seg-stitch")
+
+
 def add_to_training_set(s: common.Session, st: CorrectState, set_name: str, user: str | None = None) -> str:
-    """Store the image + corrected masks in a training set (a z-stack: every plane with cells)."""
+    """Store the image (every channel) + corrected masks in a training set (a z-stack: every plane
+    with cells), with the channels it was segmented with: fine-tuning trains on those."""
     if s is None or s.image is None or st is None or st.editor is None:
         raise CellposeWebError("Nothing to add: segment or draw cells first.")
     masks = edit.relabel(st.editor.masks)
     meta = {"edits": st.editor.n_edits, "model": (s.provenance.get("model") or {}).get("name")}
-    chans = (s.provenance.get("channels") or {}).get("segment")  # train on what the model saw
-    image = s.image[..., chans] if chans else s.image
+    chans = training.segmentation_channels(s.provenance)  # train on what the model saw
     if s.is_stack:
         planes = [z for z in range(masks.shape[0]) if masks[z].any()]
         if not planes:
             raise CellposeWebError("These masks are empty; draw cells before adding them to a training set.")
         for z in planes:
-            d = training.add_pair(set_name or "lab", image[z], edit.relabel(masks[z]), f"{s.stem}_z{z:03d}", user,
-                                  {**meta, "plane": z})
+            d = training.add_pair(set_name or "lab", s.image[z], edit.relabel(masks[z]), f"{s.stem}_z{z:03d}", user,
+                                  {**meta, "plane": z}, channels=chans)
         what = f"{len(planes)} planes of **{s.stem}**"
     else:
-        d = training.add_pair(set_name or "lab", image, masks, s.stem, user, meta)
+        d = training.add_pair(set_name or "lab", s.image, masks, s.stem, user, meta, channels=chans)
         what = f"**{s.stem}** ({int(masks.max())} cells)"
     info = {x["name"]: x for x in training.list_sets(user)}.get(d.name, {})
+    on = ("every channel" if chans is None else
+          f"channel{'s' if len(chans) > 1 else ''} {', '.join(map(str, chans))}")
     return (f"Added {what} to training set **{d.name}** — now {info.get('n_images', '?')} image(s), "
-            f"{info.get('n_cells', '?')} cells. Use it in the Fine-tune tab.")
+            f"{info.get('n_cells', '?')} cells; fine-tuning uses {on} (as segmented, 0 = first). "
+            "Use it in the Fine-tune tab.")
 
 
 # ------------------------------------------------------------------ UI
@@ -326,7 +349,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         gr.Info(f"Saved {len(new.table)} cells; downloads updated (Segment tab too).")
         return new, new.files
 
-    save_btn.click(on_save, [session, state, browser_id], [session, files], api_visibility="private")
+    saved = save_btn.click(on_save, [session, state, browser_id], [session, files], api_visibility="private")
 
     def on_restore(browser, request: gr.Request):
         """Page (re)load: the edits made on this browser's kept result, if any, come back with it."""
@@ -343,4 +366,4 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
 
     added = add_btn.click(on_add, [session, state, set_name], [set_msg], api_visibility="private")
     return {"state": state, "on_enter": on_enter, "enter_outputs": outs, "added_to_training_set": added,
-            "restore": (on_restore, [browser_id], [state])}
+            "saved": saved, "restore": (on_restore, [browser_id], [state])}

@@ -18,7 +18,9 @@ INTRO = ("Fine-tuning starts from a **base model** (as Cellpose advises) and tra
          "images. About 20 % of the images are held out to measure **AP (IoU 0.5) before and after**. "
          "Epochs, learning rate and weight decay are filled in for the base model you pick (each network "
          "family has its own); change them if you like. The new model appears in every model list when it "
-         "finishes, and becomes the pre-selected model when it beats its base on the held-out images.")
+         "finishes, and becomes the pre-selected model when it beats its base on the held-out images. "
+         "Each image is trained and scored on the **channels it was segmented with** (file numbering, "
+         "0 = first; shown when you pick a set); type channels to use others for every image.")
 
 
 def recipe_for(base: str | None) -> tuple[int, float, float, str]:
@@ -32,10 +34,50 @@ def recipe_for(base: str | None) -> tuple[int, float, float, str]:
     return int(r["n_epochs"]), float(r["learning_rate"]), float(r["weight_decay"]), note
 
 
+CHANNELS_LABEL = "Channels to train on (file numbering, 0 = first; blank = as each image was segmented)"
+SET_COLUMNS = ["name", "n_images", "n_cells", "channels", "updated"]
+
+
+def channels_text(channels: list[int] | None) -> str:
+    """[1, 2] -> "1,2"; None -> "" (the channels box's text)."""
+    return "" if channels is None else ",".join(str(int(c)) for c in channels)
+
+
+def set_channels_note(row: dict[str, Any] | None) -> str:
+    """What the sets table and the channels box say about a set's channels."""
+    if row is None:
+        return ""
+    ch = row.get("channels")
+    txt = "all" if ch is None else channels_text(ch)
+    return f"{txt} (latest; pairs differ)" if row.get("channels_differ") else txt
+
+
 def sets_table(user: str | None) -> pd.DataFrame:
-    rows = training.list_sets(user)
-    return pd.DataFrame(rows, columns=["name", "n_images", "n_cells", "updated"]) if rows else \
-        pd.DataFrame(columns=["name", "n_images", "n_cells", "updated"])
+    rows = [{**r, "channels": set_channels_note(r)} for r in training.list_sets(user)]
+    return pd.DataFrame(rows, columns=SET_COLUMNS) if rows else pd.DataFrame(columns=SET_COLUMNS)
+
+
+def channels_for_set(set_name: str | None, user: str | None) -> tuple[str, str]:
+    """(the channels box's text, its info line) for the training set picked: the set's channels when
+    all its pairs were segmented on the same ones, else blank (each image on its own)."""
+    row = {r["name"]: r for r in training.list_sets(user)}.get(str(set_name or ""))
+    if row is None:
+        return "", "blank = each image on the channels it was segmented with"
+    if row.get("channels_differ"):
+        return "", (f"the images of {row['name']} were segmented on different channels (latest: "
+                    f"{set_channels_note({**row, 'channels_differ': False})}); blank trains each on its own")
+    if row.get("channels") is None:
+        return "", f"{row['name']}: every stored channel (no segmentation channels recorded, or all were used)"
+    return channels_text(row["channels"]), f"{row['name']} was segmented on channel(s) {channels_text(row['channels'])}"
+
+
+def trained_on(result: dict[str, Any]) -> str:
+    """'on channels 1,2 (as segmented)' for a finished fine-tune's result."""
+    meta = result.get("metadata") or {}
+    ch, how = meta.get("channels"), meta.get("channels_source", "as segmented")
+    if isinstance(ch, dict):
+        return "each image on the channels it was segmented with"
+    return f"on {'every channel' if ch is None else 'channel(s) ' + channels_text(ch)} ({how})"
 
 
 def loss_frame(losses: list) -> pd.DataFrame:
@@ -49,7 +91,9 @@ def loss_frame(losses: list) -> pd.DataFrame:
 
 
 def start_finetune(set_name: str, base: str, new_name: str, epochs, lr, wd, user: str | None,
-                   limits: Limits | None = None) -> jobs.Job:
+                   limits: Limits | None = None, channels: Any = None) -> jobs.Job:
+    """Start a fine-tune job. channels: file channels to train on ("1,2" or [1, 2]); blank/None =
+    each image on the channels it was segmented with."""
     if not set_name:
         raise CellposeWebError("Choose a training set (add corrected images in the Correct tab, or upload pairs).")
     if not base:
@@ -58,10 +102,11 @@ def start_finetune(set_name: str, base: str, new_name: str, epochs, lr, wd, user
         raise CellposeWebError("Give the new model a name, e.g. 'nuclei_lab_v1'.")
     from cellpose_web.service import models_cache
     models_cache.check_offered(base)
-    training.load_set(set_name, user)  # fails early with a clear message if empty
+    chans = training.parse_channels(channels)
+    training.load_set(set_name, user, chans)  # fails early with a clear message if empty or a channel is missing
     jm = jobs.manager(user)
     job = jm.create("train", {"set": set_name, "base": base, "name": new_name, "epochs": epochs, "lr": lr,
-                              "wd": wd}, owner=user)
+                              "wd": wd, "channels": chans}, owner=user)
     job.update(losses=[])
 
     def work(j: jobs.Job):
@@ -75,7 +120,7 @@ def start_finetune(set_name: str, base: str, new_name: str, epochs, lr, wd, user
 
         return training.run_finetune(set_name, base, new_name, epochs, lr, wd, user=user,
                                      work_dir=j.dir / "work", on_epoch=on_epoch, cancelled=lambda: j.cancelled,
-                                     on_status=lambda m: j.update(message=m), limits=limits)
+                                     on_status=lambda m: j.update(message=m), limits=limits, channels=chans)
 
     jm.start(job, work)
     return job
@@ -93,6 +138,9 @@ def build(ctx: dict[str, Any]) -> None:
                 set_name = gr.Dropdown([s["name"] for s in training.list_sets(None)], label="Training set",
                                        allow_custom_value=True, elem_id="ft-set")
                 refresh = gr.Button("Refresh", size="sm")
+            chans_box = gr.Textbox("", label=CHANNELS_LABEL, placeholder="e.g. 1,2 (blank = as segmented)",
+                                   info="blank = each image on the channels it was segmented with",
+                                   max_lines=1, elem_id="ft-channels")
             with gr.Accordion("Upload image + mask pairs", open=False):
                 gr.Markdown("A zip (or files) with `NAME.tif` + `NAME_masks.tif` (or `NAME_seg.npy`) pairs.")
                 pairs = gr.File(label="Pairs", file_count="multiple", elem_id="ft-pairs",
@@ -126,6 +174,12 @@ def build(ctx: dict[str, Any]) -> None:
     def on_base(b):
         return recipe_for(b)
 
+    def on_set(name, request: gr.Request):
+        text, note = channels_for_set(name, W.username(request))
+        return gr.update(value=text, info=note)
+
+    set_name.change(on_set, [set_name], [chans_box], api_visibility="private")
+
     base.change(on_base, [base], [epochs, lr, wd, recipe_note], api_visibility="private")
 
     refresh.click(on_refresh, None, [sets, set_name], api_visibility="private")
@@ -147,11 +201,11 @@ def build(ctx: dict[str, Any]) -> None:
     dds = list(ctx["model_dropdowns"])
 
     @W.user_errors(outputs=4 + len(dds))
-    def on_start(training_set, base_model, new_model_name, epochs_, learning_rate, weight_decay,
-                 request: gr.Request):
+    def on_start(training_set, base_model, new_model_name, epochs_, learning_rate, weight_decay, channels="",
+                 request: gr.Request = None):
         user = W.username(request)
         job = start_finetune(training_set, base_model, new_model_name, epochs_, learning_rate, weight_decay, user,
-                             ctx["limits"])
+                             ctx["limits"], channels=channels)
         jm = jobs.manager(user)
         keep = [gr.skip() for _ in dds]
         yield (job.id, f"Training job **{job.id}** started…", gr.skip(), None, *keep)
@@ -177,7 +231,7 @@ def build(ctx: dict[str, Any]) -> None:
         names_now, default_now = common.model_choices()
         ap_b, ap_a = r.get("ap_before"), r.get("ap_after")
         msg = (f"Done: model **{r['name']}** saved to the registry. AP (IoU 0.5) on held-out images: "
-               f"{W.fmt_num(ap_b, '', 3)} before → **{W.fmt_num(ap_a, '', 3)}** after. "
+               f"{W.fmt_num(ap_b, '', 3)} before → **{W.fmt_num(ap_a, '', 3)}** after, {trained_on(r)}. "
                + ("It is now the pre-selected model." if r.get("is_default") else
                   "It did not beat its base on the held-out images, so the pre-selected model is unchanged."))
         pick = {"value": default_now} if r.get("is_default") else {}
@@ -186,7 +240,7 @@ def build(ctx: dict[str, Any]) -> None:
                gr.update(value={k: v for k, v in r.items() if k not in ("train_losses", "test_losses")},
                          visible=True), *ups)
 
-    start.click(on_start, [set_name, base, new_name, epochs, lr, wd], [job_id, status, curve, result, *dds],
+    start.click(on_start, [set_name, base, new_name, epochs, lr, wd, chans_box], [job_id, status, curve, result, *dds],
                 api_name="finetune", concurrency_limit=ctx["limits"].concurrency["train"], concurrency_id="train")
 
     def on_cancel(jid, request: gr.Request):

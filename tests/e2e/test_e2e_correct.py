@@ -320,3 +320,34 @@ def test_correct_edits_survive_a_page_reload(page, tmp_path):
     wait_applied(page, s1)
     wait_count(page, n0)
     np.testing.assert_array_equal(labels(page), m0)
+
+
+def test_brush_after_outline_is_a_new_cell_and_save_refreshes_segment(page, tmp_path):
+    """Issue 21 item 7: a Brush stroke away from the just-outlined (still selected) cell is a cell of
+    its own; Save shows the saved masks in the Segment tab (count, downloads) without a reload."""
+    m0, n0 = segmented_correct_tab(page)
+    poly, (cy, cx) = ring(m0, 10, 10, at=1 / 3)
+    draw_outline(page, poly, n0)
+    m1 = labels(page)
+    outlined = int(m1[cy, cx])
+    assert page.evaluate("() => cpwCorrect.selected") == [outlined]
+    _, (by, bx) = ring(m1, 6, 6, at=2 / 3)                   # free background away from every cell
+    tool(page, "brush")
+    page.locator("#cor-radius").fill("4")
+    s0 = serial(page)
+    stroke(page, [(by, bx - 4), (by, bx), (by, bx + 4)])
+    wait_applied(page, s0)
+    wait_count(page, n0 + 2)
+    m2 = labels(page)
+    brushed = int(m2[by, bx])
+    assert brushed not in (0, outlined) and (m2 == outlined).sum() == (m1 == outlined).sum()
+    shot(page, "17_correct_brush_after_outline")
+    page.click("#cor-save")
+    page.wait_for_selector('#cor-files a[download$="_cp_masks.tif"]')
+    page.get_by_role("tab", name="Segment").click()
+    page.wait_for_function(f"() => /^{n0 + 2} cells?$/.test((document.querySelector('#seg-count strong') || "
+                           "{innerText: ''}).innerText.trim())")
+    page.get_by_role("tab", name="Downloads").click()
+    seg = tifffile.imread(download(page, '#seg-files a[download$="_cp_masks.tif"]', tmp_path, "seg_after.tif"))
+    assert seg.max() == n0 + 2 and seg[cy, cx] > 0 and seg[by, bx] > 0 and seg[cy, cx] != seg[by, bx]
+    shot(page, "18_segment_after_correct_save")
