@@ -1,10 +1,12 @@
 """Long runs under control in a real browser: a page reload mid-run stops that work on the server
 within seconds, another user's run is not delayed by it, and a finished result survives a reload."""
+import re
 import time
 
 import numpy as np
 import pytest
 import tifffile
+from playwright.sync_api import expect
 
 from tests.e2e.conftest import REPO, shot
 
@@ -79,6 +81,7 @@ def test_reload_mid_run_stops_it_and_does_not_delay_others(browser, app_url, tmp
         # another user starts right away: served in about its own time, not after the abandoned stack
         b.set_input_files("#seg-file input[type=file]", str(EXAMPLE))
         b.wait_for_selector("#seg-info :text('u2os_nuclei.tif')")
+        b.locator("#seg-diameter input, #seg-diameter textarea").first.fill("30")
         t0 = time.perf_counter()
         b.click("#seg-run")
         n = _count(b)
@@ -91,6 +94,9 @@ def test_reload_mid_run_stops_it_and_does_not_delay_others(browser, app_url, tmp
         b.wait_for_selector("#seg-run")
         assert _count(b) == n
         assert "u2os_nuclei" in b.inner_text("#seg-info")
+        # ... with the form it was made with, not the defaults
+        expect(b.locator("#seg-diameter input, #seg-diameter textarea").first).to_have_value("30")
+        expect(b.locator("#seg-model input")).to_have_value(re.compile(r"^lite "))
         shot(b, "runs_02_result_after_reload")
     finally:
         ctx_a.close()
