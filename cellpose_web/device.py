@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from cellpose_web import config
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["choose_device", "default_dtype", "available_cpus", "set_cpu_threads"]
@@ -106,12 +108,7 @@ def set_cpu_threads(n: int | None = None) -> int:
     ``torch.set_num_threads`` is respected, and ``OMP_NUM_THREADS`` set by the user wins.
     """
     if n is None:
-        env = os.environ.get("CELLPOSE_WEB_THREADS")
-        if env:
-            try:
-                n = max(1, int(env))
-            except ValueError:
-                n = None
+        n = config.threads()
         if n is None:
             if os.environ.get("OMP_NUM_THREADS"):
                 return torch.get_num_threads()

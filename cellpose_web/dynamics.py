@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from cellpose_web import config
 from cellpose_web import transforms
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.overlap import iou_matrix
@@ -96,10 +96,7 @@ def _cpu_threads(device: torch.device) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
-    try:
-        want = max(1, int(os.environ.get("CELLPOSE_WEB_DYNAMICS_THREADS", "1")))
-    except ValueError:
-        want = 1
+    want = config.dynamics_threads()
     cur = torch.get_num_threads()
     if want >= cur:
         yield

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from cellpose_web import config
 from cellpose_web import dynamics, hints, io, measure
 from cellpose_web.errors import CellposeWebError, ModelNotAvailableError
 from cellpose_web.measure import PunctaParams
@@ -74,7 +75,7 @@ _CACHE_LOCK = threading.Lock()
 
 def default_gpu() -> bool:
     """Use CUDA when present, unless CELLPOSE_WEB_CPU=1."""
-    if os.environ.get("CELLPOSE_WEB_CPU", "0") == "1":
+    if config.force_cpu():
         return False
     try:
         import torch

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from cellpose_web import config
 from cellpose_web.errors import CellposeWebError, ModelNotAvailableError
 from cellpose_web.resources import WEIGHTS_DIR, home_dir  # noqa: F401 - home_dir is part of the registry API
 
@@ -160,7 +161,7 @@ def legacy_cache_dir() -> Path:
 
 def legacy_url() -> str:
     """Where the Cellpose 1-3 models are downloaded from (``CELLPOSE_WEB_LEGACY_URL`` overrides)."""
-    return (os.environ.get("CELLPOSE_WEB_LEGACY_URL") or LEGACY_URL).rstrip("/")
+    return config.legacy_url(LEGACY_URL)
 
 
 def _truthy(v: str | None) -> bool:
@@ -525,7 +526,7 @@ def _download_url(url: str, dest: Path, name: str, tried: str, progress: Callabl
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
     try:
-        with urllib.request.urlopen(url, timeout=float(os.environ.get("CELLPOSE_WEB_DOWNLOAD_TIMEOUT") or 30)) as r:
+        with urllib.request.urlopen(url, timeout=config.download_timeout()) as r:
             total = int(r.headers.get("Content-Length") or 0) or None
             done = 0
             with open(part, "wb") as fo:

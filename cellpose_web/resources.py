@@ -6,16 +6,12 @@ installed package (``pip install .``) carries them as ``cellpose_web/examples``.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from cellpose_web.config import home_dir  # noqa: F401 - one home: cellpose_web.config
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = PACKAGE_DIR / "weights"
-
-
-def home_dir() -> Path:
-    """``$CELLPOSE_WEB_HOME`` (default ``~/.cellpose_web``): lab models, training sets, jobs, run.log."""
-    return Path(os.environ.get("CELLPOSE_WEB_HOME") or "~/.cellpose_web").expanduser()
 
 
 def examples_dir() -> Path:

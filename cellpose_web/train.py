@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellpose_web import config
 from cellpose_web import dynamics, legacy, registry, transforms
 from cellpose_web.io import atomic_write
 from cellpose_web.errors import CellposeWebError
@@ -126,7 +127,7 @@ _CONV_NETS = ("cellpose3", "lite")
 
 #: ``CELLPOSE_WEB_TRAIN_BF16``: "0" makes ``train_seg(mixed_precision=None)`` train in float32 on every
 #: machine, "1" in bfloat16 wherever autocast supports it; unset: automatic (see ``training_uses_bf16``).
-TRAIN_BF16_ENV = "CELLPOSE_WEB_TRAIN_BF16"
+TRAIN_BF16_ENV = config.TRAIN_BF16_ENV
 
 
 def training_uses_bf16(net: nn.Module, device: torch.device | str,
@@ -152,7 +153,7 @@ def training_uses_bf16(net: nn.Module, device: torch.device | str,
     """
     if mixed_precision is not None:
         return bool(mixed_precision)
-    env = os.environ.get(TRAIN_BF16_ENV, "").strip()
+    env = config.train_bf16()
     if env in ("0", "1"):
         return env == "1"
     return torch.device(device).type == "cpu" and net_arch(net) in _CONV_NETS and cpu_has_native_bf16()

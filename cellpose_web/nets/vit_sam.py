@@ -27,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellpose_web import config
+
 __all__ = ["CPSAMNet", "LayerNorm2d", "get_rel_pos", "rel_pos_bias_terms"]
 
 ATTN_IMPLS = ("auto", "fold", "mask", "explicit")
 
 # oneDNN prepacked linear layers for CPU inference (about 15% faster GEMMs, fused GELU and residual
 # add). They keep a packed copy of each weight; set CELLPOSE_WEB_PACKED_LINEAR=0 to turn them off.
-_PACKED = {"ok": os.environ.get("CELLPOSE_WEB_PACKED_LINEAR", "1") != "0"}
+_PACKED = {"ok": config.packed_linear()}
 _TLS = threading.local()
 
 

@@ -4,7 +4,6 @@ an all-cells CSV and a result zip out. A bad file is listed with its reason; the
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import zipfile
@@ -15,6 +14,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from cellpose_web import config
 from cellpose_web import pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.io import atomic_save
@@ -105,7 +105,7 @@ def process_image(path: str | Path, stem: str, params: SegmentParams, model_name
 
 def dask_scheduler_from_env() -> str | None:
     """CELLPOSE_WEB_DASK_SCHEDULER: 'tcp://HOST:8786', or 'local' for a LocalCluster on this machine."""
-    v = os.environ.get("CELLPOSE_WEB_DASK_SCHEDULER", "").strip()
+    v = config.dask_scheduler()
     return v or None
 
 

@@ -13,25 +13,16 @@ Environment variables (all optional):
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def _env_num(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return float(default)
+from cellpose_web import config
+from cellpose_web.config import auth, auth_file, dask_workers, set_default_model  # noqa: F401 - for the app
 
 
 def home_dir() -> Path:
     """The data folder (CELLPOSE_WEB_HOME, default ~/.cellpose_web), created if missing."""
-    try:  # the registry owns the definition when it exists
-        from cellpose_web import registry
-        p = Path(registry.home_dir())
-    except Exception:
-        p = Path(os.environ.get("CELLPOSE_WEB_HOME", Path.home() / ".cellpose_web")).expanduser()
+    p = config.home_dir()
     p.mkdir(parents=True, exist_ok=True)
     return p.resolve()
 
@@ -51,16 +42,16 @@ class Limits:
     @classmethod
     def from_env(cls) -> "Limits":
         return cls(
-            max_upload_bytes=int(_env_num("CELLPOSE_WEB_MAX_UPLOAD_MB", 1024) * 2**20),
-            max_pixels=int(_env_num("CELLPOSE_WEB_MAX_PIXELS", 250_000_000)),
-            max_zip_entries=int(_env_num("CELLPOSE_WEB_MAX_ZIP_ENTRIES", 500)),
-            max_zip_uncompressed_bytes=int(_env_num("CELLPOSE_WEB_MAX_ZIP_MB", 4096) * 2**20),
-            max_niter=int(_env_num("CELLPOSE_WEB_MAX_NITER", 5000)),
-            max_epochs=int(_env_num("CELLPOSE_WEB_MAX_EPOCHS", 2000)),
-            concurrency={k: max(1, int(_env_num(f"CELLPOSE_WEB_CONCURRENCY_{k.upper()}", d)))
+            max_upload_bytes=int(config.env_num("MAX_UPLOAD_MB", 1024) * 2**20),
+            max_pixels=int(config.env_num("MAX_PIXELS", 250_000_000)),
+            max_zip_entries=int(config.env_num("MAX_ZIP_ENTRIES", 500)),
+            max_zip_uncompressed_bytes=int(config.env_num("MAX_ZIP_MB", 4096) * 2**20),
+            max_niter=int(config.env_num("MAX_NITER", 5000)),
+            max_epochs=int(config.env_num("MAX_EPOCHS", 2000)),
+            concurrency={k: max(1, int(config.env_num(f"CONCURRENCY_{k.upper()}", d)))
                          for k, d in (("segment", 2), ("batch", 1), ("train", 1))},
         )
 
 
 def per_user() -> bool:
-    return os.environ.get("CELLPOSE_WEB_PER_USER", "0").strip().lower() in ("1", "true", "yes")
+    return config.per_user()

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cellpose_web import config
 from cellpose_web import pipeline, registry
 from cellpose_web.errors import ModelNotAvailableError
 
@@ -103,7 +104,7 @@ def preferred_model() -> dict[str, Any] | None:
 def default_model_name() -> str | None:
     """The model to pre-select: CELLPOSE_WEB_DEFAULT_MODEL, else the last fine-tuned model that beat
     its base on held-out images (while it exists), else the registry's best available model."""
-    env = os.environ.get("CELLPOSE_WEB_DEFAULT_MODEL")
+    env = config.default_model()
     if env:
         return env
     pref = preferred_model()

@@ -8,13 +8,13 @@ for the next user within seconds. No Gradio here: a script can use the same regi
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from cellpose_web import config
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.models import format_duration
 
@@ -24,10 +24,7 @@ MAX_KEPT_RESULTS = 64
 
 
 def _max_kept_bytes() -> int:
-    try:
-        return int(float(os.environ.get("CELLPOSE_WEB_KEEP_RESULTS_MB", "2048")) * 2**20)
-    except ValueError:
-        return 2048 * 2**20
+    return config.keep_results_bytes()
 
 
 class RunCancelled(CellposeWebError):

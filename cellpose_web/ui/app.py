@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cellpose_web.service import config
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.resources import examples_dir
 from cellpose_web.service.config import Limits, home_dir
@@ -38,7 +39,7 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
     from cellpose_web.ui import batch_tab, common, correct_tab, finetune_tab, models_tab, segment_tab
 
     if default_model:
-        os.environ["CELLPOSE_WEB_DEFAULT_MODEL"] = str(default_model)
+        config.set_default_model(default_model)
     limits = limits or Limits.from_env()
     _recover_after_restart()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
@@ -151,8 +152,8 @@ def load_users_file(path: str | Path) -> dict[str, str]:
 def make_auth(auth: str | None, auth_file: str | None) -> Callable[[str, str], bool] | None:
     """Combine --auth user:pass[,user2:pass2] (or CELLPOSE_WEB_AUTH) and a hashed users file."""
     plain: dict[str, str] = {}
-    auth = auth or os.environ.get("CELLPOSE_WEB_AUTH")
-    auth_file = auth_file or os.environ.get("CELLPOSE_WEB_AUTH_FILE")
+    auth = auth or config.auth()
+    auth_file = auth_file or config.auth_file()
     if auth:
         for pair in auth.split(","):
             if ":" not in pair:

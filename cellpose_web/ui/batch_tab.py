@@ -2,7 +2,6 @@
 Runs as a background job: it survives a closed browser, and the server keeps its status."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -12,6 +11,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from cellpose_web.service import config
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.measure import DEFAULT_MAX_DISTANCE_UM, PunctaParams
 from cellpose_web.service import batch, jobs, models_cache, runs
@@ -60,7 +60,7 @@ def start_batch(files: list[str], model: str, params: SegmentParams, px: float |
         return batch.run_batch(local, params, model, j.results_dir / "batch_results", pixel_size_um=px,
                                puncta=puncta, progress=j.progress, cancelled=lambda: j.cancelled,
                                scheduler=batch.dask_scheduler_from_env(),
-                               n_workers=int(os.environ.get("CELLPOSE_WEB_DASK_WORKERS", "2")))
+                               n_workers=config.dask_workers())
 
     jm.start(job, work)
     return job
