@@ -31,7 +31,7 @@ from scipy import ndimage as ndi
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cellpose_web import edit  # noqa: E402
+from cellpose_web.engine import edit  # noqa: E402
 from cellpose_web.errors import CellposeWebError  # noqa: E402
 from cellpose_web.models import CellposeModel  # noqa: E402
 

@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cellpose_web import dynamics  # noqa: E402
+from cellpose_web.engine import dynamics  # noqa: E402
 from cellpose_web.ui import common, correct_tab  # noqa: E402
 
 

@@ -27,7 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cellpose_web import metrics, models, registry, synthetic  # noqa: E402
+from cellpose_web.engine import metrics, synthetic  # noqa: E402
+from cellpose_web import models, registry
 
 REF_SCRIPT = r"""
 import json, sys, numpy as np
@@ -66,7 +67,7 @@ def images(n: int, size: int, shared: Path):
 
 
 def metrics_diameter(labels: np.ndarray) -> float:
-    from cellpose_web import dynamics
+    from cellpose_web.engine import dynamics
     return dynamics.diameters(labels)[0]
 
 

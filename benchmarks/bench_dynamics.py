@@ -34,7 +34,7 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cellpose_web import dynamics, metrics  # noqa: E402
+from cellpose_web.engine import dynamics, metrics  # noqa: E402
 
 REF_SCRIPT = r"""
 import json, sys, time
@@ -79,7 +79,8 @@ def voronoi_labels(size: int = 1024, ncells: int = 400, seed: int = 0) -> np.nda
 
 def lite_outputs(size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, dP, cellprob) of a synthetic nuclei image and lite's network outputs for it."""
-    from cellpose_web import models, synthetic
+    from cellpose_web import models
+    from cellpose_web.engine import synthetic
 
     sample = synthetic.synthetic_sample(np.random.default_rng(2), shape=(size, size), style="nuclei", diameter=34.0)
     _, flows, _ = models.CellposeModel(pretrained_model="lite").eval(sample.image[0], diameter=30,

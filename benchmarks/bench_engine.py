@@ -145,7 +145,7 @@ def _ours_worker(args: dict) -> dict:
 def make_full_weights(path: str, seed: int = 0) -> None:
     """Random full-size (ViT-L) Cellpose-SAM weights with the cpsam layout, written to ``path``."""
     import torch
-    from cellpose_web.nets.vit_sam import CPSAMNet
+    from cellpose_web.engine.nets.vit_sam import CPSAMNet
     torch.manual_seed(seed)
     net = CPSAMNet()
     with torch.no_grad():
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
         try:
             import importlib
             sys.path.insert(0, str(REPO))
-            importlib.import_module("cellpose_web.dynamics")
+            importlib.import_module("cellpose_web.engine.dynamics")
         except Exception:
             masks = False
             print("note: cellpose_web.dynamics not importable, eval runs with compute_masks=False")

@@ -41,7 +41,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cellpose_web import metrics, synthetic
+    from cellpose_web.engine import metrics, synthetic
     from cellpose_web.models import CellposeModel
     from cellpose_web.service import training
 

@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cellpose_web import metrics  # noqa: E402
+from cellpose_web.engine import metrics  # noqa: E402
 from cellpose_web.models import CellposeModel  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def evaluate(model, folder: Path, diameter=None):
 
 def synthetic_check(model, seed=12345, n_per=4):
     """Held-out synthetic images (a seed never used in training): AP@0.5 and diameter estimate per style/size."""
-    from cellpose_web.synthetic import STYLES, synthetic_sample
+    from cellpose_web.engine.synthetic import STYLES, synthetic_sample
 
     rng = np.random.default_rng(seed)
     print(f"\nsynthetic held-out (seed {seed}), diameter=None: AP50 / AP75 and estimated vs true diameter")

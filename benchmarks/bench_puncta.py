@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cellpose_web import measure, metrics, models, synthetic  # noqa: E402
+from cellpose_web import measure, models  # noqa: E402
+from cellpose_web.engine import metrics, synthetic
 
 
 def count_scores(sample: synthetic.PunctaSample, masks: np.ndarray, distance_um: float) -> dict[str, float]:

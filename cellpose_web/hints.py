@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from cellpose_web.models import DIAM_MEAN, auto_diameter_zoom
-from cellpose_web.overlap import label_overlap
+from cellpose_web.engine.overlap import label_overlap
 
 #: a result is "very few cells" when the image could hold this many times more cells of the expected size
 _FEW_CELLS = 3

@@ -35,7 +35,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from cellpose_web import dynamics, render
+from cellpose_web.engine import dynamics
+from cellpose_web import render
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.resources import home_dir
 

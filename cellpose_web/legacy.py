@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cellpose_web import dynamics, transforms
+from cellpose_web.engine import dynamics, transforms
 from cellpose_web.errors import CellposeWebError
 
 logger = logging.getLogger(__name__)

@@ -28,12 +28,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from cellpose_web import dynamics, legacy, registry, transforms
-from cellpose_web.dynamics import dx_to_circ  # re-exported: Cellpose has it in models' namespace too
-from cellpose_web.device import choose_device, default_dtype, set_cpu_threads
+from cellpose_web.engine import dynamics, transforms
+from cellpose_web import legacy, registry
+from cellpose_web.engine.dynamics import dx_to_circ  # re-exported: Cellpose has it in models' namespace too
+from cellpose_web.engine.device import choose_device, default_dtype, set_cpu_threads
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.legacy import SizeModel  # re-exported: Cellpose 3's models.SizeModel
-from cellpose_web.nets import build_net, load_checkpoint
+from cellpose_web.engine.nets import build_net, load_checkpoint
 
 logger = logging.getLogger(__name__)
 

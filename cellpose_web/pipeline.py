@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from cellpose_web import config
-from cellpose_web import dynamics, hints, io, measure
+from cellpose_web.engine import dynamics
+from cellpose_web import hints, io, measure
 from cellpose_web.errors import CellposeWebError, ModelNotAvailableError
 from cellpose_web.measure import PunctaParams
 

@@ -279,7 +279,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """
     import torch
 
-    from cellpose_web import nets
+    from cellpose_web.engine import nets
 
     name = Path(path).name
     obj = nets.load_checkpoint(path)  # FileNotFoundError / CellposeWebError with what to do

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellpose_web import dynamics
+from cellpose_web.engine import dynamics
 
 __all__ = ["label_colors", "outlines", "image_to_rgb", "overlay", "OUTLINE_RGB"]
 

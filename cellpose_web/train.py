@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellpose_web import config
-from cellpose_web import dynamics, legacy, registry, transforms
+from cellpose_web.engine import dynamics, transforms
+from cellpose_web import legacy, registry
 from cellpose_web.io import atomic_write
 from cellpose_web.errors import CellposeWebError
 

@@ -22,9 +22,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cellpose_web import dynamics, train  # noqa: E402
-from cellpose_web.nets.unet import LiteUNet  # noqa: E402
-from cellpose_web.synthetic import synthetic_sample  # noqa: E402
+from cellpose_web.engine import dynamics  # noqa: E402
+from cellpose_web import train
+from cellpose_web.engine.nets.unet import LiteUNet  # noqa: E402
+from cellpose_web.engine.synthetic import synthetic_sample  # noqa: E402
 
 
 def load_folder(folder: Path):
@@ -51,7 +52,7 @@ def mixed_scales(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def validate(path: Path, val_dir: Path) -> dict:
     """AP at IoU 0.5/0.75/0.9 on the validation folder (diameter=None), pooled over objects."""
-    from cellpose_web import metrics
+    from cellpose_web.engine import metrics
     from cellpose_web.models import CellposeModel
 
     model = CellposeModel(pretrained_model=str(path))

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from cellpose_web import metrics, synthetic
+from cellpose_web.engine import metrics, synthetic
 
 CHANNEL_NAMES = ["PIEZO1-HaloTag", "cytoplasm", "DAPI"]
 

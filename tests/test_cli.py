@@ -105,7 +105,7 @@ def test_cli_summary_says_what_to_try(tmp_path, stub, capsys):
 
 
 def test_cli_savedir_in_folders_no_npy_and_edges(folder, stub, capsys, tmp_path):
-    from cellpose_web import dynamics
+    from cellpose_web.engine import dynamics
 
     d, labels = folder
     out_dir = tmp_path / "results"
@@ -353,7 +353,7 @@ def test_cli_real_tiny_checkpoint(folder, reference_dir, tmp_path):
 def test_cli_lite_segments_nuclei(folder, tmp_path):
     if not registry.builtin_path("lite").is_file():
         pytest.skip("the built-in lite weights are not trained yet")
-    from cellpose_web.metrics import average_precision
+    from cellpose_web.engine.metrics import average_precision
 
     d, labels = folder
     r = _cli(["--dir", str(d), "--pretrained_model", "lite", "--save_png"], cwd=tmp_path)

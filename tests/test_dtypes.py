@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from cellpose_web import device, metrics, models
+from cellpose_web.engine import device, metrics
+from cellpose_web import models
 from cellpose_web.models import CellposeModel
 
 DATA = Path(__file__).parent / "data"
@@ -32,7 +33,7 @@ def make_tiny_cpsam(path: Path) -> Path:
     them into cellprob = 20 * (mean - 0.3) and flows = 10 x the differences (uphill, to the nuclei's
     centres). Flows are constant on each patch, so evaluate it with ``flow_threshold=0``.
     """
-    from cellpose_web.nets.vit_sam import CPSAMNet
+    from cellpose_web.engine.nets.vit_sam import CPSAMNet
 
     torch.manual_seed(0)
     net = CPSAMNet(embed_dim=32, depth=2, num_heads=2, mlp_dim=64, out_chans=16, global_attn_indexes=(1,))
@@ -183,7 +184,8 @@ def test_bfloat16_unet_keeps_float32_numbers(source, tmp_path):
 def test_fine_tuning_a_bfloat16_unet_saves_float32(tmp_path):
     """train_seg on a bf16 Cellpose 1-3 U-Net: the saved file holds float32 weights and the training's
     diam_labels, the caller's net is bf16 again, and the file loads and segments in bfloat16."""
-    from cellpose_web import synthetic, train
+    from cellpose_web.engine import synthetic
+    from cellpose_web import train
 
     s = synthetic.synthetic_sample(np.random.default_rng(0), (96, 96), "cyto_nuclei", diameter=25)
     img = np.moveaxis(s.image, 0, -1)

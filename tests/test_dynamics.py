@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cellpose_web import dynamics as dy
-from cellpose_web import metrics
+from cellpose_web.engine import dynamics as dy
+from cellpose_web.engine.dynamics import flow_check, following, labels as dy_labels, postprocess
+from cellpose_web.engine import metrics
 from cellpose_web.errors import CellposeWebError
 
 
@@ -359,9 +360,9 @@ def test_follow_flows_in_chunks_equals_one_batch(flows_ref, monkeypatch, ndim):
     inds = np.nonzero(fg)
     npts = len(inds[0])
     assert npts > 1000
-    monkeypatch.setattr(dy, "FOLLOW_CHUNK_POINTS", npts + 1)
+    monkeypatch.setattr(following, "FOLLOW_CHUNK_POINTS", npts + 1)
     whole = dy.follow_flows(flows * 2.0, inds, niter=60)
-    monkeypatch.setattr(dy, "FOLLOW_CHUNK_POINTS", 997)  # uneven chunks, last one short
+    monkeypatch.setattr(following, "FOLLOW_CHUNK_POINTS", 997)  # uneven chunks, last one short
     chunked = dy.follow_flows(flows * 2.0, inds, niter=60)
     assert chunked.shape == (ndim, npts)
     assert torch.equal(whole, chunked)
@@ -378,19 +379,19 @@ def test_flow_check_tiles_and_batches_give_the_same_heat(monkeypatch):
     lab = 1 + ((yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2).argmin(-1)
     lab = lab.astype(np.int32)
     dP = (5 * dy.masks_to_flows(lab) + rng.normal(0, 0.8, (2, *lab.shape))).astype(np.float32)
-    monkeypatch.setattr(dy, "HEAT_TILE_PIXELS", 10**9)
-    monkeypatch.setattr(dy, "HEAT_BATCH_ELEMS", 10**9)
+    monkeypatch.setattr(flow_check, "HEAT_TILE_PIXELS", 10**9)
+    monkeypatch.setattr(flow_check, "HEAT_BATCH_ELEMS", 10**9)
     err_one, mu_one = dy.flow_error(lab, dP, threshold=100.0)  # the first pass only
     thr = float(np.median(err_one))  # half the objects near it: the exact recheck runs too
     err_thr_one, _ = dy.flow_error(lab, dP, threshold=thr)
     tiles = []
-    orig_tile = dy._heat_in_tile
-    monkeypatch.setattr(dy, "_heat_in_tile", lambda *a, **k: (tiles.append(a[5]), orig_tile(*a, **k)))
-    monkeypatch.setattr(dy, "HEAT_TILE_PIXELS", 40 * 40)
-    monkeypatch.setattr(dy, "HEAT_BATCH_ELEMS", 3000)
+    orig_tile = flow_check._heat_in_tile
+    monkeypatch.setattr(flow_check, "_heat_in_tile", lambda *a, **k: (tiles.append(a[5]), orig_tile(*a, **k)))
+    monkeypatch.setattr(flow_check, "HEAT_TILE_PIXELS", 40 * 40)
+    monkeypatch.setattr(flow_check, "HEAT_BATCH_ELEMS", 3000)
     err_tiled, mu_tiled = dy.flow_error(lab, dP, threshold=100.0)
     assert len(tiles) > 20  # many tiles (the phases' windows split)
-    touching = dy._touching_labels(lab)
+    touching = flow_check._touching_labels(lab)
     assert any(len(touching(v)) > 1 for v in range(1, int(lab.max()) + 1))
     assert np.array_equal(err_tiled, err_one) and np.array_equal(mu_tiled, mu_one)
     err_thr_tiled, _ = dy.flow_error(lab, dP, threshold=thr)
@@ -425,7 +426,7 @@ def test_masks_step_in_bands_equals_one_pass(masks_ref, flows_ref, monkeypatch):
     inds = np.unravel_index(np.sort(rng.choice(120 * 100, len(pts), replace=False)), (120, 100))
 
     def run():
-        return [dy.get_masks(p_final, inds, (120, 100)), dy._labels_with_holes_2d(lab, int(lab.max())),
+        return [dy.get_masks(p_final, inds, (120, 100)), postprocess.labels_with_holes_2d(lab, int(lab.max())),
                 dy.compute_masks(masks_ref["dP"], masks_ref["cellprob"], min_size=15),
                 dy.compute_masks(flows_ref["flows_3d"] * 5, (flows_ref["labels_3d"] > 0) * 8.0 - 4, do_3D=True),
                 *dy.flow_error(lab, dP, threshold=0.2),
@@ -437,6 +438,6 @@ def test_masks_step_in_bands_equals_one_pass(masks_ref, flows_ref, monkeypatch):
     assert one[0].max() > 12 and list(one[1]) == [1, 2, 3, 5]
     filled = one[6]  # holes filled (the ring's too), 6 absorbed by 5, the two-piece label kept
     assert filled.dtype == np.uint16 and filled.max() == 7 and filled[35, 25] == filled[35, 10] > 0
-    monkeypatch.setattr(dy, "BAND_PIXELS", 97)  # a row or two per band
+    monkeypatch.setattr(dy_labels, "BAND_PIXELS", 97)  # a row or two per band
     for a, b in zip(one, run()):
         assert a.dtype == b.dtype and np.array_equal(a, b)

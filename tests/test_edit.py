@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cellpose_web import edit
+from cellpose_web.engine import edit
 from cellpose_web.errors import CellposeWebError
 
 
@@ -150,7 +150,7 @@ def test_editor_delete_merge_and_stack_labels():
 
 
 def test_cell_from_flows_finds_the_clicked_cell():
-    from cellpose_web import dynamics
+    from cellpose_web.engine import dynamics
     truth = np.zeros((60, 70), np.uint16)
     yy, xx = np.mgrid[:60, :70]
     truth[(yy - 20) ** 2 + (xx - 20) ** 2 < 100] = 1

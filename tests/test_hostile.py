@@ -230,7 +230,7 @@ CASES: list[Case] = [
 def tiny_ckpt(tmp_path_factory) -> Path:
     import torch
 
-    from cellpose_web.nets.unet import LiteUNet
+    from cellpose_web.engine.nets.unet import LiteUNet
     from cellpose_web.train import save_network
 
     torch.manual_seed(0)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cellpose_web import dynamics, metrics, models
+from cellpose_web.engine import dynamics, metrics
+from cellpose_web import models
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.nets import build_net, load_checkpoint
-from cellpose_web.nets.cpnet import CPnet
+from cellpose_web.engine.nets import build_net, load_checkpoint
+from cellpose_web.engine.nets.cpnet import CPnet
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,8 @@ def test_cli_chan_chan2_with_builtin_cp_cyto_gives_the_api_masks(ref, tmp_path, 
 def test_train_seg_fine_tunes_a_cellpose3_unet(cp3_dir, tmp_path):
     """train_seg on the legacy net: 2 inputs chosen by channels, loss goes down, the result is a Cellpose 3
     state dict that loads back as a U-Net with the training's diam_labels."""
-    from cellpose_web import synthetic, train
+    from cellpose_web.engine import synthetic
+    from cellpose_web import train
 
     samples = [synthetic.synthetic_sample(np.random.default_rng(seed), (96, 96), "cyto_nuclei", diameter=25)
                for seed in range(2)]

@@ -3,7 +3,7 @@ import numpy as np
 import tifffile
 
 from cellpose_web import registry
-from cellpose_web.metrics import average_precision
+from cellpose_web.engine.metrics import average_precision
 from cellpose_web.models import CellposeModel
 
 

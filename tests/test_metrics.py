@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellpose_web import metrics
+from cellpose_web.engine import metrics
 from cellpose_web.errors import CellposeWebError
 
 

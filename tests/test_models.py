@@ -60,7 +60,7 @@ def test_eval_masks_match_reference(model, io):
     assert np.abs(flows[1] - io["gray_d45_dP"]).max() < 1e-3
     assert masks.shape == ref.shape and masks.dtype == np.uint16
     assert len(np.unique(masks)) == len(np.unique(ref))
-    from cellpose_web.metrics import average_precision
+    from cellpose_web.engine.metrics import average_precision
     ap = average_precision(ref, masks, threshold=[0.5])[0]
     assert float(np.ravel(ap)[0]) == 1.0
 
@@ -129,7 +129,7 @@ def test_missing_and_truncated_checkpoints(tmp_path, tiny_path):
 
 
 def test_load_checkpoint_errors(tmp_path):
-    from cellpose_web.nets import load_checkpoint
+    from cellpose_web.engine.nets import load_checkpoint
     with pytest.raises(FileNotFoundError, match="nope"):
         load_checkpoint(tmp_path / "nope")
     p = tmp_path / "junk"
@@ -178,7 +178,7 @@ def test_bfloat16_on_cpu_when_asked(tiny_path, io):
 # ------------------------------------------------------------------ lite (fully convolutional) paths
 @pytest.fixture()
 def lite_model(tmp_path):
-    from cellpose_web.nets.unet import LiteUNet
+    from cellpose_web.engine.nets.unet import LiteUNet
     torch.manual_seed(0)
     net = LiteUNet()
     p = tmp_path / "lite_test.pth"
@@ -362,7 +362,7 @@ def test_run_net_augment_matches_a_hand_computation():
     """Test-time augmentation (Cellpose's): 50%-overlapping tiles, tile (row j, column k) flipped in Y
     when k is odd and in X when j is odd, outputs flipped back with dY (dX) negated, blended with the
     taper."""
-    from cellpose_web import transforms as T
+    from cellpose_web.engine import transforms as T
 
     b, Ly0, Lx0 = 64, 90, 120
     img = np.random.default_rng(3).random((1, Ly0, Lx0, 3)).astype(np.float32)

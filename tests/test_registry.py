@@ -128,7 +128,7 @@ def tiny_cpsam(reference_dir) -> Path:
 
 @pytest.fixture
 def lite_file(tmp_path) -> Path:
-    from cellpose_web.nets.unet import LiteUNet
+    from cellpose_web.engine.nets.unet import LiteUNet
 
     net = LiteUNet(widths=(8, 16))
     p = tmp_path / "small_lite.pt"

@@ -57,7 +57,7 @@ def test_kill_during_finetune_then_restart(tmp_path, data_dir, _isolated_home, m
     from gradio_client import Client, handle_file
 
     from cellpose_web import registry
-    from cellpose_web.nets.unet import LiteUNet
+    from cellpose_web.engine.nets.unet import LiteUNet
     from cellpose_web.service import training
     from cellpose_web.train import save_network
 

@@ -6,9 +6,10 @@ import pytest
 import tifffile
 import torch
 
-from cellpose_web import metrics, train
+from cellpose_web.engine import metrics
+from cellpose_web import train
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.nets.unet import LiteUNet
+from cellpose_web.engine.nets.unet import LiteUNet
 
 
 def test_learning_rate_schedule_matches_cellpose():
@@ -169,7 +170,7 @@ def test_mixed_precision_trains_in_bf16_and_keeps_float32_weights(tiny_data, tmp
 def test_channels_last_and_fused_optimizer_train_as_before(tiny_data, tmp_path, monkeypatch):
     """The speed-ups (channels-last layout, fused AdamW) leave the float32 losses and weights as the
     plain layout and optimizer give them, and hand the network back in its usual layout."""
-    from cellpose_web.nets.cpnet import CPnet
+    from cellpose_web.engine.nets.cpnet import CPnet
 
     imgs, labels = tiny_data
 
@@ -202,7 +203,7 @@ def test_channels_last_and_fused_optimizer_train_as_before(tiny_data, tmp_path, 
 
 
 def test_bf16_is_the_default_only_where_it_is_native(monkeypatch):
-    from cellpose_web.nets.cpnet import CPnet
+    from cellpose_web.engine.nets.cpnet import CPnet
 
     unet, lite = CPnet((2, 8, 16, 32)), LiteUNet(widths=(8, 16, 32, 64))
     monkeypatch.delenv(train.TRAIN_BF16_ENV, raising=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellpose_web import transforms as T
+from cellpose_web.engine import transforms as T
 from cellpose_web.errors import CellposeWebError
 
 DATA = Path(__file__).resolve().parent / "data"

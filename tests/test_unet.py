@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.nets.unet import LiteUNet
+from cellpose_web.engine.nets.unet import LiteUNet
 
 
 @pytest.mark.parametrize("refine", [0, 8])

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.nets import build_net, load_checkpoint
-from cellpose_web.nets.vit_sam import Attention, CPSAMNet, get_rel_pos
+from cellpose_web.engine.nets import build_net, load_checkpoint
+from cellpose_web.engine.nets.vit_sam import Attention, CPSAMNet, get_rel_pos
 
 
 @pytest.fixture(scope="module")

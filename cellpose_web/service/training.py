@@ -278,7 +278,7 @@ def _ap_on(model: Any, images: list[np.ndarray], labels: list[np.ndarray], chann
     """Mean AP@0.5 of `model` on held-out pairs (None if no metric module)."""
     if not images:
         return None
-    from cellpose_web.metrics import average_precision
+    from cellpose_web.engine.metrics import average_precision
     preds = []
     for img in images:
         kw = {"channel_axis": channel_axis} if (channel_axis is not None and np.ndim(img) == 3) else {}

@@ -18,7 +18,8 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from cellpose_web import edit, measure, render
+from cellpose_web.engine import edit
+from cellpose_web import measure, render
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service import runs, training
 from cellpose_web.ui import common, correct_canvas, segment_tab, widgets as W

@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from playwright.sync_api import expect
 
-from cellpose_web import synthetic
+from cellpose_web.engine import synthetic
 from cellpose_web.models import CellposeModel
 from tests.e2e.conftest import shot
 from tests.e2e.test_e2e_finetune import add_pairs

@@ -16,7 +16,7 @@ EXAMPLE = REPO / "examples" / "u2os_nuclei.tif"
 
 def _long_stack(path, planes=80, size=512):
     """A z-stack that takes lite a minute or more plane by plane on 2 cores (uint16, nuclei-like)."""
-    from cellpose_web import synthetic
+    from cellpose_web.engine import synthetic
     rng = np.random.default_rng(0)
     base = synthetic.synthetic_sample(rng, (size, size), style="nuclei", diameter=30.0).image[0]
     stack = np.stack([np.roll(base, 3 * z, axis=1) for z in range(planes)])

@@ -82,12 +82,12 @@ def build_net(obj: Any) -> nn.Module:
     """
     arch = checkpoint_arch(obj)
     if arch == "lite":
-        from cellpose_web.nets.unet import LiteUNet
+        from cellpose_web.engine.nets.unet import LiteUNet
         if "lite_config" in obj and "config" not in obj:
             obj = {**obj, "config": obj["lite_config"], "arch": "lite"}
         return LiteUNet.from_checkpoint(obj)
     if arch == "cpsam":
-        from cellpose_web.nets.vit_sam import CPSAMNet
+        from cellpose_web.engine.nets.vit_sam import CPSAMNet
         sd = strip_module_prefix(obj)
         try:
             return CPSAMNet.from_state_dict(sd)
@@ -95,7 +95,7 @@ def build_net(obj: Any) -> nn.Module:
             raise CellposeWebError(f"this Cellpose-SAM checkpoint is incomplete or has unexpected shapes ({e}); "
                                    "re-download it or use cpsam_v2") from e
     if arch == "cellpose3":
-        from cellpose_web.nets.cpnet import CPnet
+        from cellpose_web.engine.nets.cpnet import CPnet
         return CPnet.from_state_dict(obj)
     if arch == "dino":
         raise CellposeWebError("this is a Cellpose 4.2 DINOv3 model (cpdino), which cellpose-web does not run; "
