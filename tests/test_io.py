@@ -14,7 +14,8 @@ from PIL import Image
 from skimage.draw import polygon as draw_polygon
 
 from cellpose_web.engine import dynamics
-from cellpose_web import io, render
+from cellpose_web import io
+from cellpose_web.io import render
 from cellpose_web.errors import CellposeWebError
 
 VAL = "nuclei_2d/val"

@@ -19,7 +19,8 @@ import gradio as gr
 import numpy as np
 
 from cellpose_web.engine import edit
-from cellpose_web import measure, render
+from cellpose_web import measure
+from cellpose_web.io import render
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service import runs, training
 from cellpose_web.ui import common, correct_canvas, segment_tab, widgets as W

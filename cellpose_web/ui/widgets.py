@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cellpose_web import render
+from cellpose_web.io import render
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.ui import correct_canvas
 

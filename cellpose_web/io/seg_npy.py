@@ -1,0 +1,264 @@
+"""``_seg.npy``: written with the keys Cellpose's GUI reads (:func:`masks_flows_to_seg`) and read
+(:func:`load_seg`) with an unpickler that only builds numpy arrays, lists, dicts and plain values,
+so a crafted file cannot run code."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Sequence
+import numpy as np
+from cellpose_web.engine import dynamics
+from cellpose_web.io import render
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.io.atomic import atomic_write
+from cellpose_web.io.masks import percentile_norm, resize_nearest, split_flows
+
+
+def short_error(e: BaseException, n: int = 160) -> str:
+    s = f"{type(e).__name__}: {e}".strip()
+    s = " ".join(s.split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def read_npy_header(fh, version):
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fh)
+    return np.lib.format._read_array_header(fh, version)  # 3.0 (utf8 field names)
+
+
+# --------------------------------------------------------------------------------------------
+# _seg.npy: safe loading
+# --------------------------------------------------------------------------------------------
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("builtins", "complex"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("__builtin__", "set"),
+    ("__builtin__", "frozenset"),
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # how pickles made by older Pythons store bytes
+}
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle asked for something that is not plain data."""
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Builds only numpy arrays/dtypes/scalars and plain Python values."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module in ("numpy", "numpy.dtypes") and name.endswith("DType"):
+            # numpy >= 1.25 may pickle dtype classes by name, e.g. numpy.dtypes.UInt16DType
+            import numpy.dtypes as _dts
+
+            cls = getattr(_dts, name, None)
+            if isinstance(cls, type) and issubclass(cls, np.dtype):
+                return cls
+        raise _Refused(f"refused to load '{module}.{name}'")
+
+    def persistent_load(self, pid):  # pragma: no cover - not used by np.save
+        raise _Refused("persistent ids are not allowed")
+
+
+def load_seg(path: str | os.PathLike) -> dict:
+    """Read a Cellpose ``_seg.npy`` file without running any code from it.
+
+    A ``_seg.npy`` is a pickled dict. Only numpy arrays, dtypes and scalars, lists, tuples, dicts,
+    sets, numbers, strings, bytes and None are allowed; anything else (e.g. a pickle that would
+    call ``os.system``) raises CellposeWebError and nothing from the file is executed.
+
+    Returns
+    -------
+    dict with at least 'masks' (uint16/uint32 (Y, X) or (Z, Y, X)) when the file is a Cellpose file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Segmentation file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CellposeWebError(f"'{path.name}' is empty (0 bytes).")
+    try:
+        with open(path, "rb") as fh:
+            try:
+                version = np.lib.format.read_magic(fh)
+            except ValueError:
+                raise CellposeWebError(f"'{path.name}' is not a .npy file (it does not start with the NumPy header).")
+            shape, fortran, dtype = read_npy_header(fh, version)
+            if not dtype.hasobject:
+                fh.seek(0)
+                arr = np.load(fh, allow_pickle=False)
+                return {"masks": arr}
+            try:
+                obj = _SafeUnpickler(fh).load()
+            except _Refused as e:
+                raise CellposeWebError(
+                    f"'{path.name}' was refused: it contains objects that are not plain data ({e}). A Cellpose "
+                    "_seg.npy only holds arrays, numbers and text; this file may have been crafted to run code."
+                ) from None
+    except CellposeWebError:
+        raise
+    except Exception as e:
+        raise CellposeWebError(f"Could not read '{path.name}' as a _seg.npy file: the file is damaged ({short_error(e)}).") from None
+    if isinstance(obj, np.ndarray) and obj.dtype.hasobject and obj.shape == ():
+        obj = obj.item()
+    if not isinstance(obj, dict):
+        raise CellposeWebError(f"'{path.name}' does not hold a Cellpose segmentation (expected a dict, got {type(obj).__name__}).")
+    if "masks" not in obj and "outlines" in obj:  # very old files: masks only as outlines
+        obj["masks"] = np.asarray(obj["outlines"])
+    if "masks" in obj:
+        m = np.asarray(obj["masks"])
+        if m.dtype.kind not in "uib":
+            raise CellposeWebError(f"'{path.name}': 'masks' has dtype {m.dtype}, expected integer labels.")
+        obj["masks"] = m
+    return obj
+
+
+_DEFAULT_NORMALIZE = {
+    "lowhigh": None, "percentile": [1.0, 99.0], "normalize": True, "norm3D": True, "sharpen_radius": 0,
+    "smooth_radius": 0, "tile_norm_blocksize": 0, "tile_norm_smooth3D": 1, "invert": False,
+}
+
+
+def _seg_flows(flows: Any, masks: np.ndarray) -> list:
+    """Cellpose GUI layout of flows in a _seg.npy (see module docs)."""
+    shape = masks.shape
+    rgb, dP, cp = split_flows(flows, shape)
+    is3d = masks.ndim == 3
+    if dP is None:
+        dP = np.zeros(((3 if is3d else 2),) + shape, np.float32)
+    if cp is None:
+        cp = np.zeros(shape, np.float32)
+    dP = np.asarray(dP, np.float32)
+    cp = np.asarray(cp, np.float32)
+    sp_axes = tuple(range(1, 1 + masks.ndim))
+    dP = resize_nearest(dP, shape, sp_axes)
+    cp = resize_nearest(cp, shape, tuple(range(masks.ndim)))
+    if rgb is None:
+        rgb = dynamics.dx_to_circ(dP)
+    rgb = np.asarray(rgb, np.uint8)
+    if is3d:
+        rgb = resize_nearest(rgb, shape, (0, 1, 2))
+    else:
+        rgb = resize_nearest(rgb, shape, (0, 1))
+    cp8 = (np.clip(percentile_norm(cp), 0, 1) * 255).astype(np.uint8)
+    if is3d:
+        dz = np.clip(dP[0] / 10 * 127 + 127, 0, 255).astype(np.uint8)
+        return [rgb, cp8, dz, [], np.concatenate([dP, cp[None]], axis=0)]
+    return [rgb[None], cp8[None], np.zeros((1,) + shape + (3,), np.uint8), [],
+            np.concatenate([dP, cp[None]], axis=0).astype(np.float32)]
+
+
+def masks_flows_to_seg(
+    images: np.ndarray | list,
+    masks: np.ndarray | list,
+    flows: Any,
+    file_names: str | os.PathLike | list,
+    diameter: float | None = None,
+    channels: Sequence[int] | None = None,
+    metadata: dict | None = None,
+) -> list[Path]:
+    """Write ``<stem>_seg.npy`` in the layout Cellpose's GUI reads (and writes).
+
+    Parameters
+    ----------
+    images, masks, flows, file_names : as for :func:`save_masks` (single items or lists).
+    diameter : the diameter used (px), stored as 'diameter' (NaN when unknown, as Cellpose).
+    channels : stored as 'chan_choose' (default [0, 0]).
+    metadata : provenance merged into the 'cellpose_web' dict: e.g. ``{"model": {"name", "sha256",
+        "path"}, "eval_params": {...}, "device": "cpu", "est_diam": 17.0}``. 'model_path',
+        'flow_threshold', 'cellprob_threshold' and 'normalize_params' keys are filled from it.
+
+    Returns
+    -------
+    list of written paths.
+    """
+    if isinstance(masks, (list, tuple)):
+        n = len(masks)
+        images_l = images if isinstance(images, (list, tuple)) else [images] * n
+        flows_l = flows if isinstance(flows, (list, tuple)) and len(flows) == n else [None] * n
+        names = file_names if isinstance(file_names, (list, tuple)) else [file_names] * n
+        diams = diameter if isinstance(diameter, (list, tuple)) else [diameter] * n
+        out: list[Path] = []
+        for img, m, f, fn, d in zip(images_l, masks, flows_l, names, diams):
+            out += masks_flows_to_seg(img, m, f, fn, diameter=d, channels=channels, metadata=metadata)
+        return out
+
+    from cellpose_web import __version__
+
+    masks = np.asarray(masks)
+    n = int(masks.max()) if masks.size else 0
+    mdtype = np.uint16 if n < 2**16 - 1 else np.uint32
+    masks = masks.astype(mdtype)
+    outl = masks * render.outlines(masks) if masks.ndim == 2 else np.stack(
+        [m * render.outlines(m) for m in masks])
+    meta = dict(metadata or {})
+    params = dict(meta.get("eval_params") or {})
+    model = meta.get("model") or {}
+    file_name = Path(file_names)
+    prov = {
+        "package": "cellpose_web",
+        "version": __version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **meta,
+    }
+    norm = dict(_DEFAULT_NORMALIZE)
+    if isinstance(params.get("normalize"), dict):
+        norm.update(params["normalize"])
+    elif params.get("normalize") is False:
+        norm["normalize"] = False
+    dat = {
+        "outlines": outl.astype(mdtype),
+        "colors": render.label_colors(n),
+        "masks": masks,
+        "chan_choose": list(channels) if channels is not None else [0, 0],
+        "filename": str(file_name.resolve()) if file_name.exists() else str(file_name),
+        "flows": _seg_flows(flows, masks),
+        "ismanual": np.zeros(n, bool),
+        "manual_changes": [],
+        "model_path": str(model.get("path") or model.get("file") or model.get("name") or 0),
+        "flow_threshold": float(params.get("flow_threshold", 0.4)),
+        "cellprob_threshold": float(params.get("cellprob_threshold", 0.0)),
+        "normalize_params": norm,
+        "restore": None,
+        "ratio": 1.0,
+        "diameter": float(diameter) if diameter is not None else np.nan,
+        "est_diam": float(meta["est_diam"]) if meta.get("est_diam") is not None else None,
+        "cellpose_web": _plain(prov),
+    }
+    if masks.ndim == 3:
+        dat["current_channel"] = 0
+        dat["zdraw"] = []
+        del dat["manual_changes"]
+        del dat["ismanual"]
+    base = file_name.name[: -len(file_name.suffix)] if file_name.suffix else file_name.name
+    path = file_name.parent / f"{base}_seg.npy"
+    return [atomic_write(path, lambda fh: np.save(fh, dat, allow_pickle=True))]
+
+
+def _plain(obj: Any) -> Any:
+    """Turn provenance into plain data (dict/list/str/number/None) so it passes :func:`load_seg`."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj if obj.dtype.kind in "biufcU" else obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    return str(obj)
