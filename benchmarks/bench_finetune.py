@@ -1,7 +1,7 @@
 """Fine-tuning `lite` with the Fine-tune tab's defaults: held-out AP@0.5 before/after and the time.
 
 What the tab does, without the browser: 8 corrected images go into a training set, the service's
-fine-tune job (`service.training.run_finetune`, the tab's defaults from `finetune_defaults("lite")`)
+fine-tune job (`workflows.finetune.run_finetune`, the tab's defaults from `finetune_defaults("lite")`)
 holds out 20 % of them, trains on the rest and reports AP@0.5 on those; this script also scores
 6 more held-out images of the same kind with the base and the new model.
 
@@ -43,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from cellpose_web.engine import metrics, synthetic
     from cellpose_web.models import CellposeModel
-    from cellpose_web.service import training
+    from cellpose_web.workflows import finetune as training
 
     rng = np.random.default_rng(args.seed)
     samples = [synthetic.whole_cell_sample(rng, (256, 256), diameter=float(rng.uniform(25, 45)))

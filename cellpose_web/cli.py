@@ -350,7 +350,7 @@ def _resolve_model(args, spec: str, for_training: bool = False):
 def _load_model(args, spec: str, for_training: bool = False):
     """(model, registry entry) for ``spec``. Segmentation uses the process's one model cache
     (``pipeline.get_model``); training gets a fresh float32 instance, since it changes the weights."""
-    from cellpose_web import pipeline
+    from cellpose_web.workflows import pipeline
     from cellpose_web.models import CellposeModel
 
     info = _resolve_model(args, spec, for_training)
@@ -425,7 +425,7 @@ def _check_params(args, training: bool = False) -> None:
 
 def save_options(args) -> "pipeline.SaveOptions":
     """Which files the flags ask for (``_seg.npy`` unless --no_npy)."""
-    from cellpose_web import pipeline
+    from cellpose_web.workflows import pipeline
 
     return pipeline.SaveOptions(npy=not args.no_npy, png=args.save_png, tif=args.save_tif, txt=args.save_txt,
                                 rois=args.save_rois, outlines=args.save_outlines, flows=args.save_flows,
@@ -435,7 +435,8 @@ def save_options(args) -> "pipeline.SaveOptions":
 
 def image_settings(args) -> "pipeline.ImageSettings":
     """How each image is read, segmented and measured, from the flags (file channel numbering)."""
-    from cellpose_web import measure, pipeline
+    from cellpose_web import measure
+    from cellpose_web.workflows import pipeline
     from cellpose_web.service.config import Limits
 
     puncta = None
@@ -478,7 +479,7 @@ def _finish(files: list[Path], failed: int, total: float) -> int:
 
 
 def run_segmentation(args) -> int:
-    from cellpose_web import pipeline
+    from cellpose_web.workflows import pipeline
 
     _check_params(args)
     files = _collect_images(args)
@@ -709,7 +710,8 @@ def run_batch(argv: Sequence[str]) -> int:
 
 def run_segmentation_dask(args) -> int:
     """The ``batch`` loop on a Dask cluster: same files as :func:`run_segmentation`, one line per image."""
-    from cellpose_web import distributed, pipeline, registry
+    from cellpose_web.workflows import distributed, pipeline
+    from cellpose_web import registry
 
     if args.train:
         raise CellposeWebError("--train does not run on Dask; drop --dask-scheduler/--dask-workers")

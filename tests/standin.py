@@ -76,9 +76,9 @@ class StandInModel:
 
 
 def install(monkeypatch, answers: dict | None = None):
-    """Serve a ``StandInModel`` as model ``thresh`` from ``service.models_cache`` (other names go to
+    """Serve a ``StandInModel`` as model ``thresh`` from ``workflows.model_cache`` (other names go to
     the real cache) and make it the default model; returns its ``CachedModel``."""
-    from cellpose_web.service import models_cache
+    from cellpose_web.workflows import model_cache as models_cache
 
     cm = models_cache.CachedModel(StandInModel(answers), NAME, SHA256, "", "test", threading.Lock())
     real_get, real_resolve = models_cache.get_model, models_cache.resolve

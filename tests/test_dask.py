@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellpose_web import cli, io, pipeline, registry
+from cellpose_web import cli, io, registry
+from cellpose_web.workflows import pipeline
 
 pytest.importorskip("dask.distributed")
 
@@ -70,7 +71,7 @@ def test_local_cluster_matches_single_process(images, model_flags, tmp_path, cap
 
 def _die_once(marker: str):
     """Installed in every worker process: the first image processed anywhere kills its worker."""
-    import cellpose_web.distributed as D
+    import cellpose_web.workflows.distributed as D
 
     real = D._process
 
@@ -89,7 +90,7 @@ def test_worker_killed_mid_run_is_retried(images, model_flags, tmp_path, capsys)
     import dask
     from dask.distributed import Client, LocalCluster
 
-    from cellpose_web import distributed
+    from cellpose_web.workflows import distributed
 
     ref = _single(images, model_flags, tmp_path / "single", capsys)
     args = cli.build_parser().parse_args(["--dir", str(images), *model_flags])
@@ -120,7 +121,7 @@ def test_worker_killed_mid_run_is_retried(images, model_flags, tmp_path, capsys)
 def test_missing_dask_message(monkeypatch):
     import builtins
 
-    from cellpose_web import distributed
+    from cellpose_web.workflows import distributed
     from cellpose_web.errors import CellposeWebError
 
     real_import = builtins.__import__
@@ -138,7 +139,7 @@ def test_missing_dask_message(monkeypatch):
 @pytest.mark.parametrize("addr, ok", [("tcp://10.0.0.5:8786", "tcp://10.0.0.5:8786"), ("node7:8786", "tcp://node7:8786"),
                                       ("tls://h:1", "tls://h:1"), ("bogus", None), ("http://h:80", None), ("", None)])
 def test_scheduler_address(addr, ok):
-    from cellpose_web import distributed
+    from cellpose_web.workflows import distributed
     from cellpose_web.errors import CellposeWebError
 
     if ok:

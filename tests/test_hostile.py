@@ -240,7 +240,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture
 def env(tmp_path, tiny_ckpt, monkeypatch):
     from cellpose_web import registry
-    from cellpose_web.service import models_cache
+    from cellpose_web.workflows import model_cache as models_cache
 
     monkeypatch.setenv("CELLPOSE_WEB_MAX_ZIP_MB", "1")
     monkeypatch.setenv("CELLPOSE_WEB_MAX_ZIP_ENTRIES", "20")
@@ -312,7 +312,7 @@ def _app_segment(path: Path, over: dict | None = None):
 def app_outcome(case: Case, e: dict) -> str:
     """Run the case through the app layer; OK or the message shown to the user."""
     from cellpose_web import registry
-    from cellpose_web.service import batch, models_cache, training
+    from cellpose_web.workflows import batch, model_cache as models_cache, finetune as training
     from cellpose_web.service.segment import SegmentParams
 
     tmp = e["tmp"]
@@ -416,7 +416,7 @@ def test_table_is_big_enough():
 
 def test_zip_bomb_stopped_before_writing(tmp_path, monkeypatch):
     """The uncompressed-size limit stops a zip bomb before any byte of it is written."""
-    from cellpose_web.service import inputs
+    from cellpose_web.workflows import inputs
     from cellpose_web.service.config import Limits
 
     bomb = _zip(tmp_path / "bomb.zip", [("a.tif", _tif), ("bomb.tif", b"\0" * (8 * 2**20))])

@@ -305,7 +305,7 @@ def test_lite_reruns_only_outside_the_tolerance(lite_model, monkeypatch, estimat
 
 
 def test_diameter_note_says_how_the_estimate_went():
-    from cellpose_web import hints
+    from cellpose_web.workflows import hints
     assert hints.diameter_note(None) == "" and hints.diameter_note(0.0) == ""
     assert hints.diameter_note(29.0) == "diameter estimated at 29 px"
     note = hints.diameter_note(15.0)

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellpose_web import io, measure, models, pipeline, registry
+from cellpose_web import io, measure, models, registry
+from cellpose_web.workflows import pipeline
 from tests import piezo_cells
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import tifffile
 
-from cellpose_web import cli, distributed, io, pipeline, registry
+from cellpose_web import cli, io, registry
+from cellpose_web.workflows import distributed, pipeline
 from cellpose_web.errors import CellposeWebError
 
 NAME = "2022-10-14-U2OS-1"
@@ -37,7 +38,8 @@ def test_cli_web_service_and_dask_write_identical_masks_files(image, tmp_path, c
     """Same image, model and parameters through the three faces: byte-identical _cp_masks.png/.tif,
     the same _seg.npy masks and the same per-cell numbers."""
     dd = pytest.importorskip("dask.distributed")
-    from cellpose_web.service import batch, inputs, segment
+    from cellpose_web.workflows import batch, inputs
+    from cellpose_web.service import segment
 
     model = _model()
     # 1. the command line
@@ -108,7 +110,7 @@ def test_segment_channels_are_file_channels():
 
 def test_one_model_cache_shared_and_forgotten_by_name():
     """The web service, Dask workers and scripts share pipeline.get_model's instances."""
-    from cellpose_web.service import models_cache
+    from cellpose_web.workflows import model_cache as models_cache
 
     _model()
     pipeline.forget_models()
@@ -122,7 +124,7 @@ def test_one_model_cache_shared_and_forgotten_by_name():
 
 
 def test_stitch_planes_links_planes_and_remeasures():
-    from cellpose_web import pipeline
+    from cellpose_web.workflows import pipeline
     planes = np.zeros((4, 64, 64), np.uint16)
     planes[:, 10:30, 10:30] = 1                      # one cell seen in every plane
     planes[1:3, 40:60, 40:60] = 2                    # a second one in planes 1-2

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellpose_web import io, measure, models, pipeline, registry
+from cellpose_web import io, measure, models, registry
+from cellpose_web.workflows import pipeline
 from tests import piezo_image
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 import standin
-from cellpose_web import hints, train
-from cellpose_web.service import models_cache, runs
+from cellpose_web.workflows import hints
+from cellpose_web import train
+from cellpose_web.workflows import model_cache as models_cache
+from cellpose_web.service import runs
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "u2os_nuclei.tif"
 
@@ -104,7 +106,7 @@ def test_finetune_defaults_differ_per_family():
 
 
 def test_finetune_tab_fills_the_base_models_recipe():
-    from cellpose_web.service import training
+    from cellpose_web.workflows import finetune as training
     from cellpose_web.ui import finetune_tab
     r = training.finetune_defaults("lite")
     assert r["arch"] == "lite" and r["learning_rate"] == train.FINETUNE_DEFAULTS["lite"].learning_rate

@@ -16,7 +16,8 @@ import pytest
 import tifffile
 
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import batch, inputs, jobs, models_cache, segment, storage, training
+from cellpose_web.workflows import batch, inputs, model_cache as models_cache, finetune as training
+from cellpose_web.service import jobs, segment, storage
 from cellpose_web.service.config import Limits
 
 import standin
@@ -142,7 +143,7 @@ def test_absurd_parameters(kw, match):
 
 
 def test_channels_last_layouts():
-    from cellpose_web import pipeline
+    from cellpose_web.workflows import pipeline
     img = np.zeros((2, 30, 40))
     out, stack = pipeline.to_channels_last(img, None, None)
     assert out.shape == (30, 40, 2) and not stack
@@ -180,7 +181,7 @@ def test_segment_records_provenance_and_writes_files(tmp_path, fake_model):
     assert res.n_cells == standin.threshold_labels(img).max() > 1
     assert res.provenance["model"]["sha256"] == standin.SHA256
     assert res.provenance["eval_params"]["flow_threshold"] == 0.3
-    from cellpose_web import pipeline
+    from cellpose_web.workflows import pipeline
     files = pipeline.write_outputs(tmp_path / "a.tif", res.masks, res.image, [res.flow_rgb, res.dP, res.cellprob],
                                    res.provenance, res.table, pipeline.SaveOptions.everything())
     assert (tifffile.imread(files["masks_tif"]) == res.masks).all()

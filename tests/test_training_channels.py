@@ -12,7 +12,8 @@ import pytest
 import tifffile
 
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import jobs, training
+from cellpose_web.service import jobs
+from cellpose_web.workflows import finetune as training
 
 SHAPE = (48, 56)
 
@@ -60,7 +61,7 @@ class _Recorder:
             return type("Info", (), {"name": name, "path": path})()
 
         from cellpose_web import models, registry, train
-        from cellpose_web.service import models_cache
+        from cellpose_web.workflows import model_cache as models_cache
         monkeypatch.setattr(models, "CellposeModel", FakeModel)
         monkeypatch.setattr(train, "train_seg", fake_train_seg)
         monkeypatch.setattr(registry, "add_lab_model", fake_add_lab_model)

@@ -58,7 +58,7 @@ def test_segment_tab_functions(fake_model):
 
 
 def test_correct_tab_edit_and_save(fake_model):
-    from cellpose_web.service import training
+    from cellpose_web.workflows import finetune as training
     from cellpose_web.ui import correct_tab as C, segment_tab
     s, _, _ = segment_tab.load_image(str(EXAMPLE), None)
     s = segment_tab.run_segmentation(s, "thresh", segment_tab.make_params(None, 0.4, 0, 0, 15, "auto", "auto", "",

@@ -1,5 +1,5 @@
 """Segmentation as the web app uses it: the form's parameters checked against the server's
-limits, then the per-image pipeline (:mod:`cellpose_web.pipeline`) on the shared model, under the
+limits, then the per-image pipeline (:mod:`cellpose_web.workflows.pipeline`) on the shared model, under the
 ZeroGPU wrapper. No Gradio here.
 """
 from __future__ import annotations
@@ -12,10 +12,12 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from cellpose_web import measure, pipeline
+from cellpose_web import measure
+from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.models import check_eval_params
-from cellpose_web.service import gpu, models_cache
+from cellpose_web.service import gpu
+from cellpose_web.workflows import model_cache as models_cache
 from cellpose_web.service.config import Limits
 
 log = logging.getLogger(__name__)
@@ -161,7 +163,7 @@ def segment(image: np.ndarray, params: SegmentParams, model_name: str, image_nam
     """Segment and measure one image (as read from the file) with `model_name` and checked `params`.
 
     ``params.channels`` are the file channels fed to the model; the table measures every channel
-    and ``puncta.channel`` is a file channel too (see :mod:`cellpose_web.pipeline`).
+    and ``puncta.channel`` is a file channel too (see :mod:`cellpose_web.workflows.pipeline`).
     """
     limits = limits or Limits.from_env()
     params = params.validated(limits)

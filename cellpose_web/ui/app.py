@@ -43,7 +43,8 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
     limits = limits or Limits.from_env()
     _recover_after_restart()
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        from cellpose_web.service import gpu, models_cache
+        from cellpose_web.service import gpu
+        from cellpose_web.workflows import model_cache as models_cache
         where = ("ZeroGPU" if gpu.on_zero_gpu() else "GPU (CUDA)" if models_cache.use_gpu()
                  else "CPU — fine for small images; a GPU is much faster for large ones")
         gr.HTML(HEADER.replace("</div>", f"<p class='cpw-small'>Running on: {where}.</p></div>"))

@@ -14,7 +14,8 @@ import pandas as pd
 from cellpose_web.service import config
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.measure import DEFAULT_MAX_DISTANCE_UM, PunctaParams
-from cellpose_web.service import batch, jobs, models_cache, runs
+from cellpose_web.workflows import batch, model_cache as models_cache
+from cellpose_web.service import jobs, runs
 from cellpose_web.service.segment import SegmentParams
 from cellpose_web.ui import common, segment_tab, widgets as W
 

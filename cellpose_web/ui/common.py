@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cellpose_web.service import models_cache
+from cellpose_web.workflows import model_cache as models_cache
 
 
 @dataclass
@@ -126,7 +126,7 @@ def whole_cell_model_for_puncta(on: bool, model_name: str):
     model list (Segment, Batch) gives way to the best whole-cell model, and the user is told."""
     import gradio as gr
 
-    from cellpose_web import pipeline
+    from cellpose_web.workflows import pipeline
 
     if not on or models_cache.model_purpose(model_name) != "nuclei":
         return gr.skip()

@@ -22,7 +22,8 @@ from cellpose_web.engine import edit
 from cellpose_web import measure
 from cellpose_web.io import render
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import runs, training
+from cellpose_web.service import runs
+from cellpose_web.workflows import finetune as training
 from cellpose_web.ui import common, correct_canvas, segment_tab, widgets as W
 
 HELP = """**Draw** on the image: pick a tool above it.

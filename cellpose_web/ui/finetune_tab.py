@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import jobs, training
+from cellpose_web.service import jobs
+from cellpose_web.workflows import finetune as training
 from cellpose_web.service.config import Limits
 from cellpose_web.ui import common, widgets as W
 
@@ -100,7 +101,7 @@ def start_finetune(set_name: str, base: str, new_name: str, epochs, lr, wd, user
         raise CellposeWebError("Choose a base model to start from.")
     if not new_name or not str(new_name).strip():
         raise CellposeWebError("Give the new model a name, e.g. 'nuclei_lab_v1'.")
-    from cellpose_web.service import models_cache
+    from cellpose_web.workflows import model_cache as models_cache
     models_cache.check_offered(base)
     chans = training.parse_channels(channels)
     training.load_set(set_name, user, chans)  # fails early with a clear message if empty or a channel is missing

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import models_cache
+from cellpose_web.workflows import model_cache as models_cache
 from cellpose_web.ui import common, widgets as W
 
 COLUMNS = ["name", "for", "source", "available", "arch", "size (MB)", "sha256", "created", "base model", "test AP@0.5",

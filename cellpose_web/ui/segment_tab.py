@@ -10,11 +10,13 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from cellpose_web import hints, measure, pipeline
+from cellpose_web.workflows import hints, pipeline
+from cellpose_web import measure
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.measure import PunctaParams
 from cellpose_web.resources import examples_dir
-from cellpose_web.service import inputs, models_cache, runs
+from cellpose_web.workflows import inputs, model_cache as models_cache
+from cellpose_web.service import runs
 from cellpose_web.service.config import Limits
 from cellpose_web.service.segment import SegmentParams, segment
 from cellpose_web.ui import common, widgets as W

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.service import inputs, models_cache
+from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service.config import Limits
 from cellpose_web.io import atomic_save
 from cellpose_web.service.storage import (atomic_write_json, read_json, safe_join, safe_name,

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from cellpose_web import io as cpio, pipeline
+from cellpose_web import io as cpio
+from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service.config import Limits
 

@@ -15,11 +15,11 @@ from typing import Any, Callable
 import pandas as pd
 
 from cellpose_web import config
-from cellpose_web import pipeline
+from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.io import atomic_save
 from cellpose_web.measure import PunctaParams
-from cellpose_web.service import inputs, models_cache
+from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service.config import Limits
 from cellpose_web.service.segment import SegmentParams
 from cellpose_web.service.storage import atomic_write_bytes, atomic_write_json, safe_name
@@ -72,7 +72,7 @@ def summary_column_order(columns) -> list[str]:
 
 
 def _row(image: str, r: dict[str, Any]) -> dict[str, Any]:
-    """A summary row from :func:`cellpose_web.pipeline.process_file`'s result (or its error)."""
+    """A summary row from :func:`cellpose_web.workflows.pipeline.process_file`'s result (or its error)."""
     if r.get("error"):
         return {"image": image, "status": "error", "reason": r["error"]}
     m = r.get("model") or {}
@@ -85,7 +85,7 @@ def process_image(path: str | Path, stem: str, params: SegmentParams, model_name
                   pixel_size_um: float | None = None, puncta: PunctaParams | None = None,
                   limits: Limits | None = None) -> dict[str, Any]:
     """Segment, measure and write the files of one image in this process (the pipeline's
-    :func:`~cellpose_web.pipeline.process_file` with the shared model), into ``out_dir/stem/``.
+    :func:`~cellpose_web.workflows.pipeline.process_file` with the shared model), into ``out_dir/stem/``.
 
     Returns {"image", "status": "ok", summary columns..., "cells_csv"} or {"image", "status": "error", "reason"}.
     """
@@ -112,8 +112,8 @@ def dask_scheduler_from_env() -> str | None:
 def _on_cluster(imgs: list[Path], stems: list[str], params: SegmentParams, model_name: str, out_dir: Path,
                 pixel_size_um, puncta, limits: Limits, scheduler: str, n_workers: int, retries: int,
                 progress, cancelled) -> list[dict[str, Any]]:
-    """Every image through :func:`cellpose_web.distributed.map_on_dask` (the one Dask driver)."""
-    from cellpose_web import distributed
+    """Every image through :func:`cellpose_web.workflows.distributed.map_on_dask` (the one Dask driver)."""
+    from cellpose_web.workflows import distributed
 
     info = models_cache.resolve(model_name)
     settings = _settings(params, pixel_size_um, puncta, limits)

@@ -1,8 +1,8 @@
 """Scale-out: segment a batch of image files on a Dask distributed cluster.
 
-Each image is one task. A worker loads the model once (:func:`cellpose_web.pipeline.get_model`,
+Each image is one task. A worker loads the model once (:func:`cellpose_web.workflows.pipeline.get_model`,
 keyed by the model file, its sha256 and the device) and writes exactly the files the single-process
-command line and the web service write, through :func:`cellpose_web.pipeline.process_file`, so the
+command line and the web service write, through :func:`cellpose_web.workflows.pipeline.process_file`, so the
 masks are the same. :func:`map_on_dask` is the one Dask driver (the command line's ``batch`` and the
 Batch tab's cluster mode both use it). A task
 whose worker dies (killed, out of memory) is re-run elsewhere up to ``retries`` times; a bad image
@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from cellpose_web import pipeline
+from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ def _process(path: str, savedir: str | None, info: dict, settings: pipeline.Imag
 def segment_task(path: str, savedir: str | None, info: dict, settings: pipeline.ImageSettings,
                  save: pipeline.SaveOptions, device: str | None = None, use_gpu: bool | None = None,
                  name: str | None = None, command: str | None = None) -> dict[str, Any]:
-    """One Dask task: :func:`cellpose_web.pipeline.process_file` on ``path`` with the worker's copy
-    of the model (loaded once per worker process by :func:`cellpose_web.pipeline.get_model`).
+    """One Dask task: :func:`cellpose_web.workflows.pipeline.process_file` on ``path`` with the worker's copy
+    of the model (loaded once per worker process by :func:`cellpose_web.workflows.pipeline.get_model`).
 
     Returns process_file's dict (+ "path", "worker", "pid"), or {"name", "path", "error"} for an
     image that cannot be segmented. Unexpected exceptions propagate (Dask retries them).
@@ -143,7 +143,7 @@ def run_batch_dask(files: Sequence[str | os.PathLike], savedir: str | os.PathLik
     files : image paths (visible to every worker at these paths).
     savedir : output folder (None: beside each image, as the command line).
     model_name : registry name or path, or a resolved ``registry.ModelInfo``.
-    settings : :class:`cellpose_web.pipeline.ImageSettings` (default: eval's defaults, measured).
+    settings : :class:`cellpose_web.workflows.pipeline.ImageSettings` (default: eval's defaults, measured).
     save : which files to write (default: ``_seg.npy``, as ``python -m cellpose_web``).
     scheduler : ``tcp://HOST:8786`` of a running cluster; None starts a LocalCluster of
         ``n_workers`` processes with one thread each (closed again at the end).
@@ -151,7 +151,7 @@ def run_batch_dask(files: Sequence[str | os.PathLike], savedir: str | os.PathLik
     progress : called as ``progress(done, total, result)`` after each image.
     client : an existing ``dask.distributed.Client`` to use instead (left open).
 
-    A result is :func:`cellpose_web.pipeline.process_file`'s dict (+ "path", "worker") or
+    A result is :func:`cellpose_web.workflows.pipeline.process_file`'s dict (+ "path", "worker") or
     {"name", "path", "error"}.
     """
     from cellpose_web import registry

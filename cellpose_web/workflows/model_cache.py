@@ -1,5 +1,5 @@
 """The web service's view of the models: which ones it offers, the default, and the shared model
-instances (:func:`cellpose_web.pipeline.get_model`, the one model cache; eval serialised per instance).
+instances (:func:`cellpose_web.workflows.pipeline.get_model`, the one model cache; eval serialised per instance).
 Set CELLPOSE_WEB_DEFAULT_MODEL to a name or path to override the registry's best model.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from cellpose_web import config
-from cellpose_web import pipeline, registry
+from cellpose_web.workflows import pipeline
+from cellpose_web import registry
 from cellpose_web.errors import ModelNotAvailableError
 
 log = logging.getLogger(__name__)
