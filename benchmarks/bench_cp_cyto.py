@@ -1,6 +1,6 @@
 """Whole-cell accuracy of the built-in `cp_cyto` (a Cellpose 1-3 U-Net) and agreement with Cellpose 3.1.1.2.
 
-Images: two-channel whole-cell images (cytoplasm or membrane + nuclei) from cellpose_web/synthetic.py
+Images: two-channel whole-cell images (cytoplasm or membrane + nuclei) from cellpose_web/engine/synthetic.py
 with seeds the models never saw, plus the two labelled images of ../shared/reference/cp3 (not
 training images of either model). Prints AP@0.5 per image and the mean, for `cp_cyto` with the
 true diameter, with its size model (diameter estimated), and for `lite` for comparison.

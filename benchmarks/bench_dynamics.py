@@ -3,7 +3,7 @@
     python benchmarks/bench_dynamics.py [--kind lite|voronoi] [--size 1024] [--cells 400] [--repeats 3]
 
 ``--kind lite`` (default): a synthetic 1024 x 1024 nuclei image with about 400 nuclei
-(``cellpose_web.synthetic``, seed 2, 34 px) goes through the built-in ``lite`` network once; its flows
+(``cellpose_web.engine.synthetic``, seed 2, 34 px) goes through the built-in ``lite`` network once; its flows
 and cell probability are real network outputs (noisy as a network's are), and its true labels are the
 input of ``masks_to_flows``. ``--kind voronoi``: touching Voronoi cells (about 5% dropped to background)
 with noise-free flows dP = 5 * masks_to_flows(labels) and cellprob +4 inside / -4 outside.

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_large.py [--sizes 1024 2048 4096] [--threads N]
 
-The image is one synthetic 1024 x 1024 nuclei field (``cellpose_web.synthetic``, about 400 nuclei of
+The image is one synthetic 1024 x 1024 nuclei field (``cellpose_web.engine.synthetic``, about 400 nuclei of
 34 px) mirrored into a larger mosaic, 16-bit, so every size holds the same kind of content. Each size
 runs in a fresh process (``CellposeModel('lite').eval(img, diameter=30)``, flow check on) that reports
 its wall time, the eval's stage timings and its peak resident memory (ru_maxrss, the whole process:
@@ -26,7 +26,8 @@ import json, resource, sys, time
 import numpy as np
 import torch
 sys.path.insert(0, sys.argv[1])
-from cellpose_web import models, synthetic
+from cellpose_web import models
+from cellpose_web.engine import synthetic
 size = int(sys.argv[2])
 if int(sys.argv[3]) > 0:
     torch.set_num_threads(int(sys.argv[3]))

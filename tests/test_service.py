@@ -315,7 +315,8 @@ import sys, time, numpy as np, tifffile, torch
 torch.set_num_threads(1)
 from pathlib import Path
 from cellpose_web import registry
-from cellpose_web.service import jobs, training
+from cellpose_web.service import jobs
+from cellpose_web.workflows import finetune as training
 data = Path(sys.argv[1])
 registry.add_lab_model(sys.argv[2], "earlier", {"description": "made before the crash"})
 for n in sorted(p.name[:-10] for p in (data / "nuclei_2d/train").glob("*_masks.tif"))[:3]:

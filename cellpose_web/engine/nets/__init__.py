@@ -75,9 +75,9 @@ def checkpoint_arch(obj: Any) -> str:
 def build_net(obj: Any) -> nn.Module:
     """Build the network for a loaded checkpoint (state dict or ``lite`` checkpoint dict).
 
-    Cellpose-SAM state dicts (key ``W2``) give :class:`~cellpose_web.nets.vit_sam.CPSAMNet` (shape
+    Cellpose-SAM state dicts (key ``W2``) give :class:`~cellpose_web.engine.nets.vit_sam.CPSAMNet` (shape
     read from the weights, ``module.`` prefix stripped); ``{"arch": "lite", ...}`` gives the lite
-    U-Net; Cellpose 1-3 state dicts give :class:`~cellpose_web.nets.cpnet.CPnet`. Other files raise
+    U-Net; Cellpose 1-3 state dicts give :class:`~cellpose_web.engine.nets.cpnet.CPnet`. Other files raise
     CellposeWebError with what to do.
     """
     arch = checkpoint_arch(obj)
