@@ -301,13 +301,13 @@ def test_local_path_resolves(tiny_cpsam):
 
 
 def test_missing_builtin_lite_is_clear(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry, "builtin_path", lambda name: tmp_path / "nope" / f"{name}.pt")
+    monkeypatch.setattr(registry.catalogue, "builtin_path", lambda name: tmp_path / "nope" / f"{name}.pt")
     with pytest.raises(ModelNotAvailableError, match="built-in model 'lite'"):
         registry.resolve_model("lite")
 
 
 def test_builtin_lite_when_present(monkeypatch, lite_file):
-    monkeypatch.setattr(registry, "builtin_path", lambda name: lite_file)
+    monkeypatch.setattr(registry.catalogue, "builtin_path", lambda name: lite_file)
     info = registry.resolve_model("lite")
     assert info.source == "builtin" and info.arch == "lite" and info.name == "lite"
 
