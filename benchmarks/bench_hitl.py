@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--holdout_every", type=int, default=4)
     ap.add_argument("--time_limit", type=float, default=None, help="seconds per round (default: the table's)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per round (default: the table's)")
+    ap.add_argument("--schedule", choices=("round", "cellpose"), default=None,
+                    help="learning-rate schedule of a round (default: the table's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no_reference", action="store_true")
@@ -122,6 +124,8 @@ def main() -> None:
     recipe = {}
     if args.time_limit:
         recipe["time_limit_s"] = args.time_limit
+    if args.schedule:
+        recipe["schedule"] = args.schedule
     if args.epochs:
         recipe.update(n_epochs=args.epochs, min_epochs=min(args.epochs, 12))
     s = hitl.start_session(f"bench_{args.case}_{args.model}", str(work), base_model=args.model,
@@ -190,7 +194,8 @@ def main() -> None:
                                          n_epochs=n_ep, batch_size=rec.batch_size, bsize=rec.bsize,
                                          nimg_per_epoch=rec.crops_per_epoch, rescale=rec.rescale,
                                          save_path=str(work), model_name="reference", min_train_masks=1,
-                                         seed=args.seed)
+                                         seed=args.seed, lr_schedule=hitl.round_lr_schedule(rec.learning_rate, n_ep)
+                                         if rec.schedule == "round" else None)
         ref_s = time.perf_counter() - t0
         rsc = score({"name": "reference", "path": str(path)})
         ref_row = {"train_min": round(ref_s / 60, 2), "epochs": n_ep, **rsc}

@@ -90,6 +90,7 @@ def test_start_next_save_round_and_next_image_uses_the_new_model(tmp_path, image
     rec = res.handle.wait(timeout=300)
     assert rec["status"] == "done" and rec["round"] == 1 and rec["accepted"] and rec["applied"]
     assert Path(rec["model"]["path"]).is_file() and rec["epochs_done"] == 1 and rec["n_cells"] == res.n_cells
+    assert rec["schedule"] == "round" and rec["learning_rate"] == hitl.round_defaults("lite").learning_rate
     assert rec["train_images"] == ["0000_img0"] and rec["parent_round"] == 0 and rec["base_model"] == "lite"
     tdir = Path(s.state()["training_dir"])
     assert (tdir / "0000_img0.tif").is_file() and (tdir / "0000_img0_masks.tif").is_file()
@@ -218,12 +219,32 @@ def test_one_round_at_a_time_per_project(tmp_path, images_dir, monkeypatch):
     assert hitl._FileLock(s.path / "round.lock").acquire(blocking=False)  # released
 
 
-def test_time_limit_cuts_a_round(tmp_path, images_dir):
-    s = start(tmp_path, images_dir, recipe={**FAST, "n_epochs": 4, "time_limit_s": 1e-3})
+def test_time_limit_cuts_a_round_and_the_next_fits_it(tmp_path, images_dir):
+    s = start(tmp_path, images_dir, recipe={**FAST, "n_epochs": 4, "time_limit_s": 1e-3}, holdout_every=0)
     s.next_image()
     rec = s.save_correction(truth(images_dir, 0)).handle.wait(timeout=300)
     assert rec["status"] == "done" and rec["stopped_by_time_limit"] and rec["epochs_done"] == 1
-    assert rec["epochs"] == 4 and Path(rec["model"]["path"]).is_file()
+    assert rec["epochs"] == 4 and Path(rec["model"]["path"]).is_file() and rec["sec_per_crop"] > 0
+    # the next round's epochs follow the measured speed: 0.9 * 10 s / (1 s per crop * 2 crops) -> 4 epochs
+    with s._update() as st:
+        st["recipe"].update(n_epochs=30, time_limit_s=10, min_epochs=2)
+        st["rounds"][1]["sec_per_crop"] = 1.0
+    s.next_image()
+    rec = s.save_correction(truth(images_dir, 1)).handle.wait(timeout=300)
+    assert rec["epochs"] == 4 and rec["epochs_done"] == 4 and not rec["stopped_by_time_limit"]
+
+
+def test_round_learning_rate_schedule(tmp_path, images_dir):
+    lr = hitl.round_lr_schedule(1e-3, 20)
+    assert len(lr) == 20 and lr.max() == pytest.approx(1e-3) and lr[0] == pytest.approx(1e-4)
+    assert lr[-1] == pytest.approx(5e-5) and np.all(np.diff(lr[3:]) <= 0)
+    assert len(hitl.round_lr_schedule(1e-3, 1)) == 1 and hitl.round_defaults("lite").schedule == "round"
+    from cellpose_web.models import CellposeModel
+
+    net = CellposeModel(pretrained_model="lite").net
+    img, lab = tifffile.imread(images_dir / "img0.tif"), truth(images_dir, 0)
+    with pytest.raises(CellposeWebError, match="lr_schedule has 1 learning rates for 3 epochs"):
+        train_mod.train_seg(net, [img], [lab], n_epochs=3, lr_schedule=[1e-3], save_path=tmp_path, bsize=64)
 
 
 def test_bad_corrections_are_refused(tmp_path, images_dir):
@@ -322,3 +343,28 @@ def test_cellpose3_round_and_lab_training_set(tmp_path, images_dir, monkeypatch)
     assert sets["hitl_cp3"]["n_images"] == 1  # the Fine-tune tab sees the corrected pairs
     info = s.publish("cp3_lab")
     assert info.name == "cp3_lab" and info.training["hitl_project"] == "cp3"
+
+
+def test_cancelled_round_is_recorded_and_its_images_stay_pending(tmp_path, images_dir, monkeypatch):
+    real = train_mod.train_seg
+    started = threading.Event()
+
+    def waiting_train(net, *a, callback=None, **k):
+        def cb(*args):
+            started.set()
+            assert h.done() is False
+            while not h._cancel.is_set():
+                threading.Event().wait(0.01)
+            return callback(*args)
+        return real(net, *a, callback=cb, **k)
+
+    monkeypatch.setattr(train_mod, "train_seg", waiting_train)
+    s = start(tmp_path, images_dir, recipe={**FAST, "n_epochs": 3})
+    s.next_image()
+    h = s.save_correction(truth(images_dir, 0)).handle
+    assert started.wait(120)
+    h.cancel()
+    rec = h.wait(timeout=300)
+    assert rec["status"] == "cancelled" and not rec["accepted"] and rec["epochs_done"] == 1
+    assert s.current_model()["round"] == 0 and s.pending()
+    assert not h.running and s.running_round() is None

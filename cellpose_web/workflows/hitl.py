@@ -48,7 +48,9 @@ Round defaults (:func:`round_defaults`; a session's ``recipe`` overrides any fie
 fine-tunes from the current model on every corrected training image; ``new_share`` of the crops
 come from the images corrected since the parent model (the rest replay the earlier ones, uniformly).
 Rounds are cut at ``time_limit_s`` (the model so far is kept and scored), and after the first
-round the number of epochs is fitted to the time limit from the measured seconds per crop.
+round the number of epochs is fitted to the time limit from the measured seconds per crop. The
+learning rate follows :func:`round_lr_schedule` (warm-up over ~15 % of the epochs, then a cosine
+decay to 5 %), so a round ends on small steps instead of train_seg's constant rate.
 
 ==========  ========  ======  ======  ===========  ======  =========  ==========  ===========  ====================
 family      device    lr      wd      epochs       crops   batch      crop (px)   new_share    time limit (s)
@@ -63,15 +65,17 @@ cpsam       GPU       1e-5    0.1     50           16      1          256       
 
 (crops = crops per epoch; Cellpose 1-3 U-Nets train with ``rescale=True``, objects scaled to the
 net's diameter, as Cellpose 3.) Where the numbers come from: ``lite`` CPU is the Fine-tune tab's
-recipe (``train.FINETUNE_DEFAULTS['lite']``: 20 epochs of 8 crops), measured at about 0.35 s per
-128 px crop on 2 idle CPU cores, so a round is about a minute; ``benchmarks/bench_hitl.py``
-measures what the rounds buy. ``cellpose3`` keeps Cellpose 3's AdamW recipe (lr 5e-3, weight decay
-1e-5, 224 px) on a GPU with half its GUI's 100 epochs; on a CPU a 224 px crop costs about 1 s on 2
-cores, so a round is 12 epochs of 8 crops and a lower learning rate (2e-3: with so few steps the
-full rate overshoots). ``cpsam`` keeps Cellpose 4's recipe (lr 1e-5, weight decay 0.1, batch 1,
-256 px); on a CPU a ViT-L step takes tens of seconds, so a CPU round is small and slow — use a GPU.
-The GPU rows were not measured on this project's CI machine (no GPU); they are sized so that a
-round takes one to a few minutes on one modern GPU.
+recipe (``train.FINETUNE_DEFAULTS['lite']``: 20 epochs of 8 crops, 160 steps); in
+``benchmarks/bench_hitl.py`` such a round took 17-39 s on 2 CPU cores shared with other jobs (load
+average 4-5), so 60 s leaves room. On synthetic whole cells, with one seed, the rounds' schedule
+(above) ended at held-out AP@0.5 0.941 / AP@0.75 0.767 after 8 corrected images where train_seg's
+constant rate ended at 0.889 / 0.666. ``cellpose3`` keeps Cellpose 3's AdamW recipe (lr 5e-3,
+weight decay 1e-5, 224 px) on a GPU with half its GUI's 100 epochs; on a CPU a 224 px crop costs
+about 1-2 s on 2 cores, so a round is 12 epochs of 8 crops, with a lower peak rate (2e-3) as a
+precaution for so few steps (not measured). ``cpsam`` keeps Cellpose 4's recipe (lr 1e-5, weight
+decay 0.1, batch 1, 256 px); on a CPU a ViT-L step takes tens of seconds, so a CPU round is small
+and slow: use a GPU. The GPU rows were not measured (no GPU on this project's machine); they are
+sized so that a round takes one to a few minutes on one modern GPU.
 
 One round at a time per project: a file lock (``round.lock``, released by the OS when a process
 dies) plus an in-process handle; corrections saved while a round runs mark the project
@@ -107,7 +111,7 @@ except ImportError:  # pragma: no cover - Windows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RoundRecipe", "ROUND_DEFAULTS", "round_defaults", "HitlSession", "RoundHandle", "ShownImage",
+__all__ = ["RoundRecipe", "ROUND_DEFAULTS", "round_defaults", "round_lr_schedule", "HitlSession", "RoundHandle", "ShownImage",
            "SaveResult", "start_session", "open_session", "list_sessions", "project_dir", "hitl_root",
            "decide_acceptance", "score_model", "is_heldout", "read_image_yxc", "read_labels", "SESSION_FILE"]
 
@@ -130,6 +134,8 @@ class RoundRecipe:
     time_limit_s : the round stops after this many seconds of training (its model is still scored).
     min_epochs : fitting the epochs to the time limit never goes below this.
     rescale : scale objects to the net's diameter (Cellpose 1-3 U-Nets, as Cellpose 3).
+    schedule : "round" (:func:`round_lr_schedule`: a short warm-up, then a cosine decay to 5 %, so a
+        round ends on small steps) or "cellpose" (train_seg's: 10 warm-up epochs, then constant).
     """
     learning_rate: float
     weight_decay: float
@@ -141,6 +147,7 @@ class RoundRecipe:
     time_limit_s: float = 60.0
     min_epochs: int = 12
     rescale: bool = False
+    schedule: str = "round"
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +175,8 @@ class RoundRecipe:
             raise CellposeWebError(f"round bsize must be a multiple of 16 and at least 32, got {self.bsize}")
         if not (0 <= self.new_share <= 1):
             raise CellposeWebError(f"round new_share must be between 0 and 1, got {self.new_share}")
+        if self.schedule not in ("round", "cellpose"):
+            raise CellposeWebError(f"round schedule must be 'round' or 'cellpose', got {self.schedule!r}")
         if not (self.time_limit_s > 0):
             raise CellposeWebError(f"round time_limit_s must be positive, got {self.time_limit_s}")
 
@@ -187,6 +196,18 @@ ROUND_DEFAULTS: dict[tuple[str, str], RoundRecipe] = {
     ("cpsam", "gpu"): RoundRecipe(1e-5, 0.1, n_epochs=50, crops_per_epoch=16, batch_size=1, bsize=256,
                                   time_limit_s=300, min_epochs=15),
 }
+
+
+def round_lr_schedule(learning_rate: float, n_epochs: int) -> np.ndarray:
+    """Per-epoch learning rates of a round: linear warm-up from 10 % over the first ~15 % of the
+    epochs, then a cosine decay to 5 % at the last epoch."""
+    n = max(int(n_epochs), 1)
+    w = max(1, int(round(0.15 * n)))
+    warm = np.linspace(0.1, 1.0, w, endpoint=False) if w > 1 else np.array([0.5])
+    rest = n - len(warm)
+    t = np.linspace(0.0, 1.0, rest) if rest > 1 else np.zeros(rest)
+    decay = 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * t))
+    return float(learning_rate) * np.concatenate([warm, decay])[:n]
 
 
 def round_defaults(arch: str | None, gpu: bool = False) -> RoundRecipe:
@@ -568,11 +589,6 @@ class HitlSession:
         del ev[:-200]
 
     # ------------------------------------------------------------------ models
-    @property
-    def gpu(self) -> bool | None:
-        g = self.state().get("gpu")
-        return None if g is None else bool(g)
-
     def _device_is_gpu(self, st: dict[str, Any]) -> bool:
         dev = st.get("device")
         if dev:
@@ -797,7 +813,7 @@ class HitlSession:
                    "n_cells": int(sum(int(c["n_cells"]) for c in train_items)), "new_images": new,
                    "epochs": n_epochs, "epochs_done": 0, **{f: getattr(recipe, f) for f in (
                        "learning_rate", "weight_decay", "batch_size", "bsize", "crops_per_epoch", "new_share",
-                       "time_limit_s", "rescale")},
+                       "time_limit_s", "rescale", "schedule")},
                    "started": _now(), "pid": os.getpid()}
             st["rounds"].append(rec)
             self._event(st, "round started", round=k, parent_round=parent_no)
@@ -841,7 +857,8 @@ class HitlSession:
                 channel_axis=2, learning_rate=recipe.learning_rate, weight_decay=recipe.weight_decay,
                 n_epochs=n_epochs, batch_size=recipe.batch_size, bsize=recipe.bsize,
                 nimg_per_epoch=recipe.crops_per_epoch, rescale=recipe.rescale, save_path=str(self.path),
-                model_name=rec["model"]["name"], min_train_masks=1, seed=seed, callback=cb)
+                model_name=rec["model"]["name"], min_train_masks=1, seed=seed, callback=cb,
+                lr_schedule=round_lr_schedule(recipe.learning_rate, n_epochs) if recipe.schedule == "round" else None)
             train_s = time.perf_counter() - t0
             train_device = str(model.device)
             del model
