@@ -773,6 +773,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] == "hitl":  # human-in-the-loop (issue 20): cellpose_web/cli_hitl.py
+        return __import__("cellpose_web.cli_hitl", fromlist=["run_hitl"]).run_hitl(argv[1:])
     if argv and argv[0] in SUBCOMMANDS:
         cmd, rest = argv[0], argv[1:]
         if cmd == "serve":

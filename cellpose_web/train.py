@@ -417,7 +417,8 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
               model_name: str | None = None, class_weights: Any = None, *, seed: int = 0,
               callback: EpochCallback | None = None, augment_intensity: bool = False,
               scale_sampler: Callable[[np.random.Generator, int], np.ndarray] | None = None,
-              mixed_precision: bool | None = None, **cellpose3: Any) -> tuple[Path, np.ndarray, np.ndarray]:
+              mixed_precision: bool | None = None, lr_schedule: Sequence[float] | None = None,
+              **cellpose3: Any) -> tuple[Path, np.ndarray, np.ndarray]:
     """Train or fine-tune ``net`` (``model.net``) on images and instance labels, Cellpose-style.
 
     The arguments are Cellpose 4's ``train_seg`` (same names and order); progress is logged per
@@ -451,6 +452,8 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
         the loss and the optimizer stay float32): about 2.5x faster per step on CPUs with native bf16
         (AVX512-BF16/AMX), slower on CPUs without it. False: float32 throughout, as Cellpose 3 on a
         CPU. None: :func:`training_uses_bf16` decides (per network family and machine).
+    lr_schedule : per-epoch learning rates (at least ``n_epochs``) instead of :func:`learning_rate_schedule`
+        (e.g. the short rounds of ``workflows.hitl``).
 
     Returns
     -------
@@ -501,7 +504,9 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
     nimg = len(imgs)
     nimg_per_epoch = nimg if nimg_per_epoch is None else int(nimg_per_epoch)
     nimg_test = len(t_imgs) if nimg_test_per_epoch is None else min(len(t_imgs), int(nimg_test_per_epoch))
-    LR = learning_rate_schedule(learning_rate, n_epochs)
+    LR = learning_rate_schedule(learning_rate, n_epochs) if lr_schedule is None else np.asarray(lr_schedule, float)
+    if len(LR) < n_epochs:
+        raise CellposeWebError(f"lr_schedule has {len(LR)} learning rates for {n_epochs} epochs")
     use_bf16 = training_uses_bf16(net, device, mixed_precision)
     memory_format = torch.channels_last if net_arch(net) in _CONV_NETS else torch.contiguous_format
     net.to(memory_format=memory_format)

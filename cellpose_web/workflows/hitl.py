@@ -1,0 +1,1180 @@
+"""Human-in-the-loop: the model learns while a person corrects (issue 20; Cellpose 2.0's loop).
+
+A *project* works through a folder (or a zip) of images one by one. Each image arrives segmented by
+the project's current model; the person corrects the masks and saves them; the corrected image
+joins the project's training set and a short fine-tune round starts in the background from the
+current model. When the round ends, its model becomes the current model only if it beats the
+previous one on the project's *held-out* corrected images; otherwise the old model stays (both
+are recorded). Every round's model is kept with its provenance, the person can go back to any of
+them, and the whole state lives in one JSON file, so a page reload or a server restart resumes
+where it stopped.
+
+Python::
+
+    from cellpose_web.workflows import hitl
+    s = hitl.start_session("nuclei_lab", "images/", base_model="lite")
+    shown = s.next_image()              # shown.masks, shown.flows, shown.model["round"]
+    res = s.save_correction(corrected)  # joins the training set; a round starts in the background
+    res.handle.wait()                   # (the browser polls s.status() instead)
+    s.status()["ap_curve"]              # held-out AP@0.5 / AP@0.75 per round
+    s.rollback(1)                       # back to round 1's model
+    s = hitl.open_session("nuclei_lab") # after a restart
+
+Command line: ``python -m cellpose_web hitl start|next|save|status|rollback|learn|publish|list|simulate``
+(:mod:`cellpose_web.cli_hitl`).
+
+Project layout (``<root>/<project>/``, root = ``$CELLPOSE_WEB_HOME/hitl`` unless given)::
+
+    session.json          the state (atomic writes; see HitlSession.state)
+    images/               images unpacked from a zip (a folder is used where it is)
+    proposals/NAME_masks.tif   the last segmentation shown for an image (what the person corrects)
+    models/round_NNN      every round's model (train_seg's layout: <save_path>/models/<name>)
+    training_set/         corrected pairs NAME.tif + NAME_masks.tif + set.json (the layout of
+                          service.training); for projects in the app's data folder the pairs go to
+                          the lab's training set ``training_sets/hitl_<project>`` instead, so the
+                          Fine-tune tab sees them
+
+Held-out images: the 2nd corrected image, then every ``holdout_every``-th one after it (2, 6, 10, ...
+for the default 4), i.e. about a quarter; they are saved to the training set (marked ``heldout``)
+but never trained on by a round. Until the first held-out image exists a round's model is accepted
+without a comparison (as Cellpose 2.0 always does); ``holdout_every=0`` keeps no held-out images.
+
+Acceptance: the round's model replaces its parent (the model it started from) when its mean
+AP@0.5 over the held-out images is higher by more than ``min_gain`` (default 0: strictly higher),
+or equal with a higher AP@0.75. Both scores are recorded in the round (``scores`` and
+``parent_scores``, on the same images).
+
+Round defaults (:func:`round_defaults`; a session's ``recipe`` overrides any field). A round
+fine-tunes from the current model on every corrected training image; ``new_share`` of the crops
+come from the images corrected since the parent model (the rest replay the earlier ones, uniformly).
+Rounds are cut at ``time_limit_s`` (the model so far is kept and scored), and after the first
+round the number of epochs is fitted to the time limit from the measured seconds per crop. The
+learning rate follows :func:`round_lr_schedule` (warm-up over ~15 % of the epochs, then a cosine
+decay to 5 %), so a round ends on small steps instead of train_seg's constant rate.
+
+==========  ========  ======  ======  ===========  ======  =========  ==========  ===========  ====================
+family      device    lr      wd      epochs       crops   batch      crop (px)   new_share    time limit (s)
+==========  ========  ======  ======  ===========  ======  =========  ==========  ===========  ====================
+lite        CPU       2e-3    1e-4    20           8       1          128         0.5          60
+lite        GPU       2e-3    1e-4    50           32      4          256         0.5          60
+cellpose3   CPU       2e-3    1e-5    12           8       4          224         0.5          240
+cellpose3   GPU       5e-3    1e-5    50           32      8          224         0.5          120
+cpsam       CPU       1e-5    0.1     10           2       1          256         0.5          900
+cpsam       GPU       1e-5    0.1     50           16      1          256         0.5          300
+==========  ========  ======  ======  ===========  ======  =========  ==========  ===========  ====================
+
+(crops = crops per epoch; Cellpose 1-3 U-Nets train with ``rescale=True``, objects scaled to the
+net's diameter, as Cellpose 3.) Where the numbers come from: ``lite`` CPU is the Fine-tune tab's
+recipe (``train.FINETUNE_DEFAULTS['lite']``: 20 epochs of 8 crops, 160 steps); in
+``benchmarks/bench_hitl.py`` such a round took 17-39 s on 2 CPU cores shared with other jobs (load
+average 4-5), so 60 s leaves room. On synthetic whole cells, with one seed, the rounds' schedule
+(above) ended at held-out AP@0.5 0.941 / AP@0.75 0.767 after 8 corrected images where train_seg's
+constant rate ended at 0.889 / 0.666. ``cellpose3`` keeps Cellpose 3's AdamW recipe (lr 5e-3,
+weight decay 1e-5, 224 px) on a GPU with half its GUI's 100 epochs; on a CPU a 224 px crop costs
+about 1-2 s on 2 cores, so a round is 12 epochs of 8 crops, with a lower peak rate (2e-3) as a
+precaution for so few steps (not measured). ``cpsam`` keeps Cellpose 4's recipe (lr 1e-5, weight
+decay 0.1, batch 1, 256 px); on a CPU a ViT-L step takes tens of seconds, so a CPU round is small
+and slow: use a GPU. The GPU rows were not measured (no GPU on this project's machine); they are
+sized so that a round takes one to a few minutes on one modern GPU.
+
+One round at a time per project: a file lock (``round.lock``, released by the OS when a process
+dies) plus an in-process handle; corrections saved while a round runs mark the project
+``pending`` and the running worker starts the next round when it finishes. Rounds of different
+projects run in their own threads and never wait for each other.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cellpose_web import io as cpio
+from cellpose_web import pipeline
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.service.storage import atomic_write_json, read_json, safe_join, safe_name, sub_dir
+
+try:  # POSIX file locks; elsewhere the in-process locks alone
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RoundRecipe", "ROUND_DEFAULTS", "round_defaults", "round_lr_schedule", "HitlSession", "RoundHandle", "ShownImage",
+           "SaveResult", "start_session", "open_session", "list_sessions", "project_dir", "hitl_root",
+           "decide_acceptance", "score_model", "is_heldout", "read_image_yxc", "read_labels", "SESSION_FILE"]
+
+SESSION_FILE = "session.json"
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# round defaults
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoundRecipe:
+    """One fine-tune round (see the table in the module docstring).
+
+    learning_rate, weight_decay : AdamW (train_seg's warm-up over the first 10 epochs included).
+    n_epochs : epochs of a round (fewer when the time limit would cut them; see ``min_epochs``).
+    crops_per_epoch, batch_size, bsize : crops per epoch (train_seg's nimg_per_epoch), crops per
+        optimiser step, crop side in px.
+    new_share : fraction of the crops drawn from the images corrected since the parent model.
+    time_limit_s : the round stops after this many seconds of training (its model is still scored).
+    min_epochs : fitting the epochs to the time limit never goes below this.
+    rescale : scale objects to the net's diameter (Cellpose 1-3 U-Nets, as Cellpose 3).
+    schedule : "round" (:func:`round_lr_schedule`: a short warm-up, then a cosine decay to 5 %, so a
+        round ends on small steps) or "cellpose" (train_seg's: 10 warm-up epochs, then constant).
+    """
+    learning_rate: float
+    weight_decay: float
+    n_epochs: int
+    crops_per_epoch: int
+    batch_size: int
+    bsize: int
+    new_share: float = 0.5
+    time_limit_s: float = 60.0
+    min_epochs: int = 12
+    rescale: bool = False
+    schedule: str = "round"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "RoundRecipe":
+        """A copy with ``overrides`` (unknown keys raise CellposeWebError naming them)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise CellposeWebError(f"unknown round setting(s) {', '.join(bad)}; known: {', '.join(sorted(names))}")
+        kw = {k: v for k, v in overrides.items() if v is not None}
+        out = dataclasses.replace(self, **kw)
+        out.check()
+        return out
+
+    def check(self) -> None:
+        if not (0 < self.learning_rate < 1) or not math.isfinite(self.learning_rate):
+            raise CellposeWebError(f"round learning_rate must be between 0 and 1, got {self.learning_rate}")
+        if not (0 <= self.weight_decay <= 10):
+            raise CellposeWebError(f"round weight_decay must be between 0 and 10, got {self.weight_decay}")
+        for k in ("n_epochs", "crops_per_epoch", "batch_size", "min_epochs"):
+            if int(getattr(self, k)) < 1:
+                raise CellposeWebError(f"round {k} must be at least 1, got {getattr(self, k)}")
+        if int(self.bsize) < 32 or int(self.bsize) % 16:
+            raise CellposeWebError(f"round bsize must be a multiple of 16 and at least 32, got {self.bsize}")
+        if not (0 <= self.new_share <= 1):
+            raise CellposeWebError(f"round new_share must be between 0 and 1, got {self.new_share}")
+        if self.schedule not in ("round", "cellpose"):
+            raise CellposeWebError(f"round schedule must be 'round' or 'cellpose', got {self.schedule!r}")
+        if not (self.time_limit_s > 0):
+            raise CellposeWebError(f"round time_limit_s must be positive, got {self.time_limit_s}")
+
+
+#: (family, "cpu" | "gpu") -> the round recipe; the table of the module docstring.
+ROUND_DEFAULTS: dict[tuple[str, str], RoundRecipe] = {
+    ("lite", "cpu"): RoundRecipe(2e-3, 1e-4, n_epochs=20, crops_per_epoch=8, batch_size=1, bsize=128,
+                                 time_limit_s=60, min_epochs=12),
+    ("lite", "gpu"): RoundRecipe(2e-3, 1e-4, n_epochs=50, crops_per_epoch=32, batch_size=4, bsize=256,
+                                 time_limit_s=60, min_epochs=15),
+    ("cellpose3", "cpu"): RoundRecipe(2e-3, 1e-5, n_epochs=12, crops_per_epoch=8, batch_size=4, bsize=224,
+                                      time_limit_s=240, min_epochs=11, rescale=True),
+    ("cellpose3", "gpu"): RoundRecipe(5e-3, 1e-5, n_epochs=50, crops_per_epoch=32, batch_size=8, bsize=224,
+                                      time_limit_s=120, min_epochs=15, rescale=True),
+    ("cpsam", "cpu"): RoundRecipe(1e-5, 0.1, n_epochs=10, crops_per_epoch=2, batch_size=1, bsize=256,
+                                  time_limit_s=900, min_epochs=10),
+    ("cpsam", "gpu"): RoundRecipe(1e-5, 0.1, n_epochs=50, crops_per_epoch=16, batch_size=1, bsize=256,
+                                  time_limit_s=300, min_epochs=15),
+}
+
+
+def round_lr_schedule(learning_rate: float, n_epochs: int) -> np.ndarray:
+    """Per-epoch learning rates of a round: linear warm-up from 10 % over the first ~15 % of the
+    epochs, then a cosine decay to 5 % at the last epoch."""
+    n = max(int(n_epochs), 1)
+    w = max(1, int(round(0.15 * n)))
+    warm = np.linspace(0.1, 1.0, w, endpoint=False) if w > 1 else np.array([0.5])
+    rest = n - len(warm)
+    t = np.linspace(0.0, 1.0, rest) if rest > 1 else np.zeros(rest)
+    decay = 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * t))
+    return float(learning_rate) * np.concatenate([warm, decay])[:n]
+
+
+def round_defaults(arch: str | None, gpu: bool = False) -> RoundRecipe:
+    """The round recipe for a network family ("lite", "cellpose3", "cpsam"; unknown -> "cpsam") on
+    a GPU or a CPU host."""
+    fam = str(arch or "").lower()
+    fam = fam if fam in ("lite", "cellpose3", "cpsam") else "cpsam"
+    return ROUND_DEFAULTS[(fam, "gpu" if gpu else "cpu")]
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers: time, locks, paths
+# ----------------------------------------------------------------------------------------------
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+_THREAD_LOCKS: dict[str, threading.RLock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(key: str) -> threading.RLock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(key, threading.RLock())
+
+
+class _FileLock:
+    """An exclusive ``flock`` on a file (held per open file, released by the OS if the process dies)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if self._fh is not None:
+            raise RuntimeError("lock already held by this object")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except OSError:
+                fh.close()
+                return False
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            if fcntl is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
+
+
+def hitl_root(root: str | os.PathLike | None = None, user: str | None = None) -> Path:
+    """The folder that holds the projects: ``root`` when given, else ``<data folder>/hitl``."""
+    if root is not None:
+        p = Path(root).expanduser().resolve()
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    return sub_dir("hitl", user)
+
+
+def project_dir(name: str, root: str | os.PathLike | None = None, user: str | None = None) -> Path:
+    """``<root>/<name>`` (the name reduced to letters, digits, ``. _ -``)."""
+    return safe_join(hitl_root(root, user), safe_name(name, "project name"))
+
+
+def _pair_name(index: int, path: str) -> str:
+    """Training-pair name of image ``index``: unique even when files in sub-folders share a name."""
+    stem = Path(path).name
+    for suf in (".ome.tiff", ".ome.tif"):
+        if stem.lower().endswith(suf):
+            stem = stem[: -len(suf)]
+            break
+    else:
+        stem = Path(stem).stem
+    return f"{index:04d}_{safe_name(stem, 'image name', 80)}"
+
+
+def is_heldout(n: int, holdout_every: int) -> bool:
+    """Whether the ``n``-th corrected image (1-based) is held out: the 2nd, then every ``holdout_every``-th."""
+    k = int(holdout_every or 0)
+    return k > 0 and n >= 2 and (n - 2) % k == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# images
+# ----------------------------------------------------------------------------------------------
+def _list_images(images: Any, dest: Path) -> tuple[list[str], str]:
+    """(absolute image paths, source description) from a folder, a zip or a list of files."""
+    if isinstance(images, (str, os.PathLike)):
+        p = Path(images).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"images not found: {p}")
+        if p.is_dir():
+            files = cpio.get_image_files(p, "_masks")
+            return [str(Path(f).resolve()) for f in files], str(p.resolve())
+        if p.suffix.lower() == ".zip":
+            from cellpose_web.service.inputs import extract_zip  # the one validated unzip (limits, zip bombs)
+
+            out = dest / "images"
+            extract_zip(p, out)
+            files = cpio.get_image_files(out, "_masks", look_one_level_down=True)
+            return [str(Path(f).resolve()) for f in files], str(p.resolve())
+        images = [p]
+    files = [Path(f).expanduser() for f in images]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"image not found: {missing[0]}")
+    if not files:
+        raise CellposeWebError("no images: give a folder, a zip or a list of image files")
+    return [str(f.resolve()) for f in files], "files"
+
+
+def read_image_yxc(path: str | os.PathLike) -> np.ndarray:
+    """An image file as (Y, X, C), every channel in the file's order; z-stacks are refused."""
+    img, axes, _ = pipeline.read_image(path)
+    yxc, stack = pipeline.to_channels_last(img, file_axes=axes)
+    if stack:
+        raise CellposeWebError(f"{Path(path).name} is a z-stack; the human-in-the-loop works on 2D images "
+                               "(save the planes as separate images)")
+    return yxc
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    """Masks from a file: a label image (.tif/.png; whole numbers, 0 = background) or a Cellpose
+    ``_seg.npy`` (its ``masks``)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"masks file not found: {p}")
+    m = np.asarray(cpio.load_seg(str(p))["masks"] if p.name.endswith(".npy") else cpio.imread(str(p)))
+    if m.ndim == 3 and m.shape[-1] in (3, 4) and m.dtype == np.uint8:
+        m = m[..., 0]
+    if m.dtype.kind == "b":
+        from scipy import ndimage as ndi
+
+        m = ndi.label(m)[0]
+    if m.dtype.kind == "f":
+        if not np.all(np.isfinite(m)) or np.any(m != np.round(m)) or m.min(initial=0) < 0:
+            raise CellposeWebError(f"{p.name} must hold whole-number labels (0 = background)")
+        m = m.astype(np.int64)
+    return m
+
+
+def _select(img: np.ndarray, channels: Sequence[int] | None) -> np.ndarray:
+    chans = pipeline.check_channels(list(channels) if channels else None, img.shape[-1])
+    return img[..., chans] if chans else img
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring and the acceptance rule
+# ----------------------------------------------------------------------------------------------
+def _loaded(ref: dict[str, Any], device: str | None, gpu: bool | None) -> pipeline.LoadedModel:
+    return pipeline.get_model(ref.get("path") or ref["name"], device=device, gpu=gpu)
+
+
+def score_model(model_ref: dict[str, Any] | str, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                channels: Sequence[int] | None = None, eval_kwargs: dict[str, Any] | None = None,
+                device: str | None = None, gpu: bool | None = None) -> dict[str, Any] | None:
+    """Mean AP@0.5 / AP@0.75 (``metrics.average_precision``) of a model on (Y, X, C) images with
+    true labels, segmented exactly as :meth:`HitlSession.next_image` does; None without images."""
+    from cellpose_web.metrics import average_precision
+
+    if not images:
+        return None
+    ref = {"name": model_ref, "path": None} if isinstance(model_ref, str) else model_ref
+    loaded = _loaded(ref, device, gpu)
+    preds = [pipeline.segment(loaded, img, dict(eval_kwargs or {}), channel_axis=2,
+                              segment_channels=list(channels) if channels else None).masks for img in images]
+    ap, _, _, _ = average_precision([np.asarray(x) for x in labels], preds, threshold=[0.5, 0.75])
+    ap = np.nan_to_num(np.asarray(ap, np.float64), nan=0.0)
+    return {"ap50": round(float(ap[:, 0].mean()), 4), "ap75": round(float(ap[:, 1].mean()), 4),
+            "n_images": len(images), "n_cells": int(sum(len(np.unique(x[x > 0])) for x in labels))}
+
+
+def decide_acceptance(new: dict[str, Any] | None, parent: dict[str, Any] | None,
+                      min_gain: float = 0.0) -> tuple[bool, str]:
+    """(accepted, reason): the new model replaces its parent when its held-out AP@0.5 is higher by
+    more than ``min_gain``, or equal with a higher AP@0.75; without held-out scores it is accepted."""
+    if new is None or parent is None:
+        return True, "no held-out corrected images yet: accepted without a comparison"
+    a, b = float(new["ap50"]), float(parent["ap50"])
+    a75, b75 = float(new.get("ap75", 0.0)), float(parent.get("ap75", 0.0))
+    if a > b + float(min_gain):
+        return True, f"held-out AP@0.5 {b:.3f} -> {a:.3f}"
+    if abs(a - b) <= 1e-9 and a75 > b75 and min_gain <= 0:
+        return True, f"held-out AP@0.5 equal ({a:.3f}); AP@0.75 {b75:.3f} -> {a75:.3f}"
+    return False, (f"held-out AP@0.5 {a:.3f} (AP@0.75 {a75:.3f}) does not beat the previous model's "
+                   f"{b:.3f} ({b75:.3f}): kept the previous model")
+
+
+# ----------------------------------------------------------------------------------------------
+# results handed to callers
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ShownImage:
+    """An image as the person sees it: segmented by the project's current model.
+
+    image : (Y, X, C), every channel of the file; masks (Y, X) labels; flows as
+    ``CellposeModel.eval`` ([RGB, dP, cellprob]; None when the proposal was reused from disk);
+    model : {round, name, path, sha256, n_cells}: which model segmented it.
+    """
+    index: int
+    name: str
+    path: str
+    image: np.ndarray
+    masks: np.ndarray
+    flows: list | None
+    model: dict[str, Any]
+    proposal_path: str
+    corrected: bool = False
+    reused: bool = False
+    seconds: float = 0.0
+
+    @property
+    def n_masks(self) -> int:
+        return int(np.count_nonzero(np.unique(self.masks)))
+
+
+@dataclass
+class SaveResult:
+    """What :meth:`HitlSession.save_correction` did: the pair saved, held out or trained on, and the
+    round it started (``handle``; None when held out or ``learn=False``; when a round was already
+    running the correction is ``queued`` for the round after it)."""
+    index: int
+    name: str
+    n_cells: int
+    heldout: bool
+    n_corrected: int
+    handle: "RoundHandle | None" = None
+    queued: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# the background round
+# ----------------------------------------------------------------------------------------------
+_RUNNING: dict[str, "RoundHandle"] = {}
+_START_LOCK = threading.Lock()
+
+
+class RoundHandle:
+    """A running (or finished) fine-tune worker of one project; it may run several rounds in a row
+    when corrections arrive during a round. Poll :meth:`status`; :meth:`wait` blocks."""
+
+    def __init__(self, session: "HitlSession", lock: _FileLock):
+        self.session = session
+        self._lock = lock
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._progress: dict[str, Any] = {"phase": "starting", "round": None, "epoch": 0, "n_epochs": 0,
+                                          "elapsed_s": 0.0}
+        self.rounds: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+
+    # -- for callers
+    def status(self) -> dict[str, Any]:
+        return {"running": self.running, **dict(self._progress), "rounds_done": [r["round"] for r in self.rounds],
+                "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}"}
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def done(self) -> bool:
+        return not self.running
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """Wait for the worker (all its rounds); the last round's record, or None when it had none.
+        Raises the worker's error, if any."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.error is not None and not self.running:
+            raise self.error
+        return self.rounds[-1] if self.rounds else None
+
+    def result(self) -> dict[str, Any] | None:
+        return self.rounds[-1] if self.rounds else None
+
+    def cancel(self) -> None:
+        """Stop after the current epoch (the round is recorded as cancelled and not used)."""
+        self._cancel.set()
+
+    # -- the worker
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name=f"hitl-round-{self.session.name}", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        key = str(self.session.path)
+        try:
+            while True:
+                rec = self.session._run_one_round(self._cancel, self._progress)
+                if rec is not None:
+                    self.rounds.append(rec)
+                with _START_LOCK:
+                    st = self.session.state()
+                    again = bool(st.get("pending")) and not self._cancel.is_set() and rec is not None \
+                        and rec.get("status") == "done"
+                    if not again:
+                        self._progress["phase"] = "done"
+                        self._lock.release()
+                        if _RUNNING.get(key) is self:
+                            del _RUNNING[key]
+                        return
+        except BaseException as e:  # noqa: BLE001 - recorded and re-raised by wait()
+            log.exception("human-in-the-loop round failed in project %s", self.session.name)
+            self.error = e
+            self._progress["phase"] = "failed"
+            with _START_LOCK:
+                self._lock.release()
+                if _RUNNING.get(key) is self:
+                    del _RUNNING[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# the session
+# ----------------------------------------------------------------------------------------------
+class HitlSession:
+    """One project's loop, backed by ``<project>/session.json``. Cheap to create: every method reads
+    the state from disk, so several objects (browser tabs, a restarted server) see the same project.
+
+    The state (``state()``)::
+
+        version, name, created, updated, source, images [absolute paths], index (the image being worked on),
+        channels (file channels fed to the model, file numbering; Cellpose 1-3: [cytoplasm, nucleus]),
+        eval_kwargs (CellposeModel.eval keywords), base_model {name, path, sha256, arch},
+        recipe (overrides of the round defaults), holdout_every, min_gain, seed, gpu, device,
+        training_dir, current_round, pending (corrections not learnt yet),
+        corrected [{index, name, n_cells, heldout, saved, segmented_by_round}],
+        rounds [{round, status, parent_round, model {name, path, sha256}, train_images, heldout_images,
+                 n_train_images, n_cells, new_images, epochs, epochs_done, learning_rate, weight_decay,
+                 batch_size, bsize, crops_per_epoch, new_share, time_limit_s, stopped_by_time_limit,
+                 train_seconds, score_seconds, sec_per_crop, scores {ap50, ap75, n_images, n_cells},
+                 parent_scores, accepted, applied, reason, base_model, started, finished, device}],
+        shown {index, round, proposal, at}, events [{at, what, ...}]
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).resolve()
+        if not (self.path / SESSION_FILE).is_file():
+            raise CellposeWebError(f"no human-in-the-loop project at {self.path} (start one first)")
+        self.name = self.path.name
+
+    def __repr__(self) -> str:
+        return f"HitlSession({self.name!r}, {self.path})"
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        """The project's state as stored (a fresh copy: change it through the methods)."""
+        st = read_json(self.path / SESSION_FILE)
+        if not isinstance(st, dict):
+            raise CellposeWebError(f"the project file {self.path / SESSION_FILE} is damaged or unreadable")
+        return st
+
+    @contextlib.contextmanager
+    def _update(self):
+        """Read-modify-write of the state under the project's locks (threads and processes)."""
+        with _thread_lock(str(self.path)):
+            fl = _FileLock(self.path / ".state.lock")
+            fl.acquire()
+            try:
+                st = self.state()
+                yield st
+                st["updated"] = _now()
+                atomic_write_json(self.path / SESSION_FILE, st)
+            finally:
+                fl.release()
+
+    def _event(self, st: dict[str, Any], what: str, **kw: Any) -> None:
+        ev = st.setdefault("events", [])
+        ev.append({"at": _now(), "what": what, **kw})
+        del ev[:-200]
+
+    # ------------------------------------------------------------------ models
+    def _device_is_gpu(self, st: dict[str, Any]) -> bool:
+        dev = st.get("device")
+        if dev:
+            return not str(dev).startswith("cpu")
+        return pipeline.default_gpu() if st.get("gpu") is None else bool(st.get("gpu"))
+
+    def recipe(self, st: dict[str, Any] | None = None) -> RoundRecipe:
+        """The round recipe of this project: the defaults of its base model's family and device, with
+        the project's overrides."""
+        st = st or self.state()
+        base = round_defaults(st["base_model"].get("arch"), self._device_is_gpu(st))
+        return base.replace(**(st.get("recipe") or {}))
+
+    def current_model(self, st: dict[str, Any] | None = None) -> dict[str, Any]:
+        """{round, name, path, sha256, arch, n_cells (corrected cells it learnt from), n_images, scores}."""
+        st = st or self.state()
+        r = st["rounds"][int(st["current_round"])]
+        return {"round": r["round"], **r["model"], "arch": st["base_model"].get("arch"),
+                "n_cells": int(r.get("n_cells", 0)), "n_images": int(r.get("n_train_images", 0)),
+                "scores": r.get("scores")}
+
+    def model_path(self, round_no: int | None = None) -> str:
+        """The weights file of a round's model (the current one by default)."""
+        st = self.state()
+        k = int(st["current_round"] if round_no is None else round_no)
+        if not 0 <= k < len(st["rounds"]):
+            raise CellposeWebError(f"round {k} does not exist (rounds 0..{len(st['rounds']) - 1})")
+        r = st["rounds"][k]
+        return r["model"].get("path") or r["model"]["name"]
+
+    # ------------------------------------------------------------------ images
+    def images(self) -> list[str]:
+        return list(self.state()["images"])
+
+    def goto(self, index: int) -> int:
+        """Work on image ``index`` next."""
+        with self._update() as st:
+            n = len(st["images"])
+            if not 0 <= int(index) < n:
+                raise CellposeWebError(f"image {index} does not exist (0..{n - 1})")
+            st["index"] = int(index)
+        return int(index)
+
+    def _corrected_map(self, st: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        return {int(c["index"]): c for c in st.get("corrected", [])}
+
+    def next_image(self, index: int | None = None, reuse: bool = True,
+                   wait_for_round: float | None = 0.0) -> ShownImage | None:
+        """The image to correct, segmented by the current model; None when every image is corrected.
+
+        index : this image (default: the first not yet corrected at or after the current one,
+            wrapping to the start).
+        reuse : give the proposal saved on disk when the same model already segmented this image
+            (a page reload; ``flows`` is then None).
+        wait_for_round : seconds to wait for a running round first (None = until it ends), so the
+            image is segmented by the newest model; 0 = do not wait.
+        """
+        if wait_for_round is None or wait_for_round > 0:
+            h = self.running_round()
+            if h is not None:
+                h._thread.join(wait_for_round)  # type: ignore[union-attr]
+        st = self.state()
+        n = len(st["images"])
+        done = self._corrected_map(st)
+        if index is None:
+            start = int(st.get("index", 0))
+            order = list(range(start, n)) + list(range(0, start))
+            todo = [i for i in order if i not in done]
+            if not todo:
+                return None
+            index = todo[0]
+        index = int(index)
+        if not 0 <= index < n:
+            raise CellposeWebError(f"image {index} does not exist (0..{n - 1})")
+        path = st["images"][index]
+        name = _pair_name(index, path)
+        model = self.current_model(st)
+        prop = self.path / "proposals" / f"{name}_masks.tif"
+        shown = st.get("shown") or {}
+        img = read_image_yxc(path)
+        if reuse and shown.get("index") == index and shown.get("round") == model["round"] and prop.is_file():
+            import tifffile
+
+            masks = tifffile.imread(prop)
+            with self._update() as st2:
+                st2["index"] = index
+            return ShownImage(index, name, path, img, masks, None, model, str(prop), index in done, reused=True)
+        t0 = time.perf_counter()
+        loaded = _loaded(model, st.get("device"), st.get("gpu"))
+        seg = pipeline.segment(loaded, img, dict(st.get("eval_kwargs") or {}), channel_axis=2,
+                               segment_channels=st.get("channels") or None)
+        secs = time.perf_counter() - t0
+        masks = np.asarray(seg.masks)
+        _write_masks(prop, masks)
+        with self._update() as st2:
+            st2["index"] = index
+            st2["shown"] = {"index": index, "round": model["round"], "proposal": str(prop), "at": _now(),
+                            "n_masks": int(len(np.unique(masks[masks > 0])))}
+        return ShownImage(index, name, path, img, masks, list(seg.flows), model, str(prop), index in done,
+                          seconds=round(secs, 2))
+
+    # ------------------------------------------------------------------ corrections
+    def save_correction(self, masks: np.ndarray, index: int | None = None, learn: bool = True) -> SaveResult:
+        """Save the person's corrected masks of image ``index`` (default: the current one) into the
+        project's training set; with ``learn`` a round starts in the background (or is queued behind
+        the running one). Held-out images start no round."""
+        st = self.state()
+        index = int(st.get("index", 0) if index is None else index)
+        n = len(st["images"])
+        if not 0 <= index < n:
+            raise CellposeWebError(f"image {index} does not exist (0..{n - 1})")
+        masks = np.asarray(masks)
+        if masks.ndim == 3 and masks.shape[0] == 1:
+            masks = masks[0]
+        if masks.ndim != 2 or masks.dtype.kind not in "iub":
+            raise CellposeWebError(f"corrected masks must be a 2D label image (integers), got {masks.dtype} "
+                                   f"{masks.shape}")
+        if masks.max(initial=0) <= 0:
+            raise CellposeWebError("these masks are empty: draw the cells before saving")
+        if masks.min(initial=0) < 0:
+            raise CellposeWebError("masks must not be negative (0 = background, 1..N = cells)")
+        path = st["images"][index]
+        img = read_image_yxc(path)
+        if img.shape[:2] != masks.shape:
+            raise CellposeWebError(f"masks {masks.shape} do not match the image {img.shape[:2]}")
+        name = _pair_name(index, path)
+        m = masks.astype(np.uint16 if masks.max() < 65535 else np.uint32)
+        n_cells = int(len(np.unique(m[m > 0])))
+        tdir = Path(st["training_dir"])
+        _write_image(tdir / f"{name}.tif", img)
+        _write_masks(tdir / f"{name}_masks.tif", m)
+        with self._update() as st:
+            done = self._corrected_map(st)
+            shown = st.get("shown") or {}
+            seg_by = shown.get("round") if shown.get("index") == index else None
+            if index in done:
+                entry = done[index]
+                entry.update(n_cells=n_cells, saved=_now(), segmented_by_round=seg_by)
+            else:
+                heldout = is_heldout(len(done) + 1, int(st.get("holdout_every", 0)))
+                entry = {"index": index, "name": name, "n_cells": n_cells, "heldout": heldout, "saved": _now(),
+                         "segmented_by_round": seg_by}
+                st.setdefault("corrected", []).append(entry)
+            heldout = bool(entry["heldout"])
+            if not heldout:
+                st["pending"] = True
+            uncorrected = [i for i in range(n) if i not in self._corrected_map(st)]
+            later = [i for i in uncorrected if i > index]
+            st["index"] = later[0] if later else (uncorrected[0] if uncorrected else index)
+            n_corr = len(st["corrected"])
+            self._event(st, "saved", index=index, name=name, n_cells=n_cells, heldout=heldout)
+        _update_set_json(tdir, name, n_cells, list(img.shape), heldout, index)
+        res = SaveResult(index, name, n_cells, heldout, n_corr)
+        if learn and not heldout:
+            res.handle, res.queued = self._start_round()
+        return res
+
+    def pending(self) -> bool:
+        """Whether corrected training images exist that no finished round has learnt from yet."""
+        return bool(self.state().get("pending"))
+
+    # ------------------------------------------------------------------ rounds
+    def running_round(self) -> RoundHandle | None:
+        """This process's worker for the project, while it runs."""
+        h = _RUNNING.get(str(self.path))
+        return h if h is not None and h.running else None
+
+    def learn(self) -> RoundHandle | None:
+        """Start a round now on every corrected training image (e.g. after a restart left corrections
+        unlearnt). Returns the worker, or None when another process is training this project (the
+        round is then queued for it)."""
+        st = self.state()
+        if not any(not c["heldout"] for c in st.get("corrected", [])):
+            raise CellposeWebError("no corrected training images yet: correct an image first")
+        with self._update() as st:
+            st["pending"] = True
+        return self._start_round()[0]
+
+    def _start_round(self) -> tuple[RoundHandle | None, bool]:
+        """(worker, queued): start a worker unless one runs; one that runs picks the correction up."""
+        key = str(self.path)
+        with _START_LOCK:
+            h = _RUNNING.get(key)
+            if h is not None and h.running:
+                return h, True
+            lock = _FileLock(self.path / "round.lock")
+            if not lock.acquire(blocking=False):  # another process trains this project
+                return None, True
+            h = RoundHandle(self, lock)
+            _RUNNING[key] = h
+            h._start()
+            return h, False
+
+    def _run_one_round(self, cancel: threading.Event, progress: dict[str, Any]) -> dict[str, Any] | None:
+        """One round (the worker holds the project's round lock): train, score, accept or keep."""
+        from cellpose_web import train as train_mod
+        from cellpose_web.models import CellposeModel
+
+        with self._update() as st:
+            train_items = [c for c in st.get("corrected", []) if not c["heldout"]]
+            if not train_items:
+                st["pending"] = False
+                return None
+            st["pending"] = False
+            k = len(st["rounds"])
+            parent_no = int(st["current_round"])
+            parent = st["rounds"][parent_no]
+            recipe = self.recipe(st)
+            held_items = [c for c in st.get("corrected", []) if c["heldout"]]
+            known = set(parent.get("train_images") or [])
+            new = [c["name"] for c in train_items if c["name"] not in known]
+            # fit the epochs to the time limit from the last measured speed
+            n_epochs = int(recipe.n_epochs)
+            spc = next((r.get("sec_per_crop") for r in reversed(st["rounds"]) if r.get("sec_per_crop")), None)
+            if spc:
+                fit = int(0.9 * recipe.time_limit_s / (spc * recipe.crops_per_epoch))
+                n_epochs = max(min(n_epochs, fit), min(recipe.min_epochs, n_epochs))
+            rec = {"round": k, "status": "running", "parent_round": parent_no, "base_model": st["base_model"]["name"],
+                   "model": {"name": f"{self.name}-round{k:03d}", "path": None, "sha256": None},
+                   "train_images": [c["name"] for c in train_items],
+                   "heldout_images": [c["name"] for c in held_items], "n_train_images": len(train_items),
+                   "n_cells": int(sum(int(c["n_cells"]) for c in train_items)), "new_images": new,
+                   "epochs": n_epochs, "epochs_done": 0, **{f: getattr(recipe, f) for f in (
+                       "learning_rate", "weight_decay", "batch_size", "bsize", "crops_per_epoch", "new_share",
+                       "time_limit_s", "rescale", "schedule")},
+                   "started": _now(), "pid": os.getpid()}
+            st["rounds"].append(rec)
+            self._event(st, "round started", round=k, parent_round=parent_no)
+            seed = int(st.get("seed", 0)) + k
+            channels = st.get("channels") or None
+            eval_kwargs = dict(st.get("eval_kwargs") or {})
+            device, gpu = st.get("device"), st.get("gpu")
+            tdir = Path(st["training_dir"])
+            parent_ref = dict(parent["model"])
+            parent_scores_cached = parent.get("scores_latest") or parent.get("scores")
+            base_ref, base_unscored = dict(st["rounds"][0]["model"]), st["rounds"][0].get("scores") is None
+        progress.update(phase="loading", round=k, epoch=0, n_epochs=n_epochs, elapsed_s=0.0)
+        try:
+            imgs, labs = zip(*[_read_pair(tdir, c["name"], channels) for c in train_items])
+            probs = None
+            if new and len(new) < len(train_items) and recipe.new_share > 0:
+                is_new = np.array([c["name"] in new for c in train_items])
+                probs = np.where(is_new, recipe.new_share / is_new.sum(),
+                                 (1 - recipe.new_share) / (~is_new).sum())
+            use_gpu = self._device_is_gpu(st)
+            model = CellposeModel(gpu=use_gpu if gpu is None else bool(gpu), device=device,
+                                  pretrained_model=parent_ref.get("path") or parent_ref["name"], use_bfloat16=False)
+            limit = float(recipe.time_limit_s)
+            state = {"stopped": False, "epochs": 0}
+
+            def cb(epoch, train_loss, test_loss, elapsed):
+                state["epochs"] = epoch + 1
+                progress.update(phase="training", epoch=epoch + 1, elapsed_s=round(elapsed, 1),
+                                train_loss=round(float(train_loss), 4))
+                if cancel.is_set():
+                    return False
+                if elapsed >= limit and epoch + 1 < n_epochs:
+                    state["stopped"] = True
+                    return False
+                return True
+
+            progress.update(phase="training")
+            t0 = time.perf_counter()
+            mpath, tl, _ = train_mod.train_seg(
+                model.net, list(imgs), list(labs), train_probs=None if probs is None else list(probs),
+                channel_axis=2, learning_rate=recipe.learning_rate, weight_decay=recipe.weight_decay,
+                n_epochs=n_epochs, batch_size=recipe.batch_size, bsize=recipe.bsize,
+                nimg_per_epoch=recipe.crops_per_epoch, rescale=recipe.rescale, save_path=str(self.path),
+                model_name=rec["model"]["name"], min_train_masks=1, seed=seed, callback=cb,
+                lr_schedule=round_lr_schedule(recipe.learning_rate, n_epochs) if recipe.schedule == "round" else None)
+            train_s = time.perf_counter() - t0
+            train_device = str(model.device)
+            del model
+            if cancel.is_set():
+                with self._update() as st:
+                    r = st["rounds"][k]
+                    r.update(status="cancelled", accepted=False, applied=False, finished=_now(),
+                             epochs_done=int(len(tl)), train_seconds=round(train_s, 1),
+                             model={"name": rec["model"]["name"], "path": str(mpath), "sha256": None},
+                             reason="cancelled")
+                    st["pending"] = True  # the corrections are still to be learnt
+                    self._event(st, "round cancelled", round=k)
+                    return dict(r)
+            from cellpose_web.registry import file_sha256
+
+            model_ref = {"name": rec["model"]["name"], "path": str(Path(mpath).resolve()),
+                         "sha256": file_sha256(mpath)}
+            progress.update(phase="scoring")
+            t1 = time.perf_counter()
+            held = [_read_pair(tdir, c["name"], None) for c in held_items]
+            held_imgs, held_labs = [h[0] for h in held], [h[1] for h in held]
+            names = [c["name"] for c in held_items]
+            new_scores = _score(model_ref, held_imgs, held_labs, channels, eval_kwargs, device, gpu)
+            if parent_scores_cached and parent_scores_cached.get("heldout") == names:
+                parent_scores = parent_scores_cached
+            else:
+                parent_scores = _score(parent_ref, held_imgs, held_labs, channels, eval_kwargs, device, gpu)
+            if new_scores is not None:
+                new_scores["heldout"] = names
+            if parent_scores is not None:
+                parent_scores["heldout"] = names
+            base_scores = None  # the curve starts at the base model: score it once, when it can be
+            if held and base_unscored and parent_no != 0:
+                base_scores = _score(base_ref, held_imgs, held_labs, channels, eval_kwargs, device, gpu)
+                base_scores["heldout"] = names
+            score_s = time.perf_counter() - t1
+            with self._update() as st:
+                accepted, reason = decide_acceptance(new_scores, parent_scores, float(st.get("min_gain", 0.0)))
+                applied = accepted and int(st["current_round"]) == parent_no
+                if accepted and not applied:
+                    reason += f"; not made current: the model was changed to round {st['current_round']} meanwhile"
+                r = st["rounds"][k]
+                ep = int(len(tl))
+                r.update(status="done", model=model_ref, epochs_done=ep, stopped_by_time_limit=state["stopped"],
+                         train_seconds=round(train_s, 1), score_seconds=round(score_s, 1),
+                         sec_per_crop=round(train_s / max(1, ep * recipe.crops_per_epoch), 4),
+                         final_train_loss=float(np.asarray(tl)[-1]) if len(tl) else None,
+                         scores=new_scores, parent_scores=parent_scores, accepted=accepted, applied=applied,
+                         reason=reason, finished=_now(), device=train_device)
+                if parent_scores is not None and parent_no < len(st["rounds"]):
+                    st["rounds"][parent_no]["scores_latest"] = parent_scores
+                    if st["rounds"][parent_no].get("scores") is None:
+                        st["rounds"][parent_no]["scores"] = parent_scores
+                if base_scores is not None and st["rounds"][0].get("scores") is None:
+                    st["rounds"][0]["scores"] = base_scores
+                if applied:
+                    st["current_round"] = k
+                old_current = parent_ref if applied else model_ref
+                self._event(st, "round finished", round=k, accepted=accepted, applied=applied, reason=reason)
+                out = dict(r)
+            if _inside(old_current.get("path"), self.path):  # keep the process's model cache small
+                pipeline.forget_models(old_current["path"])
+            progress.update(phase="finished")
+            return out
+        except BaseException as e:
+            with self._update() as st:
+                r = st["rounds"][k]
+                r.update(status="failed", accepted=False, applied=False, finished=_now(),
+                         reason=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+                st["pending"] = True
+                self._event(st, "round failed", round=k, error=r["reason"])
+            raise
+
+    def rollback(self, round_no: int) -> dict[str, Any]:
+        """Make round ``round_no``'s model the current one (0 = the base model); later rounds stay
+        recorded and can be chosen again. Returns the new current model."""
+        with self._update() as st:
+            k = int(round_no)
+            if not 0 <= k < len(st["rounds"]):
+                raise CellposeWebError(f"round {k} does not exist (rounds 0..{len(st['rounds']) - 1})")
+            r = st["rounds"][k]
+            if k > 0 and (r.get("status") != "done" or not r["model"].get("path")
+                          or not Path(r["model"]["path"]).is_file()):
+                raise CellposeWebError(f"round {k} has no usable model ({r.get('status')}); choose a finished round")
+            before = int(st["current_round"])
+            st["current_round"] = k
+            self._event(st, "rollback", round=k, previous_round=before)
+            return self.current_model(st)
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """Wait for this process's running worker, if any; the last round it ran."""
+        h = _RUNNING.get(str(self.path))
+        return h.wait(timeout) if h is not None else None
+
+    # ------------------------------------------------------------------ views
+    def ap_curve(self) -> list[dict[str, Any]]:
+        """Held-out AP per round: [{round, ap50, ap75, n_images, accepted, current, n_cells}] for every
+        round with scores (round 0 = the base model, scored when the first held-out image was used)."""
+        st = self.state()
+        cur = int(st["current_round"])
+        out = []
+        for r in st["rounds"]:
+            s = r.get("scores")
+            if s is None:
+                continue
+            out.append({"round": r["round"], "ap50": s["ap50"], "ap75": s["ap75"], "n_images": s["n_images"],
+                        "accepted": bool(r.get("accepted", r["round"] == 0)), "current": r["round"] == cur,
+                        "n_cells": int(r.get("n_cells", 0))})
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """Everything a view shows: images, progress, current model, rounds, AP curve, running worker."""
+        st = self.state()
+        h = self.running_round()
+        corrected = st.get("corrected", [])
+        rounds = [{k: r.get(k) for k in ("round", "status", "parent_round", "n_train_images", "n_cells", "epochs",
+                                         "epochs_done", "train_seconds", "score_seconds", "scores", "parent_scores",
+                                         "accepted", "applied", "reason", "stopped_by_time_limit")}
+                  for r in st["rounds"]]
+        return {"name": self.name, "path": str(self.path), "source": st.get("source"), "n_images": len(st["images"]),
+                "index": int(st.get("index", 0)), "n_corrected": len(corrected),
+                "n_heldout": sum(1 for c in corrected if c["heldout"]),
+                "n_cells_corrected": int(sum(int(c["n_cells"]) for c in corrected)),
+                "base_model": st["base_model"], "channels": st.get("channels"),
+                "current_model": self.current_model(st), "recipe": self.recipe(st).as_dict(),
+                "rounds": rounds, "ap_curve": self.ap_curve(), "pending": bool(st.get("pending")),
+                "round_running": h.status() if h is not None else None,
+                "train_minutes": round(sum(float(r.get("train_seconds") or 0) for r in st["rounds"]) / 60, 2)}
+
+    def publish(self, name: str, round_no: int | None = None, overwrite: bool = False):
+        """Register a round's model (the current one by default) as a lab model with its provenance;
+        returns the registry entry."""
+        from cellpose_web import registry
+
+        st = self.state()
+        k = int(st["current_round"] if round_no is None else round_no)
+        if k == 0:
+            raise CellposeWebError("round 0 is the base model itself; publish a fine-tuned round")
+        r = st["rounds"][k]
+        if r.get("status") != "done":
+            raise CellposeWebError(f"round {k} has no finished model")
+        s = r.get("scores") or {}
+        meta = {"description": f"human-in-the-loop project {self.name}, round {k}",
+                "base_model": st["base_model"]["name"], "test_ap": s.get("ap50"),
+                "training": {"hitl_project": self.name, "round": k, "lineage": self._lineage(st, k),
+                             "train_images": r.get("train_images"), "test_images": r.get("heldout_images"),
+                             "n_cells": r.get("n_cells"), "n_epochs": r.get("epochs_done"),
+                             "learning_rate": r.get("learning_rate"), "weight_decay": r.get("weight_decay"),
+                             "train_seconds": r.get("train_seconds"), "heldout_ap50": s.get("ap50"),
+                             "heldout_ap75": s.get("ap75")}}
+        return registry.add_lab_model(r["model"]["path"], name, meta, overwrite=overwrite)
+
+    @staticmethod
+    def _lineage(st: dict[str, Any], k: int) -> list[int]:
+        out = [k]
+        while k > 0:
+            k = int(st["rounds"][k]["parent_round"])
+            out.append(k)
+        return out[::-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# module functions
+# ----------------------------------------------------------------------------------------------
+def start_session(name: str, images: Any, base_model: str = "lite", channels: Sequence[int] | None = None, *,
+                  root: str | os.PathLike | None = None, user: str | None = None,
+                  eval_kwargs: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None,
+                  holdout_every: int = 4, min_gain: float = 0.0, seed: int = 0, gpu: bool | None = None,
+                  device: str | None = None, training_dir: str | os.PathLike | None = None,
+                  overwrite: bool = False) -> HitlSession:
+    """Start a project: ``images`` (a folder, a zip, or a list of files), the base model (a registry
+    name or a file) and the channels fed to the model (file numbering; Cellpose 1-3 models:
+    [cytoplasm, nucleus]; None = all, i.e. the first three). ``recipe`` overrides fields of the
+    round defaults (:class:`RoundRecipe`). ``overwrite`` replaces an existing project of that name
+    (otherwise it is an error: use :func:`open_session`)."""
+    from cellpose_web import registry
+
+    pdir = project_dir(name, root, user)
+    if (pdir / SESSION_FILE).exists():
+        if not overwrite:
+            raise CellposeWebError(f"a project named '{pdir.name}' exists already: open it, or choose another name")
+        if _RUNNING.get(str(pdir)) is not None and _RUNNING[str(pdir)].running:
+            raise CellposeWebError(f"project '{pdir.name}' is training; wait for the round before replacing it")
+        old_tdir = (read_json(pdir / SESSION_FILE, {}) or {}).get("training_dir")
+        shutil.rmtree(pdir)
+        if old_tdir and Path(old_tdir).name.startswith("hitl_") and Path(old_tdir).is_dir():
+            shutil.rmtree(old_tdir)  # the project's own pairs in the lab's training sets
+    pdir.mkdir(parents=True, exist_ok=True)
+    try:
+        files, source = _list_images(images, pdir)
+        if not files:
+            raise CellposeWebError("no images found")
+        info = registry.resolve_model(base_model)
+        by_name = not Path(str(base_model)).expanduser().exists()
+        if training_dir is None:
+            training_dir = (sub_dir("training_sets", user) / f"hitl_{pdir.name}") if root is None \
+                else pdir / "training_set"
+        chans = [int(c) for c in channels] if channels else None
+        if chans and any(c < 0 for c in chans):
+            raise CellposeWebError(f"channels are file channel numbers (0 = first), got {chans}")
+        _select(read_image_yxc(files[0]), chans)  # a z-stack or a missing channel fails now, not at the first image
+        st = {"version": STATE_VERSION, "name": pdir.name, "created": _now(), "updated": _now(),
+              "source": source, "images": files, "index": 0, "channels": chans,
+              "eval_kwargs": dict(eval_kwargs or {}),
+              "base_model": {"name": info.name, "path": info.path, "sha256": info.sha256, "arch": info.arch},
+              "recipe": dict(recipe or {}), "holdout_every": int(holdout_every), "min_gain": float(min_gain),
+              "seed": int(seed), "gpu": gpu, "device": device, "training_dir": str(Path(training_dir).resolve()),
+              "current_round": 0, "pending": False, "corrected": [],
+              "rounds": [{"round": 0, "status": "base", "parent_round": None, "base_model": info.name,
+                          # a registry name loads as the Segment tab loads it (its table entries too)
+                          "model": {"name": info.name, "path": None if by_name else info.path,
+                                    "sha256": info.sha256},
+                          "train_images": [], "n_train_images": 0, "n_cells": 0, "accepted": True,
+                          "applied": True, "scores": None, "reason": "the base model"}],
+              "shown": None, "events": [{"at": _now(), "what": "started", "base_model": info.name}]}
+        round_defaults(info.arch).replace(**(recipe or {}))  # unknown / bad overrides fail now
+        atomic_write_json(pdir / SESSION_FILE, st)
+    except BaseException:
+        shutil.rmtree(pdir, ignore_errors=True)
+        raise
+    return HitlSession(pdir)
+
+
+def open_session(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None,
+                 user: str | None = None) -> HitlSession:
+    """Open a project by name (under ``root``) or by its folder; a round that was running when the
+    process stopped (no worker holds the round lock) is marked ``interrupted``, and its corrections
+    stay ``pending`` (``learn()`` trains on them)."""
+    p = Path(name_or_path).expanduser()
+    if not (p / SESSION_FILE).is_file():
+        p = project_dir(str(name_or_path), root, user)
+    s = HitlSession(p)
+    running = [r for r in s.state()["rounds"] if r.get("status") == "running"]
+    if running and s.running_round() is None:
+        probe = _FileLock(s.path / "round.lock")
+        if probe.acquire(blocking=False):  # nobody trains it: those rounds died with their process
+            try:
+                with s._update() as st:
+                    for r in st["rounds"]:
+                        if r.get("status") == "running":
+                            r.update(status="interrupted", accepted=False, applied=False, finished=_now(),
+                                     reason="the process stopped during the round (restart)")
+                            st["pending"] = True
+                    s._event(st, "resumed after an interrupted round")
+            finally:
+                probe.release()
+    return s
+
+
+def list_sessions(root: str | os.PathLike | None = None, user: str | None = None) -> list[dict[str, Any]]:
+    """[{name, path, n_images, n_corrected, current_round, base_model, updated}] of the projects under root."""
+    out = []
+    base = hitl_root(root, user)
+    for d in sorted(p for p in base.iterdir() if p.is_dir()):
+        st = read_json(d / SESSION_FILE)
+        if not isinstance(st, dict):
+            continue
+        out.append({"name": d.name, "path": str(d), "n_images": len(st.get("images", [])),
+                    "n_corrected": len(st.get("corrected", [])), "current_round": st.get("current_round"),
+                    "n_rounds": len(st.get("rounds", [])) - 1,
+                    "base_model": (st.get("base_model") or {}).get("name"), "updated": st.get("updated")})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# file helpers
+# ----------------------------------------------------------------------------------------------
+def _inside(path: str | None, folder: Path) -> bool:
+    if not path:
+        return False
+    try:
+        return Path(folder).resolve() in Path(path).resolve().parents
+    except OSError:
+        return False
+
+
+def _write_masks(path: Path, masks: np.ndarray) -> None:
+    import tifffile
+
+    m = np.asarray(masks)
+    m = m.astype(np.uint16 if m.max(initial=0) < 65535 else np.uint32)
+    cpio.atomic_save(path, lambda p: tifffile.imwrite(p, m, compression="zlib"))
+
+
+def _write_image(path: Path, img: np.ndarray) -> None:
+    import tifffile
+
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    cpio.atomic_save(path, lambda p: tifffile.imwrite(p, a, compression="zlib"))
+
+
+def _read_pair(tdir: Path, name: str, channels: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """A saved pair as ((Y, X, C) image with the model's channels, labels)."""
+    import tifffile
+
+    img = tifffile.imread(tdir / f"{name}.tif")
+    if img.ndim == 2:
+        img = img[..., None]
+    lab = tifffile.imread(tdir / f"{name}_masks.tif")
+    return _select(img, channels), lab
+
+
+def _update_set_json(tdir: Path, name: str, n_cells: int, shape: list[int], heldout: bool, index: int) -> None:
+    """Keep ``set.json`` in service.training's layout, so the Fine-tune tab lists the pairs."""
+    with _thread_lock(str(tdir)):
+        sj = read_json(tdir / "set.json", {}) or {}
+        pairs = [p for p in sj.get("pairs", []) if p.get("name") != name]
+        pairs.append({"name": name, "n_cells": int(n_cells), "shape": shape, "added": _now(), "source": "hitl",
+                      "heldout": bool(heldout), "image_index": int(index)})
+        sj.update({"name": tdir.name, "pairs": pairs, "updated": _now()})
+        atomic_write_json(tdir / "set.json", sj)
+
+
+def _score(ref, imgs, labs, channels, eval_kwargs, device, gpu) -> dict[str, Any] | None:
+    """:func:`score_model` (a seam for tests)."""
+    return score_model(ref, imgs, labs, channels, eval_kwargs, device, gpu)
+
