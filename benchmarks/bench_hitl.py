@@ -52,7 +52,7 @@ def _load(msg: str) -> None:
 
 def whole_cell_data(args):
     import numpy as np
-    from cellpose_web import synthetic
+    from cellpose_web.engine import synthetic
 
     rng = np.random.default_rng(args.seed)
     n = max(args.n_ref, args.n_pool) + args.n_test
@@ -153,7 +153,7 @@ def main() -> None:
         if shown is None:
             break
         true = tifffile.imread(work / f"img{shown.index:02d}_masks.tif")
-        from cellpose_web.metrics import average_precision
+        from cellpose_web.engine.metrics import average_precision
         prop = float(average_precision(true, shown.masks, threshold=[0.5])[0][0])
         res = s.save_correction(true, index=shown.index)
         cells += res.n_cells

@@ -292,7 +292,7 @@ def _simulate(args) -> int:
         if shown is None:
             break
         true = hitl.read_labels(truth[shown.path])
-        from cellpose_web.metrics import average_precision
+        from cellpose_web.engine.metrics import average_precision
 
         ap_prop = float(average_precision(true, shown.masks, threshold=[0.5])[0][0])
         res = s.save_correction(true, index=shown.index)

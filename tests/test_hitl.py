@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellpose_web import pipeline, synthetic
+from cellpose_web.workflows import pipeline
+from cellpose_web.engine import synthetic
 from cellpose_web import train as train_mod
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.workflows import hitl
@@ -333,7 +334,7 @@ def test_cellpose3_round_and_lab_training_set(tmp_path, images_dir, monkeypatch)
     s = hitl.start_session("cp3", images_dir, "cp_cyto", channels=[0], recipe=FAST, gpu=False)
     assert s.recipe().rescale and s.state()["base_model"]["arch"] == "cellpose3"
     assert Path(s.state()["training_dir"]).name == "hitl_cp3"
-    from cellpose_web.service import training
+    from cellpose_web.workflows import finetune as training
 
     s.next_image()
     rec = s.save_correction(truth(images_dir, 0)).handle.wait(timeout=300)

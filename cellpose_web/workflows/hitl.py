@@ -100,7 +100,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cellpose_web import io as cpio
-from cellpose_web import pipeline
+from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service.storage import atomic_write_json, read_json, safe_join, safe_name, sub_dir
 
@@ -313,7 +313,7 @@ def _list_images(images: Any, dest: Path) -> tuple[list[str], str]:
             files = cpio.get_image_files(p, "_masks")
             return [str(Path(f).resolve()) for f in files], str(p.resolve())
         if p.suffix.lower() == ".zip":
-            from cellpose_web.service.inputs import extract_zip  # the one validated unzip (limits, zip bombs)
+            from cellpose_web.workflows.inputs import extract_zip  # the one validated unzip (limits, zip bombs)
 
             out = dest / "images"
             extract_zip(p, out)
@@ -376,7 +376,7 @@ def score_model(model_ref: dict[str, Any] | str, images: Sequence[np.ndarray], l
                 device: str | None = None, gpu: bool | None = None) -> dict[str, Any] | None:
     """Mean AP@0.5 / AP@0.75 (``metrics.average_precision``) of a model on (Y, X, C) images with
     true labels, segmented exactly as :meth:`HitlSession.next_image` does; None without images."""
-    from cellpose_web.metrics import average_precision
+    from cellpose_web.engine.metrics import average_precision
 
     if not images:
         return None
