@@ -5,19 +5,15 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
-import json
 import logging
 import os
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from cellpose_web.service import config
-from cellpose_web.errors import CellposeWebError
-from cellpose_web.resources import examples_dir
+from cellpose_web.service.auth import hash_password, load_users_file, make_auth, verify_password  # noqa: F401
+from cellpose_web.workflows import CellposeWebError, startup
+from cellpose_web.workflows.startup import examples_dir
 from cellpose_web.service.config import Limits, home_dir
 
 log = logging.getLogger("cellpose_web.ui")
@@ -93,22 +89,7 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
     return demo
 
 
-def _recover_after_restart() -> None:
-    """Mark jobs a killed server left 'running' as interrupted; drop half-written lab models."""
-    from cellpose_web.service import jobs
-    try:
-        fixed = jobs.manager(None).recover()
-        if fixed:
-            log.warning("jobs interrupted by the last shutdown: %s", ", ".join(map(str, fixed)))
-    except Exception:  # noqa: BLE001 - never block start-up
-        log.exception("job recovery failed")
-    try:
-        from cellpose_web import registry
-        removed = registry.cleanup_incomplete()
-        if removed:
-            log.warning("removed incomplete lab model folders: %s", ", ".join(removed))
-    except Exception:  # noqa: BLE001
-        log.exception("registry cleanup failed")
+_recover_after_restart = startup.recover_after_restart
 
 
 def launch_kwargs() -> dict[str, Any]:
@@ -120,61 +101,9 @@ def launch_kwargs() -> dict[str, Any]:
             "footer_links": ["api"]}
 
 
-# ------------------------------------------------------------------ accounts
-def hash_password(password: str, salt: bytes | None = None, iterations: int = 200_000) -> str:
-    """'pbkdf2_sha256$iterations$salt_hex$hash_hex' for a users file."""
-    salt = salt or os.urandom(16)
-    dk = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    return f"pbkdf2_sha256${iterations}${salt.hex()}${dk.hex()}"
+# ------------------------------------------------------------------ accounts (service.auth)
 
 
-def verify_password(password: str, stored: str) -> bool:
-    try:
-        algo, it, salt_hex, hash_hex = stored.split("$")
-        if algo != "pbkdf2_sha256":
-            return False
-        dk = hashlib.pbkdf2_hmac("sha256", password.encode(), bytes.fromhex(salt_hex), int(it))
-        return hmac.compare_digest(dk.hex(), hash_hex)
-    except (ValueError, TypeError):
-        return False
-
-
-def load_users_file(path: str | Path) -> dict[str, str]:
-    """users.json: {"alice": "pbkdf2_sha256$...", ...} (make entries with `python app.py --hash-password`)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise CellposeWebError(f"Cannot read the users file {path}: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise CellposeWebError(f"{path} must be a JSON object of user name -> hashed password.")
-    return data
-
-
-def make_auth(auth: str | None, auth_file: str | None) -> Callable[[str, str], bool] | None:
-    """Combine --auth user:pass[,user2:pass2] (or CELLPOSE_WEB_AUTH) and a hashed users file."""
-    plain: dict[str, str] = {}
-    auth = auth or config.auth()
-    auth_file = auth_file or config.auth_file()
-    if auth:
-        for pair in auth.split(","):
-            if ":" not in pair:
-                raise CellposeWebError("--auth must look like user:password (several separated by commas).")
-            u, p = pair.split(":", 1)
-            plain[u.strip()] = p
-    hashed = load_users_file(auth_file) if auth_file else {}
-    if not plain and not hashed:
-        return None
-
-    def check(user: str, password: str) -> bool:
-        if user in hashed:
-            return verify_password(password, hashed[user])
-        if user in plain:
-            return hmac.compare_digest(plain[user].encode(), password.encode())
-        return False
-    return check
-
-
-# ------------------------------------------------------------------ entry point
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="cellpose-web serve", description="Start the Cellpose-web app.")
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

@@ -12,8 +12,8 @@ import gradio as gr
 import pandas as pd
 
 from cellpose_web.service import config
-from cellpose_web.errors import CellposeWebError
-from cellpose_web.measure import DEFAULT_MAX_DISTANCE_UM, PunctaParams
+from cellpose_web.workflows import CellposeWebError
+from cellpose_web.workflows.results import DEFAULT_MAX_DISTANCE_UM, PunctaParams
 from cellpose_web.workflows import batch, model_cache as models_cache
 from cellpose_web.service import jobs, runs
 from cellpose_web.service.segment import SegmentParams

@@ -88,7 +88,7 @@ def parse_axis(v: Any) -> int | None:
 
 
 def parse_channels(text: str | None) -> list[int] | None:
-    from cellpose_web.errors import CellposeWebError
+    from cellpose_web.workflows import CellposeWebError
     if text is None or not str(text).strip():
         return None
     try:
@@ -100,7 +100,7 @@ def parse_channels(text: str | None) -> list[int] | None:
 
 def parse_pixel_size(v: Any) -> float | None:
     """The pixel-size box's value as µm per pixel; None when blank or 0 (unknown)."""
-    from cellpose_web.errors import CellposeWebError
+    from cellpose_web.workflows import CellposeWebError
     if v is None or v == "":
         return None
     try:

@@ -18,12 +18,10 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from cellpose_web.engine import edit
-from cellpose_web import measure
-from cellpose_web.io import render
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.workflows import CellposeWebError, results
+from cellpose_web.workflows import display as render
+from cellpose_web.workflows.results import edit
 from cellpose_web.service import runs
-from cellpose_web.workflows import finetune as training
 from cellpose_web.ui import common, correct_canvas, segment_tab, widgets as W
 
 HELP = """**Draw** on the image: pick a tool above it.
@@ -208,17 +206,9 @@ def save(s: common.Session, st: CorrectState) -> common.Session:
     rewrite every download (masks, _seg.npy, outlines, ROIs, CSV)."""
     if s is None or s.image is None or st is None or st.editor is None:
         raise CellposeWebError("Nothing to save: segment or draw cells first.")
-    masks = edit.relabel(st.editor.masks)
     new = common.Session(**{**vars(s)})
-    new.masks = masks
-    pp = new.provenance.get("puncta")
-    puncta = measure.PunctaParams(**pp) if pp and masks.ndim == 2 else None
-    table, pts = measure.measure_cells(masks, new.image, new.pixel_size_um, channel_axis=-1, puncta=puncta)
-    new.table, new.puncta = table, pts
-    prov = dict(new.provenance) if new.provenance else {"model": {"name": None, "sha256": None}, "eval_params": {}}
-    prov["edited"] = {"manual_edits": int(st.editor.n_edits), "note": "masks corrected by hand in the Correct tab"}
-    prov.setdefault("image", new.name)
-    new.provenance = prov
+    new.masks, new.table, new.puncta, new.provenance = results.save_correction(
+        st.editor.masks, new.image, new.pixel_size_um, new.provenance, st.editor.n_edits, new.name)
     segment_tab.write_files(new)
     new.version = s.version  # same masks as the editor: no reload
     return new
@@ -248,26 +238,8 @@ def add_to_training_set(s: common.Session, st: CorrectState, set_name: str, user
     with cells), with the channels it was segmented with: fine-tuning trains on those."""
     if s is None or s.image is None or st is None or st.editor is None:
         raise CellposeWebError("Nothing to add: segment or draw cells first.")
-    masks = edit.relabel(st.editor.masks)
-    meta = {"edits": st.editor.n_edits, "model": (s.provenance.get("model") or {}).get("name")}
-    chans = training.segmentation_channels(s.provenance)  # train on what the model saw
-    if s.is_stack:
-        planes = [z for z in range(masks.shape[0]) if masks[z].any()]
-        if not planes:
-            raise CellposeWebError("These masks are empty; draw cells before adding them to a training set.")
-        for z in planes:
-            d = training.add_pair(set_name or "lab", s.image[z], edit.relabel(masks[z]), f"{s.stem}_z{z:03d}", user,
-                                  {**meta, "plane": z}, channels=chans)
-        what = f"{len(planes)} planes of **{s.stem}**"
-    else:
-        d = training.add_pair(set_name or "lab", s.image, masks, s.stem, user, meta, channels=chans)
-        what = f"**{s.stem}** ({int(masks.max())} cells)"
-    info = {x["name"]: x for x in training.list_sets(user)}.get(d.name, {})
-    on = ("every channel" if chans is None else
-          f"channel{'s' if len(chans) > 1 else ''} {', '.join(map(str, chans))}")
-    return (f"Added {what} to training set **{d.name}** — now {info.get('n_images', '?')} image(s), "
-            f"{info.get('n_cells', '?')} cells; fine-tuning uses {on} (as segmented, 0 = first). "
-            "Use it in the Fine-tune tab.")
+    return results.add_correction_to_training_set(s.image, st.editor.masks, s.stem, s.is_stack, s.provenance,
+                                                  st.editor.n_edits, set_name, user)
 
 
 # ------------------------------------------------------------------ UI

@@ -9,7 +9,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.workflows import CellposeWebError
 from cellpose_web.service import jobs
 from cellpose_web.workflows import finetune as training
 from cellpose_web.service.config import Limits

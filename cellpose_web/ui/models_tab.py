@@ -1,15 +1,12 @@
 """Models tab: the registry as a table; fetch from the Hub, upload, download, rename, delete, push."""
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.workflows import CellposeWebError, lab_models
 from cellpose_web.workflows import model_cache as models_cache
 from cellpose_web.ui import common, widgets as W
 
@@ -18,9 +15,8 @@ COLUMNS = ["name", "for", "source", "available", "arch", "size (MB)", "sha256", 
 
 
 def registry_table() -> pd.DataFrame:
-    from cellpose_web import registry
     rows = []
-    for m in registry.list_models():
+    for m in lab_models.list_models():
         tr = m.training or {}
         recipe = ", ".join(f"{k}={tr[k]}" for k in ("n_epochs", "learning_rate", "weight_decay", "training_set")
                            if k in tr)
@@ -35,8 +31,7 @@ def registry_table() -> pd.DataFrame:
 
 
 def lab_names() -> list[str]:
-    from cellpose_web import registry
-    return [m.name for m in registry.list_models() if m.source == "lab"]
+    return lab_models.lab_names()
 
 
 def build(ctx: dict[str, Any]) -> None:
@@ -88,13 +83,12 @@ def build(ctx: dict[str, Any]) -> None:
 
     @W.user_errors(outputs=len(outs))
     def on_upload(path, name):
-        from cellpose_web import registry
         if not path:
             raise CellposeWebError("Choose a model file to upload first.")
         if not name:
             raise CellposeWebError("Give the uploaded model a name.")
-        info = registry.add_lab_model(path, name.strip(), {"description": f"uploaded file {Path(path).name}"})
-        kind = {"cellpose3": "Cellpose 1-3 U-Net", "cpsam": "Cellpose-SAM", "lite": "lite"}.get(info.arch, info.arch)
+        info = lab_models.add_uploaded(path, name)
+        kind = lab_models.ARCH_NAMES.get(info.arch, info.arch)
         return refreshed(f"Added **{info.name}** ({kind}, for {info.purpose or 'unknown use'}; sha256 "
                          f"{W.short_sha(info.sha256)}).")
 
@@ -102,55 +96,45 @@ def build(ctx: dict[str, Any]) -> None:
 
     @W.user_errors(outputs=len(outs))
     def on_fetch(repo, fname, name, progress=gr.Progress()):
-        from cellpose_web import registry
         if not repo or not fname:
             raise CellposeWebError("Enter the repository id (owner/repo) and the file name.")
         progress(0.1, desc=f"Downloading {repo}/{fname}")
-        info = registry.fetch_from_hub(repo.strip(), fname.strip(), (name or "").strip() or None)
+        info = lab_models.fetch_from_hub(repo, fname, name)
         return refreshed(f"Fetched **{info.name}** from {repo}.")
 
     hub_btn.click(on_fetch, [hub_repo, hub_file, hub_name], outs, api_visibility="private")
 
     @W.user_errors(outputs=1)
     def on_download(name):
-        from cellpose_web import registry
         if not name:
             raise CellposeWebError("Choose a lab model first.")
-        info = registry.get_lab_model(name)
-        d = Path(tempfile.mkdtemp(prefix="cpweb_model_"))
-        ext = ".pt" if (info.arch or "") == "lite" else ".pth"
-        return str(shutil.copy2(info.path, d / f"{name}{ext}"))
+        return lab_models.copy_for_download(name)
 
     dl_btn.click(on_download, [sel], [dl_file], api_visibility="private")
 
     @W.user_errors(outputs=len(outs))
     def on_delete(name):
-        from cellpose_web import registry
         if not name:
             raise CellposeWebError("Choose a lab model first.")
-        registry.delete_lab_model(name)
-        models_cache.forget(name)
+        lab_models.delete(name)
         return refreshed(f"Deleted **{name}**.")
 
     del_btn.click(on_delete, [sel], outs, api_visibility="private")
 
     @W.user_errors(outputs=len(outs))
     def on_rename(name, new):
-        from cellpose_web import registry
         if not name or not new:
             raise CellposeWebError("Choose a lab model and type the new name.")
-        info = registry.rename_lab_model(name, new.strip())
-        models_cache.forget(name)
+        info = lab_models.rename(name, new)
         return refreshed(f"Renamed **{name}** to **{info.name}**.")
 
     ren_btn.click(on_rename, [sel, new_name], outs, api_visibility="private")
 
     @W.user_errors(outputs=len(outs))
     def on_push(name, repo, token):
-        from cellpose_web import registry
         if not name or not repo:
             raise CellposeWebError("Choose a lab model and enter the Hub repository id.")
-        url = registry.push_to_hub(name, repo.strip(), token=token or None)
+        url = lab_models.push_to_hub(name, repo, token)
         return refreshed(f"Pushed **{name}** to {url or repo}.")
 
     push_btn.click(on_push, [sel, push_repo, push_token], outs, api_visibility="private")

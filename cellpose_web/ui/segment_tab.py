@@ -1,7 +1,6 @@
 """Segment tab: upload, parameters, run, overlays, table, histogram, puncta, downloads."""
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -11,10 +10,9 @@ import numpy as np
 import pandas as pd
 
 from cellpose_web.workflows import hints, pipeline
-from cellpose_web import measure
-from cellpose_web.errors import CellposeWebError
-from cellpose_web.measure import PunctaParams
-from cellpose_web.resources import examples_dir
+from cellpose_web.workflows import CellposeWebError, results
+from cellpose_web.workflows.results import PunctaParams
+from cellpose_web.workflows.startup import examples_dir
 from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service import runs
 from cellpose_web.service.config import Limits
@@ -135,26 +133,11 @@ def load_masks(path: str | None, s: common.Session | None) -> common.Session:
     if not path:
         raise CellposeWebError("Choose a _seg.npy, _cp_masks.tif/.png or _masks.tif file.")
     p = Path(path)
-    if p.name.endswith(".npy"):
-        from cellpose_web import io as cpio
-        inputs.check_file_size(p, Limits.from_env())
-        m = np.asarray(cpio.load_seg(str(p))["masks"])
-    else:
-        m = inputs.read_image(p).data
-    if not np.issubdtype(m.dtype, np.integer) or m.min() < 0:
-        raise CellposeWebError(f"{p.name} is not a label image (whole numbers, 0 = background).")
-    want = s.image.shape[:-1]
-    if m.shape != want:
-        raise CellposeWebError(f"{p.name} has shape {m.shape} but the image is {want}; load the masks made "
-                               "from this image.")
     out = common.Session(**{**vars(s)})
-    out.masks = m.astype(np.uint16 if m.max(initial=0) < 65535 else np.uint32)
+    out.masks = results.read_masks_file(p, s.image.shape[:-1], Limits.from_env())
     out.flow_rgb = out.cellprob = out.dP = None
-    out.table, out.puncta = measure.measure_cells(out.masks, out.image, out.pixel_size_um, channel_axis=-1)
-    from cellpose_web import __version__
-    out.provenance = {"model": {"name": None, "sha256": None}, "eval_params": {}, "masks_from_file": p.name,
-                      "image": s.name, "image_shape": list(s.raw.shape), "pixel_size_um": s.pixel_size_um,
-                      "cellpose_web_version": __version__}
+    out.table, out.puncta = results.measure_result(out.masks, out.image, out.pixel_size_um)
+    out.provenance = results.masks_file_provenance(p.name, s.name, s.raw.shape, s.pixel_size_um)
     out.version = s.version + 1
     write_files(out)
     return out
@@ -192,7 +175,7 @@ def summary_md(s: common.Session) -> str:
     if tip:
         lines.append(f"<span class='cpw-hint'>Try: {tip}</span>")
     if s.puncta is not None:
-        summ = measure.summarize(t, s.puncta)
+        summ = results.summarize(t, s.puncta)
         dens = summ.get("median_puncta_density_per_um2")
         ch = (p.get("puncta") or {}).get("channel")
         lines.append(f"<span class='cpw-puncta'>**{summ['puncta_total']} puncta** on channel {ch}: "
@@ -222,7 +205,7 @@ def histogram(s: common.Session) -> tuple[pd.DataFrame, str]:
     """(bar-plot frame with columns bin, count; axis title with the unit)."""
     if s is None or s.table is None or len(s.table) == 0:
         return pd.DataFrame({"bin": pd.Series(dtype="str"), "count": pd.Series(dtype="int64")}), "cell size"
-    h = measure.size_histogram(s.table, bins=15)
+    h = results.size_histogram(s.table, bins=15)
     q = h["quantity"].iloc[0] if len(h) else "area_px"
     unit = {"area_um2": "µm²", "area_px": "px", "volume_um3": "µm³", "volume_px": "voxels"}.get(q, "")
     what = "volume" if q.startswith("volume") else "area"
@@ -312,7 +295,7 @@ def make_puncta(on, ch, smin, smax, thr, max_distance=None) -> PunctaParams | No
     if ch is None:
         raise CellposeWebError("Choose the puncta channel number (0 = first channel).")
     if max_distance is None or (isinstance(max_distance, str) and not max_distance.strip()):
-        max_distance = measure.DEFAULT_MAX_DISTANCE_UM
+        max_distance = results.DEFAULT_MAX_DISTANCE_UM
     return PunctaParams(channel=int(ch), sigma_min=float(smin), sigma_max=float(smax), threshold=float(thr),
                         max_distance_um=float(max_distance))
 
@@ -372,7 +355,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 with gr.Row():
                     p_smin = gr.Number(1.0, label=W.PUNCTA_SIGMA_MIN_LABEL, minimum=0.1)
                     p_smax = gr.Number(3.0, label=W.PUNCTA_SIGMA_MAX_LABEL, minimum=0.1)
-                    p_dist = gr.Number(measure.DEFAULT_MAX_DISTANCE_UM, label=W.PUNCTA_DISTANCE_LABEL, minimum=0,
+                    p_dist = gr.Number(results.DEFAULT_MAX_DISTANCE_UM, label=W.PUNCTA_DISTANCE_LABEL, minimum=0,
                                        info=W.PUNCTA_DISTANCE_INFO, elem_id="seg-puncta-dist")
                 p_btn = gr.Button("Re-detect puncta only", size="sm")
             with gr.Accordion("Load existing masks instead (to inspect or correct them)", open=False):
@@ -545,9 +528,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             raise CellposeWebError("Puncta detection works on 2D images; pick a 2D image or one plane.")
         puncta = make_puncta(True, pch, psmin, psmax, pthr, pdist)
         new = common.Session(**{**vars(s)})
-        new.table, new.puncta = measure.measure_cells(new.masks, new.image, new.pixel_size_um, channel_axis=-1,
-                                                      puncta=puncta)
-        new.provenance = {**new.provenance, "puncta": vars(puncta).copy()}
+        new.table, new.puncta, new.provenance = results.redetect_puncta(new.masks, new.image, new.pixel_size_um,
+                                                                        new.provenance, puncta)
         write_files(new)
         ov = list(ov or []) + ([W.OVERLAY_PUNCTA] if W.OVERLAY_PUNCTA not in (ov or []) else [])
         return new, render(new, ov, bg, z), summary_md(new), W.table_for_display(new.table), new.files, \

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cellpose_web.io import render
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.workflows import CellposeWebError, RunCancelled
+from cellpose_web.workflows import display as render
 from cellpose_web.ui import correct_canvas
 
 log = logging.getLogger("cellpose_web.ui")
@@ -46,6 +46,8 @@ PUNCTA_DISTANCE_INFO = ("a spot just outside every mask counts for the nearest c
 # ------------------------------------------------------------------ errors
 def _message(e: BaseException, fn: Callable) -> tuple[str, str]:
     """(title, message) for an exception; unexpected ones are logged with their traceback."""
+    if isinstance(e, RunCancelled):
+        return "Cancelled", str(e)
     if isinstance(e, CellposeWebError):
         return "Please check", str(e)
     if isinstance(e, FileNotFoundError):
