@@ -362,6 +362,7 @@ SCRIPT = r"""
     if (ctrl && k === 'z' && !e.shiftKey) { act('undo'); }
     else if (ctrl && (k === 'y' || (k === 'z' && e.shiftKey))) { act('redo'); }
     else if (ctrl && k === 's') { var b = $('cor-save'); if (b) { b.click(); } }
+    else if (ctrl && k === 'enter') { var l = $('hitl-save'); if (l) { l.click(); } }  // Save and learn
     else if (ctrl) { done = false; }
     else if (k === 'x' || k === 'm') { toggle('cor-show-masks'); }
     else if (k === 'z' || k === 'o') { toggle('cor-show-outlines'); }

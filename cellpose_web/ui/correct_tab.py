@@ -22,7 +22,7 @@ from cellpose_web.workflows import CellposeWebError, results
 from cellpose_web.workflows import display as render
 from cellpose_web.workflows.results import edit
 from cellpose_web.service import runs
-from cellpose_web.ui import common, correct_canvas, segment_tab, widgets as W
+from cellpose_web.ui import common, learn_panel, correct_canvas, segment_tab, widgets as W
 
 HELP = """**Draw** on the image: pick a tool above it.
 - **Outline**: press, draw around the cell, release: a new cell (background pixels only, so cells never overlap).
@@ -259,6 +259,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 set_name = gr.Textbox("lab", label="Training set name", elem_id="cor-set")
                 add_btn = gr.Button("Add to training set", elem_id="cor-add")
             set_msg = gr.Markdown("")
+            learn = learn_panel.build(ctx, session, state, lambda s, st: edit.relabel(enter(s, st).editor.masks),
+                                      lambda s, st: edits_belong_to(s, st) and bool(st.editor.n_edits))
     # the bridge to the browser script: operations in, payloads out (hidden, but in the page)
     op_box = gr.Textbox("", elem_id="cor-op", elem_classes=["cpw-hidden"], lines=1, max_lines=1, container=False)
     payload = gr.Textbox("", elem_id="cor-payload", elem_classes=["cpw-hidden"], lines=1, max_lines=1,
@@ -309,6 +311,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         return respond(st, pay)
 
     outs = [state, payload, count]
+    for ev in learn["events"]:  # a project's next image: the drawing surface shows it
+        ev.then(on_enter, [session, state], outs, api_visibility="private", show_progress="hidden")
     op_btn.click(on_op, [op_box, session, state, browser_id], outs, api_visibility="private", show_progress="hidden",
                  js="(op, s, st, b) => [window.cpwCorrect ? window.cpwCorrect.takeOp() : op, s, st, b]")
     payload.change(None, [payload], None, js="(p) => { if (window.cpwCorrect) { window.cpwCorrect.apply(p); } }")

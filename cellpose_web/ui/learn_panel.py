@@ -1,0 +1,218 @@
+"""Learn while you correct (human-in-the-loop) — a panel of the Correct tab.
+
+A person works through a folder (a zip or several files) image by image on the Correct tab's
+drawing surface: each image arrives segmented by the project's latest model, the person corrects
+it and presses **Save and learn** (Ctrl+Enter); the corrected image joins the project's training
+set and a short fine-tune round starts in the background. Widgets and callbacks only: the loop
+itself is :mod:`cellpose_web.workflows.hitl` (the same one ``python -m cellpose_web hitl`` runs).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from cellpose_web.workflows import CellposeWebError
+from cellpose_web.workflows import model_cache as models_cache
+from cellpose_web.ui import common, widgets as W
+from cellpose_web.workflows import hitl
+
+HELP = ("Work through a folder image by image: each image comes **segmented by the latest model**; "
+        "correct it on the left and press **Save and learn** (Ctrl+Enter). The model fine-tunes on your "
+        "corrections in the background and segments the next images once it does better on the "
+        "images kept aside to check it (every 4th corrected image from the 2nd on).")
+CURVE_COLUMNS = ["round", "corrected cells", "score", "AP"]
+
+
+def shown_session(shown: hitl.ShownImage, project: str, previous: common.Session | None) -> common.Session:
+    """The tab's session for an image the project shows: image, proposed masks and flows (so the
+    Correct tab's editor, click-to-add and downloads work on it)."""
+    flows = shown.flows or [None, None, None]
+    m = shown.model or {}
+    return common.Session(
+        name=shown.name, raw=shown.image, axes="YXC", pixel_size_um=None, image=np.asarray(shown.image),
+        is_stack=False, masks=np.asarray(shown.masks), flow_rgb=flows[0], dP=flows[1],
+        cellprob=flows[2] if flows[2] is None else np.asarray(flows[2], np.float32),
+        provenance={"model": {"name": m.get("name"), "sha256": m.get("sha256")}, "eval_params": {},
+                    "hitl": {"project": project, "index": int(shown.index), "round": m.get("round")}},
+        workdir=previous.workdir if previous else "", version=(previous.version + 1) if previous else 1)
+
+
+def status_md(status: dict[str, Any], shown_model: dict[str, Any] | None = None) -> str:
+    """Where the project stands: image k of N, the model that segmented it, what it learnt from,
+    the round in progress."""
+    cur = status.get("current_model") or {}
+    lines = [f"**{status['name']}** — {status['n_corrected']} of {status['n_images']} images corrected "
+             f"({status['n_cells_corrected']} cells; {status['n_heldout']} kept aside to check the model)"]
+    if shown_model:
+        lines.append(f"This image was segmented by **round {shown_model.get('round')}** "
+                     f"({shown_model.get('name')}), which learnt from **{shown_model.get('n_cells', 0)} corrected "
+                     "cells**.")
+    lines.append(f"Current model: round {cur.get('round')} ({cur.get('name')}); base "
+                 f"{(status.get('base_model') or {}).get('name')}; {status.get('train_minutes', 0):.1f} min of "
+                 "training so far.")
+    run = status.get("round_running")
+    if run and run.get("running"):
+        ep = f", epoch {run.get('epoch')}/{run.get('n_epochs')}" if run.get("n_epochs") else ""
+        lines.append(f"⏳ Round {run.get('round')} is learning ({run.get('phase')}{ep}, "
+                     f"{run.get('elapsed_s', 0):.0f} s)" + (" — more corrections are queued for the next round"
+                                                              if status.get("pending") else "") + ".")
+    elif run and run.get("error"):
+        lines.append(f"⚠ The last round failed: {run['error']}")
+    done = [r for r in status.get("rounds", []) if r.get("round") and r.get("status") == "done"]
+    if done:
+        r = done[-1]
+        verdict = "kept" if r.get("applied") else "not kept"
+        lines.append(f"Last round {r['round']}: {verdict} ({r.get('reason') or ''}).")
+    return "\n\n".join(lines)
+
+
+def curve_frame(status: dict[str, Any]) -> pd.DataFrame:
+    """Held-out AP@0.5 and AP@0.75 per round, long form for a line plot."""
+    rows = []
+    for p in status.get("ap_curve") or []:
+        for key, label in (("ap50", "AP@0.5"), ("ap75", "AP@0.75")):
+            if p.get(key) is not None:
+                rows.append({"round": int(p["round"]), "corrected cells": int(p.get("n_cells") or 0),
+                             "score": label, "AP": float(p[key])})
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+def round_choices(status: dict[str, Any]) -> list[tuple[str, int]]:
+    """(label, round) for every round with a model, for going back to it."""
+    out = []
+    for r in status.get("rounds", []):
+        if r.get("round") == 0 or r.get("status") == "done":
+            ap = (r.get("scores") or {}).get("ap50")
+            out.append((f"round {r['round']}" + (f" (held-out AP@0.5 {ap:.3f})" if ap is not None else ""),
+                        int(r["round"])))
+    return out
+
+
+def _open(name: str, user: str | None) -> hitl.HitlSession:
+    if not name:
+        raise CellposeWebError("No project: give it a name and press Start (or Resume).")
+    return hitl.open_session(name, user=user)
+
+
+def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
+          edited_masks: Callable[[common.Session, Any], np.ndarray],
+          edits_made: Callable[[common.Session, Any], bool]) -> dict[str, Any]:
+    """The panel (inside the Correct tab's side column).
+
+    editor_state : the Correct tab's editor state; ``edited_masks(session, editor_state)`` gives the
+    masks as corrected on the drawing surface, (Y, X) int labels; ``edits_made(session, editor_state)``
+    whether the person has edited the image on screen.
+    Returns {"events": the events that put a new image into the session (the Correct tab reloads
+    its drawing surface after them), ...}.
+    """
+    choices, default = common.model_choices()
+    project = gr.BrowserState("", storage_key="cellpose_web_hitl_project")
+    with gr.Accordion("Learn while you correct (human-in-the-loop)", open=False, elem_id="hitl-panel"):
+        gr.Markdown(HELP)
+        name = gr.Textbox("my_project", label="Project name", max_lines=1, elem_id="hitl-name")
+        files = gr.File(label="Images: a zip or several files", file_count="multiple",
+                        file_types=[".zip", ".tif", ".tiff", ".png", ".jpg", ".jpeg"], type="filepath",
+                        height=100, elem_id="hitl-files")
+        base = gr.Dropdown(choices, value=default, label="Start from model", elem_id="hitl-base")
+        channels = gr.Textbox("", label=W.SEG_CHANNELS_LABEL, placeholder="blank = all (the first three)",
+                              info=W.SEG_CHANNELS_INFO, max_lines=1, elem_id="hitl-channels")
+        holdout = gr.Number(4, label="Check new models on held-out images: the 2nd corrected image and every "
+                                  "Nth after it (0 = use each new model at once)", precision=0, minimum=0,
+                            elem_id="hitl-holdout")
+        with gr.Row():
+            start = gr.Button("Start", size="sm", elem_id="hitl-start")
+            resume = gr.Button("Resume", size="sm", elem_id="hitl-resume")
+        save = gr.Button("Save and learn (Ctrl+Enter)", variant="primary", elem_id="hitl-save")
+        status = gr.Markdown("", elem_id="hitl-status")
+        curve = gr.LinePlot(pd.DataFrame(columns=CURVE_COLUMNS), x="round", y="AP", color="score",
+                            label="Held-out AP per round", height=220, elem_id="hitl-curve")
+        with gr.Row():
+            back_to = gr.Dropdown([], label="Go back to the model of", elem_id="hitl-rounds", scale=2)
+            back = gr.Button("Use it", size="sm", elem_id="hitl-rollback", scale=1)
+        timer = gr.Timer(2.0, active=False)
+
+    outputs = [project, session, status, curve, back_to, timer]
+
+    def show(s: hitl.HitlSession, prev: common.Session | None, next_index: int | None = None) -> tuple:
+        shown = s.next_image(index=next_index)
+        st = s.status()
+        running = bool(st.get("round_running") and st["round_running"].get("running"))
+        if shown is None:
+            gr.Info("Every image of this project is corrected. Publish the model with "
+                    "`python -m cellpose_web hitl publish`, or go back to an earlier round.")
+            return (s.name, gr.skip(), status_md(st) + "\n\n**All images corrected.**", curve_frame(st),
+                    gr.update(choices=round_choices(st)), gr.Timer(active=running))
+        new = shown_session(shown, s.name, prev)
+        return (s.name, new, status_md(st, shown.model), curve_frame(st),
+                gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
+                gr.Timer(active=running))
+
+    @W.user_errors(outputs=len(outputs))
+    def on_start(nm, fs, model, chans, every, prev, request: gr.Request):
+        if not fs:
+            raise CellposeWebError("Upload the images first: a zip, or several image files.")
+        models_cache.check_offered(model)
+        images = fs[0] if len(fs) == 1 and str(fs[0]).lower().endswith(".zip") else [str(f) for f in fs]
+        s = hitl.start_session(nm, images, base_model=model, channels=common.parse_channels(chans),
+                               holdout_every=int(4 if every is None else every), user=W.username(request))
+        return show(s, prev)
+
+    @W.user_errors(outputs=len(outputs))
+    def on_resume(nm, remembered, prev, request: gr.Request):
+        return show(_open(nm or remembered, W.username(request)), prev)
+
+    @W.user_errors(outputs=len(outputs))
+    def on_save(remembered, prev, editor, request: gr.Request):
+        info = (prev.provenance or {}).get("hitl") if prev is not None else None
+        if not info:
+            raise CellposeWebError("No project image is open: Start or Resume a project first.")
+        s = _open(info["project"], W.username(request))
+        res = s.save_correction(edited_masks(prev, editor), index=int(info["index"]))
+        what = ("kept aside to check the model" if res.heldout else
+                "queued for the next round" if res.queued else "learning has started")
+        gr.Info(f"Saved {res.name} ({res.n_cells} cells): {what}.")
+        return show(s, prev)
+
+    @W.user_errors(outputs=len(outputs))
+    def on_tick(remembered, prev, editor, request: gr.Request):
+        """While a round learns: its progress; when it has ended with a new model and the image on
+        screen is still untouched, that image is segmented again by the new model."""
+        if not remembered:
+            return (gr.skip(),) * 5 + (gr.Timer(active=False),)
+        s = _open(remembered, W.username(request))
+        st = s.status()
+        running = bool(st.get("round_running") and st["round_running"].get("running"))
+        info = ((prev.provenance or {}).get("hitl") or {}) if prev is not None else {}
+        newer = info.get("project") == s.name and info.get("round") != st["current_model"]["round"]
+        if not running and newer and not edits_made(prev, editor):
+            gr.Info(f"Round {st['current_model']['round']} is ready: this image is segmented again with it.")
+            shown = s.next_image(index=int(info["index"]), reuse=False)
+            if shown is not None:
+                return (s.name, shown_session(shown, s.name, prev), status_md(st, shown.model), curve_frame(st),
+                        gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
+                        gr.Timer(active=False))
+        return (gr.skip(), gr.skip(), status_md(st), curve_frame(st), gr.update(choices=round_choices(st)),
+                gr.Timer(active=running))
+
+    @W.user_errors(outputs=len(outputs))
+    def on_back(remembered, k, prev, request: gr.Request):
+        if k is None:
+            raise CellposeWebError("Choose a round to go back to.")
+        s = _open(remembered, W.username(request))
+        s.rollback(int(k))
+        gr.Info(f"Round {int(k)}'s model segments the next images.")
+        idx = ((prev.provenance or {}).get("hitl") or {}).get("index") if prev is not None else None
+        return show(s, prev, idx)
+
+    ev_start = start.click(on_start, [name, files, base, channels, holdout, session], outputs, api_visibility="private")
+    ev_resume = resume.click(on_resume, [name, project, session], outputs, api_visibility="private")
+    ev_save = save.click(on_save, [project, session, editor_state], outputs, api_visibility="private",
+                         concurrency_id="hitl", concurrency_limit=4)
+    ev_back = back.click(on_back, [project, back_to, session], outputs, api_visibility="private")
+    ev_tick = timer.tick(on_tick, [project, session, editor_state], outputs, api_visibility="private",
+                         show_progress="hidden")
+    ctx["model_dropdowns"].append(base)
+    return {"project": project, "name": name, "events": [ev_start, ev_resume, ev_save, ev_back, ev_tick]}

@@ -1,0 +1,87 @@
+"""Learn while you correct, in a real browser: a project of small images in the Correct tab; each
+"Save and learn" starts a fine-tune round in the background, and the image on screen is segmented
+again by the new model as soon as the round has one (until the person edits it). Checks that the
+third image is segmented by the second round's model, that Ctrl+Enter saves, and that the held-out
+AP curve is drawn once a held-out image has scored the rounds."""
+import io
+import re
+import zipfile
+
+import pytest
+import tifffile
+from playwright.sync_api import expect
+
+from cellpose_web.workflows import hitl
+from tests.e2e.conftest import REPO, shot
+
+pytestmark = pytest.mark.e2e
+
+
+def images_zip(path, size=128):
+    """Four 128 px crops of the example nuclei images (lite finds nuclei there: masks to learn from)."""
+    crops = []
+    for name in ("u2os_nuclei.tif", "rpe1_nuclei.tif"):
+        a = tifffile.imread(REPO / "examples" / name)
+        crops += [a[:size, :size], a[size:, size:]]
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, c in enumerate(crops):
+            b = io.BytesIO()
+            tifffile.imwrite(b, c)
+            zf.writestr(f"img{i}.tif", b.getvalue())
+    return path
+
+
+def start(page, name, zip_path, holdout):
+    page.get_by_role("tab", name="Correct").click()
+    if not page.locator("#hitl-name").is_visible():
+        page.get_by_text("Learn while you correct (human-in-the-loop)").click()
+    page.locator("#hitl-name input, #hitl-name textarea").first.fill(name)
+    clear = page.locator("#hitl-files button[aria-label='Clear']")
+    if clear.count():
+        clear.first.click()
+    page.set_input_files("#hitl-files input[type=file]", str(zip_path))
+    page.wait_for_selector("#hitl-files :text('images.zip')")
+    page.locator("#hitl-holdout input").fill(str(holdout))
+    # the recipe of a round: tiny images, so a short round (the project's recipe is the server's)
+    page.click("#hitl-start")
+    expect(page.locator("#hitl-status")).to_contain_text("segmented by round 0", timeout=120_000)
+
+
+def segmented_by(page, k, timeout=300_000):
+    expect(page.locator("#hitl-status")).to_contain_text(f"segmented by round {k}", timeout=timeout)
+
+
+def test_three_rounds_in_the_browser(page, tmp_path, e2e_home, monkeypatch):
+    z = images_zip(tmp_path / "images.zip")
+    # rounds of 3 epochs on 64 px crops: the loop, not the learning, is under test here
+    monkeypatch.setitem(hitl.ROUND_DEFAULTS, ("lite", "cpu"),
+                        hitl.ROUND_DEFAULTS[("lite", "cpu")].replace(n_epochs=3, min_epochs=1, bsize=64, time_limit_s=60))
+    start(page, "e2e_loop", z, holdout=0)
+    page.click("#hitl-save")                               # image 1 -> round 1
+    expect(page.locator("#hitl-status")).to_contain_text("1 of 4 images corrected")
+    segmented_by(page, 1)                                  # image 2, segmented again once round 1 is in
+    page.locator("#correct-canvas").click(position={"x": 5, "y": 5}, button="right")  # focus, no edit
+    page.keyboard.press("Control+Enter")                   # image 2 -> round 2, by the shortcut
+    expect(page.locator("#hitl-status")).to_contain_text("2 of 4 images corrected")
+    segmented_by(page, 2)                                  # image 3 by round 2's model
+    assert re.search(r"learnt from \*?\*?\d+ corrected cells", page.inner_text("#hitl-status"))
+    st = hitl.open_session("e2e_loop").status()
+    assert st["index"] == 2 and st["current_model"]["round"] == 2
+    shot(page, "70_hitl_round2")
+    page.click("#hitl-save")                               # image 3 -> round 3
+    segmented_by(page, 3)
+    done = [r["round"] for r in hitl.open_session("e2e_loop").status()["rounds"] if r.get("status") == "done"]
+    assert done == [1, 2, 3]
+
+    # held-out images: the 2nd corrected image scores every later round; the curve is drawn
+    start(page, "e2e_curve", z, holdout=4)
+    page.click("#hitl-save")                               # image 1 -> round 1
+    segmented_by(page, 1)
+    page.click("#hitl-save")                               # image 2: held out
+    expect(page.locator("#hitl-status")).to_contain_text("2 of 4 images corrected (", timeout=60_000)
+    page.click("#hitl-save")                               # image 3 -> round 2, scored on image 2
+    expect(page.locator("#hitl-status")).to_contain_text("Last round 2", timeout=300_000)
+    curve = hitl.open_session("e2e_curve").ap_curve()
+    assert len(curve) >= 2 and {p["round"] for p in curve} >= {1, 2}
+    expect(page.locator("#hitl-curve canvas, #hitl-curve svg").first).to_be_visible(timeout=30_000)
+    shot(page, "71_hitl_curve")
