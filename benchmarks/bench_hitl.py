@@ -110,7 +110,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cellpose_web import train as train_mod
+    from cellpose_web.models import train as train_mod
     from cellpose_web.models import CellposeModel
     from cellpose_web.workflows import hitl
 

@@ -42,7 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cellpose_web import io, models, train  # noqa: E402
+from cellpose_web import io, models  # noqa: E402
+from cellpose_web.models import train
 
 SHARED = ROOT.parent / "shared"
 CP_CYTO = SHARED / "reference" / "cp3" / "cp_cyto.pth"

@@ -31,7 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cellpose_web import io, models, train  # noqa: E402
+from cellpose_web import io, models  # noqa: E402
+from cellpose_web.models import train
 from cellpose_web.engine import metrics
 
 SHARED = ROOT.parent / "shared"

@@ -123,7 +123,7 @@ def model_choice(reference_dir: Path = SHARED / "reference") -> tuple[str, float
 def reference_masks(paths: list[Path], model: str, flow: float, cellprob: float) -> list[np.ndarray]:
     """Masks of each image computed here with the service code the app runs."""
     from cellpose_web.workflows import inputs
-    from cellpose_web.service.segment import SegmentParams, segment
+    from cellpose_web.workflows.segment import SegmentParams, segment
 
     out = []
     for p in paths:

@@ -516,7 +516,7 @@ def run_segmentation(args) -> int:
 # ----------------------------------------------------------------------------------------------
 def run_training(args) -> int:
     from cellpose_web import io, registry
-    from cellpose_web import train as train_mod
+    from cellpose_web.models import train as train_mod
 
     if not args.dir:
         raise CellposeWebError("--train needs --dir FOLDER with images and their _masks files")

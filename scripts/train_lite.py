@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cellpose_web.engine import dynamics  # noqa: E402
-from cellpose_web import train
+from cellpose_web.models import train
 from cellpose_web.engine.nets.unet import LiteUNet  # noqa: E402
 from cellpose_web.engine.synthetic import synthetic_sample  # noqa: E402
 

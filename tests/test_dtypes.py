@@ -16,11 +16,12 @@ import torch
 
 from cellpose_web.engine import device, metrics
 from cellpose_web import models
+from cellpose_web.resources import WEIGHTS_DIR
 from cellpose_web.models import CellposeModel
 
 DATA = Path(__file__).parent / "data"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-WEIGHTS = Path(models.__file__).parent / "weights"
+WEIGHTS = WEIGHTS_DIR
 
 
 def make_tiny_cpsam(path: Path) -> Path:
@@ -131,7 +132,7 @@ def test_every_model_kind_in_every_dtype(kind, use_bfloat16, tiny_cpsam, float32
     if kind == "cp_cyto":  # the style vector (and so the size model's diameter) is unchanged within bf16 rounding
         cos = float(np.dot(styles, ref_styles) / np.linalg.norm(styles) / np.linalg.norm(ref_styles))
         assert cos > 0.999
-        from cellpose_web.legacy import SizeModel
+        from cellpose_web.models.legacy import SizeModel
         size = SizeModel(model)
         assert size.size_from_style(styles) == pytest.approx(size.size_from_style(ref_styles), rel=0.02)
 
@@ -152,7 +153,7 @@ def test_default_settings_as_on_cuda(monkeypatch, tiny_cpsam):
     """CellposeModel with default settings, with the dtype chosen as for a CUDA device: the Cellpose 1-3
     U-Net runs in float32 (it used to crash here), Cellpose-SAM and lite in bfloat16."""
     real = device.default_dtype
-    monkeypatch.setattr(models, "default_dtype",
+    monkeypatch.setattr(models.core, "default_dtype",
                         lambda dev, use_bfloat16=None, **kw: real(torch.device("cuda"), use_bfloat16, **kw))
     for name, want in (("cp_cyto", torch.float32), ("lite", torch.bfloat16), (tiny_cpsam, torch.bfloat16)):
         model = CellposeModel(pretrained_model=name)
@@ -185,7 +186,7 @@ def test_fine_tuning_a_bfloat16_unet_saves_float32(tmp_path):
     """train_seg on a bf16 Cellpose 1-3 U-Net: the saved file holds float32 weights and the training's
     diam_labels, the caller's net is bf16 again, and the file loads and segments in bfloat16."""
     from cellpose_web.engine import synthetic
-    from cellpose_web import train
+    from cellpose_web.models import train
 
     s = synthetic.synthetic_sample(np.random.default_rng(0), (96, 96), "cyto_nuclei", diameter=25)
     img = np.moveaxis(s.image, 0, -1)

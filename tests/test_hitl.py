@@ -15,7 +15,7 @@ import tifffile
 
 from cellpose_web.workflows import pipeline
 from cellpose_web.engine import synthetic
-from cellpose_web import train as train_mod
+from cellpose_web.models import train as train_mod
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.workflows import hitl
 

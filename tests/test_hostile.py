@@ -231,7 +231,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     import torch
 
     from cellpose_web.engine.nets.unet import LiteUNet
-    from cellpose_web.train import save_network
+    from cellpose_web.models.train import save_network
 
     torch.manual_seed(0)
     return save_network(LiteUNet(widths=(8, 16, 32, 64)), tmp_path_factory.mktemp("ckpt") / "tiny_lite.pt")
@@ -313,7 +313,7 @@ def app_outcome(case: Case, e: dict) -> str:
     """Run the case through the app layer; OK or the message shown to the user."""
     from cellpose_web import registry
     from cellpose_web.workflows import batch, model_cache as models_cache, finetune as training
-    from cellpose_web.service.segment import SegmentParams
+    from cellpose_web.workflows.segment import SegmentParams
 
     tmp = e["tmp"]
     try:

@@ -215,7 +215,7 @@ def test_train_seg_fine_tunes_a_cellpose3_unet(cp3_dir, tmp_path):
     """train_seg on the legacy net: 2 inputs chosen by channels, loss goes down, the result is a Cellpose 3
     state dict that loads back as a U-Net with the training's diam_labels."""
     from cellpose_web.engine import synthetic
-    from cellpose_web import train
+    from cellpose_web.models import train
 
     samples = [synthetic.synthetic_sample(np.random.default_rng(seed), (96, 96), "cyto_nuclei", diameter=25)
                for seed in range(2)]
@@ -248,7 +248,7 @@ def own():
 
 
 def test_cellpose3_flow_check_on_its_own_flows(own):
-    from cellpose_web import legacy
+    from cellpose_web.models import legacy
 
     niter = int(np.uint32(1 / (np.float32(30.0) / float(own["diameter"])) * 200))
     masks = dynamics.compute_masks(own["dP"], own["cellprob"], niter=niter, interp="pixel",

@@ -251,11 +251,11 @@ def test_blocks_reuse_freed_memory_and_restore_malloc(lite_model, monkeypatch):
     lite_model.net.max_whole_pixels = 20_000
     try:
         reused = M.run_net(lite_model.net, imgs)
-        with M._reuse_freed_memory():
-            with M._reuse_freed_memory():
-                assert M._heap_users == (2 if M._glibc() is not None else 0)
-            assert M._heap_users == (1 if M._glibc() is not None else 0)
-        assert M._heap_users == 0
+        with M.core._reuse_freed_memory():
+            with M.core._reuse_freed_memory():
+                assert M.core._heap_users == (2 if M.core._glibc() is not None else 0)
+            assert M.core._heap_users == (1 if M.core._glibc() is not None else 0)
+        assert M.core._heap_users == 0
         monkeypatch.setattr(M, "_reuse_freed_memory", contextlib.nullcontext)
         assert np.array_equal(M.run_net(lite_model.net, imgs), reused)
     finally:
@@ -272,9 +272,9 @@ def test_lite_estimates_diameter_and_reruns(lite_model, monkeypatch):
         m[(yy - m.shape[0] // 2) ** 2 + (xx - m.shape[1] // 2) ** 2 < 30 ** 2] = 1
         return m
 
-    monkeypatch.setattr(M.dynamics, "compute_masks", compute_masks)
-    monkeypatch.setattr(M.dynamics, "fill_holes_and_remove_small_masks", lambda m, min_size=15: m)
-    monkeypatch.setattr(M.dynamics, "diameters", lambda m: (60.0, np.array([60.0])))
+    monkeypatch.setattr(M.core.dynamics, "compute_masks", compute_masks)
+    monkeypatch.setattr(M.core.dynamics, "fill_holes_and_remove_small_masks", lambda m, min_size=15: m)
+    monkeypatch.setattr(M.core.dynamics, "diameters", lambda m: (60.0, np.array([60.0])))
     img = np.random.default_rng(2).random((200, 240)).astype(np.float32)
     masks, flows, _ = lite_model.eval(img)
     assert lite_model.diam_estimate == pytest.approx(60.0)
@@ -292,9 +292,9 @@ def test_lite_reruns_only_outside_the_tolerance(lite_model, monkeypatch, estimat
         calls.append(cellprob.shape)
         return np.ones(cellprob.shape, np.uint16)
 
-    monkeypatch.setattr(M.dynamics, "compute_masks", compute_masks)
-    monkeypatch.setattr(M.dynamics, "fill_holes_and_remove_small_masks", lambda m, min_size=15: m)
-    monkeypatch.setattr(M.dynamics, "diameters", lambda m: (estimate, np.array([estimate])))
+    monkeypatch.setattr(M.core.dynamics, "compute_masks", compute_masks)
+    monkeypatch.setattr(M.core.dynamics, "fill_holes_and_remove_small_masks", lambda m, min_size=15: m)
+    monkeypatch.setattr(M.core.dynamics, "diameters", lambda m: (estimate, np.array([estimate])))
     lite_model.eval(np.random.default_rng(2).random((96, 128)).astype(np.float32))
     zoom = M.auto_diameter_zoom(estimate)
     assert (zoom is not None) == reruns and len(calls) == 1 + reruns
@@ -322,9 +322,9 @@ def test_diameter_note_says_how_the_estimate_went():
 def test_progress_messages_say_time_left(monkeypatch):
     from cellpose_web import models as models_mod
     clock = [100.0]
-    monkeypatch.setattr(models_mod.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(models_mod.core.time, "perf_counter", lambda: clock[0])
     seen = []
-    prog = models_mod._Progress(lambda f, msg: seen.append(msg))
+    prog = models_mod.core._Progress(lambda f, msg: seen.append(msg))
     net = prog.sub(0.0, 0.5)
     clock[0] += 1.0
     net(0.5, "running the network")  # 1 s spent: too early to say

@@ -39,7 +39,7 @@ def test_cli_web_service_and_dask_write_identical_masks_files(image, tmp_path, c
     the same _seg.npy masks and the same per-cell numbers."""
     dd = pytest.importorskip("dask.distributed")
     from cellpose_web.workflows import batch, inputs
-    from cellpose_web.service import segment
+    from cellpose_web.workflows import segment
 
     model = _model()
     # 1. the command line

@@ -59,7 +59,7 @@ def test_kill_during_finetune_then_restart(tmp_path, data_dir, _isolated_home, m
     from cellpose_web import registry
     from cellpose_web.engine.nets.unet import LiteUNet
     from cellpose_web.workflows import finetune as training
-    from cellpose_web.train import save_network
+    from cellpose_web.models.train import save_network
 
     home = _isolated_home
     lt = _app_helpers()

@@ -7,7 +7,7 @@ import pytest
 
 import standin
 from cellpose_web.workflows import hints
-from cellpose_web import train
+from cellpose_web.models import train
 from cellpose_web.workflows import model_cache as models_cache
 from cellpose_web.service import runs
 

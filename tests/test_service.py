@@ -17,7 +17,8 @@ import tifffile
 
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.workflows import batch, inputs, model_cache as models_cache, finetune as training
-from cellpose_web.service import jobs, segment, storage
+from cellpose_web.service import jobs, storage
+from cellpose_web.workflows import segment
 from cellpose_web.service.config import Limits
 
 import standin

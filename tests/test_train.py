@@ -7,7 +7,7 @@ import tifffile
 import torch
 
 from cellpose_web.engine import metrics
-from cellpose_web import train
+from cellpose_web.models import train
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.engine.nets.unet import LiteUNet
 

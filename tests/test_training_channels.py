@@ -60,7 +60,8 @@ class _Recorder:
             rec.meta = meta
             return type("Info", (), {"name": name, "path": path})()
 
-        from cellpose_web import models, registry, train
+        from cellpose_web import models, registry
+        from cellpose_web.models import train
         from cellpose_web.workflows import model_cache as models_cache
         monkeypatch.setattr(models, "CellposeModel", FakeModel)
         monkeypatch.setattr(train, "train_seg", fake_train_seg)

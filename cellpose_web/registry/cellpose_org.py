@@ -94,7 +94,7 @@ def resolve_legacy(name: str, download: bool, progress: Callable | None) -> Mode
         facts = file_facts(weights)
         if facts["arch"] != "cellpose3":
             raise CellposeWebError(f"{weights.name} is a '{facts['arch']}' checkpoint, not a Cellpose 1-3 U-Net.")
-        from cellpose_web.legacy import load_size_model
+        from cellpose_web.registry.size_model import load_size_model
         load_size_model(size)
     except CellposeWebError as e:
         for f in (weights, size):

@@ -168,7 +168,7 @@ def add_lab_model(src_path: str | os.PathLike, name: str, metadata: dict | None 
         if info["arch"] != "cellpose3":
             raise CellposeWebError("a size model only goes with a Cellpose 1-3 U-Net model; this file is a "
                                    f"'{info['arch']}' model, which estimates diameters itself")
-        from cellpose_web.legacy import load_size_model
+        from cellpose_web.registry.size_model import load_size_model
         load_size_model(size_model, style_dim=int((info.get("config") or {}).get("nbase", [0, 256])[-1]))
     meta_in = dict(metadata or {})
     root = models_dir()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cellpose_web import config
-from cellpose_web.errors import CellposeWebError
+from cellpose_web import errors
 from cellpose_web.models import format_duration
 
 #: finished results kept in memory (oldest dropped first): at most this many, and at most
@@ -27,8 +27,9 @@ def _max_kept_bytes() -> int:
     return config.keep_results_bytes()
 
 
-class RunCancelled(CellposeWebError):
-    """Raised inside a run whose cancel flag was set (Cancel button, or the browser went away)."""
+# Raised inside a run whose cancel flag was set (Cancel button, or the browser went away); not a
+# user error (cellpose_web.errors.RunCancelled is not a CellposeWebError): callers match it by type.
+RunCancelled = errors.RunCancelled
 
 
 @dataclass

@@ -16,7 +16,7 @@ from cellpose_web.workflows import CellposeWebError
 from cellpose_web.workflows.results import DEFAULT_MAX_DISTANCE_UM, PunctaParams
 from cellpose_web.workflows import batch, model_cache as models_cache
 from cellpose_web.service import jobs, runs
-from cellpose_web.service.segment import SegmentParams
+from cellpose_web.workflows.segment import SegmentParams
 from cellpose_web.ui import common, segment_tab, widgets as W
 
 INTRO = ("Upload a **zip** of images (or select several image files). Every image is segmented with the "

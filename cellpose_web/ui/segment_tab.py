@@ -16,7 +16,7 @@ from cellpose_web.workflows.startup import examples_dir
 from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service import runs
 from cellpose_web.service.config import Limits
-from cellpose_web.service.segment import SegmentParams, segment
+from cellpose_web.workflows.segment import SegmentParams, segment
 from cellpose_web.ui import common, widgets as W
 
 EXAMPLES_DIR = examples_dir()

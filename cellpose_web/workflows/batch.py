@@ -21,7 +21,7 @@ from cellpose_web.io import atomic_save
 from cellpose_web.measure import PunctaParams
 from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service.config import Limits
-from cellpose_web.service.segment import SegmentParams
+from cellpose_web.workflows.segment import SegmentParams
 from cellpose_web.service.storage import atomic_write_bytes, atomic_write_json, safe_name
 
 log = logging.getLogger(__name__)

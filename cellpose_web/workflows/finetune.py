@@ -330,7 +330,7 @@ def finetune_defaults(base_model: str) -> dict[str, Any]:
     """The fine-tuning recipe for a base model name (its network family's entry in
     ``train.FINETUNE_DEFAULTS``): {learning_rate, weight_decay, n_epochs, batch_size, bsize,
     min_steps_per_epoch, source, arch}. The Fine-tune tab fills its boxes from it."""
-    from cellpose_web.train import finetune_defaults as recipe_for
+    from cellpose_web.models.train import finetune_defaults as recipe_for
     arch = base_model_arch(base_model)
     return {**recipe_for(arch).as_dict(), "arch": arch}
 
@@ -354,7 +354,7 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
         and after use the same images; the new model's metadata records them.
     """
     limits = limits or Limits.from_env()
-    from cellpose_web.train import finetune_defaults as recipe_for
+    from cellpose_web.models.train import finetune_defaults as recipe_for
     recipe = recipe_for(base_model_arch(base_model))
     n_epochs = recipe.n_epochs if n_epochs in (None, "") else n_epochs
     learning_rate = recipe.learning_rate if learning_rate in (None, "") else learning_rate
@@ -380,7 +380,7 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
     tr, ho = split_holdout(len(imgs), holdout_fraction)
     info = models_cache.resolve(base_model)
     from cellpose_web.models import CellposeModel
-    from cellpose_web.train import train_seg
+    from cellpose_web.models.train import train_seg
     say("loading the base model")
     model = CellposeModel(gpu=models_cache.use_gpu(), pretrained_model=info["path"] or info["name"])
     ca = -1 if any(np.ndim(i) == 3 for i in imgs) else None  # sets are stored (Y, X) or (Y, X, C)

@@ -784,7 +784,7 @@ class HitlSession:
 
     def _run_one_round(self, cancel: threading.Event, progress: dict[str, Any]) -> dict[str, Any] | None:
         """One round (the worker holds the project's round lock): train, score, accept or keep."""
-        from cellpose_web import train as train_mod
+        from cellpose_web.models import train as train_mod
         from cellpose_web.models import CellposeModel
 
         with self._update() as st:

@@ -45,7 +45,7 @@ def test_finetune_two_epochs_new_model_everywhere(page, data_dir, tmp_path):
     add_pairs(page, "e2e_set", z, 3)
     page.locator("#ft-name textarea, #ft-name input").first.fill("e2e_tuned")
     # the boxes hold the base model's own fine-tune defaults (lite's, not Cellpose-SAM's 1e-5)
-    from cellpose_web.train import FINETUNE_DEFAULTS
+    from cellpose_web.models.train import FINETUNE_DEFAULTS
     expect(page.locator("#ft-recipe")).to_contain_text("Defaults for lite")
     assert float(page.locator("#ft-lr input").input_value()) == FINETUNE_DEFAULTS["lite"].learning_rate
     assert int(page.locator("#ft-epochs input").input_value()) == FINETUNE_DEFAULTS["lite"].n_epochs

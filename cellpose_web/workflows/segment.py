@@ -11,10 +11,11 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cellpose_web import measure
 from cellpose_web.workflows import pipeline
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import CellposeWebError, OutOfMemoryError, RunCancelled
 from cellpose_web.models import check_eval_params
 from cellpose_web.service import gpu
 from cellpose_web.workflows import model_cache as models_cache
@@ -170,14 +171,15 @@ def segment(image: np.ndarray, params: SegmentParams, model_name: str, image_nam
     try:
         seg = _segment_on_device(model_name, image, params, file_axes, progress,
                                  [puncta.channel] if puncta is not None else None)
-    except (CellposeWebError, FileNotFoundError):
+    except (CellposeWebError, FileNotFoundError, RunCancelled):  # OutOfMemoryError is a CellposeWebError
         raise
     except MemoryError:
-        raise CellposeWebError("Out of memory while segmenting; crop the image or use a smaller diameter.")
+        raise OutOfMemoryError("Out of memory while segmenting; crop the image or use a smaller diameter.") from None
+    except torch.OutOfMemoryError:  # the GPU's (a RuntimeError): matched by type, not by its message
+        log.exception("segmentation failed")
+        raise OutOfMemoryError("The GPU ran out of memory; try a smaller image or ask the admin.") from None
     except Exception as e:
         log.exception("segmentation failed")
-        if "out of memory" in str(e).lower():
-            raise CellposeWebError("The GPU ran out of memory; try a smaller image or ask the admin.") from None
         raise CellposeWebError(f"Segmentation failed ({type(e).__name__}: {str(e)[:200]}). Check the "
                                "channel/z axis settings; if it persists tell the admin.") from None
     table, spots = pipeline.measure_segmentation(seg, pixel_size_um, puncta)
