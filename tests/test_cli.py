@@ -41,7 +41,7 @@ def stub(folder, monkeypatch):
     answers = {standin.image_key(tifffile.imread(d / name)): lab for name, lab in labels.items()}
     model = standin.StandInModel(answers)  # answers each image with its ground-truth labels
     info = registry.ModelInfo(name="stub", source="lab", arch="lite", path="/models/stub", sha256="ab" * 32)
-    monkeypatch.setattr(cli, "_load_model", lambda args, spec, for_training=False: (model, info))
+    monkeypatch.setattr(cli.common, "load_model", lambda args, spec, for_training=False: (model, info))
     return model
 
 
@@ -251,7 +251,7 @@ def test_unexpected_error_is_one_line_with_hint(folder, monkeypatch, capsys):
     def boom(args, spec, for_training=False):
         raise RuntimeError("CUDA driver exploded\nsecond line")
 
-    monkeypatch.setattr(cli, "_load_model", boom)
+    monkeypatch.setattr(cli.common, "load_model", boom)
     rc, out, err = _run(["--dir", str(d), "--pretrained_model", "x"], capsys)
     assert rc == 1
     line = _one_error_line(err)

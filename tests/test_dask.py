@@ -104,7 +104,7 @@ def test_worker_killed_mid_run_is_retried(images, model_flags, tmp_path, capsys)
         pids = client.run(_die_once, str(marker))
         assert len(pids) == 2
         results = distributed.run_batch_dask(sorted(images.glob("*.tif")), tmp_path / "dask", info,
-                                             cli.image_settings(args), pipeline.SaveOptions(png=True), retries=2,
+                                             cli.common.image_settings(args), pipeline.SaveOptions(png=True), retries=2,
                                              progress=lambda d, t, r: seen.append((d, t, r["name"])),
                                              client=client)
     finally:

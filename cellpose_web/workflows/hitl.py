@@ -21,7 +21,7 @@ Python::
     s = hitl.open_session("nuclei_lab") # after a restart
 
 Command line: ``python -m cellpose_web hitl start|next|save|status|rollback|learn|publish|list|simulate``
-(:mod:`cellpose_web.cli_hitl`).
+(:mod:`cellpose_web.cli.hitl`).
 
 Project layout (``<root>/<project>/``, root = ``$CELLPOSE_WEB_HOME/hitl`` unless given)::
 

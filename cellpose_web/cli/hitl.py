@@ -85,7 +85,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_hitl_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from cellpose_web.cli import command_name
+    from cellpose_web.cli.common import command_name
 
     P = _Parser
     p = P(prog=prog or f"{command_name()} hitl",
