@@ -256,7 +256,7 @@ def test_blocks_reuse_freed_memory_and_restore_malloc(lite_model, monkeypatch):
                 assert M.core._heap_users == (2 if M.core._glibc() is not None else 0)
             assert M.core._heap_users == (1 if M.core._glibc() is not None else 0)
         assert M.core._heap_users == 0
-        monkeypatch.setattr(M, "_reuse_freed_memory", contextlib.nullcontext)
+        monkeypatch.setattr(M.core, "_reuse_freed_memory", contextlib.nullcontext)
         assert np.array_equal(M.run_net(lite_model.net, imgs), reused)
     finally:
         lite_model.net.max_whole_pixels = 1024 * 1024

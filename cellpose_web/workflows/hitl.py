@@ -85,153 +85,36 @@ projects run in their own threads and never wait for each other.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime as _dt
 import logging
-import math
 import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
-
 import numpy as np
-
-from cellpose_web import io as cpio
 from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service.storage import atomic_write_json, read_json, safe_join, safe_name, sub_dir
+from cellpose_web.workflows.hitl_recipes import ROUND_DEFAULTS  # noqa: F401 - part of this module's API
+from cellpose_web.workflows.hitl_data import read_labels  # noqa: F401 - part of this module's API
+from cellpose_web.workflows.hitl_recipes import RoundRecipe, SaveResult, ShownImage, round_defaults, round_lr_schedule
+from cellpose_web.workflows.hitl_data import decide_acceptance, is_inside, list_images, loaded_model, read_image_yxc, score_model, select_channels, thread_lock, update_set_json, utc_now, write_image, write_masks
+
 
 try:  # POSIX file locks; elsewhere the in-process locks alone
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+
 log = logging.getLogger(__name__)
 
-__all__ = ["RoundRecipe", "ROUND_DEFAULTS", "round_defaults", "round_lr_schedule", "HitlSession", "RoundHandle", "ShownImage",
-           "SaveResult", "start_session", "open_session", "list_sessions", "project_dir", "hitl_root",
-           "decide_acceptance", "score_model", "is_heldout", "read_image_yxc", "read_labels", "SESSION_FILE"]
 
 SESSION_FILE = "session.json"
+
+
 STATE_VERSION = 1
-
-
-# ----------------------------------------------------------------------------------------------
-# round defaults
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RoundRecipe:
-    """One fine-tune round (see the table in the module docstring).
-
-    learning_rate, weight_decay : AdamW (train_seg's warm-up over the first 10 epochs included).
-    n_epochs : epochs of a round (fewer when the time limit would cut them; see ``min_epochs``).
-    crops_per_epoch, batch_size, bsize : crops per epoch (train_seg's nimg_per_epoch), crops per
-        optimiser step, crop side in px.
-    new_share : fraction of the crops drawn from the images corrected since the parent model.
-    time_limit_s : the round stops after this many seconds of training (its model is still scored).
-    min_epochs : fitting the epochs to the time limit never goes below this.
-    rescale : scale objects to the net's diameter (Cellpose 1-3 U-Nets, as Cellpose 3).
-    schedule : "round" (:func:`round_lr_schedule`: a short warm-up, then a cosine decay to 5 %, so a
-        round ends on small steps) or "cellpose" (train_seg's: 10 warm-up epochs, then constant).
-    """
-    learning_rate: float
-    weight_decay: float
-    n_epochs: int
-    crops_per_epoch: int
-    batch_size: int
-    bsize: int
-    new_share: float = 0.5
-    time_limit_s: float = 60.0
-    min_epochs: int = 12
-    rescale: bool = False
-    schedule: str = "round"
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **overrides: Any) -> "RoundRecipe":
-        """A copy with ``overrides`` (unknown keys raise CellposeWebError naming them)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        bad = sorted(set(overrides) - names)
-        if bad:
-            raise CellposeWebError(f"unknown round setting(s) {', '.join(bad)}; known: {', '.join(sorted(names))}")
-        kw = {k: v for k, v in overrides.items() if v is not None}
-        out = dataclasses.replace(self, **kw)
-        out.check()
-        return out
-
-    def check(self) -> None:
-        if not (0 < self.learning_rate < 1) or not math.isfinite(self.learning_rate):
-            raise CellposeWebError(f"round learning_rate must be between 0 and 1, got {self.learning_rate}")
-        if not (0 <= self.weight_decay <= 10):
-            raise CellposeWebError(f"round weight_decay must be between 0 and 10, got {self.weight_decay}")
-        for k in ("n_epochs", "crops_per_epoch", "batch_size", "min_epochs"):
-            if int(getattr(self, k)) < 1:
-                raise CellposeWebError(f"round {k} must be at least 1, got {getattr(self, k)}")
-        if int(self.bsize) < 32 or int(self.bsize) % 16:
-            raise CellposeWebError(f"round bsize must be a multiple of 16 and at least 32, got {self.bsize}")
-        if not (0 <= self.new_share <= 1):
-            raise CellposeWebError(f"round new_share must be between 0 and 1, got {self.new_share}")
-        if self.schedule not in ("round", "cellpose"):
-            raise CellposeWebError(f"round schedule must be 'round' or 'cellpose', got {self.schedule!r}")
-        if not (self.time_limit_s > 0):
-            raise CellposeWebError(f"round time_limit_s must be positive, got {self.time_limit_s}")
-
-
-#: (family, "cpu" | "gpu") -> the round recipe; the table of the module docstring.
-ROUND_DEFAULTS: dict[tuple[str, str], RoundRecipe] = {
-    ("lite", "cpu"): RoundRecipe(2e-3, 1e-4, n_epochs=20, crops_per_epoch=8, batch_size=1, bsize=128,
-                                 time_limit_s=60, min_epochs=12),
-    ("lite", "gpu"): RoundRecipe(2e-3, 1e-4, n_epochs=50, crops_per_epoch=32, batch_size=4, bsize=256,
-                                 time_limit_s=60, min_epochs=15),
-    ("cellpose3", "cpu"): RoundRecipe(2e-3, 1e-5, n_epochs=12, crops_per_epoch=8, batch_size=4, bsize=224,
-                                      time_limit_s=240, min_epochs=11, rescale=True),
-    ("cellpose3", "gpu"): RoundRecipe(5e-3, 1e-5, n_epochs=50, crops_per_epoch=32, batch_size=8, bsize=224,
-                                      time_limit_s=120, min_epochs=15, rescale=True),
-    ("cpsam", "cpu"): RoundRecipe(1e-5, 0.1, n_epochs=10, crops_per_epoch=2, batch_size=1, bsize=256,
-                                  time_limit_s=900, min_epochs=10),
-    ("cpsam", "gpu"): RoundRecipe(1e-5, 0.1, n_epochs=50, crops_per_epoch=16, batch_size=1, bsize=256,
-                                  time_limit_s=300, min_epochs=15),
-}
-
-
-def round_lr_schedule(learning_rate: float, n_epochs: int) -> np.ndarray:
-    """Per-epoch learning rates of a round: linear warm-up from 10 % over the first ~15 % of the
-    epochs, then a cosine decay to 5 % at the last epoch."""
-    n = max(int(n_epochs), 1)
-    w = max(1, int(round(0.15 * n)))
-    warm = np.linspace(0.1, 1.0, w, endpoint=False) if w > 1 else np.array([0.5])
-    rest = n - len(warm)
-    t = np.linspace(0.0, 1.0, rest) if rest > 1 else np.zeros(rest)
-    decay = 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * t))
-    return float(learning_rate) * np.concatenate([warm, decay])[:n]
-
-
-def round_defaults(arch: str | None, gpu: bool = False) -> RoundRecipe:
-    """The round recipe for a network family ("lite", "cellpose3", "cpsam"; unknown -> "cpsam") on
-    a GPU or a CPU host."""
-    fam = str(arch or "").lower()
-    fam = fam if fam in ("lite", "cellpose3", "cpsam") else "cpsam"
-    return ROUND_DEFAULTS[(fam, "gpu" if gpu else "cpu")]
-
-
-# ----------------------------------------------------------------------------------------------
-# small helpers: time, locks, paths
-# ----------------------------------------------------------------------------------------------
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-_THREAD_LOCKS: dict[str, threading.RLock] = {}
-_THREAD_LOCKS_GUARD = threading.Lock()
-
-
-def _thread_lock(key: str) -> threading.RLock:
-    with _THREAD_LOCKS_GUARD:
-        return _THREAD_LOCKS.setdefault(key, threading.RLock())
 
 
 class _FileLock:
@@ -301,157 +184,11 @@ def is_heldout(n: int, holdout_every: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# images
-# ----------------------------------------------------------------------------------------------
-def _list_images(images: Any, dest: Path) -> tuple[list[str], str]:
-    """(absolute image paths, source description) from a folder, a zip or a list of files."""
-    if isinstance(images, (str, os.PathLike)):
-        p = Path(images).expanduser()
-        if not p.exists():
-            raise FileNotFoundError(f"images not found: {p}")
-        if p.is_dir():
-            files = cpio.get_image_files(p, "_masks")
-            return [str(Path(f).resolve()) for f in files], str(p.resolve())
-        if p.suffix.lower() == ".zip":
-            from cellpose_web.workflows.inputs import extract_zip  # the one validated unzip (limits, zip bombs)
-
-            out = dest / "images"
-            extract_zip(p, out)
-            files = cpio.get_image_files(out, "_masks", look_one_level_down=True)
-            return [str(Path(f).resolve()) for f in files], str(p.resolve())
-        images = [p]
-    files = [Path(f).expanduser() for f in images]
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"image not found: {missing[0]}")
-    if not files:
-        raise CellposeWebError("no images: give a folder, a zip or a list of image files")
-    return [str(f.resolve()) for f in files], "files"
-
-
-def read_image_yxc(path: str | os.PathLike) -> np.ndarray:
-    """An image file as (Y, X, C), every channel in the file's order; z-stacks are refused."""
-    img, axes, _ = pipeline.read_image(path)
-    yxc, stack = pipeline.to_channels_last(img, file_axes=axes)
-    if stack:
-        raise CellposeWebError(f"{Path(path).name} is a z-stack; the human-in-the-loop works on 2D images "
-                               "(save the planes as separate images)")
-    return yxc
-
-
-def read_labels(path: str | os.PathLike) -> np.ndarray:
-    """Masks from a file: a label image (.tif/.png; whole numbers, 0 = background) or a Cellpose
-    ``_seg.npy`` (its ``masks``)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"masks file not found: {p}")
-    m = np.asarray(cpio.load_seg(str(p))["masks"] if p.name.endswith(".npy") else cpio.imread(str(p)))
-    if m.ndim == 3 and m.shape[-1] in (3, 4) and m.dtype == np.uint8:
-        m = m[..., 0]
-    if m.dtype.kind == "b":
-        from scipy import ndimage as ndi
-
-        m = ndi.label(m)[0]
-    if m.dtype.kind == "f":
-        if not np.all(np.isfinite(m)) or np.any(m != np.round(m)) or m.min(initial=0) < 0:
-            raise CellposeWebError(f"{p.name} must hold whole-number labels (0 = background)")
-        m = m.astype(np.int64)
-    return m
-
-
-def _select(img: np.ndarray, channels: Sequence[int] | None) -> np.ndarray:
-    chans = pipeline.check_channels(list(channels) if channels else None, img.shape[-1])
-    return img[..., chans] if chans else img
-
-
-# ----------------------------------------------------------------------------------------------
-# scoring and the acceptance rule
-# ----------------------------------------------------------------------------------------------
-def _loaded(ref: dict[str, Any], device: str | None, gpu: bool | None) -> pipeline.LoadedModel:
-    return pipeline.get_model(ref.get("path") or ref["name"], device=device, gpu=gpu)
-
-
-def score_model(model_ref: dict[str, Any] | str, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                channels: Sequence[int] | None = None, eval_kwargs: dict[str, Any] | None = None,
-                device: str | None = None, gpu: bool | None = None) -> dict[str, Any] | None:
-    """Mean AP@0.5 / AP@0.75 (``metrics.average_precision``) of a model on (Y, X, C) images with
-    true labels, segmented exactly as :meth:`HitlSession.next_image` does; None without images."""
-    from cellpose_web.engine.metrics import average_precision
-
-    if not images:
-        return None
-    ref = {"name": model_ref, "path": None} if isinstance(model_ref, str) else model_ref
-    loaded = _loaded(ref, device, gpu)
-    preds = [pipeline.segment(loaded, img, dict(eval_kwargs or {}), channel_axis=2,
-                              segment_channels=list(channels) if channels else None).masks for img in images]
-    ap, _, _, _ = average_precision([np.asarray(x) for x in labels], preds, threshold=[0.5, 0.75])
-    ap = np.nan_to_num(np.asarray(ap, np.float64), nan=0.0)
-    return {"ap50": round(float(ap[:, 0].mean()), 4), "ap75": round(float(ap[:, 1].mean()), 4),
-            "n_images": len(images), "n_cells": int(sum(len(np.unique(x[x > 0])) for x in labels))}
-
-
-def decide_acceptance(new: dict[str, Any] | None, parent: dict[str, Any] | None,
-                      min_gain: float = 0.0) -> tuple[bool, str]:
-    """(accepted, reason): the new model replaces its parent when its held-out AP@0.5 is higher by
-    more than ``min_gain``, or equal with a higher AP@0.75; without held-out scores it is accepted."""
-    if new is None or parent is None:
-        return True, "no held-out corrected images yet: accepted without a comparison"
-    a, b = float(new["ap50"]), float(parent["ap50"])
-    a75, b75 = float(new.get("ap75", 0.0)), float(parent.get("ap75", 0.0))
-    if a > b + float(min_gain):
-        return True, f"held-out AP@0.5 {b:.3f} -> {a:.3f}"
-    if abs(a - b) <= 1e-9 and a75 > b75 and min_gain <= 0:
-        return True, f"held-out AP@0.5 equal ({a:.3f}); AP@0.75 {b75:.3f} -> {a75:.3f}"
-    return False, (f"held-out AP@0.5 {a:.3f} (AP@0.75 {a75:.3f}) does not beat the previous model's "
-                   f"{b:.3f} ({b75:.3f}): kept the previous model")
-
-
-# ----------------------------------------------------------------------------------------------
-# results handed to callers
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class ShownImage:
-    """An image as the person sees it: segmented by the project's current model.
-
-    image : (Y, X, C), every channel of the file; masks (Y, X) labels; flows as
-    ``CellposeModel.eval`` ([RGB, dP, cellprob]; None when the proposal was reused from disk);
-    model : {round, name, path, sha256, n_cells}: which model segmented it.
-    """
-    index: int
-    name: str
-    path: str
-    image: np.ndarray
-    masks: np.ndarray
-    flows: list | None
-    model: dict[str, Any]
-    proposal_path: str
-    corrected: bool = False
-    reused: bool = False
-    seconds: float = 0.0
-
-    @property
-    def n_masks(self) -> int:
-        return int(np.count_nonzero(np.unique(self.masks)))
-
-
-@dataclass
-class SaveResult:
-    """What :meth:`HitlSession.save_correction` did: the pair saved, held out or trained on, and the
-    round it started (``handle``; None when held out or ``learn=False``; when a round was already
-    running the correction is ``queued`` for the round after it)."""
-    index: int
-    name: str
-    n_cells: int
-    heldout: bool
-    n_corrected: int
-    handle: "RoundHandle | None" = None
-    queued: bool = False
-
-
-# ----------------------------------------------------------------------------------------------
 # the background round
 # ----------------------------------------------------------------------------------------------
 _RUNNING: dict[str, "RoundHandle"] = {}
+
+
 _START_LOCK = threading.Lock()
 
 
@@ -572,20 +309,20 @@ class HitlSession:
     @contextlib.contextmanager
     def _update(self):
         """Read-modify-write of the state under the project's locks (threads and processes)."""
-        with _thread_lock(str(self.path)):
+        with thread_lock(str(self.path)):
             fl = _FileLock(self.path / ".state.lock")
             fl.acquire()
             try:
                 st = self.state()
                 yield st
-                st["updated"] = _now()
+                st["updated"] = utc_now()
                 atomic_write_json(self.path / SESSION_FILE, st)
             finally:
                 fl.release()
 
     def _event(self, st: dict[str, Any], what: str, **kw: Any) -> None:
         ev = st.setdefault("events", [])
-        ev.append({"at": _now(), "what": what, **kw})
+        ev.append({"at": utc_now(), "what": what, **kw})
         del ev[:-200]
 
     # ------------------------------------------------------------------ models
@@ -677,15 +414,15 @@ class HitlSession:
                 st2["index"] = index
             return ShownImage(index, name, path, img, masks, None, model, str(prop), index in done, reused=True)
         t0 = time.perf_counter()
-        loaded = _loaded(model, st.get("device"), st.get("gpu"))
+        loaded = loaded_model(model, st.get("device"), st.get("gpu"))
         seg = pipeline.segment(loaded, img, dict(st.get("eval_kwargs") or {}), channel_axis=2,
                                segment_channels=st.get("channels") or None)
         secs = time.perf_counter() - t0
         masks = np.asarray(seg.masks)
-        _write_masks(prop, masks)
+        write_masks(prop, masks)
         with self._update() as st2:
             st2["index"] = index
-            st2["shown"] = {"index": index, "round": model["round"], "proposal": str(prop), "at": _now(),
+            st2["shown"] = {"index": index, "round": model["round"], "proposal": str(prop), "at": utc_now(),
                             "n_masks": int(len(np.unique(masks[masks > 0])))}
         return ShownImage(index, name, path, img, masks, list(seg.flows), model, str(prop), index in done,
                           seconds=round(secs, 2))
@@ -718,18 +455,18 @@ class HitlSession:
         m = masks.astype(np.uint16 if masks.max() < 65535 else np.uint32)
         n_cells = int(len(np.unique(m[m > 0])))
         tdir = Path(st["training_dir"])
-        _write_image(tdir / f"{name}.tif", img)
-        _write_masks(tdir / f"{name}_masks.tif", m)
+        write_image(tdir / f"{name}.tif", img)
+        write_masks(tdir / f"{name}_masks.tif", m)
         with self._update() as st:
             done = self._corrected_map(st)
             shown = st.get("shown") or {}
             seg_by = shown.get("round") if shown.get("index") == index else None
             if index in done:
                 entry = done[index]
-                entry.update(n_cells=n_cells, saved=_now(), segmented_by_round=seg_by)
+                entry.update(n_cells=n_cells, saved=utc_now(), segmented_by_round=seg_by)
             else:
                 heldout = is_heldout(len(done) + 1, int(st.get("holdout_every", 0)))
-                entry = {"index": index, "name": name, "n_cells": n_cells, "heldout": heldout, "saved": _now(),
+                entry = {"index": index, "name": name, "n_cells": n_cells, "heldout": heldout, "saved": utc_now(),
                          "segmented_by_round": seg_by}
                 st.setdefault("corrected", []).append(entry)
             heldout = bool(entry["heldout"])
@@ -740,7 +477,7 @@ class HitlSession:
             st["index"] = later[0] if later else (uncorrected[0] if uncorrected else index)
             n_corr = len(st["corrected"])
             self._event(st, "saved", index=index, name=name, n_cells=n_cells, heldout=heldout)
-        _update_set_json(tdir, name, n_cells, list(img.shape), heldout, index)
+        update_set_json(tdir, name, n_cells, list(img.shape), heldout, index)
         res = SaveResult(index, name, n_cells, heldout, n_corr)
         if learn and not heldout:
             res.handle, res.queued = self._start_round()
@@ -814,7 +551,7 @@ class HitlSession:
                    "epochs": n_epochs, "epochs_done": 0, **{f: getattr(recipe, f) for f in (
                        "learning_rate", "weight_decay", "batch_size", "bsize", "crops_per_epoch", "new_share",
                        "time_limit_s", "rescale", "schedule")},
-                   "started": _now(), "pid": os.getpid()}
+                   "started": utc_now(), "pid": os.getpid()}
             st["rounds"].append(rec)
             self._event(st, "round started", round=k, parent_round=parent_no)
             seed = int(st.get("seed", 0)) + k
@@ -865,7 +602,7 @@ class HitlSession:
             if cancel.is_set():
                 with self._update() as st:
                     r = st["rounds"][k]
-                    r.update(status="cancelled", accepted=False, applied=False, finished=_now(),
+                    r.update(status="cancelled", accepted=False, applied=False, finished=utc_now(),
                              epochs_done=int(len(tl)), train_seconds=round(train_s, 1),
                              model={"name": rec["model"]["name"], "path": str(mpath), "sha256": None},
                              reason="cancelled")
@@ -907,7 +644,7 @@ class HitlSession:
                          sec_per_crop=round(train_s / max(1, ep * recipe.crops_per_epoch), 4),
                          final_train_loss=float(np.asarray(tl)[-1]) if len(tl) else None,
                          scores=new_scores, parent_scores=parent_scores, accepted=accepted, applied=applied,
-                         reason=reason, finished=_now(), device=train_device)
+                         reason=reason, finished=utc_now(), device=train_device)
                 if parent_scores is not None and parent_no < len(st["rounds"]):
                     st["rounds"][parent_no]["scores_latest"] = parent_scores
                     if st["rounds"][parent_no].get("scores") is None:
@@ -919,14 +656,14 @@ class HitlSession:
                 old_current = parent_ref if applied else model_ref
                 self._event(st, "round finished", round=k, accepted=accepted, applied=applied, reason=reason)
                 out = dict(r)
-            if _inside(old_current.get("path"), self.path):  # keep the process's model cache small
+            if is_inside(old_current.get("path"), self.path):  # keep the process's model cache small
                 pipeline.forget_models(old_current["path"])
             progress.update(phase="finished")
             return out
         except BaseException as e:
             with self._update() as st:
                 r = st["rounds"][k]
-                r.update(status="failed", accepted=False, applied=False, finished=_now(),
+                r.update(status="failed", accepted=False, applied=False, finished=utc_now(),
                          reason=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
                 st["pending"] = True
                 self._event(st, "round failed", round=k, error=r["reason"])
@@ -1048,7 +785,7 @@ def start_session(name: str, images: Any, base_model: str = "lite", channels: Se
             shutil.rmtree(old_tdir)  # the project's own pairs in the lab's training sets
     pdir.mkdir(parents=True, exist_ok=True)
     try:
-        files, source = _list_images(images, pdir)
+        files, source = list_images(images, pdir)
         if not files:
             raise CellposeWebError("no images found")
         info = registry.resolve_model(base_model)
@@ -1059,8 +796,8 @@ def start_session(name: str, images: Any, base_model: str = "lite", channels: Se
         chans = [int(c) for c in channels] if channels else None
         if chans and any(c < 0 for c in chans):
             raise CellposeWebError(f"channels are file channel numbers (0 = first), got {chans}")
-        _select(read_image_yxc(files[0]), chans)  # a z-stack or a missing channel fails now, not at the first image
-        st = {"version": STATE_VERSION, "name": pdir.name, "created": _now(), "updated": _now(),
+        select_channels(read_image_yxc(files[0]), chans)  # a z-stack or a missing channel fails now, not at the first image
+        st = {"version": STATE_VERSION, "name": pdir.name, "created": utc_now(), "updated": utc_now(),
               "source": source, "images": files, "index": 0, "channels": chans,
               "eval_kwargs": dict(eval_kwargs or {}),
               "base_model": {"name": info.name, "path": info.path, "sha256": info.sha256, "arch": info.arch},
@@ -1073,7 +810,7 @@ def start_session(name: str, images: Any, base_model: str = "lite", channels: Se
                                     "sha256": info.sha256},
                           "train_images": [], "n_train_images": 0, "n_cells": 0, "accepted": True,
                           "applied": True, "scores": None, "reason": "the base model"}],
-              "shown": None, "events": [{"at": _now(), "what": "started", "base_model": info.name}]}
+              "shown": None, "events": [{"at": utc_now(), "what": "started", "base_model": info.name}]}
         round_defaults(info.arch).replace(**(recipe or {}))  # unknown / bad overrides fail now
         atomic_write_json(pdir / SESSION_FILE, st)
     except BaseException:
@@ -1099,7 +836,7 @@ def open_session(name_or_path: str | os.PathLike, root: str | os.PathLike | None
                 with s._update() as st:
                     for r in st["rounds"]:
                         if r.get("status") == "running":
-                            r.update(status="interrupted", accepted=False, applied=False, finished=_now(),
+                            r.update(status="interrupted", accepted=False, applied=False, finished=utc_now(),
                                      reason="the process stopped during the round (restart)")
                             st["pending"] = True
                     s._event(st, "resumed after an interrupted round")
@@ -1123,35 +860,6 @@ def list_sessions(root: str | os.PathLike | None = None, user: str | None = None
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# file helpers
-# ----------------------------------------------------------------------------------------------
-def _inside(path: str | None, folder: Path) -> bool:
-    if not path:
-        return False
-    try:
-        return Path(folder).resolve() in Path(path).resolve().parents
-    except OSError:
-        return False
-
-
-def _write_masks(path: Path, masks: np.ndarray) -> None:
-    import tifffile
-
-    m = np.asarray(masks)
-    m = m.astype(np.uint16 if m.max(initial=0) < 65535 else np.uint32)
-    cpio.atomic_save(path, lambda p: tifffile.imwrite(p, m, compression="zlib"))
-
-
-def _write_image(path: Path, img: np.ndarray) -> None:
-    import tifffile
-
-    a = np.asarray(img)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    cpio.atomic_save(path, lambda p: tifffile.imwrite(p, a, compression="zlib"))
-
-
 def _read_pair(tdir: Path, name: str, channels: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
     """A saved pair as ((Y, X, C) image with the model's channels, labels)."""
     import tifffile
@@ -1160,21 +868,9 @@ def _read_pair(tdir: Path, name: str, channels: Sequence[int] | None) -> tuple[n
     if img.ndim == 2:
         img = img[..., None]
     lab = tifffile.imread(tdir / f"{name}_masks.tif")
-    return _select(img, channels), lab
-
-
-def _update_set_json(tdir: Path, name: str, n_cells: int, shape: list[int], heldout: bool, index: int) -> None:
-    """Keep ``set.json`` in service.training's layout, so the Fine-tune tab lists the pairs."""
-    with _thread_lock(str(tdir)):
-        sj = read_json(tdir / "set.json", {}) or {}
-        pairs = [p for p in sj.get("pairs", []) if p.get("name") != name]
-        pairs.append({"name": name, "n_cells": int(n_cells), "shape": shape, "added": _now(), "source": "hitl",
-                      "heldout": bool(heldout), "image_index": int(index)})
-        sj.update({"name": tdir.name, "pairs": pairs, "updated": _now()})
-        atomic_write_json(tdir / "set.json", sj)
+    return select_channels(img, channels), lab
 
 
 def _score(ref, imgs, labs, channels, eval_kwargs, device, gpu) -> dict[str, Any] | None:
     """:func:`score_model` (a seam for tests)."""
     return score_model(ref, imgs, labs, channels, eval_kwargs, device, gpu)
-

@@ -1,0 +1,178 @@
+"""Human-in-the-loop: images and labels in and out of a project (reading, channels, writing pairs), and
+scoring a model on the held-out pairs."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+import numpy as np
+from cellpose_web import io as cpio
+from cellpose_web.workflows import pipeline
+from cellpose_web.errors import CellposeWebError
+from cellpose_web.service.storage import atomic_write_json, read_json
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers: time, locks, paths
+# ----------------------------------------------------------------------------------------------
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+_THREAD_LOCKS: dict[str, threading.RLock] = {}
+
+
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def thread_lock(key: str) -> threading.RLock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(key, threading.RLock())
+
+
+# ----------------------------------------------------------------------------------------------
+# images
+# ----------------------------------------------------------------------------------------------
+def list_images(images: Any, dest: Path) -> tuple[list[str], str]:
+    """(absolute image paths, source description) from a folder, a zip or a list of files."""
+    if isinstance(images, (str, os.PathLike)):
+        p = Path(images).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"images not found: {p}")
+        if p.is_dir():
+            files = cpio.get_image_files(p, "_masks")
+            return [str(Path(f).resolve()) for f in files], str(p.resolve())
+        if p.suffix.lower() == ".zip":
+            from cellpose_web.workflows.inputs import extract_zip  # the one validated unzip (limits, zip bombs)
+
+            out = dest / "images"
+            extract_zip(p, out)
+            files = cpio.get_image_files(out, "_masks", look_one_level_down=True)
+            return [str(Path(f).resolve()) for f in files], str(p.resolve())
+        images = [p]
+    files = [Path(f).expanduser() for f in images]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"image not found: {missing[0]}")
+    if not files:
+        raise CellposeWebError("no images: give a folder, a zip or a list of image files")
+    return [str(f.resolve()) for f in files], "files"
+
+
+def read_image_yxc(path: str | os.PathLike) -> np.ndarray:
+    """An image file as (Y, X, C), every channel in the file's order; z-stacks are refused."""
+    img, axes, _ = pipeline.read_image(path)
+    yxc, stack = pipeline.to_channels_last(img, file_axes=axes)
+    if stack:
+        raise CellposeWebError(f"{Path(path).name} is a z-stack; the human-in-the-loop works on 2D images "
+                               "(save the planes as separate images)")
+    return yxc
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    """Masks from a file: a label image (.tif/.png; whole numbers, 0 = background) or a Cellpose
+    ``_seg.npy`` (its ``masks``)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"masks file not found: {p}")
+    m = np.asarray(cpio.load_seg(str(p))["masks"] if p.name.endswith(".npy") else cpio.imread(str(p)))
+    if m.ndim == 3 and m.shape[-1] in (3, 4) and m.dtype == np.uint8:
+        m = m[..., 0]
+    if m.dtype.kind == "b":
+        from scipy import ndimage as ndi
+
+        m = ndi.label(m)[0]
+    if m.dtype.kind == "f":
+        if not np.all(np.isfinite(m)) or np.any(m != np.round(m)) or m.min(initial=0) < 0:
+            raise CellposeWebError(f"{p.name} must hold whole-number labels (0 = background)")
+        m = m.astype(np.int64)
+    return m
+
+
+def select_channels(img: np.ndarray, channels: Sequence[int] | None) -> np.ndarray:
+    chans = pipeline.check_channels(list(channels) if channels else None, img.shape[-1])
+    return img[..., chans] if chans else img
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring and the acceptance rule
+# ----------------------------------------------------------------------------------------------
+def loaded_model(ref: dict[str, Any], device: str | None, gpu: bool | None) -> pipeline.LoadedModel:
+    return pipeline.get_model(ref.get("path") or ref["name"], device=device, gpu=gpu)
+
+
+def score_model(model_ref: dict[str, Any] | str, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                channels: Sequence[int] | None = None, eval_kwargs: dict[str, Any] | None = None,
+                device: str | None = None, gpu: bool | None = None) -> dict[str, Any] | None:
+    """Mean AP@0.5 / AP@0.75 (``metrics.average_precision``) of a model on (Y, X, C) images with
+    true labels, segmented exactly as :meth:`HitlSession.next_image` does; None without images."""
+    from cellpose_web.engine.metrics import average_precision
+
+    if not images:
+        return None
+    ref = {"name": model_ref, "path": None} if isinstance(model_ref, str) else model_ref
+    loaded = loaded_model(ref, device, gpu)
+    preds = [pipeline.segment(loaded, img, dict(eval_kwargs or {}), channel_axis=2,
+                              segment_channels=list(channels) if channels else None).masks for img in images]
+    ap, _, _, _ = average_precision([np.asarray(x) for x in labels], preds, threshold=[0.5, 0.75])
+    ap = np.nan_to_num(np.asarray(ap, np.float64), nan=0.0)
+    return {"ap50": round(float(ap[:, 0].mean()), 4), "ap75": round(float(ap[:, 1].mean()), 4),
+            "n_images": len(images), "n_cells": int(sum(len(np.unique(x[x > 0])) for x in labels))}
+
+
+def decide_acceptance(new: dict[str, Any] | None, parent: dict[str, Any] | None,
+                      min_gain: float = 0.0) -> tuple[bool, str]:
+    """(accepted, reason): the new model replaces its parent when its held-out AP@0.5 is higher by
+    more than ``min_gain``, or equal with a higher AP@0.75; without held-out scores it is accepted."""
+    if new is None or parent is None:
+        return True, "no held-out corrected images yet: accepted without a comparison"
+    a, b = float(new["ap50"]), float(parent["ap50"])
+    a75, b75 = float(new.get("ap75", 0.0)), float(parent.get("ap75", 0.0))
+    if a > b + float(min_gain):
+        return True, f"held-out AP@0.5 {b:.3f} -> {a:.3f}"
+    if abs(a - b) <= 1e-9 and a75 > b75 and min_gain <= 0:
+        return True, f"held-out AP@0.5 equal ({a:.3f}); AP@0.75 {b75:.3f} -> {a75:.3f}"
+    return False, (f"held-out AP@0.5 {a:.3f} (AP@0.75 {a75:.3f}) does not beat the previous model's "
+                   f"{b:.3f} ({b75:.3f}): kept the previous model")
+
+
+# ----------------------------------------------------------------------------------------------
+# file helpers
+# ----------------------------------------------------------------------------------------------
+def is_inside(path: str | None, folder: Path) -> bool:
+    if not path:
+        return False
+    try:
+        return Path(folder).resolve() in Path(path).resolve().parents
+    except OSError:
+        return False
+
+
+def write_masks(path: Path, masks: np.ndarray) -> None:
+    import tifffile
+
+    m = np.asarray(masks)
+    m = m.astype(np.uint16 if m.max(initial=0) < 65535 else np.uint32)
+    cpio.atomic_save(path, lambda p: tifffile.imwrite(p, m, compression="zlib"))
+
+
+def write_image(path: Path, img: np.ndarray) -> None:
+    import tifffile
+
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    cpio.atomic_save(path, lambda p: tifffile.imwrite(p, a, compression="zlib"))
+
+
+def update_set_json(tdir: Path, name: str, n_cells: int, shape: list[int], heldout: bool, index: int) -> None:
+    """Keep ``set.json`` in service.training's layout, so the Fine-tune tab lists the pairs."""
+    with thread_lock(str(tdir)):
+        sj = read_json(tdir / "set.json", {}) or {}
+        pairs = [p for p in sj.get("pairs", []) if p.get("name") != name]
+        pairs.append({"name": name, "n_cells": int(n_cells), "shape": shape, "added": utc_now(), "source": "hitl",
+                      "heldout": bool(heldout), "image_index": int(index)})
+        sj.update({"name": tdir.name, "pairs": pairs, "updated": utc_now()})
+        atomic_write_json(tdir / "set.json", sj)
