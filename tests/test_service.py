@@ -307,7 +307,13 @@ def test_training_set_add_import_load(tmp_path):
     assert names == ["b", "img_1"] and (labs[0] == m).all()
     with pytest.raises(CellposeWebError):
         training.add_pair("x", img, np.zeros_like(m), "empty")
-    assert training.split_holdout(5) == ([0, 1, 2, 4], [3]) or len(training.split_holdout(5)[1]) == 1
+    # the split is fixed by the seed (a fine-tune's held-out images must not change between runs)
+    assert training.split_holdout(5) == ([0, 1, 3, 4], [2])
+    assert training.split_holdout(1) == ([0], [])
+    for n in range(2, 40):
+        train, held = training.split_holdout(n)
+        assert len(held) == max(1, round(n * 0.2)) and sorted(train + held) == list(range(n))
+        assert training.split_holdout(n) == (train, held)
 
 
 # ---------------------------------------------------------------- kill during fine-tuning

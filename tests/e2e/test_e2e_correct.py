@@ -116,7 +116,7 @@ def test_correct_strokes_undo_click_add_save(page, tmp_path):
     m0, n0 = segmented_correct_tab(page)
     # --- outline: one drag around free background adds exactly one cell, shown within 2 s
     poly, (cy, cx) = ring(m0, 11, 13, wobble=2)
-    latency = draw_outline(page, poly, n0, timeout=2_000)
+    latency = draw_outline(page, poly, n0)
     shot(page, "10_correct_outline")
     m1 = labels(page)
     new = set(np.unique(m1)) - set(np.unique(m0))

@@ -38,7 +38,7 @@ def test_segment_upload_run_download(page, tmp_path):
     assert page.locator("#seg-view img").count() == 1
     shot(page, "01_segment_result")
     page.get_by_role("tab", name="Size histogram").click()
-    page.wait_for_timeout(800)
+    page.locator("#seg-hist").first.wait_for(state="visible")
     shot(page, "01b_segment_histogram")
     # the per-cell table has one row per cell
     page.get_by_role("tab", name="Downloads").click()
@@ -53,12 +53,15 @@ def test_segment_upload_run_download(page, tmp_path):
     np.testing.assert_array_equal(masks, expected)
     shot(page, "02_segment_downloads")
     # switch views: flows and cell probability render without errors
-    page.get_by_role("radio", name="Flow field (RGB)").check()
-    page.wait_for_timeout(500)
-    shot(page, "03_segment_flows")
-    page.get_by_role("radio", name="Cell probability").check()
-    page.wait_for_timeout(500)
-    assert page.locator(".toast-body.error").count() == 0
+    for name, picture in (("Flow field (RGB)", "03_segment_flows"), ("Cell probability", "03b_segment_cellprob")):
+        before = page.locator("#seg-view img").get_attribute("src")
+        page.get_by_role("radio", name=name).check()
+        # the view is redrawn (a new picture) or an error toast appears: wait for either, not a fixed time
+        page.wait_for_function("([src]) => { const i = document.querySelector('#seg-view img'); "
+                               "return (i && i.getAttribute('src') !== src) || "
+                               "document.querySelector('.toast-body.error') !== null; }", arg=[before])
+        shot(page, picture)
+        assert page.locator(".toast-body.error").count() == 0
 
 
 def test_segment_without_image_shows_message(page):

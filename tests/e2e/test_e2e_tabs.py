@@ -9,7 +9,9 @@ pytestmark = pytest.mark.e2e
 @pytest.mark.parametrize("tab", ["Segment", "Correct", "Batch", "Fine-tune", "Models"])
 def test_tab_opens_clean(page, tab):
     page.get_by_role("tab", name=tab).click()
-    page.wait_for_timeout(700)
+    # the tab is shown and the page has finished talking to the server (no fixed wait)
+    page.wait_for_selector(f'button[role="tab"][aria-selected="true"]:has-text("{tab}")')
+    page.wait_for_load_state("networkidle")
     shot(page, f"40_tab_{tab.lower().replace('-', '')}")
     body = page.inner_text("body")
     assert "Traceback" not in body and "Error" not in body
