@@ -12,4 +12,9 @@ fi
 # torch (the CPU build unless there is an NVIDIA GPU) + requirements-dev.txt; the tests import the
 # package from this checkout, so it is not installed
 PYTHON=python3 bash scripts/install.sh --dev
-exec python3 -m pytest -q -ra "$@"
+# The tests read only what is in the repository (tests/fixtures, cellpose_web/weights). The project's
+# reference folder that benchmarks may read (CELLPOSE_WEB_SHARED, else ../shared) is pointed at an empty
+# folder, so a run beside one proves the same as a fresh clone without it.
+no_shared="$(mktemp -d)"
+trap 'rmdir "$no_shared"' EXIT
+CELLPOSE_WEB_SHARED="$no_shared" python3 -m pytest -q -ra "$@"

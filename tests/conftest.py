@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: paths to the reference fixtures and data beside the repo."""
+"""Shared pytest fixtures: the reference fixtures and data, all inside the repository (tests/fixtures)."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from refdata import CP3_CHECKPOINT, CP3_SIZE_MODEL, fixture_path
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CELLPOSE_WEB_SHARED", REPO.parent / "shared"))
 
 # Two cores on CI: keep torch from oversubscribing while pytest runs.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -20,20 +21,27 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"reference folder {SHARED} not found (set CELLPOSE_WEB_SHARED)")
-    return SHARED
+def reference_dir() -> Path:
+    """Cellpose 4.2.1.1 reference (tests/fixtures/reference; see tests/fixtures/README.md)."""
+    return fixture_path("reference")
 
 
 @pytest.fixture(scope="session")
-def reference_dir(shared_dir: Path) -> Path:
-    return shared_dir / "reference"
+def cp3_dir() -> Path:
+    """Cellpose 3.1.1.2 reference (tests/fixtures/reference/cp3); its checkpoint is ``cp3_files``."""
+    return fixture_path("reference/cp3")
 
 
 @pytest.fixture(scope="session")
-def data_dir(shared_dir: Path) -> Path:
-    return shared_dir / "data"
+def cp3_files() -> tuple[Path, Path]:
+    """(checkpoint, size model) the Cellpose 3.1.1.2 reference was made with: the built-in cp_cyto files."""
+    return fixture_path(CP3_CHECKPOINT), fixture_path(CP3_SIZE_MODEL)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Real nuclei with labels (tests/fixtures/data/nuclei_2d/{train,val}, crops; MIT, see its NOTICE.md)."""
+    return fixture_path("data")
 
 
 @pytest.fixture(autouse=True)

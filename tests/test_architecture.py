@@ -47,3 +47,19 @@ def test_no_module_over_900_lines():
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_cellpose_compatible_names_still_import():
+    """The imports the README shows (Cellpose's module names) keep working after the move into layers."""
+    from cellpose_web import dynamics, edit, hints, io, measure, metrics, models, pipeline, registry, train, transforms
+    from cellpose_web.engine import dynamics as engine_dynamics
+    from cellpose_web.models import core, train as models_train
+    from cellpose_web.workflows import pipeline as workflows_pipeline
+
+    assert models.CellposeModel is core.CellposeModel and models.SizeModel and models.run_net
+    assert io.imread_with_meta and io.save_masks and io.masks_flows_to_seg and io.load_seg and io.save_rois
+    assert dynamics.compute_masks is engine_dynamics.compute_masks and dynamics.masks_to_flows
+    assert metrics.average_precision and transforms.normalize99 and edit.MaskEditor and hints.suggest
+    assert train.train_seg is models_train.train_seg and train.FINETUNE_DEFAULTS
+    assert pipeline.process_file is workflows_pipeline.process_file and pipeline.SaveOptions
+    assert measure.measure_cells and registry.resolve_model and registry.list_models

@@ -299,7 +299,7 @@ def test_batch_runs_like_eval_and_dask_errors(folder, stub, capsys, reference_di
     d, labels = folder
     rc, out, err = _run(["batch", "--dir", str(d), "--save_png"], capsys)
     assert rc == 0 and (d / "cells1_cp_masks.png").is_file()
-    pytest.importorskip("dask.distributed")
+    import dask.distributed  # noqa: F401  (requirements-dev.txt)
     tiny = str(reference_dir / "tiny_cpsam.pth")
     rc, out, err = _run(["batch", "--dir", str(d), "--pretrained_model", tiny, "--dask-scheduler",
                          "tcp://127.0.0.1:1", "--dask-timeout", "1"], capsys)
@@ -351,8 +351,7 @@ def test_cli_real_tiny_checkpoint(folder, reference_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_lite_segments_nuclei(folder, tmp_path):
-    if not registry.builtin_path("lite").is_file():
-        pytest.skip("the built-in lite weights are not trained yet")
+    assert registry.builtin_path("lite").is_file(), "the built-in lite weights ship in cellpose_web/weights"
     from cellpose_web.engine.metrics import average_precision
 
     d, labels = folder

@@ -22,14 +22,11 @@ VAL = "nuclei_2d/val"
 
 
 @pytest.fixture(scope="module")
-def crop(request):
+def crop(data_dir):
     """A 200x200 crop of a real validation image and its labels (relabelled 1..N)."""
     from skimage.segmentation import relabel_sequential
 
-    shared = Path(__file__).resolve().parents[1].parent / "shared"
-    base = Path(os.environ.get("CELLPOSE_WEB_SHARED", shared)) / "data" / VAL
-    if not base.is_dir():
-        pytest.skip("shared data not found")
+    base = data_dir / VAL
     img = tifffile.imread(base / "2022-10-14-U2OS-1.tif")[100:300, 200:400]
     lab = tifffile.imread(base / "2022-10-14-U2OS-1_masks.tif")[100:300, 200:400]
     lab = relabel_sequential(lab)[0].astype(np.uint16)

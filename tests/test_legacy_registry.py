@@ -52,14 +52,6 @@ class StandInSite:
 
 
 @pytest.fixture
-def cp3_files(reference_dir):
-    d = reference_dir / "cp3"
-    if not (d / "cp_cyto.pth").is_file():
-        pytest.skip("Cellpose 3 reference fixtures not found")
-    return d / "cp_cyto.pth", d / "size_cp_cyto.npy"
-
-
-@pytest.fixture
 def cache(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

@@ -22,7 +22,7 @@ def _load_test_module():
 
 @pytest.mark.slow
 def test_six_concurrent_clients(tmp_path, data_dir, reference_dir, _isolated_home, monkeypatch):
-    pytest.importorskip("gradio_client")
+    import gradio_client  # noqa: F401  (installed with gradio)
     lt = _load_test_module()
     monkeypatch.setenv("CELLPOSE_WEB_CPU", "1")
     model, flow, cellprob = lt.model_choice(reference_dir)

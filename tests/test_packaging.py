@@ -14,8 +14,8 @@ from cellpose_web import resources
 
 try:
     import tomllib
-except ImportError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
+except ImportError:  # Python 3.10: requirements-dev.txt installs tomli there
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,7 @@ def planted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lite():
-    if not registry.builtin_path("lite").is_file():
-        pytest.skip("the built-in lite model is not in this checkout")
+    assert registry.builtin_path("lite").is_file(), "the built-in lite weights ship in cellpose_web/weights"
     return models.CellposeModel(pretrained_model="lite")
 
 

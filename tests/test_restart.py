@@ -52,7 +52,6 @@ def _wait(cond, timeout: float, what: str, proc=None):
 
 @pytest.mark.slow
 def test_kill_during_finetune_then_restart(tmp_path, data_dir, _isolated_home, monkeypatch):
-    pytest.importorskip("gradio_client")
     import torch
     from gradio_client import Client, handle_file
 

@@ -343,18 +343,16 @@ time.sleep(600)
 
 
 @pytest.mark.slow
-def test_kill_during_finetune_leaves_consistent_state(tmp_path, shared_dir, _isolated_home):
+def test_kill_during_finetune_leaves_consistent_state(tmp_path, reference_dir, data_dir, _isolated_home):
     import os
     import signal
     import subprocess
     import sys
 
-    tiny = shared_dir / "reference" / "tiny_cpsam.pth"
-    if not tiny.is_file():
-        pytest.skip("needs ../shared/reference/tiny_cpsam.pth")
+    tiny = reference_dir / "tiny_cpsam.pth"
     from cellpose_web import registry
     env = dict(os.environ, CELLPOSE_WEB_HOME=str(_isolated_home))
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(shared_dir / "data"), str(tiny)], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(data_dir), str(tiny)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=str(Path(__file__).resolve().parents[1]))
     try:
@@ -399,11 +397,9 @@ def test_training_pairs_stored_channels_last():
 
 
 @pytest.mark.slow
-def test_batch_on_dask_localcluster_matches_single_process(tmp_path, shared_dir):
-    pytest.importorskip("dask.distributed")
-    tiny = shared_dir / "reference" / "tiny_cpsam.pth"
-    if not tiny.is_file():
-        pytest.skip("needs ../shared/reference/tiny_cpsam.pth")
+def test_batch_on_dask_localcluster_matches_single_process(tmp_path, reference_dir):
+    import dask.distributed  # noqa: F401  (requirements-dev.txt)
+    tiny = reference_dir / "tiny_cpsam.pth"
     repo = Path(__file__).resolve().parents[1]
     files = []
     for n in ("rpe1_nuclei.tif", "u2os_nuclei.tif"):  # small crops keep the test fast

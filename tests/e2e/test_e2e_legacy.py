@@ -22,15 +22,12 @@ def choose(page, elem_id: str, option: str) -> None:
     page.locator("ul[role=listbox] li", has_text=option).first.click()
 
 
-def test_cellpose3_model_uploaded_segments_batches_and_fine_tunes(page, reference_dir, tmp_path):
-    cp3 = reference_dir / "cp3"
-    if not (cp3 / "cp_cyto.pth").is_file():
-        pytest.skip("Cellpose 3 reference fixtures not found")
-    rgb = np.load(cp3 / "cp3_eval.npz")["rgb"]  # R = nuclei, G = cytoplasm
+def test_cellpose3_model_uploaded_segments_batches_and_fine_tunes(page, cp3_dir, cp3_files, tmp_path):
+    rgb = np.load(cp3_dir / "cp3_eval.npz")["rgb"]  # R = nuclei, G = cytoplasm
     img_path = tmp_path / "whole_cells.tif"
     tifffile.imwrite(img_path, rgb)
     weights = tmp_path / "lab_cyto3_finetune.pth"
-    weights.write_bytes((cp3 / "cp_cyto.pth").read_bytes())
+    weights.write_bytes(cp3_files[0].read_bytes())  # the Cellpose 3 checkpoint of the reference
 
     # Models tab: upload the Cellpose 3 checkpoint
     page.get_by_role("tab", name="Models").click()
