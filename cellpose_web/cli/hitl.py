@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
+from cellpose_web.engine.dynamics.labels import as_label_dtype
 from cellpose_web.errors import CellposeWebError
 
 __all__ = ["run_hitl", "build_hitl_parser"]
@@ -360,7 +360,7 @@ def run_hitl(argv: Sequence[str]) -> int:
             return 0
         if args.out:
             from cellpose_web import io
-            io.imsave(args.out, shown.masks.astype(np.uint16 if shown.masks.max() < 65535 else np.uint32))
+            io.imsave(args.out, as_label_dtype(shown.masks))
         info = {"index": shown.index, "image": shown.path, "masks": args.out or shown.proposal_path,
                 "n_masks": shown.n_masks, "model_round": shown.model["round"], "model": shown.model["name"],
                 "cells_learnt": shown.model["n_cells"], "already_corrected": shown.corrected}

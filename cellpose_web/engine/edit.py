@@ -26,6 +26,7 @@ from scipy import ndimage as ndi
 from skimage import draw
 from skimage.segmentation import relabel_sequential
 
+from cellpose_web.engine.dynamics.labels import label_dtype
 from cellpose_web.errors import CellposeWebError
 
 __all__ = [
@@ -46,7 +47,7 @@ def _check_masks(masks: np.ndarray) -> np.ndarray:
 
 
 def _out_dtype(n: int) -> np.dtype:
-    return np.dtype(np.uint16) if n < 2**16 else np.dtype(np.uint32)
+    return np.dtype(label_dtype(n))
 
 
 def relabel(masks: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@ from typing import Sequence
 import numpy as np
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.io.seg_npy import load_seg
-from cellpose_web.io.read import FOLDER_IMAGE_EXTENSIONS, imread
+from cellpose_web.io.names import FOLDER_IMAGE_EXTENSIONS, is_mask_or_output
+from cellpose_web.io.read import imread
 
 
 # --------------------------------------------------------------------------------------------
@@ -16,10 +17,6 @@ from cellpose_web.io.read import FOLDER_IMAGE_EXTENSIONS, imread
 # --------------------------------------------------------------------------------------------
 def _natural_key(s: str):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(s))]
-
-
-_EXCLUDED_SUFFIXES = ("_cp_masks", "_cp_output", "_flows", "_flows_0", "_flows_1", "_flows_2", "_cellprob",
-                      "_masks", "_dP", "_outlines", "_seg")
 
 
 def get_image_files(folder: str | os.PathLike, mask_filter: str = "_masks", imf: str | None = None,
@@ -51,9 +48,7 @@ def get_image_files(folder: str | os.PathLike, mask_filter: str = "_masks", imf:
             if p.suffix.lower() not in FOLDER_IMAGE_EXTENSIONS:
                 continue
             stem = p.stem
-            if stem.endswith(_EXCLUDED_SUFFIXES) or (mf and stem.endswith(mf)):
-                continue
-            if "_outlines_" in stem or stem.endswith("_cp_outlines"):
+            if is_mask_or_output(stem, mf):
                 continue
             if imf and not stem.endswith(imf):
                 continue

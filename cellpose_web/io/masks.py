@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
+from cellpose_web.engine.dynamics.labels import label_dtype
 from cellpose_web.engine import dynamics
 from cellpose_web.io import render
 from cellpose_web.errors import CellposeWebError
@@ -189,7 +190,7 @@ def save_masks(
             tif = True
     if tif:
         exts.append(".tif")
-    mask_out = masks.astype(np.uint16) if mmax < 2**16 else masks.astype(np.uint32)
+    mask_out = masks.astype(label_dtype(mmax))
     for ext in exts:
         written.append(imsave(maskdir / f"{base}{suffix}{ext}", mask_out))
 

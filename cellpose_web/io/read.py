@@ -13,16 +13,14 @@ from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.io.names import FOLDER_IMAGE_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 - one home: io.names
 from cellpose_web.io.seg_npy import load_seg, read_npy_header, short_error
 
 logger = logging.getLogger(__name__)
 
 
-# Extensions Cellpose looks for in a folder (either case), plus the ones we also read.
-IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".flex", ".dax", ".npy")
 
 
-FOLDER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".flex", ".dax")
 
 
 # --------------------------------------------------------------------------------------------

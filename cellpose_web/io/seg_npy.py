@@ -9,6 +9,7 @@ import pickle
 from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
+from cellpose_web.engine.dynamics.labels import label_dtype
 from cellpose_web.engine import dynamics
 from cellpose_web.io import render
 from cellpose_web.errors import CellposeWebError
@@ -199,7 +200,7 @@ def masks_flows_to_seg(
 
     masks = np.asarray(masks)
     n = int(masks.max()) if masks.size else 0
-    mdtype = np.uint16 if n < 2**16 - 1 else np.uint32
+    mdtype = label_dtype(n + 1)  # Cellpose's _seg.npy: uint32 from 65535 labels on
     masks = masks.astype(mdtype)
     outl = masks * render.outlines(masks) if masks.ndim == 2 else np.stack(
         [m * render.outlines(m) for m in masks])

@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from cellpose_web.service import config
-from cellpose_web.workflows import CellposeWebError
+from cellpose_web.workflows import CellposeWebError, inputs
 from cellpose_web.workflows.results import DEFAULT_MAX_DISTANCE_UM, PunctaParams
 from cellpose_web.workflows import batch, model_cache as models_cache
 from cellpose_web.service import jobs, runs
@@ -74,7 +74,7 @@ def build(ctx: dict[str, Any]) -> None:
         with gr.Column(scale=1, min_width=320):
             gr.Markdown(INTRO)
             files = gr.File(label="Zip or image files", file_count="multiple",
-                            file_types=[".zip", ".tif", ".tiff", ".png", ".jpg", ".jpeg"], elem_id="batch-files")
+                            file_types=[".zip", *inputs.IMAGE_EXTS], elem_id="batch-files")
             model = gr.Dropdown(names, value=default, label="Model", elem_id="batch-model")
             channels = gr.Textbox("", label=W.SEG_CHANNELS_LABEL, placeholder=W.SEG_CHANNELS_PLACEHOLDER,
                                   info=W.SEG_CHANNELS_INFO, max_lines=1, elem_id="batch-channels")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cellpose_web.workflows import model_cache as models_cache
+from cellpose_web.workflows import inputs, model_cache as models_cache
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Session:
     def stem(self) -> str:
         from cellpose_web.service.storage import safe_name
         n = self.name or "image"
-        for ext in (".tiff", ".tif", ".png", ".jpeg", ".jpg"):
+        for ext in sorted(inputs.IMAGE_EXTS, key=len, reverse=True):
             if n.lower().endswith(ext):
                 n = n[: -len(ext)]
         try:

@@ -9,7 +9,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from cellpose_web.workflows import CellposeWebError
+from cellpose_web.workflows import CellposeWebError, inputs
 from cellpose_web.service import jobs
 from cellpose_web.workflows import finetune as training
 from cellpose_web.service.config import Limits
@@ -145,7 +145,7 @@ def build(ctx: dict[str, Any]) -> None:
             with gr.Accordion("Upload image + mask pairs", open=False):
                 gr.Markdown("A zip (or files) with `NAME.tif` + `NAME_masks.tif` (or `NAME_seg.npy`) pairs.")
                 pairs = gr.File(label="Pairs", file_count="multiple", elem_id="ft-pairs",
-                                file_types=[".zip", ".tif", ".tiff", ".png", ".npy"])
+                                file_types=[".zip", *inputs.LABEL_EXTS, ".npy"])
                 up_btn = gr.Button("Add pairs to the training set", size="sm")
                 up_msg = gr.Markdown("")
             base = gr.Dropdown(names, value=default, label="Base model", elem_id="ft-base")

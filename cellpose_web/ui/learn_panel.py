@@ -14,7 +14,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from cellpose_web.workflows import CellposeWebError
+from cellpose_web.workflows import CellposeWebError, inputs
 from cellpose_web.workflows import model_cache as models_cache
 from cellpose_web.ui import common, widgets as W
 from cellpose_web.workflows import hitl
@@ -114,7 +114,7 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
         gr.Markdown(HELP)
         name = gr.Textbox("my_project", label="Project name", max_lines=1, elem_id="hitl-name")
         files = gr.File(label="Images: a zip or several files", file_count="multiple",
-                        file_types=[".zip", ".tif", ".tiff", ".png", ".jpg", ".jpeg"], type="filepath",
+                        file_types=[".zip", *inputs.IMAGE_EXTS], type="filepath",
                         height=100, elem_id="hitl-files")
         base = gr.Dropdown(choices, value=default, label="Start from model", elem_id="hitl-base")
         channels = gr.Textbox("", label=W.SEG_CHANNELS_LABEL, placeholder="blank = all (the first three)",

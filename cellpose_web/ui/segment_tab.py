@@ -360,7 +360,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                 p_btn = gr.Button("Re-detect puncta only", size="sm")
             with gr.Accordion("Load existing masks instead (to inspect or correct them)", open=False):
                 masks_in = gr.File(label="_seg.npy, _cp_masks.tif/.png or _masks.tif of this image",
-                                   file_types=[".npy", ".tif", ".tiff", ".png"], type="filepath", height=100,
+                                   file_types=[".npy", *inputs.LABEL_EXTS], type="filepath", height=100,
                                    elem_id="seg-masks-file")
             with gr.Row():
                 run = gr.Button("Run segmentation", variant="primary", elem_id="seg-run", scale=3)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cellpose_web.engine.dynamics.labels import as_label_dtype
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service.config import Limits
@@ -154,7 +155,7 @@ def add_pair(set_name: str, image: np.ndarray, masks: np.ndarray, name: str, use
                                "a 2D image (optionally with channels) and masks of the same Y, X size.")
     _check_channels_exist(channels, img, f"Image {stem!r}")
     atomic_save(d / f"{stem}.tif", lambda p: tifffile.imwrite(p, img, compression="zlib"))
-    m = masks.astype(np.uint16 if masks.max() < 65535 else np.uint32)
+    m = as_label_dtype(masks)
     atomic_save(d / f"{stem}_masks.tif", lambda p: tifffile.imwrite(p, m, compression="zlib"))
     setj = read_json(d / "set.json", {}) or {}
     pairs = [p for p in setj.get("pairs", []) if p.get("name") != stem]

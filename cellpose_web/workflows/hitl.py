@@ -93,6 +93,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
+from cellpose_web.engine.dynamics.labels import as_label_dtype
 from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service.storage import atomic_write_json, read_json, safe_join, safe_name, sub_dir
@@ -452,7 +453,7 @@ class HitlSession:
         if img.shape[:2] != masks.shape:
             raise CellposeWebError(f"masks {masks.shape} do not match the image {img.shape[:2]}")
         name = _pair_name(index, path)
-        m = masks.astype(np.uint16 if masks.max() < 65535 else np.uint32)
+        m = as_label_dtype(masks)
         n_cells = int(len(np.unique(m[m > 0])))
         tdir = Path(st["training_dir"])
         write_image(tdir / f"{name}.tif", img)

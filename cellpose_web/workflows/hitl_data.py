@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
+from cellpose_web.engine.dynamics.labels import as_label_dtype
 from cellpose_web import io as cpio
 from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError
@@ -154,7 +155,7 @@ def write_masks(path: Path, masks: np.ndarray) -> None:
     import tifffile
 
     m = np.asarray(masks)
-    m = m.astype(np.uint16 if m.max(initial=0) < 65535 else np.uint32)
+    m = as_label_dtype(m)
     cpio.atomic_save(path, lambda p: tifffile.imwrite(p, m, compression="zlib"))
 
 

@@ -12,12 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from cellpose_web.io.names import LABEL_EXTENSIONS, UPLOAD_IMAGE_EXTENSIONS, file_stem, is_mask_or_output
 from cellpose_web import io as cpio
 from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service.config import Limits
 
-IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+IMAGE_EXTS = UPLOAD_IMAGE_EXTENSIONS  # one home: cellpose_web.io.names
+LABEL_EXTS = LABEL_EXTENSIONS
 MASK_SUFFIXES = ("_masks", "_cp_masks", "_seg")
 
 
@@ -188,8 +190,8 @@ def extract_zip(path: str | Path, dest: str | Path, limits: Limits | None = None
 
 
 def is_mask_file(path: Path) -> bool:
-    stem = path.name[: -len("".join(path.suffixes))] if path.suffixes else path.stem
-    return any(stem.endswith(s) for s in ("_masks", "_cp_masks", "_seg", "_flows", "_cellprob", "_outlines"))
+    """A mask or an output file (Cellpose's rule, the same as the command line's), not an image."""
+    return is_mask_or_output(file_stem(path))
 
 
 def image_files(paths: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:

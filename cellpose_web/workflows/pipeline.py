@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from cellpose_web.engine.dynamics.labels import label_dtype
 from cellpose_web import config
 from cellpose_web.engine import dynamics
 from cellpose_web.workflows import hints
@@ -328,7 +329,7 @@ def distinct_plane_labels(planes: list[np.ndarray]) -> np.ndarray:
     joining unrelated cells that share a number into one "volume"."""
     counts = np.array([int(m.max(initial=0)) for m in planes], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    out = np.stack(planes).astype(np.uint32 if counts.sum() > np.iinfo(np.uint16).max else np.uint16)
+    out = np.stack(planes).astype(label_dtype(int(counts.sum())))
     out += np.where(out > 0, offsets[:, None, None], 0).astype(out.dtype)
     return out
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from cellpose_web.engine.dynamics import labels
 from cellpose_web.engine.dynamics.device_setup import as_device
-from cellpose_web.engine.dynamics.labels import halo_bands, max_filter
+from cellpose_web.engine.dynamics.labels import halo_bands, label_dtype, max_filter
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def get_masks(p_final: torch.Tensor, inds, shape0, max_size_fraction: float = 0.
     first[0] = math.prod(shape0)
     present = np.flatnonzero(first < math.prod(shape0))
     order = present[np.argsort(first[present], kind="stable")]
-    out_dtype = np.uint16 if n_seeds < 2**16 else np.uint32
+    out_dtype = label_dtype(n_seeds)
     lut = np.zeros(n_seeds + 1, dtype=out_dtype)
     lut[order] = np.arange(1, len(order) + 1)
     out = np.zeros(shape0, dtype=out_dtype)

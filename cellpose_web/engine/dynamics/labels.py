@@ -53,7 +53,14 @@ def label_counts(lab: np.ndarray, nmax: int | None = None) -> np.ndarray:
 
 
 def label_dtype(nmax: int):
+    """THE label dtype rule (one home): uint16 for labels up to 65535, uint32 beyond (Cellpose's)."""
     return np.uint16 if nmax < 2**16 else np.uint32
+
+
+def as_label_dtype(masks: np.ndarray) -> np.ndarray:
+    """``masks`` as :func:`label_dtype` of its largest label."""
+    m = np.asarray(masks)
+    return m.astype(label_dtype(int(m.max(initial=0))))
 
 
 def first_appearance_lut(lab: np.ndarray) -> tuple[np.ndarray, int]:

@@ -18,8 +18,6 @@ fused (``CELLPOSE_WEB_PACKED_LINEAR=0`` turns this off); results equal the plain
 """
 from __future__ import annotations
 
-import math
-import os
 import threading
 from typing import Mapping
 
