@@ -1,6 +1,7 @@
 """Atomic writes: a temporary file in the same folder, then ``os.replace``."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -43,3 +44,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             write(fh)
 
     return atomic_save(path, writer)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON: the one writer (status files, model metadata, provenance)
+# --------------------------------------------------------------------------------------------
+def json_default(o):
+    """numpy numbers and arrays, paths and anything else as JSON (``str`` as the last resort)."""
+    import numpy as np
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def json_text(obj: Any, indent: int = 2, sort_keys: bool = False, default: Callable = json_default) -> str:
+    """``obj`` as JSON text, numpy values and paths included (:func:`json_default`; ``default=str``
+    writes every other value as its text, as the provenance and model files always have)."""
+    return json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 2, sort_keys: bool = False,
+               default: Callable = json_default) -> Path:
+    """Write ``obj`` as JSON atomically (the one way JSON files are written)."""
+    data = json_text(obj, indent, sort_keys, default).encode()
+    return atomic_write(path, lambda fh: fh.write(data))

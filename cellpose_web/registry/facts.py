@@ -40,10 +40,9 @@ def _read_info_cache() -> dict:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    from cellpose_web.io import atomic_write
+    from cellpose_web.io.atomic import write_json
 
-    text = json.dumps(obj, indent=1, sort_keys=True, default=str)
-    atomic_write(path, lambda fh: fh.write(text), mode="w")
+    write_json(path, obj, indent=1, sort_keys=True, default=str)
 
 
 def file_facts(path: str | os.PathLike, need_sha: bool = True) -> dict:

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from cellpose_web.io.atomic import write_json
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.io import atomic_write
 from cellpose_web.service.config import home_dir, per_user
@@ -41,7 +42,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 
 def atomic_write_json(path: Path, obj: Any) -> Path:
-    return atomic_write_bytes(path, json.dumps(obj, indent=2, default=_json_default).encode())
+    return write_json(path, obj, indent=2)
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -49,19 +50,6 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return default
-
-
-def _json_default(o):
-    import numpy as np
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 def user_root(user: str | None = None) -> Path:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from cellpose_web.io.atomic import write_json
 from cellpose_web.engine.dynamics.labels import label_dtype
 from cellpose_web import config
 from cellpose_web.engine import dynamics
@@ -681,8 +682,7 @@ def write_outputs(file_name: str | os.PathLike, masks: np.ndarray, image: np.nda
         data = csv_bytes(table, prov)
         written["cells_csv"] = io.atomic_write(Path(f"{base}_cells.csv"), lambda fh: fh.write(data))
     if save.provenance_json:
-        blob = json.dumps(prov, indent=1, default=str).encode()
-        written["provenance_json"] = io.atomic_write(Path(f"{base}_provenance.json"), lambda fh: fh.write(blob))
+        written["provenance_json"] = write_json(Path(f"{base}_provenance.json"), prov, indent=1, default=str)
     return written
 
 
