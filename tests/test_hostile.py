@@ -179,7 +179,7 @@ CASES: list[Case] = [
     Case("float_nan_inf", "array", np.vstack([np.where(_good[:32] > 500, np.nan, np.inf), _good[32:]]).astype(np.float32),
          OK, OK),  # one pipeline for app and CLI: non-finite pixels are set to 0
     Case("all_nan", "array", np.full((64, 64), np.nan, np.float32), "no finite", "NaN or infinite"),
-    Case("one_by_n", "array", rng.random((1, 300)).astype(np.float32), "at least 2 pixels", "at least 3 pixels"),
+    Case("one_by_n", "array", rng.random((1, 300)).astype(np.float32), "at least 3 pixels", "at least 3 pixels"),
     Case("five_d", "array", rng.random((2, 2, 2, 32, 32)).astype(np.float32), "dimensions", "5 dimensions"),
     Case("two_hundred_channels", "array", rng.random((64, 64, 200)).astype(np.float32), OK, OK),  # first 3 used
     Case("zero_size", "array", np.zeros((0, 5), np.float32), "truncated", "empty image"),

@@ -248,7 +248,6 @@ def check_params(args, training: bool = False) -> None:
 
     from cellpose_web.models import check_eval_params
 
-    finite = lambda v: v is None or np.isfinite(v)  # noqa: E731
     try:
         check_eval_params(
             diameter=args.diameter, flow_threshold=args.flow_threshold, cellprob_threshold=args.cellprob_threshold,
@@ -261,12 +260,11 @@ def check_params(args, training: bool = False) -> None:
         bad(f"--bsize must be between 16 and 4096, got {args.bsize}")
     if training:
         # None = not given: filled from the base model's recipe once it is loaded
-        if args.n_epochs is not None and not 1 <= args.n_epochs <= 100000:
-            bad(f"--n_epochs must be between 1 and 100000, got {args.n_epochs}")
-        if args.learning_rate is not None and not (0 < args.learning_rate < 1):
-            bad(f"--learning_rate must be between 0 and 1, got {args.learning_rate}")
-        if args.weight_decay is not None and (not finite(args.weight_decay) or args.weight_decay < 0):
-            bad(f"--weight_decay must be >= 0, got {args.weight_decay}")
+        from cellpose_web.workflows.finetune import check_training_params  # the app's limits too
+        try:
+            check_training_params(args.n_epochs, args.learning_rate, args.weight_decay, max_epochs=100000)
+        except CellposeWebError as e:
+            bad(f"--{e}")
         if args.train_batch_size is not None and args.train_batch_size < 1:
             bad(f"--train_batch_size must be at least 1, got {args.train_batch_size}")
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cellpose_web.engine.dynamics.labels import as_label_dtype
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import BadInputError, CellposeWebError
 from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service.config import Limits
 from cellpose_web.io import atomic_save
@@ -336,6 +336,26 @@ def finetune_defaults(base_model: str) -> dict[str, Any]:
     return {**recipe_for(arch).as_dict(), "arch": arch}
 
 
+#: the one set of limits for a fine-tune, whichever face starts it (app, command line, hitl)
+MAX_LEARNING_RATE = 0.1
+MAX_WEIGHT_DECAY = 10.0
+
+
+def check_training_params(n_epochs: int | None, learning_rate: float | None, weight_decay: float | None,
+                          max_epochs: int) -> None:
+    """Raise BadInputError (the message starts with the parameter's name) for values outside the
+    limits: 1 <= n_epochs <= max_epochs, 0 < learning_rate <= 0.1, 0 <= weight_decay <= 10.
+    None means "not given" (the base model's recipe fills it)."""
+    if n_epochs is not None and not 1 <= n_epochs <= max_epochs:
+        raise BadInputError(f"n_epochs must be between 1 and {max_epochs}; got {n_epochs}.")
+    if learning_rate is not None and (not np.isfinite(learning_rate) or not 0 < learning_rate <= MAX_LEARNING_RATE):
+        raise BadInputError(f"learning_rate must be a small positive number (at most {MAX_LEARNING_RATE:g}), "
+                            f"e.g. 1e-5 (Cellpose-SAM) or 1e-3 (lite); got {learning_rate}.")
+    if weight_decay is not None and (not np.isfinite(weight_decay) or not 0 <= weight_decay <= MAX_WEIGHT_DECAY):
+        raise BadInputError(f"weight_decay must be between 0 and {MAX_WEIGHT_DECAY:g} (Cellpose uses 0.1); "
+                            f"got {weight_decay}.")
+
+
 def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | None = None,
                  learning_rate: float | None = None, weight_decay: float | None = None,
                  holdout_fraction: float = 0.2,
@@ -366,13 +386,7 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
         weight_decay = float(weight_decay)
     except (TypeError, ValueError):
         raise CellposeWebError("Epochs, learning rate and weight decay must be numbers.") from None
-    if not 1 <= n_epochs <= limits.max_epochs:
-        raise CellposeWebError(f"Epochs must be between 1 and {limits.max_epochs}; got {n_epochs}.")
-    if not (0 < learning_rate <= 1e-1) or not np.isfinite(learning_rate):
-        raise CellposeWebError("Learning rate must be a small positive number, e.g. 1e-5 (Cellpose-SAM) "
-                               "or 1e-3 (lite).")
-    if not (0 <= weight_decay <= 10) or not np.isfinite(weight_decay):
-        raise CellposeWebError("Weight decay must be between 0 and 10 (Cellpose uses 0.1).")
+    check_training_params(n_epochs, learning_rate, weight_decay, limits.max_epochs)
     new_name = safe_name(new_name, "model name")
     say = on_status or (lambda s: None)
     chosen = parse_channels(channels)

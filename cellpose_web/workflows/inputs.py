@@ -94,13 +94,15 @@ def validate_array(arr: np.ndarray, name: str = "image", limits: Limits | None =
         arr = arr.astype(np.uint8)
     squeezed_shape = tuple(s for s in arr.shape if s > 1)
     if arr.size == 0 or len(squeezed_shape) < 2:
-        raise CellposeWebError(f"{name} has shape {arr.shape}; an image needs at least 2 pixels along Y and X.")
+        raise CellposeWebError(f"{name} has shape {arr.shape}; an image needs at least {pipeline.MIN_IMAGE_SIDE} "
+                               "pixels along Y and X.")
     if len(squeezed_shape) > 4:
         raise CellposeWebError(f"{name} has {len(squeezed_shape)} dimensions {arr.shape}; this app takes 2D images, "
                                "channels and z-stacks (up to 4D). Split time series into separate files.")
     arr = arr.reshape(squeezed_shape)
-    if min(squeezed_shape[-2:]) < 8 and max(squeezed_shape) < 8:
-        raise CellposeWebError(f"{name} is only {arr.shape} pixels; use a larger image.")
+    if max(squeezed_shape) < pipeline.MIN_IMAGE_SIDE:
+        raise CellposeWebError(f"{name} is only {arr.shape} pixels; an image needs at least "
+                               f"{pipeline.MIN_IMAGE_SIDE} pixels along Y and X.")
     if arr.size > limits.max_pixels:
         raise CellposeWebError(f"{name} has {arr.size:,} values, above the limit of {limits.max_pixels:,}; "
                                "crop or downsample it (or ask the admin to raise CELLPOSE_WEB_MAX_PIXELS).")

@@ -75,6 +75,8 @@ class LoadedModel:
 
 _CACHE: dict[tuple, LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
+#: the smallest image side any face accepts (the upload check and prepare_image share it)
+MIN_IMAGE_SIDE = 3
 
 
 def default_gpu() -> bool:
@@ -170,9 +172,9 @@ def prepare_image(img: np.ndarray, axes: str = "") -> tuple[np.ndarray, str]:
         yx = a.shape[:2]
     else:
         yx = a.shape[-2:]
-    if a.ndim < 2 or min(yx) < 3:
-        raise CellposeWebError(f"the image has shape {tuple(np.shape(img))}: an image needs at least 3 pixels along "
-                               "Y and X")
+    if a.ndim < 2 or min(yx) < MIN_IMAGE_SIDE:
+        raise CellposeWebError(f"the image has shape {tuple(np.shape(img))}: an image needs at least "
+                               f"{MIN_IMAGE_SIDE} pixels along Y and X")
     if a.ndim > 4:
         raise CellposeWebError(f"the image has {a.ndim} dimensions {a.shape}; segment 2D images or 3D stacks (with "
                                "channels) and split time series or positions into separate files first")
