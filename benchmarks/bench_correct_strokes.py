@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cellpose_web.engine import dynamics  # noqa: E402
-from cellpose_web.ui import common, correct_tab  # noqa: E402
+from cellpose_web.ui import common  # noqa: E402
+from cellpose_web.ui.tabs import correct as correct_tab
 
 
 def voronoi_cells(size: int, spacing: int = 32, seed: int = 0) -> np.ndarray:

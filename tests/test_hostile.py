@@ -291,7 +291,8 @@ def _write_input(case: Case, tmp: Path, layer: str) -> Path:
 
 
 def _app_params(over: dict):
-    from cellpose_web.ui import common, segment_tab
+    from cellpose_web.ui import common
+    from cellpose_web.ui.tabs import segment as segment_tab
 
     a = dict(diameter=None, flow=0.4, cellprob=0.0, niter=0, min_size=15, ch_axis="auto", z_axis="auto", channels="",
              lo=1.0, hi=99.0, do3d=False, aniso=None, stitch=0)
@@ -302,7 +303,8 @@ def _app_params(over: dict):
 
 def _app_segment(path: Path, over: dict | None = None):
     """What the Segment tab does for an upload + Run (load_image, make_params, run_segmentation)."""
-    from cellpose_web.ui import common, segment_tab
+    from cellpose_web.ui import common
+    from cellpose_web.ui.tabs import segment as segment_tab
 
     over = over or {}
     s, _, _ = segment_tab.load_image(str(path), None)

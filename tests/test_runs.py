@@ -75,7 +75,7 @@ def thresh_model(monkeypatch):
 
 
 def test_segment_run_cancel_keeps_model_free_and_reload_restores(thresh_model):
-    from cellpose_web.ui import segment_tab as T
+    from cellpose_web.ui.tabs import segment as T
     s, _, _ = T.load_image(str(EXAMPLE), None)
     params = T.make_params("", 0.4, 0, 0, 15, "auto", "auto", "", 1, 99, False, None, 0)
     seen = []
@@ -107,7 +107,7 @@ def test_finetune_defaults_differ_per_family():
 
 def test_finetune_tab_fills_the_base_models_recipe():
     from cellpose_web.workflows import finetune as training
-    from cellpose_web.ui import finetune_tab
+    from cellpose_web.ui.tabs import finetune as finetune_tab
     r = training.finetune_defaults("lite")
     assert r["arch"] == "lite" and r["learning_rate"] == train.FINETUNE_DEFAULTS["lite"].learning_rate
     epochs, lr, wd, note = finetune_tab.recipe_for("lite")
@@ -160,7 +160,8 @@ def test_stack_counts_say_what_they_count():
 
 
 def test_plane_by_plane_stack_offers_stitching(thresh_model):
-    from cellpose_web.ui import common, segment_tab as T
+    from cellpose_web.ui import common
+    from cellpose_web.ui.tabs import segment as T
     stack = np.zeros((6, 128, 128), np.float32)
     stack[:, 20:50, 20:50] = 1.0
     stack[:, 70:100, 60:90] = 1.0
@@ -175,7 +176,7 @@ def test_plane_by_plane_stack_offers_stitching(thresh_model):
 
 
 def test_histogram_bins_in_numeric_order_with_units(thresh_model):
-    from cellpose_web.ui import segment_tab as T
+    from cellpose_web.ui.tabs import segment as T
     s, _, _ = T.load_image(str(EXAMPLE), None)
     out = T.run_segmentation(s, "thresh", T.make_params("", 0.4, 0, 0, 15, "auto", "auto", "", 1, 99, False, None,
                                                         0), None, None)

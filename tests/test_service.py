@@ -112,7 +112,7 @@ def test_bad_files_give_messages(tmp_path, name, data, match):
 @pytest.mark.parametrize("arr,match", [
     (np.ones((10, 10), complex), "complex"),
     (np.full((10, 10), np.nan), "finite"),
-    (np.ones((1, 50)), "at least 2"),
+    (np.ones((1, 50)), "at least 3"),
     (np.ones((2, 2, 2, 2, 9, 9)), "dimensions"),
     (np.array([["a", "b"], ["c", "d"]]), "numeric"),
 ])
@@ -200,7 +200,8 @@ def test_puncta_on_a_stack_are_skipped_with_a_note(fake_model):
     """Puncta are 2D: a plane-by-plane stack is still segmented and measured, and the result says why
     it has no puncta (the app shows provenance notes under the count)."""
     from cellpose_web.measure import PunctaParams
-    from cellpose_web.ui import common, segment_tab
+    from cellpose_web.ui import common
+    from cellpose_web.ui.tabs import segment as segment_tab
 
     stack = np.stack([_blobs(0), _blobs(1)])
     res = segment.segment(stack, segment.SegmentParams(z_axis=0), "thresh", "s.tif", puncta=PunctaParams(channel=0))

@@ -169,7 +169,8 @@ def test_mixed_channels_each_pair_on_its_own(recorder):
 
 
 def test_add_to_training_set_records_the_results_channels():
-    from cellpose_web.ui import common, correct_tab as C
+    from cellpose_web.ui import common
+    from cellpose_web.ui.tabs import correct as C
     img = _image()
     s = common.Session(name="cells.tif", image=img, masks=_masks(),
                        provenance={"model": {"name": "cp_cyto"}, "channels": {"segment": [1, 2]}})
@@ -197,7 +198,7 @@ def test_add_to_training_set_records_the_results_channels():
 
 
 def test_finetune_tab_shows_and_passes_the_channels(monkeypatch):
-    from cellpose_web.ui import finetune_tab as F
+    from cellpose_web.ui.tabs import finetune as F
     _add_three([1, 2])
     assert F.channels_for_set("s", None)[0] == "1,2"
     assert F.channels_for_set("nope", None)[0] == ""

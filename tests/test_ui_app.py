@@ -28,7 +28,8 @@ def fake_model(monkeypatch):
 
 
 def test_segment_tab_functions(fake_model):
-    from cellpose_web.ui import segment_tab, widgets as W
+    from cellpose_web.ui.tabs import segment as segment_tab
+    from cellpose_web.ui import widgets as W
     with pytest.raises(CellposeWebError, match="No image"):
         segment_tab.load_image(None, None)
     s, ca, za = segment_tab.load_image(str(EXAMPLE), None)
@@ -59,7 +60,7 @@ def test_segment_tab_functions(fake_model):
 
 def test_correct_tab_edit_and_save(fake_model):
     from cellpose_web.workflows import finetune as training
-    from cellpose_web.ui import correct_tab as C, segment_tab
+    from cellpose_web.ui.tabs import correct as C, segment as segment_tab
     s, _, _ = segment_tab.load_image(str(EXAMPLE), None)
     s = segment_tab.run_segmentation(s, "thresh", segment_tab.make_params(None, 0.4, 0, 0, 15, "auto", "auto", "",
                                                                           1, 99, False, None, 0), None, None)
@@ -99,7 +100,8 @@ def test_correct_tab_edit_and_save(fake_model):
 def test_correct_save_refreshes_the_segment_tab(fake_model):
     """Issue 21 item 7: after Save in the Correct tab the Segment tab's view, count, table, histogram,
     downloads and provenance show the saved masks (an event chained on the save, on success)."""
-    from cellpose_web.ui import correct_tab as C, segment_tab, widgets as W
+    from cellpose_web.ui.tabs import correct as C, segment as segment_tab
+    from cellpose_web.ui import widgets as W
     from cellpose_web.ui.app import build_app
     demo = build_app()
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
@@ -226,7 +228,8 @@ def test_concurrent_clients_get_their_own_masks(fake_model, tmp_path):
 
 
 def test_stack_plane_by_plane_and_render(fake_model, tmp_path):
-    from cellpose_web.ui import segment_tab, widgets as W
+    from cellpose_web.ui.tabs import segment as segment_tab
+    from cellpose_web.ui import widgets as W
     stack = np.stack([np.roll(tifffile.imread(EXAMPLE)[:96, :96], 5 * z, axis=1) for z in range(5)])
     p = tmp_path / "stack.tif"
     tifffile.imwrite(p, stack, imagej=True, metadata={"axes": "ZYX"})
@@ -238,7 +241,7 @@ def test_stack_plane_by_plane_and_render(fake_model, tmp_path):
     md = segment_tab.summary_md(out)  # plane-by-plane masks are areas, not volumes
     assert "Z planes" in md and "px per plane" in md and "voxels" not in md
     assert segment_tab.render(out, [W.OVERLAY_MASKS], W.BG_IMAGE, 3).shape[-1] == 3
-    from cellpose_web.ui import correct_tab as C
+    from cellpose_web.ui.tabs import correct as C
     st, pay = C.apply_op(out, None, {"op": "plane", "z": 3})
     st, pay = C.apply_op(out, st, {"op": "plane", "z": 3})
     assert pay["kind"] == "full" and pay["nz"] == 5 and pay["z"] == 3 and "plane 4/5" in C.status(st)
@@ -255,7 +258,7 @@ def test_stack_plane_by_plane_and_render(fake_model, tmp_path):
 
 
 def test_correct_brush_erase_merge(fake_model):
-    from cellpose_web.ui import correct_tab as C, segment_tab
+    from cellpose_web.ui.tabs import correct as C, segment as segment_tab
     s, _, _ = segment_tab.load_image(str(EXAMPLE), None)
     s = segment_tab.run_segmentation(s, "thresh", segment_tab.make_params(
         None, 0.4, 0, 0, 15, "auto", "auto", "", 1, 99, False, None, 0), None, None)
@@ -279,7 +282,7 @@ def test_correct_brush_erase_merge(fake_model):
 
 
 def test_load_existing_masks(fake_model, tmp_path, data_dir):
-    from cellpose_web.ui import segment_tab
+    from cellpose_web.ui.tabs import segment as segment_tab
     img = tifffile.imread(data_dir / "nuclei_2d/val/2022-10-14-U2OS-1.tif")[:128, :128]
     m = tifffile.imread(data_dir / "nuclei_2d/val/2022-10-14-U2OS-1_masks.tif")[:128, :128]
     tifffile.imwrite(tmp_path / "x.tif", img)
@@ -297,7 +300,7 @@ def test_load_existing_masks(fake_model, tmp_path, data_dir):
 
 
 def test_correct_tab_refuses_malformed_operations(fake_model):
-    from cellpose_web.ui import correct_tab as C, segment_tab
+    from cellpose_web.ui.tabs import correct as C, segment as segment_tab
     s, _, _ = segment_tab.load_image(str(EXAMPLE), None)
     st, pay = C.apply_op(s, None, {"op": "load"})                     # image only, no masks yet: draw from scratch
     assert pay["kind"] == "full" and st.editor.n_cells == 0
@@ -314,7 +317,8 @@ def test_correct_tab_refuses_malformed_operations(fake_model):
 def test_summary_asks_for_the_pixel_size_only_when_it_is_unknown():
     """A result with no cells on an image whose file gives the pixel size must not ask for it."""
     from cellpose_web import measure
-    from cellpose_web.ui import common, segment_tab
+    from cellpose_web.ui import common
+    from cellpose_web.ui.tabs import segment as segment_tab
     masks = np.zeros((32, 32), np.uint16)
     for px in (0.1, None):
         s = common.Session(name="a.tif", pixel_size_um=px, image=np.zeros((32, 32, 1)), masks=masks,

@@ -48,7 +48,7 @@ CASES = [
     ("complex tiff", "a.tif", _tif(np.ones((32, 32), np.complex64)), None, None, 0.4, 0, None, "complex"),
     ("all-NaN tiff", "a.tif", _tif(np.full((32, 32), np.nan, np.float32)), None, None, 0.4, 0, None, "finite"),
     ("inf tiff", "a.tif", _tif(np.full((32, 32), np.inf, np.float32)), None, None, 0.4, 0, None, "finite"),
-    ("1xN tiff", "a.tif", _tif(np.ones((1, 500), np.uint16)), None, None, 0.4, 0, None, "at least 2"),
+    ("1xN tiff", "a.tif", _tif(np.ones((1, 500), np.uint16)), None, None, 0.4, 0, None, "at least 3"),
     ("5-D tiff", "a.tif", _tif(np.ones((2, 2, 2, 16, 16), np.uint8)), None, None, 0.4, 0, None, "dimensions"),
     ("6-D tiff", "a.tif", _tif(np.ones((2, 2, 2, 2, 16, 16), np.uint8)), None, None, 0.4, 0, None, "dimensions"),
     ("tiny image", "a.tif", _tif(np.ones((3, 3), np.uint8)), None, None, 0.4, 0, None, "larger|pixels|small"),

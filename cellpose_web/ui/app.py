@@ -32,7 +32,8 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
     """Build the Blocks app (not launched). `default_model` pre-selects a model (name or path)."""
     import gradio as gr
 
-    from cellpose_web.ui import batch_tab, common, correct_tab, finetune_tab, models_tab, segment_tab
+    from cellpose_web.ui.tabs import batch as batch_tab, correct as correct_tab, finetune as finetune_tab, models as models_tab, segment as segment_tab
+    from cellpose_web.ui import common
 
     if default_model:
         config.set_default_model(default_model)

@@ -100,9 +100,8 @@ def validate_array(arr: np.ndarray, name: str = "image", limits: Limits | None =
         raise CellposeWebError(f"{name} has {len(squeezed_shape)} dimensions {arr.shape}; this app takes 2D images, "
                                "channels and z-stacks (up to 4D). Split time series into separate files.")
     arr = arr.reshape(squeezed_shape)
-    if max(squeezed_shape) < pipeline.MIN_IMAGE_SIDE:
-        raise CellposeWebError(f"{name} is only {arr.shape} pixels; an image needs at least "
-                               f"{pipeline.MIN_IMAGE_SIDE} pixels along Y and X.")
+    if max(squeezed_shape) < pipeline.MIN_IMAGE_LONG_SIDE:
+        raise CellposeWebError(f"{name} is only {arr.shape} pixels; use a larger image.")
     if arr.size > limits.max_pixels:
         raise CellposeWebError(f"{name} has {arr.size:,} values, above the limit of {limits.max_pixels:,}; "
                                "crop or downsample it (or ask the admin to raise CELLPOSE_WEB_MAX_PIXELS).")

@@ -77,6 +77,8 @@ _CACHE: dict[tuple, LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 #: the smallest image side any face accepts (the upload check and prepare_image share it)
 MIN_IMAGE_SIDE = 3
+#: ... and its longer side at least this (a 5 x 5 image has nothing to segment)
+MIN_IMAGE_LONG_SIDE = 8
 
 
 def default_gpu() -> bool:
@@ -175,6 +177,8 @@ def prepare_image(img: np.ndarray, axes: str = "") -> tuple[np.ndarray, str]:
     if a.ndim < 2 or min(yx) < MIN_IMAGE_SIDE:
         raise CellposeWebError(f"the image has shape {tuple(np.shape(img))}: an image needs at least "
                                f"{MIN_IMAGE_SIDE} pixels along Y and X")
+    if max(yx) < MIN_IMAGE_LONG_SIDE:
+        raise CellposeWebError(f"the image is only {tuple(np.shape(img))} pixels; use a larger image")
     if a.ndim > 4:
         raise CellposeWebError(f"the image has {a.ndim} dimensions {a.shape}; segment 2D images or 3D stacks (with "
                                "channels) and split time series or positions into separate files first")

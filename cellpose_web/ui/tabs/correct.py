@@ -22,7 +22,7 @@ from cellpose_web.workflows import CellposeWebError, results
 from cellpose_web.workflows import display as render
 from cellpose_web.workflows.results import edit
 from cellpose_web.service import runs
-from cellpose_web.ui import common, learn_panel, correct_canvas, segment_tab, widgets as W
+from cellpose_web.ui import common, correct_canvas, learn_panel, results_view, widgets as W
 
 HELP = """**Draw** on the image: pick a tool above it.
 - **Outline**: press, draw around the cell, release: a new cell (background pixels only, so cells never overlap).
@@ -209,7 +209,7 @@ def save(s: common.Session, st: CorrectState) -> common.Session:
     new = common.Session(**{**vars(s)})
     new.masks, new.table, new.puncta, new.provenance = results.save_correction(
         st.editor.masks, new.image, new.pixel_size_um, new.provenance, st.editor.n_edits, new.name)
-    segment_tab.write_files(new)
+    results_view.write_files(new)
     new.version = s.version  # same masks as the editor: no reload
     return new
 
@@ -223,9 +223,9 @@ def segment_refresh(s: common.Session, overlays: list[str] | None, background: s
         z = int(z or 0)
     except (TypeError, ValueError):
         z = 0
-    return (segment_tab.render(s, list(overlays or []), background or W.BG_IMAGE, z), segment_tab.summary_md(s),
-            W.table_for_display(s.table), segment_tab.histogram_update(s), s.files, s.provenance,
-            segment_tab.stitch_offer(s))
+    return (results_view.render(s, list(overlays or []), background or W.BG_IMAGE, z), results_view.summary_md(s),
+            W.table_for_display(s.table), results_view.histogram_update(s), s.files, s.provenance,
+            results_view.stitch_offer(s))
 
 
 # Segment-tab components segment_refresh fills, by elem_id (see ui.app)

@@ -17,7 +17,7 @@ from cellpose_web.workflows.results import DEFAULT_MAX_DISTANCE_UM, PunctaParams
 from cellpose_web.workflows import batch, model_cache as models_cache
 from cellpose_web.service import jobs, runs
 from cellpose_web.workflows.segment import SegmentParams
-from cellpose_web.ui import common, segment_tab, widgets as W
+from cellpose_web.ui import common, results_view, widgets as W
 
 INTRO = ("Upload a **zip** of images (or select several image files). Every image is segmented with the "
          "same model and parameters. You get a zip with each image's masks, outlines and `_seg.npy`, a "
@@ -121,9 +121,9 @@ def build(ctx: dict[str, Any]) -> None:
     def on_run(files, model, diameter_px, flow_threshold, cellprob_threshold, niter, min_size_px, channels,
                pixel_size_um, puncta, puncta_channel, puncta_sigma_min_px, puncta_sigma_max_px, puncta_threshold,
                puncta_max_distance_um=DEFAULT_MAX_DISTANCE_UM, request: gr.Request = None, progress=gr.Progress()):
-        params = segment_tab.make_params(diameter_px, flow_threshold, cellprob_threshold, niter, min_size_px, "auto",
+        params = results_view.make_params(diameter_px, flow_threshold, cellprob_threshold, niter, min_size_px, "auto",
                                          "auto", channels, 1.0, 99.0, False, None, 0)
-        pp = segment_tab.make_puncta(puncta, puncta_channel, puncta_sigma_min_px, puncta_sigma_max_px,
+        pp = results_view.make_puncta(puncta, puncta_channel, puncta_sigma_min_px, puncta_sigma_max_px,
                                      puncta_threshold, puncta_max_distance_um)
         user = W.username(request)
         job = start_batch([f for f in (files or [])], model, params, common.parse_pixel_size(pixel_size_um), pp, user)
