@@ -37,19 +37,20 @@ def test_cli_web_service_and_dask_write_identical_masks_files(image, tmp_path, c
     """Same image, model and parameters through the three faces: byte-identical _cp_masks.png/.tif,
     the same _seg.npy masks and the same per-cell numbers."""
     import dask.distributed as dd  # requirements-dev.txt
-    from cellpose_web.workflows import batch, inputs, segment
+    from cellpose_web.workflows import batch, segment
 
     model = _model()
     # 1. the command line
     rc = cli.main(["--image_path", str(image), "--savedir", str(tmp_path / "cli"), "--pretrained_model", model,
                    "--segment_channels", "1", "--save_png", "--save_tif", "--save_csv"])
     assert rc == 0, capsys.readouterr().err
-    # 2. the web service, as the Segment tab calls it (read the upload, segment, write the downloads)
-    li = inputs.read_image(image)
-    res = segment.segment(li.data, segment.SegmentParams(channels=[1]), model, li.name, li.pixel_size_um,
-                          file_axes=li.meta["axes"])
-    pipeline.write_outputs(tmp_path / "web" / image.name, res.masks, res.image, [res.flow_rgb, res.dP, res.cellprob],
-                           res.provenance, res.table, pipeline.SaveOptions.everything())
+    # 2. the app: the Segment tab's own callbacks (read the upload, segment, write the downloads)
+    from cellpose_web.ui.tabs import segment as segment_tab
+    s, _, _ = segment_tab.load_image(str(image), None)
+    (tmp_path / "web").mkdir()
+    s.workdir = str(tmp_path / "web")
+    s = segment_tab.run_segmentation(s, model, segment.SegmentParams(channels=[1]), None, None)
+    assert s.files and all(Path(f).parent == tmp_path / "web" for f in s.files)
     # ... and its Batch runner
     out = batch.run_batch([image], segment.SegmentParams(channels=[1]), model, tmp_path / "batch" / "results")
     assert out["n_ok"] == 1, out["errors"]
