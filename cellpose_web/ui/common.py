@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cellpose_web.workflows import inputs, model_cache as models_cache
+from cellpose_web.workflows import inputs, model_cache as models_cache, pipeline
 
 
 @dataclass
@@ -114,11 +114,7 @@ def parse_pixel_size(v: Any) -> float | None:
 
 def axes_from_meta(axes: str, shape: tuple[int, ...]) -> tuple[int | None, int | None]:
     """Channel and z axis indices from an io axes string like 'ZCYX' (None when absent)."""
-    if not axes or len(axes) != len(shape):
-        return None, None
-    c = axes.find("C") if "C" in axes else (axes.find("S") if "S" in axes else -1)
-    z = axes.find("Z")
-    return (c if c >= 0 else None), (z if z >= 0 else None)
+    return pipeline.axes_in_file(axes, shape)
 
 
 def whole_cell_model_for_puncta(on: bool, model_name: str):
@@ -126,7 +122,7 @@ def whole_cell_model_for_puncta(on: bool, model_name: str):
     model list (Segment, Batch) gives way to the best whole-cell model, and the user is told."""
     import gradio as gr
 
-    from cellpose_web.workflows import pipeline
+
 
     if not on or models_cache.model_purpose(model_name) != "nuclei":
         return gr.skip()

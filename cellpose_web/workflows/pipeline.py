@@ -42,7 +42,7 @@ from cellpose_web.measure import PunctaParams
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "get_model", "forget_models", "read_image", "prepare_image", "find_axes",
+__all__ = ["LoadedModel", "get_model", "forget_models", "read_image", "prepare_image", "axes_in_file", "find_axes",
            "to_channels_last", "Segmentation", "segment", "measure_segmentation", "provenance", "SaveOptions",
            "ImageSettings", "write_outputs", "process_file", "csv_bytes", "PunctaParams", "puncta_model_warning",
            "model_for_puncta",
@@ -213,6 +213,17 @@ def pixel_size_of(meta: Any) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # axes: the one guesser
 # ----------------------------------------------------------------------------------------------
+def axes_in_file(file_axes: str, shape: tuple[int, ...]) -> tuple[int | None, int | None]:
+    """(channel_axis, z_axis) as the file's axis letters say ('C' or 'S', 'Z'; None when absent or
+    when the letters do not match the shape): the one reader of axis strings (``find_axes`` and the
+    app's form both use it)."""
+    if not file_axes or len(file_axes) != len(shape):
+        return None, None
+    c = file_axes.find("C") if "C" in file_axes else file_axes.find("S")
+    z = file_axes.find("Z")
+    return (c if c >= 0 else None), (z if z >= 0 else None)
+
+
 def find_axes(shape: tuple[int, ...], channel_axis: int | None = None, z_axis: int | None = None,
               file_axes: str = "", want_3d: bool = False) -> tuple[int | None, int | None]:
     """(channel_axis, z_axis) of an image: the ones given, else what the file says ("C"/"S", "Z"),
@@ -226,13 +237,11 @@ def find_axes(shape: tuple[int, ...], channel_axis: int | None = None, z_axis: i
             raise CellposeWebError(f"{name} axis {v} does not exist in an image of shape {tuple(shape)}.")
     ch = None if channel_axis is None else channel_axis % nd
     z = None if z_axis is None else z_axis % nd
-    axes = file_axes if file_axes and len(file_axes) == nd else ""
-    if ch is None and axes:
-        c = axes.find("C") if "C" in axes else axes.find("S")
-        if c >= 0 and c != z and shape[c] > 1:
-            ch = c
-    if z is None and "Z" in axes and axes.index("Z") != ch:
-        z = axes.index("Z")
+    file_c, file_z = axes_in_file(file_axes, shape)
+    if ch is None and file_c is not None and file_c != z and shape[file_c] > 1:
+        ch = file_c
+    if z is None and file_z is not None and file_z != ch:
+        z = file_z
     if nd == 3 and ch is None and z is None:
         if want_3d:
             z = 0
