@@ -1,13 +1,33 @@
-"""The one exception type for user errors (bad file, bad parameter).
+"""The exceptions cellpose-web raises for a person to read.
 
-It subclasses ValueError so code written for Cellpose that catches ValueError keeps working.
+- :class:`CellposeWebError`: the base; a problem with the user's input (bad file, bad parameter) or
+  with what the machine can do, with a message that says what was wrong and what to do. It
+  subclasses ValueError so code written for Cellpose that catches ValueError keeps working.
+  Most input checks raise it directly.
+- :class:`BadInputError`: an input (image, parameter, file) that cannot be used.
+- :class:`ModelNotAvailableError`: a model name or file with no weights on this machine (also a
+  FileNotFoundError).
+- :class:`OutOfMemoryError`: the work does not fit in the (GPU) memory even at the smallest batch
+  (also a MemoryError).
+
 The message is meant for a biologist: say what was wrong and what to do.
 """
 
+__all__ = ["CellposeWebError", "BadInputError", "ModelNotAvailableError", "OutOfMemoryError"]
+
 
 class CellposeWebError(ValueError):
-    """A problem with the user's input, with a message that says what to do."""
+    """A problem with the user's input or the run, with a message that says what to do."""
+
+
+class BadInputError(CellposeWebError):
+    """An image, parameter or file that cannot be used as given."""
 
 
 class ModelNotAvailableError(CellposeWebError, FileNotFoundError):
     """A model name or file could not be resolved to weights on this machine."""
+
+
+class OutOfMemoryError(CellposeWebError, MemoryError):
+    """The run did not fit in memory, even after lowering the batch size to 1 (GPU), or the host's
+    memory ran out; the message says what to do (smaller image or scale, fewer other programs)."""

@@ -12,8 +12,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from cellpose_web import measure, pipeline
-from cellpose_web.errors import CellposeWebError
+from cellpose_web import measure, memory, pipeline
+from cellpose_web.errors import CellposeWebError, OutOfMemoryError
 from cellpose_web.models import check_eval_params
 from cellpose_web.service import gpu, models_cache
 from cellpose_web.service.config import Limits
@@ -165,19 +165,25 @@ def segment(image: np.ndarray, params: SegmentParams, model_name: str, image_nam
     """
     limits = limits or Limits.from_env()
     params = params.validated(limits)
+    oom = False
     try:
         seg = _segment_on_device(model_name, image, params, file_axes, progress,
                                  [puncta.channel] if puncta is not None else None)
-    except (CellposeWebError, FileNotFoundError):
+    except (CellposeWebError, FileNotFoundError):  # includes errors.OutOfMemoryError: its message says what to do
         raise
     except MemoryError:
-        raise CellposeWebError("Out of memory while segmenting; crop the image or use a smaller diameter.")
+        oom = True
     except Exception as e:
-        log.exception("segmentation failed")
-        if "out of memory" in str(e).lower():
-            raise CellposeWebError("The GPU ran out of memory; try a smaller image or ask the admin.") from None
-        raise CellposeWebError(f"Segmentation failed ({type(e).__name__}: {str(e)[:200]}). Check the "
-                               "channel/z axis settings; if it persists tell the admin.") from None
+        if not memory.is_out_of_memory(e):  # matched by type (torch.OutOfMemoryError), not by message
+            log.exception("segmentation failed")
+            raise CellposeWebError(f"Segmentation failed ({type(e).__name__}: {str(e)[:200]}). Check the "
+                                   "channel/z axis settings; if it persists tell the admin.") from None
+        log.warning("out of memory while segmenting: %s", " ".join(str(e).split())[:300])
+        oom = True
+    if oom:  # outside the except block: the failed run's tensors are freed, then the GPU's cache
+        memory.release()
+        raise OutOfMemoryError("Out of memory while segmenting: crop the image or use a larger diameter (less "
+                               "zoom); on a shared GPU, try again when fewer jobs run.")
     table, spots = pipeline.measure_segmentation(seg, pixel_size_um, puncta)
     prov = pipeline.provenance(seg, image_name, tuple(np.shape(image)), pixel_size_um,
                                puncta if spots is not None else None)

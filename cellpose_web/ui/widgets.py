@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cellpose_web import render
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import CellposeWebError, OutOfMemoryError
 from cellpose_web.ui import correct_canvas
 
 log = logging.getLogger("cellpose_web.ui")
@@ -46,12 +46,19 @@ PUNCTA_DISTANCE_INFO = ("a spot just outside every mask counts for the nearest c
 # ------------------------------------------------------------------ errors
 def _message(e: BaseException, fn: Callable) -> tuple[str, str]:
     """(title, message) for an exception; unexpected ones are logged with their traceback."""
+    from cellpose_web import memory
+
+    if isinstance(e, OutOfMemoryError):
+        return "Out of memory", str(e)
     if isinstance(e, CellposeWebError):
         return "Please check", str(e)
     if isinstance(e, FileNotFoundError):
         return "File not found", f"{e} Upload the file again or pick another one."
     if isinstance(e, MemoryError):
         return "Out of memory", "The server ran out of memory; try a smaller image."
+    if memory.is_out_of_memory(e):  # torch's, by type: the GPU's memory
+        memory.release()
+        return "Out of memory", "The GPU ran out of memory; try a smaller image, or again when fewer jobs run."
     log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
     return "Unexpected error", (f"Something went wrong ({type(e).__name__}). Your earlier results are kept; "
                                 "try again, and tell the admin if it repeats.")
