@@ -9,7 +9,15 @@ With ``CELLPOSE_REF_PYTHON`` pointing to a Python that has cellpose==3.1.1.2, th
 there on the same images and the agreement of the masks is printed (AP@0.5 of ours against theirs,
 smallest matched IoU). Numbers only, no pass/fail.
 
+``--speed``: eval time of `cp_cyto` on one two-channel whole-cell image (--size, default 450;
+synthetic, seed 9000, cytoplasm + nuclei, channels [1, 2], its true diameter), ours and, with
+``CELLPOSE_REF_PYTHON``, Cellpose 3.1.1.2's on the same image and weights, each after a warm-up in
+its own process: the best of --repeats runs, wall and CPU seconds (all threads) for the network,
+the masks step and the total, and whether the masks are identical. ``--threads N`` sets torch's
+threads in both (1 gives numbers that a shared machine disturbs least).
+
     python benchmarks/bench_cp_cyto.py [--n 8] [--size 256]
+    CELLPOSE_REF_PYTHON=/path/to/cp3/python python benchmarks/bench_cp_cyto.py --speed [--threads 1]
 """
 from __future__ import annotations
 
@@ -41,6 +49,94 @@ for k in d.files:
         out[k[4:]] = m.eval(d[k], channels=ch, channel_axis=-1, diameter=float(d["diam_" + k[4:]]))[0]
 np.savez_compressed(sys.argv[3], **out)
 """
+
+
+REF_SPEED_SCRIPT = r"""
+import json, sys, time, numpy as np, torch
+if int(sys.argv[5]) > 0:
+    torch.set_num_threads(int(sys.argv[5]))
+from cellpose import models
+d = np.load(sys.argv[1])
+m = models.CellposeModel(pretrained_model=sys.argv[2])
+t = {}
+def timed(name, fn):
+    def f(*a, **k):
+        w, c = time.perf_counter(), time.process_time()
+        out = fn(*a, **k)
+        t[name] = (time.perf_counter() - w, time.process_time() - c)
+        return out
+    return f
+m._run_net, m._compute_masks = timed("network", m._run_net), timed("masks", m._compute_masks)
+runs = []
+for r in range(int(sys.argv[4]) + 1):
+    w, c = time.perf_counter(), time.process_time()
+    masks = m.eval(d["img"], channels=[int(v) for v in d["ch"]], channel_axis=-1, diameter=float(d["diam"]))[0]
+    t["total"] = (time.perf_counter() - w, time.process_time() - c)
+    if r:  # the first run is the warm-up
+        runs.append(dict(t))
+np.save(sys.argv[3], masks)
+print(json.dumps({"runs": runs, "threads": torch.get_num_threads()}))
+"""
+
+
+def _best(runs: list[dict]) -> dict:
+    """The run with the smallest total wall time; (wall, cpu) seconds per phase."""
+    return min(runs, key=lambda r: r["total"][0])
+
+
+def speed(args) -> None:
+    """Ours vs Cellpose 3.1.1.2: eval of cp_cyto on one whole-cell image, network and masks time."""
+    import torch
+    if args.threads:
+        os.environ["CELLPOSE_WEB_THREADS"] = str(args.threads)
+    shared = Path(os.environ.get("CELLPOSE_WEB_SHARED", REPO.parent / "shared"))
+    name, img, lab, ch, diam = next(images(1, args.size, shared))
+    from cellpose_web.models import legacy
+    cp = models.CellposeModel(pretrained_model="cp_cyto")
+    t: dict = {}
+
+    def timed(name, fn):
+        def f(*a, **k):
+            w, c = time.perf_counter(), time.process_time()
+            out = fn(*a, **k)
+            t[name] = (time.perf_counter() - w, time.process_time() - c)
+            return out
+        return f
+    legacy.run_net, legacy._masks = timed("network", legacy.run_net), timed("masks", legacy._masks)
+    runs = []
+    for r in range(args.repeats + 1):
+        w, c = time.perf_counter(), time.process_time()
+        masks = cp.eval(img, channels=ch, channel_axis=-1, diameter=diam)[0]
+        t["total"] = (time.perf_counter() - w, time.process_time() - c)
+        if r:
+            runs.append(dict(t))
+    load = os.getloadavg()
+    rows = {"ours": _best(runs)}
+    print(f"cp_cyto eval, {name} {img.shape[0]}x{img.shape[1]}, {int(masks.max())} masks, diameter {diam:.1f}, "
+          f"{torch.get_num_threads()} torch thread(s), best of {args.repeats}; load average {load[0]:.1f}")
+    ref_py = os.environ.get("CELLPOSE_REF_PYTHON")
+    same = None
+    if ref_py:
+        with tempfile.TemporaryDirectory() as td:
+            inp, out = Path(td) / "in.npz", Path(td) / "masks.npy"
+            np.savez(inp, img=img, ch=np.asarray(ch), diam=diam)
+            res = subprocess.run([ref_py, "-c", REF_SPEED_SCRIPT, str(inp), registry.resolve_model("cp_cyto").path,
+                                  str(out), str(args.repeats), str(args.threads or 0)],
+                                 check=True, capture_output=True, text=True)
+            rows["Cellpose 3.1.1.2"] = _best(json.loads(res.stdout.strip().splitlines()[-1])["runs"])
+            same = bool(np.array_equal(np.load(out), masks))
+    print(f"{'':<18} {'network wall/cpu s':>19} {'masks wall/cpu s':>17} {'total wall/cpu s':>17}")
+    for who, r in rows.items():
+        cells = [f"{r[k][0]:.2f} / {r[k][1]:.2f}" if k in r else "-" for k in ("network", "masks", "total")]
+        print(f"{who:<18} {cells[0]:>19} {cells[1]:>17} {cells[2]:>17}")
+    if len(rows) == 2:
+        a, b = rows["ours"], rows["Cellpose 3.1.1.2"]
+        print("ours / Cellpose 3 (cpu s): " + ", ".join(
+            f"{k} {a[k][1] / b[k][1]:.2f}" for k in ("network", "masks", "total") if k in a and k in b)
+            + f"; masks identical: {same}")
+    else:
+        print("(set CELLPOSE_REF_PYTHON to a Python with cellpose==3.1.1.2 to compare with Cellpose 3)")
+    print(json.dumps({"load": load[0], "rows": rows, "identical": same}))
 
 
 def images(n: int, size: int, shared: Path):
@@ -78,8 +174,16 @@ def ap50(truth, pred) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--size", type=int, default=None, help="image side (256; 450 with --speed)")
+    ap.add_argument("--speed", action="store_true", help="time eval against Cellpose 3 instead")
+    ap.add_argument("--repeats", type=int, default=3, help="--speed: timed runs after the warm-up")
+    ap.add_argument("--threads", type=int, default=0, help="--speed: torch threads (0 = the default)")
     args = ap.parse_args()
+    if args.speed:
+        args.size = args.size or 450
+        speed(args)
+        return
+    args.size = args.size or 256
     shared = Path(os.environ.get("CELLPOSE_WEB_SHARED", REPO.parent / "shared"))
     cp = models.CellposeModel(pretrained_model="cp_cyto")
     size = models.SizeModel(cp)

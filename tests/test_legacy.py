@@ -111,6 +111,88 @@ def test_steps_without_interpolation_follow_pixel_flows():
     assert p[:, 0].tolist() == [4.0, 5.0]
 
 
+def _steps_one_by_one(dP, inds, niter, bilinear):
+    """Cellpose 3's Euler steps written plainly: every point, every step, no merging (float32 weights,
+    corners (y0, x0), (y0, x1), (y1, x0), (y1, x1), each term flow * w_y * w_x, summed left to right)."""
+    flow = torch.as_tensor(dP)
+    ndim, top = flow.shape[0], [s - 1 for s in dP.shape[1:]]
+    p = torch.stack([torch.as_tensor(i) for i in inds]).float()
+    for _ in range(niter):
+        i0 = p.long()
+        if not bilinear:
+            step = flow[(slice(None), *i0)]
+        else:
+            frac = p - i0.float()
+            up = [(i0[k] + 1).clamp(max=top[k]) for k in range(ndim)]
+            step = None
+            for corner in range(2 ** ndim):
+                bits = [(corner >> (ndim - 1 - k)) & 1 for k in range(ndim)]
+                v = flow[(slice(None), *[up[k] if b else i0[k] for k, b in enumerate(bits)])]
+                for k, b in enumerate(bits):
+                    v = v * (frac[k] if b else 1 - frac[k])
+                step = v if step is None else step + v
+        p = torch.minimum(torch.clamp_min(p + step, 0.0), torch.tensor(top, dtype=torch.float32)[:, None])
+    return p
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("bilinear", [True, False])
+def test_pixel_steps_merge_trajectories_without_changing_any_position(ndim, bilinear):
+    """follow_flows(interp="pixel" / False) integrates bit-identical positions once: the final
+    positions are those of stepping every point on its own, to the bit (converging flows, so many merge)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(ndim)
+    shape = (40, 50) if ndim == 2 else (12, 20, 24)
+    lab = (rng.random(shape) > 0.6).astype(np.int32)
+    from cellpose_web.engine.dynamics import masks_to_flows
+    from scipy.ndimage import label
+    dP = masks_to_flows(label(gaussian_filter(lab.astype(float), 2) > 0.4)[0]).astype(np.float32) * 5
+    dP += rng.normal(0, 0.3, dP.shape).astype(np.float32)
+    inds = np.nonzero(np.ones(shape, bool))
+    got = dynamics.follow_flows(dP / 5, inds, niter=60, interp="pixel" if bilinear else False)
+    want = _steps_one_by_one(dP / 5, inds, 60, bilinear)
+    assert torch.equal(got, want)
+    assert len(torch.unique(got, dim=1)) < got.shape[1] // 4  # most trajectories met
+
+
+def test_cellpose3_flows_of_masks_are_its_float64_heat_to_the_bit():
+    """legacy.masks_to_flows (objects stepped together, two buffers) equals Cellpose 3's per-object
+    diffusion written plainly, for touching, hollow, one-pixel and border objects."""
+    from scipy.ndimage import find_objects
+
+    from cellpose_web.models import legacy
+
+    m = np.zeros((60, 70), np.int32)
+    m[5:30, 5:10] = 3
+    m[25:30, 5:40] = 3  # an L
+    m[50, 50] = 7  # one pixel, labels with gaps
+    m[0:12, 55:70] = 9  # on the border
+    m[40:60, 0:20] = 2
+    m[45:55, 5:15] = 0  # hollow
+    m[30:40, 40:52] = 4  # touches 3
+    want = np.zeros((2, *m.shape))
+    for i, sl in enumerate(find_objects(m)):
+        if sl is None:
+            continue
+        sr, sc = sl
+        ly, lx = sr.stop - sr.start + 2, sc.stop - sc.start + 2
+        y, x = np.nonzero(m[sr, sc] == i + 1)
+        y, x = y + 1, x + 1
+        c = ((x - x.mean()) ** 2 + (y - y.mean()) ** 2).argmin()
+        T = np.zeros(ly * lx)
+        for _ in range(2 * (ly + lx)):
+            T[y[c] * lx + x[c]] += 1
+            T[y * lx + x] = 1 / 9. * (T[y * lx + x] + T[(y - 1) * lx + x] + T[(y + 1) * lx + x] + T[y * lx + x - 1]
+                                      + T[y * lx + x + 1] + T[(y - 1) * lx + x - 1] + T[(y - 1) * lx + x + 1]
+                                      + T[(y + 1) * lx + x - 1] + T[(y + 1) * lx + x + 1])
+        want[0, sr.start + y - 1, sc.start + x - 1] = T[(y + 1) * lx + x] - T[(y - 1) * lx + x]
+        want[1, sr.start + y - 1, sc.start + x - 1] = T[y * lx + x + 1] - T[y * lx + x - 1]
+    want /= 1e-60 + (want ** 2).sum(axis=0) ** 0.5
+    assert np.array_equal(legacy.masks_to_flows(m), want)
+    assert np.array_equal(legacy.masks_to_flows(m, max_elements=500), want)  # one object per stack
+
+
 # ------------------------------------------------------------------------------------------ eval
 def test_eval_channels_choose_the_inputs(cp3_model, manifest, ref):
     """rgb image, channels [2, 1] (green cytoplasm, red nuclei): flows, styles, masks as Cellpose 3."""

@@ -257,11 +257,12 @@ def test_blocks_reuse_freed_memory_and_restore_malloc(lite_model, monkeypatch):
     lite_model.net.max_whole_pixels = 20_000
     try:
         reused = M.run_net(lite_model.net, imgs)
+        from cellpose_web.engine import memory
         with M.core._reuse_freed_memory():
             with M.core._reuse_freed_memory():
-                assert M.core._heap_users == (2 if M.core._glibc() is not None else 0)
-            assert M.core._heap_users == (1 if M.core._glibc() is not None else 0)
-        assert M.core._heap_users == 0
+                assert memory._heap_users == (2 if memory._glibc() is not None else 0)
+            assert memory._heap_users == (1 if memory._glibc() is not None else 0)
+        assert memory._heap_users == 0
         monkeypatch.setattr(M.core, "_reuse_freed_memory", contextlib.nullcontext)
         assert np.array_equal(M.run_net(lite_model.net, imgs), reused)
     finally:

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-import numpy as np
 from cellpose_web.errors import CellposeWebError, ModelNotAvailableError
 
 

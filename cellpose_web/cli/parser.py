@@ -72,7 +72,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     alg.add_argument("--anisotropy", type=float, default=1.0, help="z step / xy pixel size for 3D")
     alg.add_argument("--exclude_on_edges", action="store_true", help="drop masks touching the image border")
     alg.add_argument("--augment", action="store_true", help="test-time augmentation (flips)")
-    alg.add_argument("--batch_size", type=int, default=8, help="tiles per network call")
+    alg.add_argument("--batch_size", type=int, default=None,
+                     help="tiles per network call (default: 8 on a CPU, from free memory on a GPU; halved when "
+                          "GPU memory runs short)")
     alg.add_argument("--bsize", type=int, default=None, help="tile size (default: the model's)")
     alg.add_argument("--no_resample", action="store_true", help="run dynamics at the rescaled size")
     alg.add_argument("--no_interp", action="store_true", help=argparse.SUPPRESS)

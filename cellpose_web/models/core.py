@@ -15,23 +15,21 @@ Example
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import logging
 import math
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 import numpy as np
 import torch
-from cellpose_web.engine import dynamics, transforms
+from cellpose_web.engine import dynamics, memory, transforms
 from cellpose_web.models import legacy
 from cellpose_web import registry
 from cellpose_web.engine.dynamics import dx_to_circ  # re-exported: Cellpose has it in models' namespace too
 from cellpose_web.engine.device import choose_device, default_dtype, set_cpu_threads
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import CellposeWebError, OutOfMemoryError
+from cellpose_web.engine.memory import AdaptiveBatch
+from cellpose_web.engine.memory import reuse_freed_memory as _reuse_freed_memory  # looked up here at call time (tests)
 from cellpose_web.engine.nets import build_net, load_checkpoint
 from cellpose_web.models.params import DIAM_MEAN, MAX_NITER, MAX_RESIZED_PIXELS, as_array, auto_diameter_zoom, check_eval_params, check_finite, format_duration, normalization_settings
 
@@ -115,7 +113,7 @@ def _forward(net: torch.nn.Module, X: torch.Tensor, dtype: torch.dtype) -> torch
 def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment: bool = False,
             tile_overlap: float = 0.1, bsize: int = 256, rsz: float | None = None,
             progress: Callable | None = None, whole_image: bool | None = None,
-            channels_first: bool = False) -> np.ndarray:
+            channels_first: bool = False, batches: AdaptiveBatch | None = None) -> np.ndarray:
     """Run the network on a stack of 2D images with Cellpose's tiling.
 
     Parameters
@@ -126,6 +124,9 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
         from ``net.fully_convolutional`` / ``net.max_whole_pixels``.
 
     channels_first : return (N, nout, Lyr, Lxr) instead, without a transposed copy (large images).
+    batches : the eval's :class:`~cellpose_web.engine.memory.AdaptiveBatch` (None: one of ``batch_size``):
+        every network call goes through it, so a batch that runs out of GPU memory is halved and
+        run again (same output).
 
     Returns
     -------
@@ -133,6 +134,8 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
     """
     prog = progress if isinstance(progress, _Progress) else _Progress(progress)
     device, dtype = _net_device_dtype(net)
+    batches = batches or AdaptiveBatch(batch_size, device)
+    forward = lambda X: _forward(net, X, dtype)  # noqa: E731
     N, Ly0, Lx0, C = imgs.shape
     if rsz is not None and rsz != 1.0:
         Lyr, Lxr = int(Ly0 * rsz), int(Lx0 * rsz)
@@ -148,7 +151,7 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
         whole_image = fully_conv and (Lyr + p[0] + p[1]) * (Lxr + p[2] + p[3]) <= int(getattr(net, "max_whole_pixels", 0))
         blocks = fully_conv and not whole_image
     if blocks:
-        return _run_blocks(net, imgs, rsz, Lyr, Lxr, prog, channels_first)
+        return _run_blocks(net, imgs, rsz, Lyr, Lxr, prog, channels_first, batches)
     if whole_image:
         mult = int(getattr(net, "multiple", 16))
         ypad1, ypad2, xpad1, xpad2 = transforms.get_pad_yx(Lyr, Lxr, div=mult, extra=1)
@@ -182,7 +185,7 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
             t = torch.nn.functional.pad(t, (xpad1, xpad2, ypad1, ypad2))
             G = t.shape[0]
             if whole_image:
-                out = _forward(net, t, dtype)
+                out = batches.run(forward, t)
             else:
                 out = None
                 specs = [(i, j, k) for i in range(G) for j in range(len(ystart)) for k in range(len(xstart))]
@@ -197,7 +200,7 @@ def run_net(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment
                             if dims:
                                 tile = tile.flip(dims)
                         tiles.append(tile)
-                    y = _forward(net, torch.stack(tiles), dtype)
+                    y = batches.run(forward, torch.stack(tiles))
                     if out is None:
                         out = torch.zeros((G, y.shape[1], Ly, Lx), device=device)
                     for n, (i, j, k) in enumerate(chunk):
@@ -233,62 +236,12 @@ BLOCK_PIXELS = 768 * 768
 BLOCK_MARGIN = 32
 
 
-# glibc gives every allocation above 32 MB fresh pages from the kernel (mmap), and every block's
-# activations are such allocations: at 4096^2 the kernel zeroed 3.9 M pages, a third of the network's
-# CPU time, and two threads faulting at once made it worse (2 torch threads: 14.8 s with 11.2 s of
-# system time; 1024^2: 0.87 s). While blocks run, allocations therefore come from the heap (mallopt
-# M_MMAP_MAX = 0, no trimming), where each block reuses what the previous one freed; afterwards the
-# defaults that glibc's own adaptive threshold reaches are set (mmap above 32 MB, trim above 64 MB) and
-# the unused heap is returned to the system (malloc_trim). Measured on lite: 4096^2 network 7.7 s (1024^2:
-# 0.62 s) with 2 threads, 12.7 s vs 19.5 s on one; peak memory +70 MB on one thread, +340 MB on two
-# (1.64 GB for the network step). Outputs are unchanged (only where memory comes from). A no-op off glibc.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-
-
-_heap_lock = threading.Lock()
-
-
-_heap_users = 0
-
-
-@functools.cache
-def _glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def _reuse_freed_memory() -> Iterator[None]:
-    """Serve large allocations from the heap (reused block after block) inside the ``with``."""
-    global _heap_users
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    with _heap_lock:
-        if _heap_users == 0:
-            libc.mallopt(_M_MMAP_MAX, 0)
-            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-        _heap_users += 1
-    try:
-        yield
-    finally:
-        with _heap_lock:
-            _heap_users -= 1
-            if _heap_users == 0:
-                libc.mallopt(_M_MMAP_MAX, 65536)
-                libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-                libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-                libc.malloc_trim(0)
-
-
 def _run_blocks(net: torch.nn.Module, imgs: np.ndarray, rsz: float | None, Lyr: int, Lxr: int,
-                prog: "_Progress", channels_first: bool = False) -> np.ndarray:
-    """Run a fully convolutional net on (N, Ly, Lx, C) images in overlapping blocks; see ``run_net``."""
+                prog: "_Progress", channels_first: bool = False, batches: AdaptiveBatch | None = None) -> np.ndarray:
+    """Run a fully convolutional net on (N, Ly, Lx, C) images in overlapping blocks; see ``run_net``.
+    One block per network call: a block that does not fit in memory raises OutOfMemoryError."""
     device, dtype = _net_device_dtype(net)
+    batches = batches or AdaptiveBatch(1, device)
     N = imgs.shape[0]
     mult = int(getattr(net, "multiple", 16))
     core = max(mult, int(math.sqrt(min(BLOCK_PIXELS, int(getattr(net, "max_whole_pixels", BLOCK_PIXELS))))))
@@ -316,7 +269,7 @@ def _run_blocks(net: torch.nn.Module, imgs: np.ndarray, rsz: float | None, Lyr: 
                     py2 = wpad[1] if y1 == Lyr else -(y1 - y0 + py1) % mult
                     px2 = wpad[3] if x1 == Lxr else -(x1 - x0 + px1) % mult
                     blk = torch.nn.functional.pad(t[None, :, y0:y1, x0:x1], (px1, px2, py1, py2))
-                    out = _forward(net, blk, dtype)[0]
+                    out = batches.run(lambda X: _forward(net, X, dtype), blk)[0]
                     if yf is None:
                         nout = out.shape[0]
                         yf = np.zeros((N, nout, Lyr, Lxr) if channels_first else (N, Lyr, Lxr, nout), np.float32)
@@ -333,13 +286,16 @@ def _run_blocks(net: torch.nn.Module, imgs: np.ndarray, rsz: float | None, Lyr: 
 
 
 def run_3D(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment: bool = False,
-           tile_overlap: float = 0.1, bsize: int = 256, progress: Callable | None = None) -> np.ndarray:
-    """Run the network on the YX, ZX and ZY planes of a (Z, Y, X, C) stack and sum the views.
+           tile_overlap: float = 0.1, bsize: int = 256, progress: Callable | None = None,
+           batches: AdaptiveBatch | None = None) -> np.ndarray:
+    """Run the network on the YX, ZX and ZY planes of a (Z, Y, X, C) stack and sum the views
+    (``batches`` as in :func:`run_net`, shared by the three views).
 
     Returns (Z, Y, X, 4) float32 = [dZ, dY, dX, cellprob]: each flow component is the sum of the two
     views that contain its axis, cellprob the sum of all three (as Cellpose does).
     """
     prog = progress if isinstance(progress, _Progress) else _Progress(progress)
+    batches = batches or AdaptiveBatch(batch_size, _net_device_dtype(net)[0])
     Lz, Ly, Lx = imgs.shape[:3]
     yf = np.zeros((Lz, Ly, Lx, 4), np.float32)
     perms = [(0, 1, 2, 3), (1, 0, 2, 3), (2, 0, 1, 3)]
@@ -348,7 +304,7 @@ def run_3D(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment:
     for p in range(3):
         xsl = np.ascontiguousarray(imgs.transpose(perms[p]))
         y = run_net(net, xsl, batch_size=batch_size, augment=augment, tile_overlap=tile_overlap,
-                    bsize=bsize, progress=prog.sub(p / 3, (p + 1) / 3))
+                    bsize=bsize, progress=prog.sub(p / 3, (p + 1) / 3), batches=batches)
         yf[..., -1] += y[..., -1].transpose(inv[p])
         for j in range(2):
             yf[..., chans[p][j]] += y[..., j].transpose(inv[p])
@@ -379,8 +335,10 @@ class CellposeModel:
     Attributes
     ----------
     net, device, dtype, pretrained_model (path), model_name, model_info, diam_mean (30),
-    diam_labels, timing (per image of the last list eval), last_timing, last_eval_params,
-    diam_estimate (lite diameter estimate of the last eval, or None).
+    diam_labels, timing (per image of the last list eval), last_timing, last_eval_params (with
+    ``batch_size``, ``batch_size_used`` and ``notices``), last_notices (what the last eval adapted,
+    e.g. "GPU memory ran short: batch size lowered from 8 to 2 ..."), diam_estimate (lite diameter
+    estimate of the last eval, or None).
     """
 
     def __init__(self, gpu: bool = False, pretrained_model: Any = None, model_type: Any = None,
@@ -442,6 +400,7 @@ class CellposeModel:
         self.timing: list[float] = []
         self.last_timing: dict[str, float] = {}
         self.last_eval_params: dict[str, Any] = {}
+        self.last_notices: list[str] = []  # what the last eval adapted, for the app and the CLI
         self.diam_estimate: float | None = None
 
     def _resolve(self, pretrained_model: Any) -> tuple[Path, str]:
@@ -456,7 +415,7 @@ class CellposeModel:
         return f"CellposeModel({self.model_name!r}, arch={self.arch}, device={self.device}, dtype={self.dtype})"
 
     # ------------------------------------------------------------------ eval
-    def eval(self, x: Any, batch_size: int = 8, resample: bool = True, channels: Any = None,
+    def eval(self, x: Any, batch_size: int | None = None, resample: bool = True, channels: Any = None,
              channel_axis: int | None = None, z_axis: int | None = None, normalize: bool | dict = True,
              invert: bool = False, rescale: float | None = None, diameter: Any = None,
              flow_threshold: float = 0.4, cellprob_threshold: float = 0.0, do_3D: bool = False,
@@ -469,7 +428,10 @@ class CellposeModel:
         Parameters (as Cellpose 4's ``CellposeModel.eval``)
         ----------
         x : (Y, X), (Y, X, C) / (C, Y, X), (N, Y, X, C) batch, (Z, Y, X[, C]) stack with z_axis, or a list.
-        batch_size : tiles per network call (8).
+        batch_size : tiles per network call; None: 8 on a CPU, on a GPU chosen from its free memory
+            (:func:`cellpose_web.engine.memory.default_batch_size`). When the GPU runs out of memory the
+            batch is halved and the run goes on (same result), down to 1, then
+            :class:`~cellpose_web.errors.OutOfMemoryError`; ``last_notices`` says what happened.
         resample : compute dynamics at the original size (True) or at the rescaled size.
         channels : Cellpose 1-3 U-Net models: [cytoplasm, nucleus] (1-based, 0 = grey / none) choose
             and order the two network inputs (a list of pairs gives one per image of a list). Other
@@ -505,6 +467,49 @@ class CellposeModel:
         A list input gives lists.
         """
         self.diam_estimate = None  # set again below when this call estimates the diameter
+        self.last_notices = []
+        bsize = self._check_bsize(bsize)
+        batch_size = self.default_batch_size(bsize) if batch_size is None else \
+            check_eval_params(batch_size=batch_size)["batch_size"]
+        batches = AdaptiveBatch(batch_size, self.device)
+        failed = None
+        try:
+            out = self._eval_any(
+                x, batches=batches, resample=resample, channels=channels, channel_axis=channel_axis, z_axis=z_axis,
+                normalize=normalize, invert=invert, rescale=rescale, diameter=diameter, flow_threshold=flow_threshold,
+                cellprob_threshold=cellprob_threshold, do_3D=do_3D, anisotropy=anisotropy, flow3D_smooth=flow3D_smooth,
+                stitch_threshold=stitch_threshold, min_size=min_size, max_size_fraction=max_size_fraction, niter=niter,
+                augment=augment, tile_overlap=tile_overlap, bsize=bsize, compute_masks=compute_masks, progress=progress,
+                interp=interp)
+        except Exception as e:  # noqa: BLE001 - out of memory outside the network's batches: one typed error
+            if not memory.is_out_of_memory(e):
+                raise
+            failed = " ".join(str(e).split())[:300]
+        else:
+            self.last_eval_params.update(batch_size=batches.requested, batch_size_used=batches.size,
+                                         notices=list(self.last_notices) + ([batches.notice] if batches.notice else []))
+            return out
+        finally:
+            if batches.notice:
+                self.last_notices.append(batches.notice)
+                logger.warning(batches.notice)
+        memory.release(self.device)  # the failed run's frames are gone: give its memory back
+        logger.warning("out of memory: %s", failed)
+        where = "GPU memory" if self.device.type != "cpu" else "memory"
+        raise OutOfMemoryError(f"{where} ran out while segmenting: crop the image or segment it at a smaller scale "
+                               "(a larger diameter), or run on a machine with more memory.")
+
+    def default_batch_size(self, bsize: int | None = None) -> int:
+        """``eval``'s batch size when none is given: 8 on a CPU, from free GPU memory on CUDA
+        (:func:`cellpose_web.engine.memory.default_batch_size`)."""
+        return memory.default_batch_size(self.device, self.arch, self._check_bsize(bsize), self.dtype)
+
+    def _eval_any(self, x: Any, *, batches: AdaptiveBatch, resample, channels, channel_axis, z_axis, normalize,
+                  invert, rescale, diameter, flow_threshold, cellprob_threshold, do_3D, anisotropy, flow3D_smooth,
+                  stitch_threshold, min_size, max_size_fraction, niter, augment, tile_overlap, bsize, compute_masks,
+                  progress, interp):
+        """``eval`` of one image, a stack or a list, with the network's batches in ``batches``."""
+        batch_size = batches.requested
         if channels is not None and not self.legacy:
             logger.warning("channels is deprecated in Cellpose 4 and ignored: Cellpose 4 is channel-agnostic and "
                            "segments on the first 3 channels of the image (use channel_axis to say where they are)")
@@ -525,7 +530,8 @@ class CellposeModel:
             for i in range(nimg):
                 tic = time.perf_counter()
                 m, f, s = self._eval(xs[i], channels=channels[i] if per_image_channels else channels,
-                                     interp=interp, batch_size=batch_size, resample=resample, channel_axis=channel_axis,
+                                     interp=interp, batch_size=batch_size, batches=batches, resample=resample,
+                                     channel_axis=channel_axis,
                                      z_axis=z_axis, normalize=normalize, invert=invert, rescale=rescale,
                                      diameter=diams[i], flow_threshold=flow_threshold,
                                      cellprob_threshold=cellprob_threshold, do_3D=do_3D, anisotropy=anisotropy,
@@ -540,7 +546,8 @@ class CellposeModel:
                 styles.append(s)
             return masks, flows, styles
         tic = time.perf_counter()
-        out = self._eval(x, channels=channels, interp=interp, batch_size=batch_size, resample=resample,
+        out = self._eval(x, channels=channels, interp=interp, batch_size=batch_size, batches=batches,
+                         resample=resample,
                          channel_axis=channel_axis, z_axis=z_axis,
                          normalize=normalize, invert=invert, rescale=rescale, diameter=diameter,
                          flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, do_3D=do_3D,
@@ -555,7 +562,7 @@ class CellposeModel:
     def _eval(self, x, *, batch_size, resample, channel_axis, z_axis, normalize, invert, rescale, diameter,
               flow_threshold, cellprob_threshold, do_3D, anisotropy, flow3D_smooth, stitch_threshold, min_size,
               max_size_fraction, niter, augment, tile_overlap, bsize, compute_masks, progress, channels=None,
-              interp=True):
+              interp=True, batches: AdaptiveBatch | None = None):
         t0 = time.perf_counter()
         timing: dict[str, float] = {}
         x = as_array(x)
@@ -572,6 +579,7 @@ class CellposeModel:
             "diameter", "flow_threshold", "cellprob_threshold", "niter", "min_size", "max_size_fraction",
             "anisotropy", "stitch_threshold", "flow3D_smooth", "batch_size"))
         bsize = self._check_bsize(bsize)
+        batches = batches or AdaptiveBatch(batch_size, self.device)
         stack = do_3D or stitch_threshold > 0
 
         x = transforms.convert_image(x, channel_axis=channel_axis, z_axis=z_axis, do_3D=stack,
@@ -589,7 +597,8 @@ class CellposeModel:
                 resample=resample, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
                 do_3D=do_3D, anisotropy=anisotropy, flow3D_smooth=sigma3d, stitch_threshold=stitch_threshold,
                 min_size=min_size, max_size_fraction=max_size_fraction, niter=niter, augment=augment,
-                tile_overlap=tile_overlap, bsize=bsize, batch_size=batch_size, compute_masks=compute_masks,
+                tile_overlap=tile_overlap, bsize=bsize, batch_size=batch_size, batches=batches,
+                compute_masks=compute_masks,
                 interp=interp, progress=progress)
 
         # which images are constant (no information -> no masks)
@@ -649,7 +658,7 @@ class CellposeModel:
                     raise CellposeWebError(f"anisotropy/diameter shrink the stack to {new_shape}; check them")
                 xs = transforms.resize_image_3d(x, new_shape)
             yf = run_3D(self.net, xs, batch_size=batch_size, augment=augment, tile_overlap=tile_overlap,
-                        bsize=bsize, progress=net_prog)
+                        bsize=bsize, progress=net_prog, batches=batches)
             del xs
             if resample and (image_scaling != 1.0 or Lz != yf.shape[0]):
                 yf = transforms.resize_image_3d(yf, shape[:-1])
@@ -659,7 +668,7 @@ class CellposeModel:
             # (N, 3, Y, X): for one image, dP and cellprob are views of it (no whole-image copies)
             yf = run_net(self.net, x, batch_size=batch_size, augment=augment, tile_overlap=tile_overlap,
                          bsize=bsize, rsz=image_scaling if image_scaling != 1.0 else None, progress=net_prog,
-                         channels_first=True)
+                         channels_first=True, batches=batches)
             if resample and image_scaling != 1.0:
                 yf = transforms.resize_yx(yf, Ly, Lx, 2)
             cellprob = yf[:, -1]
@@ -715,7 +724,7 @@ class CellposeModel:
             self.diam_estimate = est
             zoom = auto_diameter_zoom(est, x.shape[1:3])
             if zoom is not None:
-                kw = dict(batch_size=batch_size, resample=resample, channel_axis=None, z_axis=None,
+                kw = dict(batch_size=batch_size, batches=batches, resample=resample, channel_axis=None, z_axis=None,
                           normalize=False, invert=False, rescale=None, diameter=DIAM_MEAN / zoom,
                           flow_threshold=flow_threshold,
                           cellprob_threshold=cellprob_threshold, do_3D=False, anisotropy=None, flow3D_smooth=0,
@@ -756,12 +765,12 @@ class CellposeModel:
         masks, dP, cellprob = out["masks"].squeeze(), out["dP"].squeeze(), out["cellprob"].squeeze()
         styles = out["styles"].squeeze()
         flows = [dx_to_circ(dP) if dP.ndim >= 3 else dx_to_circ(dP[:, None])[0], dP, cellprob]
-        self.last_timing = {"total": time.perf_counter() - t0}
+        self.last_timing = {**out["timing"], "total": time.perf_counter() - t0}
         self.last_eval_params = dict(
             diameter=diameter, rescale=out["rescale"], niter=out["niter"], channels=channels,
             normalize=out["normalize"], shape=out["shape"], model=self.model_name, device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""), diameter_estimate=None,
-            **{k: v for k, v in kw.items() if k not in ("progress", "interp", "compute_masks", "niter")})
+            **{k: v for k, v in kw.items() if k not in ("progress", "interp", "compute_masks", "niter", "batches")})
         return masks, flows, styles
 
     def _check_bsize(self, bsize: Any) -> int:

@@ -131,7 +131,8 @@ def check_eval_params(diameter: Any = None, flow_threshold: Any = 0.4, cellprob_
     The CLI and the web service call this too, so a bad value gets the same message everywhere.
     Returns the values converted: diameter float or None (0/None = no rescaling / automatic),
     niter int or None (0/None = automatic), anisotropy float or None, flow3D_smooth a list of three
-    sigmas (Z, Y, X) or None. Raises :class:`CellposeWebError` naming the parameter and the range.
+    sigmas (Z, Y, X) or None, batch_size int or None (automatic). Raises :class:`CellposeWebError`
+    naming the parameter and the range.
     """
     if diameter is not None:
         diameter = _number("diameter", diameter, lo=0,
@@ -151,7 +152,7 @@ def check_eval_params(diameter: Any = None, flow_threshold: Any = 0.4, cellprob_
         "anisotropy": anisotropy,
         "stitch_threshold": _number("stitch_threshold", stitch_threshold or 0.0, lo=0, hi=1),
         "flow3D_smooth": _flow3D_sigma(flow3D_smooth),
-        "batch_size": _number("batch_size", batch_size, lo=1, whole=True),
+        "batch_size": None if batch_size is None else _number("batch_size", batch_size, lo=1, whole=True),
     }
 
 

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cellpose_web.workflows import CellposeWebError, RunCancelled
-from cellpose_web.workflows import display as render
+from cellpose_web.workflows import CellposeWebError, OutOfMemoryError, RunCancelled
+from cellpose_web.workflows import display as render, segment as segment_workflow
 from cellpose_web.ui import correct_canvas
 
 log = logging.getLogger("cellpose_web.ui")
@@ -48,12 +48,17 @@ def _message(e: BaseException, fn: Callable) -> tuple[str, str]:
     """(title, message) for an exception; unexpected ones are logged with their traceback."""
     if isinstance(e, RunCancelled):
         return "Cancelled", str(e)
+    if isinstance(e, OutOfMemoryError):
+        return "Out of memory", str(e)
     if isinstance(e, CellposeWebError):
         return "Please check", str(e)
     if isinstance(e, FileNotFoundError):
         return "File not found", f"{e} Upload the file again or pick another one."
     if isinstance(e, MemoryError):
         return "Out of memory", "The server ran out of memory; try a smaller image."
+    if segment_workflow.is_out_of_memory(e):  # torch's, by type: the GPU's memory
+        segment_workflow.release_memory()
+        return "Out of memory", "The GPU ran out of memory; try a smaller image, or again when fewer jobs run."
     log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
     return "Unexpected error", (f"Something went wrong ({type(e).__name__}). Your earlier results are kept; "
                                 "try again, and tell the admin if it repeats.")

@@ -407,6 +407,7 @@ def segment(loaded: LoadedModel, image: np.ndarray, eval_kwargs: dict[str, Any],
                 ms, fl, _ = model.eval(list(x), channel_axis=2, progress=progress, **kw)
                 rgbs, dps, cps = ([f[i] for f in fl] for i in range(3))
                 masks, flows = distinct_plane_labels(ms), [np.stack(rgbs), np.stack(dps, 1), np.stack(cps)]
+        notices += list(getattr(model, "last_notices", None) or [])  # e.g. batch size lowered (GPU memory)
     masks = np.asarray(masks)
     if exclude_on_edges:
         masks = dynamics.remove_edge_masks(masks)

@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
-import torch
 
 from cellpose_web import measure
+from cellpose_web.engine import memory
 from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError, OutOfMemoryError, RunCancelled
 from cellpose_web.models import check_eval_params
@@ -26,6 +26,16 @@ ProgressFn = Callable[[float, str], None]
 
 
 MIN_DIAMETER_PX = 3.0  # smallest diameter the form accepts (the models look at cells of 30 px: 10x enlargement)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is torch's out-of-memory error (by type), for the app's messages."""
+    return memory.is_out_of_memory(e)
+
+
+def release_memory() -> None:
+    """Give a failed run's (GPU) memory back."""
+    memory.release()
 
 
 @dataclass
@@ -168,20 +178,25 @@ def segment(image: np.ndarray, params: SegmentParams, model_name: str, image_nam
     """
     limits = limits or Limits.from_env()
     params = params.validated(limits)
+    oom = False
     try:
         seg = _segment_on_device(model_name, image, params, file_axes, progress,
                                  [puncta.channel] if puncta is not None else None)
-    except (CellposeWebError, FileNotFoundError, RunCancelled):  # OutOfMemoryError is a CellposeWebError
+    except (CellposeWebError, FileNotFoundError, RunCancelled):  # includes errors.OutOfMemoryError
         raise
     except MemoryError:
-        raise OutOfMemoryError("Out of memory while segmenting; crop the image or use a smaller diameter.") from None
-    except torch.OutOfMemoryError:  # the GPU's (a RuntimeError): matched by type, not by its message
-        log.exception("segmentation failed")
-        raise OutOfMemoryError("The GPU ran out of memory; try a smaller image or ask the admin.") from None
+        oom = True
     except Exception as e:
-        log.exception("segmentation failed")
-        raise CellposeWebError(f"Segmentation failed ({type(e).__name__}: {str(e)[:200]}). Check the "
-                               "channel/z axis settings; if it persists tell the admin.") from None
+        if not memory.is_out_of_memory(e):  # matched by type (torch.OutOfMemoryError), not by message
+            log.exception("segmentation failed")
+            raise CellposeWebError(f"Segmentation failed ({type(e).__name__}: {str(e)[:200]}). Check the "
+                                   "channel/z axis settings; if it persists tell the admin.") from None
+        log.warning("out of memory while segmenting: %s", " ".join(str(e).split())[:300])
+        oom = True
+    if oom:  # outside the except block: the failed run's tensors are freed, then the GPU's cache
+        memory.release()
+        raise OutOfMemoryError("Out of memory while segmenting: crop the image or use a larger diameter (less "
+                               "zoom); on a shared GPU, try again when fewer jobs run.")
     table, spots = pipeline.measure_segmentation(seg, pixel_size_um, puncta)
     prov = pipeline.provenance(seg, image_name, tuple(np.shape(image)), pixel_size_um,
                                puncta if spots is not None else None)

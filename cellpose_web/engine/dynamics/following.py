@@ -130,30 +130,96 @@ def _steps_pixels(dP, inds, niter: int, device: torch.device, bilinear: bool) ->
     """Euler steps in pixel coordinates, p <- clip(p + flow(p), 0, L - 1), all points at once.
 
     ``bilinear``: flow(p) interpolated between the 4 (2D) / 8 (3D) pixels around p, weights
-    computed in float32 in Cellpose 3's order; otherwise the flow of pixel int(p).
+    computed in float32 in Cellpose 3's order (corners (y0, x0), (y0, x1), (y1, x0), (y1, x1); each
+    term flow * weight_y * weight_x, summed left to right); otherwise the flow of pixel int(p).
+
+    Each point's step depends on its position only, so points whose positions are bit-identical
+    follow identical trajectories from then on: they are merged (as in :func:`_follow_chunk`) and
+    integrated once. In a cell's flows most of its pixels meet within 20-40 steps (450 x 450 image,
+    144,000 points: 67,000 distinct after 20 steps, 6,000 after 30, 700 after 60), so the work is a
+    fraction of ``niter`` x points; every position is exactly that of stepping the point alone (all
+    operations are elementwise). Merge passes run while they pay (:class:`_MergeSchedule`).
     """
     flow = torch.as_tensor(np.asarray(dP, dtype=np.float32)).to(device)
     ndim = flow.shape[0]
-    p = torch.stack([torch.as_tensor(np.asarray(i)) for i in inds]).to(device, torch.float32)  # (ndim, npts)
-    top = [s - 1 for s in flow.shape[1:]]
-    hi = torch.tensor(top, dtype=torch.float32, device=device)[:, None]
-    for _ in range(int(niter)):
-        i0 = p.long()
+    shape = [int(v) for v in flow.shape[1:]]
+    planes = flow.reshape(ndim, -1)  # one flat plane per flow component: each corner is one gather per plane
+    strides = [math.prod(shape[k + 1:]) for k in range(ndim)]
+    top = torch.tensor([[v - 1] for v in shape], dtype=torch.float32, device=device)
+    P = torch.stack([torch.as_tensor(np.asarray(i)) for i in inds]).to(device, torch.float32)  # (ndim, npts)
+    rep = torch.arange(P.shape[1], device=device)
+    merge = _MergeSchedule() if P.shape[1] > 1 else None
+    step = torch.empty_like(P)
+    for t in range(int(niter)):
+        I = P.long()  # P >= 0: truncation is the floor
+        base = I[-1].clone()
+        for k in range(ndim - 1):
+            base.add_(I[k], alpha=strides[k])
         if not bilinear:
-            step = flow[(slice(None), *i0)]
+            for c in range(ndim):
+                step[c] = planes[c][base]
         else:
-            frac = p - i0.float()
-            lo = [i0[k].clamp(0, top[k]) for k in range(ndim)]
-            up = [(lo[k] + 1).clamp(max=top[k]) for k in range(ndim)]
-            step = None
-            for corner in range(2 ** ndim):
-                bits = [(corner >> (ndim - 1 - k)) & 1 for k in range(ndim)]
-                v = flow[(slice(None), *[up[k] if b else lo[k] for k, b in enumerate(bits)])]
-                for k, b in enumerate(bits):
-                    v = v * (frac[k] if b else 1 - frac[k])
-                step = v if step is None else step + v
-        p = torch.minimum(torch.clamp_min(p + step, 0.0), hi)
-    return p
+            frac = P - I.float()
+            wts = (1 - frac, frac)  # per axis: the weight of the lower, of the upper pixel
+            # flat index of each corner; corner bit k (from the highest) set = axis k's upper pixel,
+            # which is the same pixel on the last row / column / plane
+            idx = [base]
+            for corner in range(1, 2 ** ndim):
+                low = (corner & -corner).bit_length() - 1  # its lowest set bit: axis ndim - 1 - low
+                k = ndim - 1 - low
+                idx.append(idx[corner & (corner - 1)].add(I[k] < shape[k] - 1, alpha=strides[k]))
+            for c in range(ndim):
+                acc = None
+                for corner in range(2 ** ndim):
+                    v = planes[c][idx[corner]]
+                    for k in range(ndim):
+                        v.mul_(wts[(corner >> (ndim - 1 - k)) & 1][k])
+                    if acc is None:
+                        acc = v
+                    else:
+                        acc += v
+                step[c] = acc
+        P += step[:, :P.shape[1]]
+        P.clamp_(min=0.0)
+        torch.minimum(P, top, out=P)
+        if merge is not None and merge.due(t + 1, niter):
+            n = P.shape[1]
+            P, rep = _dedupe_columns(P, rep)
+            merge.merged(n, P.shape[1])
+            step = step[:, :P.shape[1]]
+    return P[:, rep]
+
+
+def _dedupe_columns(P: torch.Tensor, rep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_dedupe` for points as columns (ndim, n): the distinct columns, and ``rep`` mapped to them."""
+    bits = P.view(torch.int32).to(torch.int64)
+    key = (bits[0] << 32) | (bits[1] & 0xFFFFFFFF)
+    if P.shape[0] == 2:
+        uniq, inv = torch.unique(key, return_inverse=True)
+    else:
+        uniq, inv = torch.unique(torch.stack([key, bits[2]], 1), dim=0, return_inverse=True)
+    newP = torch.empty((P.shape[0], uniq.shape[0]), dtype=P.dtype, device=P.device)
+    newP[:, inv] = P
+    return newP, inv[rep]
+
+
+class _MergeSchedule:
+    """When :func:`_steps_pixels` merges identical positions: every ``FIRST`` steps from step ``FIRST``
+    on; the gap doubles (up to ``MAX_GAP``) after a pass that removed under 10 % of the points and is
+    back to ``FIRST`` after one that removed more. Only the speed depends on it, never a result."""
+
+    FIRST, MAX_GAP = 4, 16
+
+    def __init__(self):
+        self.gap = self.FIRST
+        self.next = self.FIRST
+
+    def due(self, t: int, niter: int) -> bool:
+        return t == self.next and t < niter
+
+    def merged(self, before: int, after: int) -> None:
+        self.gap = self.FIRST if after < 0.9 * before else min(self.MAX_GAP, 2 * self.gap)
+        self.next += self.gap
 
 
 def get_masks(p_final: torch.Tensor, inds, shape0, max_size_fraction: float = 0.4) -> np.ndarray:
