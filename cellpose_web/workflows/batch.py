@@ -8,7 +8,6 @@ import shutil
 import tempfile
 import zipfile
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -198,17 +197,14 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
         summary = summary[summary_column_order(summary.columns)]
         all_cells = pd.concat(cells, ignore_index=True) if cells else pd.DataFrame(columns=["image", "label"])
         ok_rows = [r for r in rows if r.get("status") == "ok"]
-        from cellpose_web import __version__
-        prov = {"model": {"name": model_name, "sha256": ok_rows[0].get("model_sha256") if ok_rows else None},
-                "eval_params": params.eval_kwargs(),
-                "channels": {"segment": params.channels, "measured": "all", "numbering": "as in the file"},
-                "image": f"{n} images",
-                # each file's own pixel size where it has one (the rows' pixel_size_um column says which)
-                "pixel_size_um": "per image, see the pixel_size_um column",
-                "pixel_size_um_for_files_without_one": pixel_size_um,
-                "puncta": asdict(puncta) if puncta else None,
-                "cellpose_web_version": __version__, "dask_scheduler": scheduler,
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        prov = pipeline.provenance_record(
+            {"name": model_name, "sha256": ok_rows[0].get("model_sha256") if ok_rows else None},
+            params.eval_kwargs(), f"{n} images",
+            channels={"segment": params.channels, "measured": "all", "numbering": "as in the file"},
+            # each file's own pixel size where it has one (the rows' pixel_size_um column says which)
+            pixel_size_um="per image, see the pixel_size_um column",
+            pixel_size_um_for_files_without_one=pixel_size_um,
+            puncta=asdict(puncta) if puncta else None, dask_scheduler=scheduler)
         summary_csv = atomic_write_bytes(out_dir / "summary.csv", pipeline.csv_bytes(summary, prov))
         cells_csv = atomic_write_bytes(out_dir / "all_cells.csv", pipeline.csv_bytes(all_cells, prov))
         atomic_write_json(out_dir / "batch.json", {"provenance": prov, "errors": errors,

@@ -582,25 +582,35 @@ def stitch_planes(masks: np.ndarray, image: np.ndarray | None, provenance: dict[
 # ----------------------------------------------------------------------------------------------
 # provenance + files
 # ----------------------------------------------------------------------------------------------
-def provenance(seg: Segmentation, image_name: str, image_shape: tuple[int, ...], pixel_size_um: float | None,
-               puncta: PunctaParams | None = None, command: str | None = None) -> dict[str, Any]:
-    """How a result was made, in the one format every file records (``_seg.npy``'s 'cellpose_web',
-    ``_provenance.json``, CSV headers): model (name, sha256, file, arch, source), eval_params,
-    channels (segment / measured, file numbering), device, image, pixel size, version, date."""
+def provenance_record(model: dict[str, Any] | None, eval_params: dict[str, Any] | None, image: str,
+                      **fields: Any) -> dict[str, Any]:
+    """The one provenance format every result records (``_seg.npy``'s 'cellpose_web',
+    ``_provenance.json``, CSV headers, a batch's summary): model (name, sha256, ...; None for masks
+    from a file), eval_params, image, the given fields, then the package version and the date (UTC).
+    :func:`provenance` (a segmentation), ``workflows.results.masks_file_provenance`` and the batch
+    summary all build theirs here."""
     from cellpose_web import __version__
 
-    prov = {
-        "model": dict(seg.model), "eval_params": dict(seg.eval_params),
-        "channels": {"segment": seg.segment_channels, "measured": list(range(int(seg.image.shape[-1]))),
-                     "numbering": "as in the file"},
-        "device": seg.device, "dtype": seg.dtype, "image": str(image_name), "image_shape": list(image_shape),
-        "pixel_size_um": pixel_size_um, "seconds": round(float(seg.seconds), 3),
-        "est_diam": seg.est_diam if seg.est_diam is not None else (
+    return {"model": dict(model) if model else {"name": None, "sha256": None},
+            "eval_params": dict(eval_params or {}), "image": str(image), **fields,
+            "cellpose_web_version": __version__,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def provenance(seg: Segmentation, image_name: str, image_shape: tuple[int, ...], pixel_size_um: float | None,
+               puncta: PunctaParams | None = None, command: str | None = None) -> dict[str, Any]:
+    """How a segmentation was made (:func:`provenance_record`): model (name, sha256, file, arch,
+    source), eval_params, channels (segment / measured, file numbering), device, image, pixel size,
+    diameter, version, date."""
+    prov = provenance_record(
+        seg.model, seg.eval_params, image_name,
+        channels={"segment": seg.segment_channels, "measured": list(range(int(seg.image.shape[-1]))),
+                  "numbering": "as in the file"},
+        device=seg.device, dtype=seg.dtype, image_shape=list(image_shape),
+        pixel_size_um=pixel_size_um, seconds=round(float(seg.seconds), 3),
+        est_diam=seg.est_diam if seg.est_diam is not None else (
             seg.diameter_px if not seg.eval_params.get("diameter") else None),
-        "diameter_px": seg.diameter_px,
-        "cellpose_web_version": __version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+        diameter_px=seg.diameter_px)
     if puncta is not None:
         prov["puncta"] = asdict(puncta)
     if command:

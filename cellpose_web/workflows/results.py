@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellpose_web import __version__
 from cellpose_web.engine.dynamics.labels import label_dtype
 from cellpose_web.engine import edit  # noqa: F401 - MaskEditor for the Correct tab
 from cellpose_web.engine.edit import relabel
@@ -19,7 +18,7 @@ from cellpose_web.errors import BadInputError
 from cellpose_web.io import load_seg
 from cellpose_web.measure import DEFAULT_MAX_DISTANCE_UM, PunctaParams, measure_cells, size_histogram, summarize  # noqa: F401
 from cellpose_web.service.config import Limits
-from cellpose_web.workflows import finetune, inputs
+from cellpose_web.workflows import finetune, inputs, pipeline
 
 __all__ = ["read_masks_file", "masks_file_provenance", "measure_result", "redetect_puncta", "save_correction",
            "add_correction_to_training_set", "edit", "PunctaParams", "DEFAULT_MAX_DISTANCE_UM", "summarize",
@@ -46,9 +45,8 @@ def read_masks_file(path: str | Path, image_shape: tuple[int, ...], limits: Limi
 def masks_file_provenance(file_name: str, image_name: str, image_shape: tuple[int, ...],
                           pixel_size_um: float | None) -> dict[str, Any]:
     """How masks loaded from a file were made (no model, no eval parameters)."""
-    return {"model": {"name": None, "sha256": None}, "eval_params": {}, "masks_from_file": file_name,
-            "image": image_name, "image_shape": list(image_shape), "pixel_size_um": pixel_size_um,
-            "cellpose_web_version": __version__}
+    return pipeline.provenance_record(None, None, image_name, masks_from_file=file_name,
+                                      image_shape=list(image_shape), pixel_size_um=pixel_size_um)
 
 
 def measure_result(masks: np.ndarray, image: np.ndarray, pixel_size_um: float | None,
