@@ -241,3 +241,27 @@ HEAD = """
 def theme():
     import gradio as gr
     return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue="slate")
+
+
+def puncta_controls(prefix: str) -> tuple:
+    """The puncta controls of the Segment and Batch tabs, one wording and one set of defaults
+    (built inside the caller's "Puncta (e.g. PIEZO1)" accordion).
+
+    prefix : elem_id prefix ("seg", "batch"). Returns the components (on, channel, sigma_min,
+    sigma_max, threshold, max_distance_um).
+    """
+    import gradio as gr
+
+    from cellpose_web.workflows.results import DEFAULT_MAX_DISTANCE_UM
+
+    on = gr.Checkbox(False, label=PUNCTA_ON_LABEL, info=PUNCTA_ON_INFO, elem_id=f"{prefix}-puncta-on")
+    with gr.Row():
+        channel = gr.Number(0, label=PUNCTA_CHANNEL_LABEL, precision=0, minimum=0, info=PUNCTA_CHANNEL_INFO,
+                            elem_id=f"{prefix}-puncta-ch")
+        threshold = gr.Number(0.1, label=PUNCTA_THRESHOLD_LABEL, minimum=0)
+    with gr.Row():
+        sigma_min = gr.Number(1.0, label=PUNCTA_SIGMA_MIN_LABEL, minimum=0.1)
+        sigma_max = gr.Number(3.0, label=PUNCTA_SIGMA_MAX_LABEL, minimum=0.1)
+        distance = gr.Number(DEFAULT_MAX_DISTANCE_UM, label=PUNCTA_DISTANCE_LABEL, minimum=0,
+                             info=PUNCTA_DISTANCE_INFO, elem_id=f"{prefix}-puncta-dist")
+    return on, channel, sigma_min, sigma_max, threshold, distance

@@ -90,16 +90,7 @@ def build(ctx: dict[str, Any]) -> None:
                     niter = gr.Number(0, label="niter (0 = automatic)", minimum=0, precision=0)
                     min_size = gr.Number(15, label="Minimum cell size (px)", precision=0)
             with gr.Accordion("Puncta (e.g. PIEZO1)", open=False):
-                p_on = gr.Checkbox(False, label=W.PUNCTA_ON_LABEL, info=W.PUNCTA_ON_INFO, elem_id="batch-puncta-on")
-                with gr.Row():
-                    p_ch = gr.Number(0, label=W.PUNCTA_CHANNEL_LABEL, precision=0, minimum=0,
-                                     info=W.PUNCTA_CHANNEL_INFO, elem_id="batch-puncta-ch")
-                    p_thr = gr.Number(0.1, label=W.PUNCTA_THRESHOLD_LABEL, minimum=0)
-                with gr.Row():
-                    p_smin = gr.Number(1.0, label=W.PUNCTA_SIGMA_MIN_LABEL, minimum=0.1)
-                    p_smax = gr.Number(3.0, label=W.PUNCTA_SIGMA_MAX_LABEL, minimum=0.1)
-                    p_dist = gr.Number(DEFAULT_MAX_DISTANCE_UM, label=W.PUNCTA_DISTANCE_LABEL, minimum=0,
-                                       info=W.PUNCTA_DISTANCE_INFO, elem_id="batch-puncta-dist")
+                p_on, p_ch, p_smin, p_smax, p_thr, p_dist = W.puncta_controls("batch")
             with gr.Row():
                 run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="batch-cancel")

@@ -185,16 +185,7 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                     aniso = gr.Number(None, label="Anisotropy (z step / xy pixel)", minimum=0)
                     stitch = gr.Slider(0, 1, 0, step=0.05, label="Stitch threshold (2D planes → 3D, IoU)")
             with gr.Accordion("Puncta (e.g. PIEZO1)", open=False):
-                p_on = gr.Checkbox(False, label=W.PUNCTA_ON_LABEL, info=W.PUNCTA_ON_INFO, elem_id="seg-puncta-on")
-                with gr.Row():
-                    p_ch = gr.Number(0, label=W.PUNCTA_CHANNEL_LABEL, precision=0, minimum=0,
-                                     info=W.PUNCTA_CHANNEL_INFO, elem_id="seg-puncta-ch")
-                    p_thr = gr.Number(0.1, label=W.PUNCTA_THRESHOLD_LABEL, minimum=0)
-                with gr.Row():
-                    p_smin = gr.Number(1.0, label=W.PUNCTA_SIGMA_MIN_LABEL, minimum=0.1)
-                    p_smax = gr.Number(3.0, label=W.PUNCTA_SIGMA_MAX_LABEL, minimum=0.1)
-                    p_dist = gr.Number(results.DEFAULT_MAX_DISTANCE_UM, label=W.PUNCTA_DISTANCE_LABEL, minimum=0,
-                                       info=W.PUNCTA_DISTANCE_INFO, elem_id="seg-puncta-dist")
+                p_on, p_ch, p_smin, p_smax, p_thr, p_dist = W.puncta_controls("seg")
                 p_btn = gr.Button("Re-detect puncta only", size="sm")
             with gr.Accordion("Load existing masks instead (to inspect or correct them)", open=False):
                 masks_in = gr.File(label="_seg.npy, _cp_masks.tif/.png or _masks.tif of this image",
