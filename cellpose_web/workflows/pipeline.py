@@ -370,14 +370,12 @@ def segment(loaded: LoadedModel, image: np.ndarray, eval_kwargs: dict[str, Any],
     if want_3d and not stack:
         raise CellposeWebError("3D / stitching needs a z-stack; this image is 2D. Untick 'do_3D' and set the stitch "
                                "threshold to 0.")
-    chans = check_channels(segment_channels, img.shape[-1])
     notices = []
-    if not chans and measure_only_channels and kw.get("channels") is None and img.shape[-1] > 1:
-        keep = [c for c in range(img.shape[-1]) if c not in set(measure_only_channels)]
-        if keep and len(keep) < img.shape[-1]:
-            chans = keep
-            notices.append(f"segmenting on channel(s) {', '.join(map(str, keep))}; channel(s) "
-                           f"{', '.join(map(str, sorted(set(measure_only_channels))))} only measured (puncta)")
+    chans = channels_for_segmentation(img.shape[-1], segment_channels,
+                                      measure_only_channels if kw.get("channels") is None else None)
+    if chans and not check_channels(segment_channels, img.shape[-1]):
+        notices.append(f"segmenting on channel(s) {', '.join(map(str, chans))}; channel(s) "
+                       f"{', '.join(map(str, sorted(set(measure_only_channels or []))))} only measured (puncta)")
     if chans and measure_only_channels and set(chans) & set(measure_only_channels):
         both = sorted(set(chans) & set(measure_only_channels))
         notices.append(f"channel(s) {', '.join(map(str, both))} are both segmented and the puncta channel: the "
@@ -459,15 +457,15 @@ def measure_segmentation(seg: Segmentation, pixel_size_um: float | None = None,
 
 
 def channels_for_segmentation(n_channels: int, segment_channels: list[int] | None,
-                              puncta_channel: int | None = None) -> list[int] | None:
+                              measure_only: list[int] | None = None) -> list[int] | None:
     """The file channels a model will see: ``segment_channels`` when given (checked), else all
-    channels but the puncta channel (None = all of them)."""
+    channels but the ``measure_only`` ones (e.g. the puncta channel); None = all of them."""
     chans = check_channels(segment_channels, n_channels)
     if chans:
         return chans
-    if puncta_channel is not None and n_channels > 1 and 0 <= int(puncta_channel) < n_channels:
-        return [c for c in range(n_channels) if c != int(puncta_channel)]
-    return None
+    drop = {int(c) for c in measure_only or []}
+    keep = [c for c in range(n_channels) if c not in drop]
+    return keep if n_channels > 1 and keep and len(keep) < n_channels else None
 
 
 _PUNCTA_NAMES = ("piezo", "halo", "punct", "spot")
@@ -497,7 +495,8 @@ def describe_channels(n_channels: int, segment_channels: list[int] | None = None
 
     if n_channels < 1:
         return ""
-    chans = channels_for_segmentation(n_channels, segment_channels, puncta_channel)
+    chans = channels_for_segmentation(n_channels, segment_channels,
+                                      [int(puncta_channel)] if puncta_channel is not None else None)
     seen = chans if chans is not None else list(range(n_channels))
     if legacy:
         parts = [f"cytoplasm = {ch(seen[0])}", f"nucleus = {ch(seen[1])}" if len(seen) > 1 else "no nucleus channel"]
