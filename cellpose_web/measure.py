@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 from skimage import measure as skm
 from skimage.feature import blob_log
 
+from cellpose_web.engine.transforms import percentile_stretch
 from cellpose_web.errors import CellposeWebError
 
 __all__ = [
@@ -184,17 +185,12 @@ def size_histogram(table: pd.DataFrame, column: str | None = None, bins: int = 2
 
 
 def normalize_for_puncta(image: np.ndarray, lower: float = 1.0, upper: float = 99.8) -> np.ndarray:
-    """Scale a 2D image to about [0, 1] by percentiles (float32) so thresholds mean the same on any camera."""
-    img = np.asarray(image, dtype=np.float32)
+    """Scale a 2D (Y, X) image to [0, 1] by its percentiles (float32, :func:`percentile_stretch`) so
+    thresholds mean the same on any camera."""
+    img = np.asarray(image)
     if img.ndim != 2:
         raise CellposeWebError(f"Puncta detection needs one 2D channel (Y, X); got shape {img.shape}.")
-    finite = np.isfinite(img)
-    if not finite.all():
-        img = np.where(finite, img, 0).astype(np.float32)
-    lo, hi = np.percentile(img, [lower, upper])
-    if hi - lo <= 1e-12:
-        return np.zeros_like(img)
-    return np.clip((img - lo) / (hi - lo), 0, 1).astype(np.float32)
+    return percentile_stretch(img, lower, upper)
 
 
 def max_distance_px(params: PunctaParams, pixel_size_um: float | None) -> float:

@@ -138,7 +138,7 @@ def test_finetune_trains_and_scores_on_the_segmentation_channels(recorder):
     for x, ca in recorder.evals:
         np.testing.assert_array_equal(x, by_name[r["metadata"]["test_images"][0]][..., [1, 2]])
         assert ca == -1
-    assert recorder.meta["channels"] == [1, 2] and recorder.meta["channels_source"] == "as segmented"
+    assert recorder.meta["training"]["channels"] == [1, 2] and recorder.meta["training"]["channels_source"] == "as segmented"
 
 
 def test_finetune_channel_override_and_bad_channel(recorder):
@@ -148,7 +148,7 @@ def test_finetune_channel_override_and_bad_channel(recorder):
     np.testing.assert_array_equal(recorder.train["test"][0], dict(zip(["p0", "p1", "p2"], imgs))[
         r["metadata"]["test_images"][0]][..., 0])
     assert all(x.shape == SHAPE for x, _ in recorder.evals)
-    assert recorder.meta["channels"] == [0] and recorder.meta["channels_source"] == "chosen"
+    assert recorder.meta["training"]["channels"] == [0] and recorder.meta["training"]["channels_source"] == "chosen"
     recorder.train = {}
     with pytest.raises(CellposeWebError, match=r"image 'p0' has 3 channel\(s\).*channel 4 does not exist"):
         recorder.run(channels="1,4")
@@ -165,7 +165,7 @@ def test_mixed_channels_each_pair_on_its_own(recorder):
     np.testing.assert_array_equal(imgs[0], img0[..., 2])
     np.testing.assert_array_equal(imgs[1], img1[..., [1, 2]])
     recorder.run()
-    assert recorder.meta["channels"] == {"p0": [2], "p1": [1, 2]}
+    assert recorder.meta["training"]["channels"] == {"p0": [2], "p1": [1, 2]}
 
 
 def test_add_to_training_set_records_the_results_channels():

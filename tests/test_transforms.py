@@ -200,3 +200,52 @@ def test_random_rotate_and_resize_is_seeded_and_rescale_multiplies():
     assert T.random_rotate_and_resize.last_scale[0] == pytest.approx(2.0)
     xo, none = T.random_rotate_and_resize([i[0]], None, xy=(64, 96), rng=0)
     assert xo.shape == (1, 1, 64, 96) and none is None
+
+
+# ----------------------------------------------------------------------------------------------
+# percentile_stretch: the one stretch for display, the _seg.npy picture and puncta detection
+# ----------------------------------------------------------------------------------------------
+def test_percentile_stretch_maps_percentiles_to_0_and_1_and_clips():
+    from cellpose_web.engine.transforms import percentile_stretch
+    x = np.arange(1000, dtype=np.uint16).reshape(20, 50)
+    lo, hi = np.percentile(x, [1, 99])
+    out = percentile_stretch(x, 1, 99)
+    assert out.dtype == np.float32 and out.shape == x.shape
+    np.testing.assert_allclose(out[x <= lo], 0)
+    np.testing.assert_allclose(out[x >= hi], 1)
+    mid = (x > lo) & (x < hi)
+    np.testing.assert_allclose(out[mid], (x[mid] - lo) / (hi - lo), rtol=1e-6)
+    unclipped = percentile_stretch(x, 1, 99, clip=False)
+    assert unclipped.min() < 0 and unclipped.max() > 1
+
+
+def test_percentile_stretch_leaves_nan_out_and_falls_back_to_min_max():
+    from cellpose_web.engine.transforms import percentile_stretch
+    x = np.zeros((10, 30), np.float32)
+    x[0, :3] = [5, 10, np.nan]
+    out = percentile_stretch(x, 1, 99)  # 99 % zeros: both percentiles are 0 -> min/max
+    assert out[0, 1] == 1 and out[0, 0] == np.float32(0.5) and out[0, 2] == 0 and np.isfinite(out).all()
+    assert not percentile_stretch(np.full((4, 4), 7.0)).any()
+    assert not percentile_stretch(np.full((4, 4), np.nan)).any()
+
+
+def test_percentile_stretch_sampling_is_used_only_for_large_images():
+    from cellpose_web.engine.transforms import percentile_stretch
+    rng = np.random.default_rng(0)
+    x = rng.gamma(2.0, 100.0, size=(400, 400)).astype(np.float32)
+    np.testing.assert_array_equal(percentile_stretch(x, 1, 99.5, max_samples=10 ** 6), percentile_stretch(x, 1, 99.5))
+    sampled = percentile_stretch(x, 1, 99.5, max_samples=10_000)
+    assert not np.array_equal(sampled, percentile_stretch(x, 1, 99.5))
+    np.testing.assert_allclose(sampled, percentile_stretch(x, 1, 99.5), atol=0.05)
+
+
+def test_display_seg_npy_and_puncta_share_the_stretch():
+    """The three users of a percentile stretch give what percentile_stretch gives."""
+    from cellpose_web.engine.transforms import percentile_stretch
+    from cellpose_web.io import render
+    from cellpose_web.measure import normalize_for_puncta
+    rng = np.random.default_rng(1)
+    x = rng.gamma(2.0, 100.0, size=(64, 48)).astype(np.float32)
+    grey = render.image_to_rgb(x)
+    np.testing.assert_array_equal(grey[..., 0], (percentile_stretch(x, 1, 99.5) * 255).astype(np.uint8))
+    np.testing.assert_array_equal(normalize_for_puncta(x), percentile_stretch(x, 1, 99.8))

@@ -261,7 +261,7 @@ def check_params(args, training: bool = False) -> None:
         # None = not given: filled from the base model's recipe once it is loaded
         from cellpose_web.workflows.finetune import check_training_params  # the app's limits too
         try:
-            check_training_params(args.n_epochs, args.learning_rate, args.weight_decay, max_epochs=100000)
+            check_training_params(args.n_epochs, args.learning_rate, args.weight_decay, max_epochs=100_000)  # train.MAX_EPOCHS
         except CellposeWebError as e:
             bad(f"--{e}")
         if args.train_batch_size is not None and args.train_batch_size < 1:

@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-import numpy as np
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.cli import common
 from cellpose_web.cli.common import EXIT_OK, ProgressLine, check_params, model_spec, tell
 
 
-# ----------------------------------------------------------------------------------------------
-# training
-# ----------------------------------------------------------------------------------------------
+#: the command line's own limit on epochs (the app's is the server's ``max_epochs``)
+MAX_EPOCHS = 100_000
+
+
 def run_training(args) -> int:
+    """Fine-tune the model of ``--pretrained_model`` on ``--dir`` (and score ``--test_dir``) with
+    :func:`cellpose_web.workflows.finetune.fine_tune`, then register it as a lab model."""
     from cellpose_web import io, registry
     from cellpose_web.models import train as train_mod
+    from cellpose_web.workflows.finetune import fine_tune, training_settings
 
     if not args.dir:
         raise CellposeWebError("--train needs --dir FOLDER with images and their _masks files")
@@ -30,52 +33,35 @@ def run_training(args) -> int:
         look_one_level_down=args.look_one_level_down)
     spec = model_spec(args)
     model, info = common.load_model(args, spec, for_training=True)
-    if info.arch == "cpsam" and args.bsize not in (None, 256):
-        raise CellposeWebError(f"Cellpose-SAM models train on 256x256 tiles; --bsize {args.bsize} is not possible")
-    recipe = train_mod.finetune_defaults(info.arch or train_mod.net_arch(model.net))
-    for flag, value in (("learning_rate", recipe.learning_rate), ("weight_decay", recipe.weight_decay),
-                        ("n_epochs", recipe.n_epochs), ("train_batch_size", recipe.batch_size)):
-        if getattr(args, flag) is None:
-            setattr(args, flag, value)
-    if args.nimg_per_epoch is None:
-        args.nimg_per_epoch = recipe.nimg_per_epoch(len(images))
+    arch = info.arch or train_mod.net_arch(model.net)
+    # flags not given take the base model's recipe (check_params has refused bad values by flag name)
+    settings = training_settings(arch, len(images), args.n_epochs, args.learning_rate, args.weight_decay,
+                                 args.train_batch_size, args.bsize, args.nimg_per_epoch, max_epochs=MAX_EPOCHS)
     tell(f"training '{name}' from '{info.name}' on {len(images)} image(s)"
-         + (f", testing on {len(timgs)}" if timgs else "") + f", {args.n_epochs} epochs, learning rate "
-         f"{args.learning_rate:g}, weight decay {args.weight_decay:g}, on {model.device}")
-    bar = ProgressLine(args.n_epochs)
+         + (f", testing on {len(timgs)}" if timgs else "") + f", {settings['n_epochs']} epochs, learning rate "
+         f"{settings['learning_rate']:g}, weight decay {settings['weight_decay']:g}, on {model.device}")
+    bar = ProgressLine(settings["n_epochs"])
 
-    def cb(epoch, train_loss, test_loss, elapsed):
+    def show(epoch, train_loss, test_loss, elapsed):
         line = (f"loss {train_loss:.4f}" + (f" test {test_loss:.4f}" if test_loss is not None else "")
                 + f" {elapsed:.0f}s")
         if bar.tty:
             bar.show(epoch + 1, line)
         else:  # a log file or a pipe: one line per epoch, as Cellpose's training prints
-            print(f"epoch {epoch + 1}/{args.n_epochs}: {line}", flush=True)
+            print(f"epoch {epoch + 1}/{settings['n_epochs']}: {line}", flush=True)
 
-    t0 = time.perf_counter()
-    model_path, train_losses, test_losses = train_mod.train_seg(
-        model.net, train_data=images, train_labels=labels, test_data=timgs, test_labels=tlabels,
-        channel_axis=args.channel_axis, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        n_epochs=args.n_epochs, batch_size=args.train_batch_size, save_path=args.dir, model_name=name,
-        min_train_masks=args.min_train_masks, nimg_per_epoch=args.nimg_per_epoch,
-        nimg_test_per_epoch=args.nimg_test_per_epoch, save_every=args.save_every, save_each=args.save_each,
-        bsize=args.bsize or recipe.bsize, seed=args.seed, callback=cb)
+    run = fine_tune(model.net, arch, images, labels, test_images=timgs, test_labels=tlabels,
+                    channel_axis=args.channel_axis, name=name, save_dir=args.dir, max_epochs=MAX_EPOCHS,
+                    min_train_masks=args.min_train_masks, seed=args.seed, on_epoch=show,
+                    nimg_test_per_epoch=args.nimg_test_per_epoch, save_every=args.save_every,
+                    save_each=args.save_each, **settings)
     bar.clear()
-    secs = time.perf_counter() - t0
-    tl = np.asarray(train_losses, float)
-    meta = {
+    record = run.record(info, [Path(n).name for n in names], [Path(n).name for n in (tnames or [])])
+    entry = registry.add_lab_model(run.path, name, {
         "description": f"fine-tuned from {info.name} with the command line on {Path(args.dir).name}",
-        "base_model": info.name,
-        "training": {"base_sha256": info.sha256, "train_images": [Path(n).name for n in names],
-                     "test_images": [Path(n).name for n in (tnames or [])], "learning_rate": args.learning_rate,
-                     "weight_decay": args.weight_decay, "n_epochs": args.n_epochs,
-                     "batch_size": args.train_batch_size, "min_train_masks": args.min_train_masks,
-                     "seed": args.seed, "train_seconds": round(secs, 1),
-                     "train_losses": [float(x) for x in tl],
-                     "test_losses": [float(x) for x in np.asarray(test_losses, float)]},
-    }
-    entry = registry.add_lab_model(model_path, name, meta)
-    print(f"model saved: {model_path}", flush=True)
+        "base_model": info.name, "training": record})
+    tl = run.train_losses
+    print(f"model saved: {run.path}", flush=True)
     print(f"registered lab model '{entry.name}' (sha256 {entry.sha256[:12]}); train loss "
-          f"{tl[0]:.4f} -> {tl[-1]:.4f} in {secs:.0f} s", flush=True)
+          f"{tl[0]:.4f} -> {tl[-1]:.4f} in {run.seconds:.0f} s", flush=True)
     return EXIT_OK

@@ -24,7 +24,7 @@ from cellpose_web.errors import CellposeWebError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "convert_image", "normalize99", "normalize99_tile", "normalize_img", "smooth_sharpen_img",
+    "convert_image", "normalize99", "normalize99_tile", "percentile_stretch", "normalize_img", "smooth_sharpen_img",
     "resize_image", "resize_image_3d", "resize_weights", "get_pad_yx", "pad_image_ND", "tile_starts",
     "taper_mask", "augment_flip",
     "random_rotate_and_resize",
@@ -167,6 +167,55 @@ def normalize99(Y: np.ndarray, lower: float = 1, upper: float = 99, copy: bool =
     else:
         X[:] = 0
     return X
+
+
+def percentile_stretch(image: np.ndarray, lower: float = 1.0, upper: float = 99.0, *, clip: bool = True,
+                       max_samples: int | None = None) -> np.ndarray:
+    """Scale an image of any shape so its `lower` percentile is 0 and its `upper` percentile 1.
+
+    The one stretch for everything a person looks at or thresholds (display, the ``_seg.npy``
+    cell-probability picture, puncta detection). The models' input normalisation is
+    :func:`normalize99` / :func:`normalize99_tile`, Cellpose's own rule (no clipping, all pixels
+    zero when flat), kept apart because its numbers must equal Cellpose's.
+
+    Parameters
+    ----------
+    image : ndarray, any shape, any real dtype
+    lower, upper : float
+        Percentiles (0-100) mapped to 0 and 1.
+    clip : bool
+        Clip the result to [0, 1].
+    max_samples : int, optional
+        Compute the percentiles from every k-th finite value so that at most about this many are
+        used (a display of a large image need not sort all of it); None uses every value.
+
+    Returns
+    -------
+    ndarray, float32, the shape of `image`
+        NaN and infinite pixels are left out of the percentiles and become 0. When the two
+        percentiles are equal, the minimum and maximum are used instead; an image with one value
+        becomes all zeros.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    finite = np.isfinite(x)
+    all_finite = bool(finite.all())
+    values = x.ravel() if all_finite else x[finite]
+    if values.size == 0:
+        return np.zeros(x.shape, np.float32)
+    if max_samples:
+        values = values[:: max(1, values.size // int(max_samples))]
+    low, high = (float(v) for v in np.percentile(values, [lower, upper]))
+    if high - low < 1e-6:
+        low, high = float(values.min()), float(values.max())
+        if high - low < 1e-6:
+            return np.zeros(x.shape, np.float32)
+    # float64 arithmetic then float32, so rounding (and a display's bytes) do not depend on the size
+    out = ((x - np.float64(low)) / np.float64(high - low)).astype(np.float32)
+    if not all_finite:
+        out[~finite] = 0
+    if clip:
+        np.clip(out, 0, 1, out=out)
+    return out
 
 
 def _gaussian_kernel(sigma: float, Ly: int, Lx: int, device) -> torch.Tensor:

@@ -50,20 +50,6 @@ def imsave(path: str | os.PathLike, arr: np.ndarray) -> Path:
     raise CellposeWebError(f"Cannot save '{path.name}': unknown extension '{ext}' (use .tif, .png or .npy).")
 
 
-def percentile_norm(img: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> np.ndarray:
-    img = np.asarray(img, dtype=np.float32)
-    finite = np.isfinite(img)
-    if not finite.all():
-        img = np.where(finite, img, 0).astype(np.float32)
-    a, b = np.percentile(img, [lo, hi])
-    if b - a < 1e-6:
-        b = img.max()
-        a = img.min()
-        if b - a < 1e-6:
-            return np.zeros_like(img)
-    return (img - a) / (b - a)
-
-
 def _image_to_rgb(image: np.ndarray | None, shape2d: tuple[int, int]) -> np.ndarray:
     """(Y, X, 3) uint8 view of a (Y, X), (Y, X, C) or (C, Y, X) image for the saved overlays
     (:func:`cellpose_web.render.image_to_rgb`, the app's rendering); black when it cannot be shown."""

@@ -9,10 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from cellpose_web.engine import dynamics
+from cellpose_web.engine.transforms import percentile_stretch
 
 __all__ = ["label_colors", "outlines", "image_to_rgb", "overlay", "OUTLINE_RGB"]
 
 OUTLINE_RGB = (255, 0, 0)  # outline colour, as Cellpose's saved outline pictures
+DISPLAY_SAMPLES = 500_000  # a display's percentiles come from at most ~this many pixels per channel
 
 
 def label_colors(n: int, seed: int = 0) -> np.ndarray:
@@ -41,21 +43,6 @@ def outlines(masks: np.ndarray) -> np.ndarray:
     return np.asarray(dynamics.masks_to_outlines(masks), dtype=bool)
 
 
-def _stretch(channel: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """One channel to [0, 1] by its lo/hi percentiles (a sample of at most ~500k finite values)."""
-    ch = np.asarray(channel, np.float32)
-    finite = np.isfinite(ch)
-    if not finite.any():
-        return np.zeros(ch.shape, np.float32)
-    sub = ch[finite][:: max(1, ch.size // 500_000)]
-    a, b = np.percentile(sub, [lo, hi])
-    if b - a < 1e-6:
-        a, b = float(sub.min()), float(sub.max())
-        if b - a < 1e-6:
-            return np.zeros(ch.shape, np.float32)
-    return np.clip((np.where(finite, ch, a) - a) / (b - a), 0, 1).astype(np.float32)
-
-
 def image_to_rgb(image: np.ndarray, lo: float = 1.0, hi: float = 99.5) -> np.ndarray:
     """A (Y, X) or channels-last (Y, X, C) image of any dtype as (Y, X, 3) uint8 for display.
 
@@ -69,7 +56,7 @@ def image_to_rgb(image: np.ndarray, lo: float = 1.0, hi: float = 99.5) -> np.nda
         x = x[..., None]
     if x.ndim != 3:
         raise ValueError(f"cannot display an image of shape {x.shape}; expected (Y, X) or (Y, X, C)")
-    chans = [_stretch(x[..., c], lo, hi) for c in range(min(x.shape[-1], 3))]
+    chans = [percentile_stretch(x[..., c], lo, hi, max_samples=DISPLAY_SAMPLES) for c in range(min(x.shape[-1], 3))]
     if len(chans) == 1:
         rgb = np.stack(chans * 3, -1)
     elif len(chans) == 2:

@@ -14,7 +14,8 @@ from cellpose_web.engine import dynamics
 from cellpose_web.io import render
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.io.atomic import atomic_write
-from cellpose_web.io.masks import percentile_norm, resize_nearest, split_flows
+from cellpose_web.engine.transforms import percentile_stretch
+from cellpose_web.io.masks import resize_nearest, split_flows
 
 
 def short_error(e: BaseException, n: int = 160) -> str:
@@ -153,7 +154,7 @@ def _seg_flows(flows: Any, masks: np.ndarray) -> list:
         rgb = resize_nearest(rgb, shape, (0, 1, 2))
     else:
         rgb = resize_nearest(rgb, shape, (0, 1))
-    cp8 = (np.clip(percentile_norm(cp), 0, 1) * 255).astype(np.uint8)
+    cp8 = (percentile_stretch(cp, 1.0, 99.0) * 255).astype(np.uint8)
     if is3d:
         dz = np.clip(dP[0] / 10 * 127 + 127, 0, 255).astype(np.uint8)
         return [rgb, cp8, dz, [], np.concatenate([dP, cp[None]], axis=0)]

@@ -3,6 +3,8 @@ the summary, the histogram, the downloads, the stitch offer, the form -> paramet
 everything it shows comes from cellpose_web.workflows."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import gradio as gr
@@ -38,6 +40,11 @@ def write_files(s: common.Session) -> list[str]:
     """(Re)write every download for the session's current masks."""
     files = pipeline.write_outputs(s.out_dir() / f"{s.stem}.tif", s.masks, s.image, [s.flow_rgb, s.dP, s.cellprob],
                                    s.provenance, s.table, pipeline.SaveOptions.everything())
+    return list_downloads(s, files)
+
+
+def list_downloads(s: common.Session, files: dict[str, Any]) -> list[str]:
+    """The session's download list from written files ({kind: path}), in the order the page shows them."""
     s.files = [str(files[k]) for k in ("masks_tif", "masks_png", "seg_npy", "outlines_txt", "rois_zip",
                                        "cells_csv", "provenance_json") if k in files]
     return s.files

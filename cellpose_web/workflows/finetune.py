@@ -17,6 +17,7 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -356,6 +357,136 @@ def check_training_params(n_epochs: int | None, learning_rate: float | None, wei
                             f"got {weight_decay}.")
 
 
+@dataclass
+class TrainingRun:
+    """What one fine-tune produced (:func:`fine_tune`).
+
+    path : the checkpoint ``train_seg`` wrote (``<save_dir>/models/<name>``).
+    train_losses, test_losses : per epoch run (test 0 where no held-out loss was computed, as Cellpose).
+    seconds : wall time of the training loop.
+    settings : the values used (n_epochs, learning_rate, weight_decay, batch_size, bsize,
+        nimg_per_epoch, min_train_masks, seed), recipe defaults filled in.
+    stopped : ``on_epoch`` ended the run before ``n_epochs``.
+    """
+    path: Path
+    train_losses: list[float]
+    test_losses: list[float]
+    seconds: float
+    settings: dict[str, Any]
+    stopped: bool = False
+    device: str = ""
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.train_losses)
+
+    def record(self, base: Any, train_images: list[str], test_images: list[str], **facts: Any) -> dict[str, Any]:
+        """The one ``training`` record a fine-tuned model's metadata keeps, whichever face trained it.
+
+        base : the base model's registry entry (a ``ModelInfo`` or a dict with name and sha256).
+        train_images, test_images : file or pair names; facts : anything else worth keeping
+        (training_set, channels, ap_before, ap_after ...).
+        """
+        get = (lambda k: base.get(k)) if isinstance(base, dict) else (lambda k: getattr(base, k, None))
+        final = self.train_losses[-1] if self.train_losses else None
+        return {"base_model": get("name"), "base_sha256": get("sha256"), "train_images": list(train_images),
+                "test_images": list(test_images), **self.settings, "epochs_done": self.epochs_done,
+                "train_seconds": round(self.seconds, 1), "device": self.device,
+                "train_losses": list(self.train_losses), "test_losses": list(self.test_losses),
+                "final_train_loss": final, **facts}
+
+
+def training_settings(arch: str, n_images: int, n_epochs: Any = None, learning_rate: Any = None,
+                      weight_decay: Any = None, batch_size: Any = None, bsize: Any = None,
+                      nimg_per_epoch: Any = None, max_epochs: int | None = None) -> dict[str, Any]:
+    """The settings of a fine-tune of a network family ``arch`` on ``n_images`` images: each value
+    given (None or "" = the family's recipe, ``models.train.finetune_defaults``), checked against
+    the one set of limits (:func:`check_training_params`). Raises BadInputError."""
+    from cellpose_web.models.train import finetune_defaults as recipe_for
+    recipe = recipe_for(arch)
+
+    def number(value: Any, default: Any, kind: type, name: str) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return default
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise BadInputError(f"{name} must be a number; got {value!r}.") from None
+
+    out = {"n_epochs": number(n_epochs, recipe.n_epochs, int, "n_epochs"),
+           "learning_rate": number(learning_rate, recipe.learning_rate, float, "learning_rate"),
+           "weight_decay": number(weight_decay, recipe.weight_decay, float, "weight_decay"),
+           "batch_size": number(batch_size, recipe.batch_size, int, "batch_size"),
+           "bsize": number(bsize, recipe.bsize, int, "bsize"),
+           "nimg_per_epoch": number(nimg_per_epoch, recipe.nimg_per_epoch(n_images), int, "nimg_per_epoch")}
+    check_training_params(out["n_epochs"], out["learning_rate"], out["weight_decay"],
+                          max_epochs or Limits.from_env().max_epochs)
+    if out["batch_size"] < 1:
+        raise BadInputError(f"batch_size must be at least 1; got {out['batch_size']}.")
+    if arch == "cpsam" and out["bsize"] != 256:
+        raise BadInputError(f"Cellpose-SAM models train on 256x256 tiles; bsize {out['bsize']} is not possible.")
+    return out
+
+
+def fine_tune(net: Any, arch: str, train_images: list[np.ndarray], train_labels: list[np.ndarray], *,
+              name: str, save_dir: str | Path, test_images: list[np.ndarray] | None = None,
+              test_labels: list[np.ndarray] | None = None, channel_axis: int | None = None,
+              n_epochs: Any = None, learning_rate: Any = None, weight_decay: Any = None, batch_size: Any = None,
+              bsize: Any = None, nimg_per_epoch: Any = None, min_train_masks: int = 1, seed: int = 0,
+              max_epochs: int | None = None,
+              on_epoch: Callable[[int, float, float | None, float], bool | None] | None = None,
+              **loop: Any) -> TrainingRun:
+    """Fine-tune a network in place: the one driver under the Fine-tune tab, ``--train`` and the
+    human-in-the-loop rounds.
+
+    net : ``CellposeModel(...).net``, float32 (its weights change).
+    arch : its family ("lite", "cpsam", "cellpose3"): the recipe for the values not given.
+    train_images, train_labels : (Y, X) or (Y, X, C) / (C, Y, X) images (``channel_axis``) and
+        their (Y, X) instance labels.
+    n_epochs ... nimg_per_epoch : :func:`training_settings` (None = the recipe).
+    on_epoch : called after every epoch with (epoch, train_loss, test_loss or None, seconds);
+        returning False stops the run (cancel, a time limit).
+    loop : other ``models.train.train_seg`` keywords (nimg_test_per_epoch, save_every, save_each,
+        train_probs, rescale, lr_schedule).
+
+    Returns
+    -------
+    TrainingRun
+    """
+    from cellpose_web.models.train import train_seg
+
+    settings = training_settings(arch, len(train_images), n_epochs, learning_rate, weight_decay, batch_size,
+                                 bsize, nimg_per_epoch, max_epochs)
+    settings.update(min_train_masks=int(min_train_masks), seed=int(seed))
+
+    def callback(epoch, train_loss, test_loss, elapsed):
+        if on_epoch is None:
+            return True
+        return on_epoch(int(epoch), float(train_loss), None if test_loss is None else float(test_loss),
+                        float(elapsed)) is not False
+
+    t0 = time.perf_counter()
+    path, train_losses, test_losses = train_seg(
+        net, train_images, train_labels, test_data=test_images or None, test_labels=test_labels or None,
+        channel_axis=channel_axis, learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
+        n_epochs=settings["n_epochs"], batch_size=settings["batch_size"], bsize=settings["bsize"],
+        nimg_per_epoch=settings["nimg_per_epoch"], save_path=str(save_dir), model_name=name,
+        min_train_masks=settings["min_train_masks"], seed=settings["seed"], callback=callback, **loop)
+    seconds = time.perf_counter() - t0
+    train_losses = [float(x) for x in np.asarray(train_losses, float)]
+    return TrainingRun(Path(path), train_losses, [float(x) for x in np.asarray(test_losses, float)], seconds,
+                       settings, stopped=len(train_losses) < settings["n_epochs"],
+                       device=_device_of(net))
+
+
+def _device_of(net: Any) -> str:
+    """The device a network's weights are on ("" when it has none)."""
+    try:
+        return str(next(iter(net.parameters())).device)
+    except (AttributeError, StopIteration, TypeError):
+        return ""
+
+
 def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | None = None,
                  learning_rate: float | None = None, weight_decay: float | None = None,
                  holdout_fraction: float = 0.2,
@@ -375,62 +506,48 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
         and after use the same images; the new model's metadata records them.
     """
     limits = limits or Limits.from_env()
-    from cellpose_web.models.train import finetune_defaults as recipe_for
-    recipe = recipe_for(base_model_arch(base_model))
-    n_epochs = recipe.n_epochs if n_epochs in (None, "") else n_epochs
-    learning_rate = recipe.learning_rate if learning_rate in (None, "") else learning_rate
-    weight_decay = recipe.weight_decay if weight_decay in (None, "") else weight_decay
-    try:
-        n_epochs = int(n_epochs)
-        learning_rate = float(learning_rate)
-        weight_decay = float(weight_decay)
-    except (TypeError, ValueError):
-        raise CellposeWebError("Epochs, learning rate and weight decay must be numbers.") from None
-    check_training_params(n_epochs, learning_rate, weight_decay, limits.max_epochs)
+    arch = base_model_arch(base_model)
     new_name = safe_name(new_name, "model name")
     say = on_status or (lambda s: None)
     chosen = parse_channels(channels)
     imgs, labs, names = load_set(set_name, user, chosen)
     used = _channels_used(chosen, pair_channels(set_name, user), names)
     tr, ho = split_holdout(len(imgs), holdout_fraction)
+    # the limits before the base model is loaded (a typo should not cost a model load)
+    training_settings(arch, len(tr), n_epochs, learning_rate, weight_decay, max_epochs=limits.max_epochs)
     info = models_cache.resolve(base_model)
     from cellpose_web.models import CellposeModel
-    from cellpose_web.models.train import train_seg
     say("loading the base model")
     model = CellposeModel(gpu=models_cache.use_gpu(), pretrained_model=info["path"] or info["name"])
     ca = -1 if any(np.ndim(i) == 3 for i in imgs) else None  # sets are stored (Y, X) or (Y, X, C)
     say("measuring AP of the base model on held-out images")
     ap_before = _ap_on(model, [imgs[i] for i in ho], [labs[i] for i in ho], ca)
 
-    def cb(epoch, train_loss, test_loss, elapsed):
+    def on_epoch_and_cancel(epoch, train_loss, test_loss, elapsed):
         if on_epoch:
-            on_epoch(int(epoch), float(train_loss), None if test_loss is None else float(test_loss), float(elapsed))
+            on_epoch(epoch, train_loss, test_loss, elapsed)
         return not (cancelled and cancelled())
 
-    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="finetune_"))
     say("training")
-    t0 = time.perf_counter()
-    path, tl, vl = train_seg(model.net, [imgs[i] for i in tr], [labs[i] for i in tr],
-                             test_data=[imgs[i] for i in ho] or None, test_labels=[labs[i] for i in ho] or None,
-                             channel_axis=ca, learning_rate=learning_rate, weight_decay=weight_decay,
-                             n_epochs=n_epochs, batch_size=recipe.batch_size, bsize=recipe.bsize,
-                             nimg_per_epoch=recipe.nimg_per_epoch(len(tr)), save_path=str(work_dir),
-                             model_name=new_name, min_train_masks=min_train_masks, callback=cb, seed=seed)
-    train_s = time.perf_counter() - t0
+    run = fine_tune(model.net, arch or "cpsam", [imgs[i] for i in tr], [labs[i] for i in tr],
+                    test_images=[imgs[i] for i in ho], test_labels=[labs[i] for i in ho], channel_axis=ca,
+                    name=new_name, save_dir=Path(work_dir or tempfile.mkdtemp(prefix="finetune_")),
+                    n_epochs=n_epochs, learning_rate=learning_rate, weight_decay=weight_decay,
+                    min_train_masks=min_train_masks, seed=seed, max_epochs=limits.max_epochs,
+                    on_epoch=on_epoch_and_cancel)
     if cancelled and cancelled():
-        return {"cancelled": True, "epochs_done": int(np.count_nonzero(np.asarray(tl))), "name": None}
+        return {"cancelled": True, "epochs_done": run.epochs_done, "name": None}
     say("measuring AP of the new model on held-out images")
     model.net.eval()
     ap_after = _ap_on(model, [imgs[i] for i in ho], [labs[i] for i in ho], ca)
-    meta = {"base_model": info["name"], "base_sha256": info["sha256"], "training_set": set_name,
-            "train_images": [names[i] for i in tr], "test_images": [names[i] for i in ho],
-            "channels": used, "channels_source": "chosen" if chosen is not None else "as segmented",
-            "n_epochs": n_epochs, "learning_rate": learning_rate, "weight_decay": weight_decay,
-            "batch_size": recipe.batch_size, "bsize": recipe.bsize,
-            "train_seconds": round(train_s, 1), "ap_before": ap_before, "ap_after": ap_after,
-            "test_ap": ap_after, "final_train_loss": float(np.asarray(tl)[-1]) if len(tl) else None}
+    meta = run.record(info, [names[i] for i in tr], [names[i] for i in ho], training_set=set_name,
+                      channels=used, channels_source="chosen" if chosen is not None else "as segmented",
+                      ap_before=ap_before, ap_after=ap_after)
+    path, train_s = run.path, round(run.seconds, 1)
     from cellpose_web import registry
-    registered = registry.add_lab_model(str(path), new_name, meta)
+    registered = registry.add_lab_model(str(path), new_name, {
+        "description": f"fine-tuned from {info['name']} in the app on the training set {set_name}",
+        "base_model": info["name"], "test_ap": ap_after, "training": meta})
     models_cache.forget(new_name)
     reg_name = getattr(registered, "name", new_name)
     better = ap_before is not None and ap_after is not None and ap_after > ap_before
@@ -438,7 +555,5 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
         models_cache.set_preferred_model(reg_name, f"held-out AP@0.5 {ap_before:.3f} -> {ap_after:.3f} "
                                                    f"(base {info['name']})")
     return {"name": reg_name, "path": str(getattr(registered, "path", path)), "ap_before": ap_before,
-            "ap_after": ap_after, "is_default": bool(make_default and better), "train_seconds": round(train_s, 1),
-            "train_losses": [float(x) for x in tl],
-            "test_losses": [None if x is None or not np.isfinite(x) else float(x) for x in np.asarray(vl, float)],
-            "metadata": meta}
+            "ap_after": ap_after, "is_default": bool(make_default and better), "train_seconds": train_s,
+            "train_losses": run.train_losses, "test_losses": run.test_losses, "metadata": meta}

@@ -524,6 +524,7 @@ class HitlSession:
         """One round (the worker holds the project's round lock): train, score, accept or keep."""
         from cellpose_web.models import train as train_mod
         from cellpose_web.models import CellposeModel
+        from cellpose_web.workflows.finetune import fine_tune
 
         with self._update() as st:
             train_items = [c for c in st.get("corrected", []) if not c["heldout"]]
@@ -589,15 +590,14 @@ class HitlSession:
                 return True
 
             progress.update(phase="training")
-            t0 = time.perf_counter()
-            mpath, tl, _ = train_mod.train_seg(
-                model.net, list(imgs), list(labs), train_probs=None if probs is None else list(probs),
-                channel_axis=2, learning_rate=recipe.learning_rate, weight_decay=recipe.weight_decay,
-                n_epochs=n_epochs, batch_size=recipe.batch_size, bsize=recipe.bsize,
-                nimg_per_epoch=recipe.crops_per_epoch, rescale=recipe.rescale, save_path=str(self.path),
-                model_name=rec["model"]["name"], min_train_masks=1, seed=seed, callback=cb,
+            run = fine_tune(
+                model.net, train_mod.net_arch(model.net), list(imgs), list(labs), channel_axis=2,
+                name=rec["model"]["name"], save_dir=self.path, n_epochs=n_epochs,
+                learning_rate=recipe.learning_rate, weight_decay=recipe.weight_decay, batch_size=recipe.batch_size,
+                bsize=recipe.bsize, nimg_per_epoch=recipe.crops_per_epoch, min_train_masks=1, seed=seed,
+                on_epoch=cb, train_probs=None if probs is None else list(probs), rescale=recipe.rescale,
                 lr_schedule=round_lr_schedule(recipe.learning_rate, n_epochs) if recipe.schedule == "round" else None)
-            train_s = time.perf_counter() - t0
+            mpath, tl, train_s = run.path, run.train_losses, run.seconds
             train_device = str(model.device)
             del model
             if cancel.is_set():

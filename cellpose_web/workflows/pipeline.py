@@ -736,33 +736,77 @@ class ImageSettings:
     max_pixels: int | None = None
 
 
-def process_file(path: str | os.PathLike, loaded: LoadedModel, settings: ImageSettings,
-                 savedir: str | os.PathLike | None = None, save: SaveOptions | None = None,
-                 name: str | None = None, command: str | None = None) -> dict[str, Any]:
-    """Read, segment, measure and write the files of one image file; the one per-image function
-    under the command line, the web service's batches and the Dask workers.
+@dataclass
+class ImageResult:
+    """One image segmented and measured (:func:`analyse`), before any file is written.
 
-    name : the output file name to use instead of the path's (e.g. a unique stem in a batch).
-    Returns {"name", "n_masks", "seconds", "device", "notices", "files": {kind: path}, "summary":
-    measure.summarize(...) or {}, "pixel_size_um", "model", "diameter_note": hints.diameter_note(...),
-    "hint": hints.suggest(...) ("" when the
-    result looks plausible)}. Raises CellposeWebError for a bad image.
+    seg : the segmentation (masks (Y, X) or (Z, Y, X), flows, the whole image channels-last).
+    table : the per-cell table (None when ``ImageSettings.measure`` is False).
+    puncta : one row per punctum (None without puncta).
+    provenance : :func:`provenance` (with ``notices`` when there were any).
+    pixel_size_um : the pixel size used (the file's, else the settings').
     """
-    f = Path(path)
-    img, axes, px_file = read_image(f, settings.max_pixels)
-    px = px_file or settings.pixel_size_um
-    seg = segment(loaded, img, settings.eval_kwargs, settings.channel_axis, settings.z_axis, axes,
-                  settings.segment_channels, settings.exclude_on_edges,
+    seg: Segmentation
+    table: pd.DataFrame | None
+    puncta: pd.DataFrame | None
+    provenance: dict[str, Any]
+    pixel_size_um: float | None
+
+
+def analyse(loaded: LoadedModel, image: np.ndarray, settings: ImageSettings, image_name: str,
+            file_axes: str = "", pixel_size_um: float | None = None, command: str | None = None,
+            progress: ProgressFn | None = None) -> ImageResult:
+    """Segment, measure and record the provenance of one image as read from its file: the one
+    composition under :func:`process_file` (command line, batches, Dask) and the app's Segment tab
+    (``workflows.segment.segment``).
+
+    image : as read (:func:`read_image`), axes per `settings` / `file_axes`.
+    pixel_size_um : the file's pixel size (µm per pixel); None uses ``settings.pixel_size_um``.
+    """
+    px = pixel_size_um or settings.pixel_size_um
+    seg = segment(loaded, image, settings.eval_kwargs, settings.channel_axis, settings.z_axis, file_axes,
+                  settings.segment_channels, settings.exclude_on_edges, progress=progress,
                   measure_only_channels=[settings.puncta.channel] if settings.puncta is not None else None)
     table = spots = None
     if settings.measure:
         table, spots = measure_segmentation(seg, px, settings.puncta)
-    prov = provenance(seg, f.name, img.shape, px, settings.puncta if spots is not None else None, command)
-    out_name = f.with_name(name) if name else f
-    files = write_outputs(out_name, seg.masks, seg.image, seg.flows, prov, table, save, savedir, seg.notices)
+    prov = provenance(seg, image_name, tuple(np.shape(image)), px, settings.puncta if spots is not None else None,
+                      command)
+    if seg.notices:
+        prov["notices"] = list(seg.notices)
+    return ImageResult(seg, table, spots, prov, px)
+
+
+def save_result(result: ImageResult, file_name: str | os.PathLike, save: SaveOptions | None = None,
+                savedir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write an :func:`analyse` result's files (:func:`write_outputs`) as `file_name` would have them."""
+    seg = result.seg
+    return write_outputs(file_name, seg.masks, seg.image, seg.flows, result.provenance, result.table, save,
+                         savedir, seg.notices)
+
+
+def process_file(path: str | os.PathLike, loaded: LoadedModel, settings: ImageSettings,
+                 savedir: str | os.PathLike | None = None, save: SaveOptions | None = None,
+                 name: str | None = None, command: str | None = None) -> dict[str, Any]:
+    """Read, segment, measure and write the files of one image file (:func:`read_image`,
+    :func:`analyse`, :func:`save_result`); the one per-image function under the command line, the
+    web service's batches and the Dask workers.
+
+    name : the output file name to use instead of the path's (e.g. a unique stem in a batch).
+    Returns {"name", "n_masks", "seconds", "device", "notices", "files": {kind: path}, "summary":
+    measure.summarize(...) or {}, "pixel_size_um", "model", "diameter_note": hints.diameter_note(...),
+    "hint": hints.suggest(...) ("" when the result looks plausible)}. Raises CellposeWebError for a
+    bad image.
+    """
+    f = Path(path)
+    img, axes, px_file = read_image(f, settings.max_pixels)
+    result = analyse(loaded, img, settings, f.name, axes, px_file, command)
+    seg = result.seg
+    files = save_result(result, f.with_name(name) if name else f, save, savedir)
+    summary = measure.summarize(result.table, result.puncta) if result.table is not None else {}
     return {"name": f.name, "n_masks": seg.n_masks, "seconds": seg.seconds, "device": seg.device,
             "notices": [f"notice: {f.name}: {n}" for n in seg.notices], "files": {k: str(v) for k, v in files.items()},
-            "summary": measure.summarize(table, spots) if table is not None else {}, "pixel_size_um": px,
+            "summary": summary, "pixel_size_um": result.pixel_size_um,
             "model": seg.model, "diameter_note": hints.diameter_note(seg.est_diam, seg.masks.shape),
             "hint": hints.suggest(seg.masks, diameter=settings.eval_kwargs.get("diameter"),
                                   n_channels=int(seg.image.shape[-1]), channels_chosen=bool(settings.segment_channels),

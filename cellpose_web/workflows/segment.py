@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -123,11 +124,26 @@ class SegmentParams:
 
 @dataclass
 class SegResult:
-    """One image segmented and measured by the web service (:func:`segment`)."""
-    seg: pipeline.Segmentation
-    table: pd.DataFrame
-    puncta: pd.DataFrame | None
-    provenance: dict[str, Any] = field(default_factory=dict)
+    """One image segmented and measured by the web service (:func:`segment`): an
+    :class:`~cellpose_web.workflows.pipeline.ImageResult` with the files it wrote."""
+    result: pipeline.ImageResult
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def seg(self) -> pipeline.Segmentation:
+        return self.result.seg
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.result.table
+
+    @property
+    def puncta(self) -> pd.DataFrame | None:
+        return self.result.puncta
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.result.provenance
 
     @property
     def masks(self) -> np.ndarray:          # (Y, X) or (Z, Y, X) labels
@@ -159,29 +175,32 @@ def _duration(model_name, img, *a, **k) -> int:
 
 
 @gpu.gpu_task(_duration)
-def _segment_on_device(model_name: str, img: np.ndarray, params: SegmentParams, file_axes: str,
-                       progress: ProgressFn | None, measure_only_channels: list[int] | None = None
-                       ) -> pipeline.Segmentation:
-    return pipeline.segment(models_cache.get_model(model_name), img, params.eval_kwargs(), params.channel_axis,
-                            params.z_axis, file_axes, params.channels, progress=progress,
-                            measure_only_channels=measure_only_channels)
+def _analyse_on_device(model_name: str, img: np.ndarray, settings: pipeline.ImageSettings, image_name: str,
+                       file_axes: str, progress: ProgressFn | None) -> pipeline.ImageResult:
+    return pipeline.analyse(models_cache.get_model(model_name), img, settings, image_name, file_axes,
+                            progress=progress)
 
 
 def segment(image: np.ndarray, params: SegmentParams, model_name: str, image_name: str = "image",
             pixel_size_um: float | None = None, progress: ProgressFn | None = None,
             limits: Limits | None = None, file_axes: str = "",
-            puncta: measure.PunctaParams | None = None) -> SegResult:
-    """Segment and measure one image (as read from the file) with `model_name` and checked `params`.
+            puncta: measure.PunctaParams | None = None, out_file: str | Path | None = None) -> SegResult:
+    """Segment and measure one image (as read from the file) with `model_name` and checked `params`:
+    :func:`cellpose_web.workflows.pipeline.analyse` (what ``process_file`` runs for the command line and
+    batches) on the shared model, under the GPU wrapper, with out-of-memory errors as messages.
 
     ``params.channels`` are the file channels fed to the model; the table measures every channel
-    and ``puncta.channel`` is a file channel too (see :mod:`cellpose_web.workflows.pipeline`).
+    and ``puncta.channel`` is a file channel too. out_file : write the app's files
+    (``SaveOptions.everything()``) named after this path (``pipeline.save_result``).
     """
     limits = limits or Limits.from_env()
     params = params.validated(limits)
+    settings = pipeline.ImageSettings(eval_kwargs=params.eval_kwargs(), channel_axis=params.channel_axis,
+                                      z_axis=params.z_axis, segment_channels=params.channels,
+                                      pixel_size_um=pixel_size_um, puncta=puncta)
     oom = False
     try:
-        seg = _segment_on_device(model_name, image, params, file_axes, progress,
-                                 [puncta.channel] if puncta is not None else None)
+        result = _analyse_on_device(model_name, image, settings, image_name, file_axes, progress)
     except (CellposeWebError, FileNotFoundError, RunCancelled):  # includes errors.OutOfMemoryError
         raise
     except MemoryError:
@@ -197,9 +216,5 @@ def segment(image: np.ndarray, params: SegmentParams, model_name: str, image_nam
         memory.release()
         raise OutOfMemoryError("Out of memory while segmenting: crop the image or use a larger diameter (less "
                                "zoom); on a shared GPU, try again when fewer jobs run.")
-    table, spots = pipeline.measure_segmentation(seg, pixel_size_um, puncta)
-    prov = pipeline.provenance(seg, image_name, tuple(np.shape(image)), pixel_size_um,
-                               puncta if spots is not None else None)
-    if seg.notices:
-        prov["notices"] = list(seg.notices)
-    return SegResult(seg, table, spots, prov)
+    files = pipeline.save_result(result, out_file, pipeline.SaveOptions.everything()) if out_file else {}
+    return SegResult(result, files)

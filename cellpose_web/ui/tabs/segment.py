@@ -19,7 +19,7 @@ from cellpose_web.workflows.segment import SegmentParams, segment
 from cellpose_web.ui import common, widgets as W
 from cellpose_web.ui.results_view import (count_text, hint, histogram, histogram_update, is_volumetric,  # noqa: F401
                                           make_params, make_puncta, render, stack_note, stitch_offer,
-                                          summary_md, write_files)
+                                          summary_md, list_downloads, write_files)
 
 EXAMPLES_DIR = examples_dir()
 
@@ -77,13 +77,13 @@ def run_segmentation(s: common.Session, model: str, params: SegmentParams, pixel
     if progress is not None:
         progress(0.02, desc=f"Loading model {model}")
     res = segment(s.raw, params, model, image_name=s.name, pixel_size_um=px, progress=prog, file_axes=s.axes,
-                  puncta=puncta)
+                  puncta=puncta, out_file=s.out_dir() / f"{s.stem}.tif")
     out = common.Session(**{**vars(s)})
     out.image, out.is_stack = res.image, res.masks.ndim == 3
     out.masks, out.flow_rgb, out.cellprob, out.dP = res.masks, res.flow_rgb, res.cellprob, res.dP
     out.provenance, out.table, out.puncta, out.pixel_size_um = res.provenance, res.table, res.puncta, px
     out.version = s.version + 1
-    write_files(out)
+    list_downloads(out, res.files)
     return out
 
 

@@ -1,0 +1,106 @@
+"""One fine-tune driver (workflows.finetune.fine_tune) under every face: the Fine-tune tab's
+job (run_finetune), ``--train`` and the human-in-the-loop rounds; one set of settings and limits;
+one metadata record."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from cellpose_web.engine import synthetic
+from cellpose_web.errors import BadInputError
+from cellpose_web.models import train as train_mod
+from cellpose_web.workflows import finetune
+
+FAST = dict(n_epochs=1, nimg_per_epoch=2, batch_size=1, bsize=64)
+
+
+def test_settings_take_the_family_recipe_and_one_set_of_limits():
+    lite = train_mod.finetune_defaults("lite")
+    s = finetune.training_settings("lite", 3)
+    assert s["learning_rate"] == lite.learning_rate and s["n_epochs"] == lite.n_epochs
+    assert s["batch_size"] == lite.batch_size and s["nimg_per_epoch"] == lite.nimg_per_epoch(3)
+    assert finetune.training_settings("cellpose3", 3, "", "", "")["weight_decay"] == \
+        train_mod.finetune_defaults("cellpose3").weight_decay  # blank boxes = the recipe
+    given = finetune.training_settings("cpsam", 3, "7", "1e-4", 0.5, max_epochs=10)
+    assert (given["n_epochs"], given["learning_rate"], given["weight_decay"]) == (7, 1e-4, 0.5)
+    for bad in (dict(learning_rate=0.5), dict(learning_rate="fast"), dict(n_epochs=11), dict(weight_decay=-1),
+                dict(batch_size=0), dict(bsize=224)):
+        with pytest.raises(BadInputError):
+            finetune.training_settings("cpsam", 3, max_epochs=10, **bad)
+    assert finetune.training_settings("lite", 3, bsize=224)["bsize"] == 224  # only Cellpose-SAM needs 256
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    rng = np.random.default_rng(0)
+    samples = [synthetic.whole_cell_sample(rng, (96, 96), diameter=20.0) for _ in range(3)]
+    return [s.image[0] for s in samples], [s.labels.astype(np.uint16) for s in samples]
+
+
+def test_fine_tune_trains_stops_and_records(pairs, tmp_path):
+    from cellpose_web.models import CellposeModel
+    imgs, labs = pairs
+    model = CellposeModel(gpu=False, pretrained_model="lite")
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    seen = []
+    run = finetune.fine_tune(model.net, "lite", imgs[:2], labs[:2], test_images=imgs[2:], test_labels=labs[2:],
+                             name="ft", save_dir=tmp_path, on_epoch=lambda *a: seen.append(a) or len(seen) < 2,
+                             learning_rate=1e-3, **{**FAST, "n_epochs": 4})
+    assert run.path.is_file() and run.path.parent == tmp_path / "models"
+    assert run.stopped and run.epochs_done == 2 == len(seen) and len(run.test_losses) == 2
+    assert any(not np.array_equal(before[k], v) for k, v in model.net.state_dict().items())
+    rec = run.record({"name": "lite", "sha256": "ab"}, ["a", "b"], ["c"], ap_after=0.5)
+    assert rec["base_model"] == "lite" and rec["n_epochs"] == 4 and rec["epochs_done"] == 2
+    assert rec["learning_rate"] == 1e-3 and rec["train_images"] == ["a", "b"] and rec["ap_after"] == 0.5
+    assert rec["device"] == "cpu" and rec["final_train_loss"] == run.train_losses[-1]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Record every call of the one driver (and let it run)."""
+    calls = []
+    real = finetune.fine_tune
+
+    def recording(net, arch, *a, **k):
+        calls.append({"arch": arch, **k})
+        return real(net, arch, *a, **k)
+
+    monkeypatch.setattr(finetune, "fine_tune", recording)
+    return calls
+
+
+def test_the_app_the_command_line_and_hitl_train_through_fine_tune(pairs, tmp_path, monkeypatch, spy):
+    monkeypatch.setenv("CELLPOSE_WEB_HOME", str(tmp_path / "home"))
+    imgs, labs = pairs
+    # the Fine-tune tab's job
+    for i in range(3):
+        finetune.add_pair("s", imgs[i], labs[i], f"p{i}")
+    monkeypatch.setattr(train_mod, "FINETUNE_DEFAULTS", {**train_mod.FINETUNE_DEFAULTS,
+                                                          "lite": train_mod.FinetuneRecipe(1e-3, 0.1, 1, 1, 64, 2)})
+    res = finetune.run_finetune("s", "lite", "tab_ft", make_default=False, work_dir=tmp_path / "w")
+    assert spy[-1]["name"] == "tab_ft" and spy[-1]["arch"] == "lite"
+    assert res["metadata"]["train_images"] and res["metadata"]["n_epochs"] == 1
+    # --train
+    d = tmp_path / "train"
+    d.mkdir()
+    for i in range(2):
+        tifffile.imwrite(d / f"i{i}.tif", imgs[i])
+        tifffile.imwrite(d / f"i{i}_masks.tif", labs[i])
+    from cellpose_web.cli.main import main
+    assert main(["--train", "--dir", str(d), "--pretrained_model", "lite", "--n_epochs", "1", "--bsize", "64",
+                 "--nimg_per_epoch", "2", "--min_train_masks", "1", "--model_name_out", "cli_ft"]) == 0
+    assert spy[-1]["name"] == "cli_ft" and spy[-1]["n_epochs"] == 1 and spy[-1]["min_train_masks"] == 1
+    from cellpose_web import registry
+    training = registry.resolve_model("cli_ft").training
+    assert training["epochs_done"] == 1 and training["base_model"] == "lite"
+    assert set(training) >= set(res["metadata"]) - {"training_set", "channels", "channels_source", "ap_before",
+                                                    "ap_after"}  # one record, whichever face trained
+    # a human-in-the-loop round
+    from cellpose_web.workflows import hitl
+    s = hitl.start_session("p", d, "lite", root=tmp_path / "projects", gpu=False,
+                           recipe={"n_epochs": 1, "crops_per_epoch": 2, "batch_size": 1, "bsize": 64,
+                                   "min_epochs": 1, "time_limit_s": 120})
+    s.next_image()
+    rec = s.save_correction(labs[0]).handle.wait(timeout=300)
+    assert rec["status"] == "done" and spy[-1]["name"] == rec["model"]["name"] and spy[-1]["lr_schedule"] is not None
