@@ -16,7 +16,14 @@ its own process: the best of --repeats runs, wall and CPU seconds (all threads) 
 the masks step and the total, and whether the masks are identical. ``--threads N`` sets torch's
 threads in both (1 gives numbers that a shared machine disturbs least).
 
+``--table`` (issue #23's GPU table, ``gpu_check.sh``): whether ``cp_cyto`` starts and segments with default
+settings on ``--device``, then the eval time of ``--n`` whole-cell RGB images (``--min-side``-``--max-side`` px,
+R = nuclei, G = cytoplasm, channels [2, 1], diameter 30) with ``use_bfloat16=False``, ours and Cellpose
+3.1.1.2's on the same device (each after a warm-up image), and how many of ours have AP@0.5 >= 0.99 against
+Cellpose 3's masks; ``--json FILE`` appends it as one JSON line (stage ``legacy_eval``).
+
     python benchmarks/bench_cp_cyto.py [--n 8] [--size 256]
+    CELLPOSE_REF_PYTHON=/path/to/cp3/python python benchmarks/bench_cp_cyto.py --table --device cuda --n 30
     CELLPOSE_REF_PYTHON=/path/to/cp3/python python benchmarks/bench_cp_cyto.py --speed [--threads 1]
 """
 from __future__ import annotations
@@ -31,9 +38,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cellpose_web.engine import metrics, synthetic  # noqa: E402
 from cellpose_web import models, registry
@@ -77,6 +86,92 @@ for r in range(int(sys.argv[4]) + 1):
 np.save(sys.argv[3], masks)
 print(json.dumps({"runs": runs, "threads": torch.get_num_threads()}))
 """
+
+
+REF_TABLE_SCRIPT = r"""
+import json, sys, time, numpy as np, torch
+from cellpose import models
+d = np.load(sys.argv[1])
+dev = torch.device(sys.argv[4])
+sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+m = models.CellposeModel(gpu=dev.type == "cuda", device=dev, pretrained_model=sys.argv[2])
+imgs = [d[k] for k in sorted(d.files)]
+m.eval(imgs[0], channels=[2, 1], channel_axis=-1, diameter=30.0)  # warm-up
+sync(); t = time.perf_counter()
+masks = [m.eval(im, channels=[2, 1], channel_axis=-1, diameter=30.0)[0] for im in imgs]
+sync(); seconds = time.perf_counter() - t
+np.savez_compressed(sys.argv[3], *masks)
+print(json.dumps({"seconds": seconds}))
+"""
+
+
+def rgb_images(n: int, lo: int, hi: int, seed: int = 7000) -> list[np.ndarray]:
+    """``n`` whole-cell RGB images (Y, X, 3) float32 of ``lo``-``hi`` px: R = nuclei, G = cytoplasm, B empty;
+    cells of 26-34 px (synthetic ``cyto_nuclei`` pictures, seeds from ``seed``)."""
+    out, rng = [], np.random.default_rng(seed)
+    while len(out) < n:
+        shape = tuple(int(v) for v in rng.integers(lo, hi + 1, 2))
+        s = synthetic.synthetic_sample(rng, shape, "cyto_nuclei", diameter=float(rng.uniform(26, 34)))
+        if s.image.shape[0] == 2:  # a few pictures come without a nuclear channel
+            out.append(np.stack([s.image[1], s.image[0], np.zeros_like(s.image[0])], axis=-1))
+    return out
+
+
+def legacy_starts(device: str, img: np.ndarray) -> dict:
+    """Whether ``cp_cyto`` loads and segments ``img`` with default settings on ``device`` (and its dtype)."""
+    from benchlib import error_text
+    try:
+        m = models.CellposeModel(pretrained_model="cp_cyto", device=device)
+        n = int(m.eval(img, channels=[2, 1], channel_axis=-1, diameter=30.0)[0].max())
+    except Exception as e:  # noqa: BLE001 - the row says what failed
+        return {"ok": False, "error": error_text(e)}
+    return {"ok": True, "dtype": str(m.dtype).replace("torch.", ""), "masks": n}
+
+
+def table(args) -> None:
+    """``--table``: the legacy U-Net rows of issue #23's GPU table (see the module's docstring)."""
+    import torch
+    from benchlib import sync, write_json
+    imgs = rgb_images(args.n, args.min_side, args.max_side)
+    starts = legacy_starts(args.device, imgs[0])
+    print(f"cp_cyto with default settings on {args.device}: " +
+          (f"starts ({starts['dtype']}, {starts['masks']} masks)" if starts["ok"] else f"fails: {starts['error']}"))
+    m = models.CellposeModel(pretrained_model="cp_cyto", device=args.device, use_bfloat16=False)
+    kw = dict(channels=[2, 1], channel_axis=-1, diameter=30.0)
+    m.eval(imgs[0], **kw)  # warm-up
+    sync(args.device)
+    t = time.perf_counter()
+    ours = [m.eval(im, **kw)[0] for im in imgs]
+    sync(args.device)
+    seconds = time.perf_counter() - t
+    print(f"ours: {len(imgs)} images ({args.min_side}-{args.max_side} px) in {seconds:.2f} s on {torch.device(args.device)}")
+    record = dict(device=args.device, n=len(imgs), sides=[args.min_side, args.max_side], starts=starts,
+                  ours_s=seconds, ref_s=None)
+    ref_py = os.environ.get("CELLPOSE_REF_PYTHON")
+    if not ref_py:
+        print("(set CELLPOSE_REF_PYTHON to a Python with cellpose==3.1.1.2 to compare with Cellpose 3)")
+        write_json(args.json, "legacy_eval", **record, ref_error="no reference python (CELLPOSE_REF_PYTHON)")
+        return
+    with tempfile.TemporaryDirectory() as td:
+        inp, out = Path(td) / "in.npz", Path(td) / "masks.npz"
+        np.savez(inp, **{f"img{i:03d}": im for i, im in enumerate(imgs)})
+        res = subprocess.run([ref_py, "-c", REF_TABLE_SCRIPT, str(inp), registry.resolve_model("cp_cyto").path,
+                              str(out), args.device], capture_output=True, text=True)
+        if res.returncode != 0:
+            print("Cellpose 3 failed:\n" + res.stderr[-2000:])
+            write_json(args.json, "legacy_eval", **record,
+                       ref_error="Cellpose 3 failed: " + " ".join(res.stderr.split()[-30:]))
+            return
+        ref_s = json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
+        z = np.load(out)
+        theirs = [z[f"arr_{i}"] for i in range(len(imgs))]
+    aps = [ap50(a, b) if a.max() else float(b.max() == 0) for a, b in zip(theirs, ours)]
+    same = sum(bool(np.array_equal(a, b)) for a, b in zip(theirs, ours))
+    agree = sum(ap >= 0.99 for ap in aps)
+    print(f"Cellpose 3.1.1.2: {ref_s:.2f} s; ours / Cellpose 3 = {seconds / ref_s:.2f}; masks agree (AP@0.5 >= 0.99) "
+          f"{agree} / {len(imgs)}, identical {same}, smallest AP@0.5 {min(aps):.3f}")
+    write_json(args.json, "legacy_eval", **{**record, "ref_s": ref_s}, agree=agree, identical=same,
+               min_ap50=min(aps))
 
 
 def _best(runs: list[dict]) -> dict:
@@ -178,7 +273,17 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true", help="time eval against Cellpose 3 instead")
     ap.add_argument("--repeats", type=int, default=3, help="--speed: timed runs after the warm-up")
     ap.add_argument("--threads", type=int, default=0, help="--speed: torch threads (0 = the default)")
+    ap.add_argument("--table", action="store_true", help="the GPU table's legacy U-Net rows instead (see above)")
+    ap.add_argument("--device", default="cpu", help="--table: cpu or cuda[:N], ours and Cellpose 3's")
+    ap.add_argument("--min-side", type=int, default=450, help="--table: smallest image side")
+    ap.add_argument("--max-side", type=int, default=700, help="--table: largest image side")
+    ap.add_argument("--json", default=None, help="--table: append the result as one JSON line to this file")
     args = ap.parse_args()
+    if args.table:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        table(args)
+        return
     if args.speed:
         args.size = args.size or 450
         speed(args)

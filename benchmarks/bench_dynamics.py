@@ -15,7 +15,9 @@ If the environment variable CELLPOSE_REF_PYTHON names a Python interpreter that 
 machine, where timers are synchronised and one warm-up run is dropped) and the ratios ours / reference
 are printed, with a check that both give the same masks (and AP@0.5 / the smallest matched IoU when they
 differ). Ours runs before and after the reference and the faster run counts, so that a busy machine
-shows up as a spread. No pass/fail: this only reports numbers.
+shows up as a spread. No pass/fail: this only reports numbers. ``--json FILE`` appends the result
+(stage ``dynamics``: the fastest seconds of each step, ours and the reference's, whether the masks agree)
+as one JSON line for ``gpu_table.py``.
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ import torch
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cellpose_web.engine import dynamics, metrics  # noqa: E402
+from benchlib import write_json  # noqa: E402
 
 REF_SCRIPT = r"""
 import json, sys, time
@@ -103,7 +107,18 @@ def timeit(fn, repeats: int, device: torch.device = torch.device("cpu")) -> list
     return out
 
 
-def main() -> None:
+def agreement(ref_masks: np.ndarray, masks: np.ndarray) -> dict:
+    """Whether ``masks`` equal ``ref_masks``; when not, AP@0.5 against them and the smallest matched IoU."""
+    same = ref_masks.shape == masks.shape and bool(np.array_equal(ref_masks, masks))
+    out = {"identical": same, "n_ours": int(masks.max()), "n_ref": int(ref_masks.max()), "ap50": 1.0 if same else None}
+    if not same and ref_masks.max() > 0 and ref_masks.shape == masks.shape:
+        out["ap50"] = float(metrics.average_precision(ref_masks, masks, threshold=[0.5])[0][0])
+        iou, preds = metrics.mask_ious(ref_masks, masks)
+        out["min_iou"] = float(iou[preds > 0].min()) if (preds > 0).any() else 0.0
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kind", choices=["lite", "voronoi"], default="lite")
     ap.add_argument("--size", type=int, default=1024)
@@ -112,7 +127,8 @@ def main() -> None:
     ap.add_argument("--ref-repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: ours and the reference on this device")
-    args = ap.parse_args()
+    ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -134,11 +150,14 @@ def main() -> None:
     masks = dynamics.compute_masks(dP, cellprob, device=device)
     print(f"ours  masks found: {masks.max()}")
 
+    record = dict(kind=args.kind, size=args.size, cells=int(labels.max()), device=args.device, n_masks=int(masks.max()))
     ref_py = os.environ.get("CELLPOSE_REF_PYTHON")
     if not ref_py:
         for k, v in ours.items():
             print(f"ours  {k:15s} min {min(v):7.3f} s  median {np.median(v):7.3f} s  ({len(v)} runs)")
         print("set CELLPOSE_REF_PYTHON=/path/to/python (with cellpose 4.2.1.1) to compare with the reference")
+        write_json(args.json, "dynamics", **record, ours={k: min(v) for k, v in ours.items()}, ref=None,
+                   ref_error="no reference python (CELLPOSE_REF_PYTHON)")
         return
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "input.npz"
@@ -150,6 +169,8 @@ def main() -> None:
         )
         if res.returncode != 0:
             print("reference run failed:\n" + res.stderr[-2000:])
+            write_json(args.json, "dynamics", **record, ours={k: min(v) for k, v in ours.items()}, ref=None,
+                       ref_error="reference run failed: " + " ".join(res.stderr.split()[-30:]))
             return
         ref = json.loads(res.stdout.strip().splitlines()[-1])
         ref_masks = np.load(out_masks)
@@ -160,13 +181,13 @@ def main() -> None:
     for k in ours:
         r = min(ref[k])
         print(f"ref   {k:15s} min {r:7.3f} s   ours/ref = {min(ours[k]) / r:.3f}")
-    same = ref_masks.shape == masks.shape and np.array_equal(ref_masks, masks)
-    print(f"masks identical to the reference: {same} (ours {masks.max()}, reference {ref_masks.max()} masks)")
-    if not same and ref_masks.max() > 0:
-        ap = metrics.average_precision(ref_masks, masks, threshold=[0.5])[0][0]
-        iou, preds = metrics.mask_ious(ref_masks, masks)
-        print(f"AP@0.5 vs reference {ap:.4f}, smallest matched IoU {iou[preds > 0].min():.4f}")
-
+    agree = agreement(ref_masks, masks)
+    print(f"masks identical to the reference: {agree['identical']} (ours {masks.max()}, reference {ref_masks.max()} "
+          "masks)")
+    if not agree["identical"] and "min_iou" in agree:
+        print(f"AP@0.5 vs reference {agree['ap50']:.4f}, smallest matched IoU {agree['min_iou']:.4f}")
+    write_json(args.json, "dynamics", **record, ours={k: min(v) for k, v in ours.items()},
+               ref={k: min(v) for k, v in ref.items()}, **agree)
 
 if __name__ == "__main__":
     main()

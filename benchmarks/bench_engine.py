@@ -14,6 +14,13 @@ weights (seed 0, written once to a temporary file). When ``CELLPOSE_REF_PYTHON``
 script prints the ratio ours/reference and the largest absolute output difference.
 On a CUDA machine it also reports tiles/s and images/s in bf16. No asserts: it only prints.
 
+``--table`` measures the GPU table's rows of issue #23 instead (``gpu_check.sh`` runs it): the ViT-L forward
+in bf16 at ``--forward-batches`` (tiles/s, peak GPU memory, largest output difference) and ``.eval`` with
+``compute_masks=False``, batch 8, of ``--eval-sizes`` images and a ``--eval-3d Z SIDE`` stack (do_3D), ours
+and the reference's, each engine in one process that warms up first; ``--weights`` names the Cellpose-SAM
+checkpoint (``--make-weights PATH`` writes the random ViT-L one), ``--json FILE`` appends one JSON line per
+row (stages ``vit_forward`` and ``cpsam_eval``).
+
 On a machine shared with other jobs, ``--threads 1`` gives steadier ratios: with 2 threads, every
 parallel op waits for the thread that shares its core with the other job.
 """
@@ -23,15 +30,19 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CELLPOSE_WEB_SHARED", REPO.parent / "shared"))
 TINY = SHARED / "reference" / "tiny_cpsam.pth"
+if not TINY.exists():  # a copy of the repository alone: its fixture is the same file
+    TINY = REPO / "tests" / "fixtures" / "reference" / "tiny_cpsam.pth"
 
 
 def _peak_rss_mb() -> float:
@@ -50,36 +61,117 @@ def _blobs(shape, n, r, seed):
 
 
 # ----------------------------------------------------------------------------------------------
+# the --table measurements: one text, executed by both engines' workers, so both are timed alike
+# ----------------------------------------------------------------------------------------------
+TABLE_MEASURE = r'''
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+def _reset_peak(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+
+def _peak_gb(dev):
+    return torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
+
+def measure_forwards(net, dev, batches, repeat, output):
+    """Tiles/s of the network on random 256 px tiles (seed 0) per batch size, after a warm-up at that size."""
+    rows, rng = [], np.random.default_rng(0)
+    net.eval()
+    dtype = next(net.parameters()).dtype
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.from_numpy(rng.normal(0.5, 0.3, (b, 3, 256, 256)).astype(np.float32)).to(dev).to(dtype)
+            _reset_peak(dev)
+            net(x)
+            _sync(dev)
+            times = []
+            for _ in range(repeat):
+                t = time.perf_counter()
+                y = net(x)[0]
+                _sync(dev)
+                times.append(time.perf_counter() - t)
+            rows.append({"batch": b, "seconds": min(times), "tiles_per_s": b / min(times), "peak_gb": _peak_gb(dev),
+                         "params": sum(p.numel() for p in net.parameters())})
+            if b == batches[0]:
+                np.save(output, y[:8].float().cpu().numpy())
+            del x, y
+    return rows
+
+def measure_evals(model, dev, inputs, warmup):
+    """Seconds of .eval (batch 8, compute_masks=False) per input, after a warm-up eval of a small image."""
+    model.eval(np.load(warmup), batch_size=8, diameter=30, compute_masks=False)
+    rows = []
+    for item in inputs:
+        img = np.load(item["path"])
+        _reset_peak(dev)
+        t = time.perf_counter()
+        model.eval(img, batch_size=8, diameter=30, compute_masks=False, **item["kw"])
+        _sync(dev)
+        rows.append({"label": item["label"], "seconds": time.perf_counter() - t, "peak_gb": _peak_gb(dev)})
+        del img
+    return rows
+
+def device_name(dev):
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+'''
+
+
+# ----------------------------------------------------------------------------------------------
 # the reference runner (executed by the reference python; it imports the published cellpose)
 # ----------------------------------------------------------------------------------------------
-REF_RUNNER = r'''
-import sys, json, time, resource, functools
-import numpy as np, torch
-args = json.loads(sys.argv[1])
-torch.set_num_threads(args["threads"])
-dev = torch.device(args["device"])
-sd = torch.load(args["weights"], map_location="cpu", weights_only=True)
-D = sd["encoder.pos_embed"].shape[-1]
-import cellpose.vit as cvit
-if D != 1024:   # a small network with the cpsam layout: build the SAM encoder with its shape
+REF_SAM_PATCH = r'''
+import functools
+import torch
+
+
+def patch_sam_registry(weights):
+    """Cellpose 4 builds a ViT-L encoder only; for a smaller checkpoint in the cpsam layout (the tiny
+    fixture) make its registry build the SAM encoder with the checkpoint's shape."""
+    sd = torch.load(weights, map_location="cpu", weights_only=True)
+    D = sd["encoder.pos_embed"].shape[-1]
+    if D == 1024:
+        return
+    import cellpose.vit as cvit
     from segment_anything.modeling import ImageEncoderViT
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.blocks."))
     hd = sd["encoder.blocks.0.attn.rel_pos_h"].shape[1]
     rows = [sd[f"encoder.blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth)]
     glob = [i for i, r in enumerate(rows) if r == max(rows)] if len(set(rows)) > 1 else list(range(depth))
+
     class _Sam:
-        def __init__(self, enc): self.image_encoder = enc
+        def __init__(self, enc):
+            self.image_encoder = enc
+
     def reg(checkpoint=None):
         return _Sam(ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=D, depth=depth, num_heads=D // hd,
                                     mlp_ratio=sd["encoder.blocks.0.mlp.lin1.weight"].shape[0] / D, out_chans=256,
                                     qkv_bias=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
                                     use_rel_pos=True, global_attn_indexes=glob, window_size=14))
     cvit.sam_model_registry = {"vit_l": reg}
+'''
+
+REF_RUNNER = REF_SAM_PATCH + r'''
+import sys, json, time, resource
+import numpy as np
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+dev = torch.device(args["device"])
+patch_sam_registry(args["weights"])
 from cellpose import models
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 model = models.CellposeModel(pretrained_model=args["weights"], device=dev, use_bfloat16=args["bf16"])
 out = {"torch": torch.__version__}
-if args["task"] == "forward":
+if args["task"] in ("forwards", "evals"):
+    exec(args["measure"])
+    out["device_name"] = device_name(dev)
+    if args["task"] == "forwards":
+        out["rows"] = measure_forwards(model.net, dev, args["batches"], args["repeat"], args["output"])
+    else:
+        out["rows"] = measure_evals(model, dev, args["inputs"], args["warmup"])
+elif args["task"] == "forward":
     x = torch.from_numpy(np.load(args["input"])).to(dev)
     net = model.net
     net.eval()
@@ -115,7 +207,15 @@ def _ours_worker(args: dict) -> dict:
     dev = torch.device(args["device"])
     model = CellposeModel(pretrained_model=args["weights"], device=dev, use_bfloat16=args["bf16"])
     out = {"torch": torch.__version__}
-    if args["task"] == "forward":
+    if args["task"] in ("forwards", "evals"):
+        ns: dict = {"np": np, "torch": torch, "time": time}
+        exec(TABLE_MEASURE, ns)
+        out["device_name"] = ns["device_name"](dev)
+        if args["task"] == "forwards":
+            out["rows"] = ns["measure_forwards"](model.net, dev, args["batches"], args["repeat"], args["output"])
+        else:
+            out["rows"] = ns["measure_evals"](model, dev, args["inputs"], args["warmup"])
+    elif args["task"] == "forward":
         x = torch.from_numpy(np.load(args["input"])).to(dev)
         net = model.net
         with torch.inference_mode():
@@ -156,17 +256,23 @@ def make_full_weights(path: str, seed: int = 0) -> None:
     torch.save(net.state_dict(), path)
 
 
-def _run(cmd: list[str], env=None, timeout=3600) -> dict | None:
+def _run_or_error(cmd: list[str], env=None, timeout=3600) -> tuple[dict | None, str | None]:
+    """(the worker's RESULT, None), or (None, the last line of what it printed) when it failed."""
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     for line in p.stdout.splitlines()[::-1]:
         if line.startswith("RESULT "):
             r = json.loads(line[7:])
             r["wall"] = time.perf_counter() - t
-            return r
+            return r, None
     tail = (p.stderr or p.stdout)[-1500:]
     print(f"   (run failed, rc={p.returncode}): {tail}")
-    return None
+    last = [ln for ln in tail.splitlines() if ln.strip()]
+    return None, f"rc={p.returncode}: " + (last[-1].strip()[:300] if last else "no output")
+
+
+def _run(cmd: list[str], env=None, timeout=3600) -> dict | None:
+    return _run_or_error(cmd, env, timeout)[0]
 
 
 def _ref_python() -> str | None:
@@ -181,6 +287,77 @@ def _ref_python() -> str | None:
     return cand if r.returncode == 0 else None
 
 
+def _table_inputs(tmp: Path, sizes: list[int], stack: list[int]) -> list[dict]:
+    """The eval inputs of ``--table``: square images of ``sizes`` (a 512 px picture of blobs, tiled) and a
+    (Z, SIDE, SIDE) stack of it when ``stack`` is [Z, SIDE] with Z > 0; saved as .npy under ``tmp``."""
+    import numpy as np
+    tile = _blobs((512, 512), 120, 6, 1)
+    items = []
+    for n in sizes:
+        path = tmp / f"eval_{n}.npy"
+        np.save(path, np.tile(tile, (-(-n // 512), -(-n // 512)))[:n, :n])
+        items.append({"label": f"{n}x{n}", "path": str(path), "kw": {}})
+    if stack and stack[0] > 0:
+        z, side = stack
+        plane = np.tile(tile, (-(-side // 512), -(-side // 512)))[:side, :side]
+        rng = np.random.default_rng(5)
+        vol = plane[None] * rng.uniform(0.8, 1.2, (z, 1, 1)).astype(np.float32)
+        path = tmp / "eval_3d.npy"
+        np.save(path, vol.astype(np.float32))
+        items.append({"label": f"{z}x{side}x{side} 3D", "path": str(path), "kw": {"z_axis": 0, "do_3D": True}})
+    return items
+
+
+def table(args: argparse.Namespace, ours: Any, theirs: Any, tmp: Path) -> None:
+    """``--table``: the ViT-L forward and the Cellpose-SAM eval rows of issue #23's GPU table, ours and the
+    reference's, printed and (``--json``) written as one JSON line per row."""
+    import numpy as np
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchlib import write_json
+
+    weights = args.weights or str(TINY)
+    base = dict(threads=args.threads, device=args.device, bf16=args.device.startswith("cuda"), weights=weights,
+                measure=TABLE_MEASURE, repeat=args.repeat)
+    print(f"weights {weights}; device {args.device}; bf16 {base['bf16']}")
+    if args.forward_batches:
+        task = {**base, "task": "forwards", "batches": args.forward_batches}
+        (o, o_err), (r, r_err) = ours({**task, "output": str(tmp / "fw_ours.npy")}), \
+            theirs({**task, "output": str(tmp / "fw_ref.npy")})
+        diff = float(np.abs(np.load(tmp / "fw_ours.npy") - np.load(tmp / "fw_ref.npy")).max()) if o and r else None
+        for i, b in enumerate(args.forward_batches):
+            row_o, row_r = (x["rows"][i] if x else None for x in (o, r))
+            print(f"forward B={b:<4d} ours {_fmt_fw(row_o, o_err)} | ref {_fmt_fw(row_r, r_err)}"
+                  + (f" | max |diff| (first batch) {diff:.3g}" if diff is not None else ""))
+            write_json(args.json, "vit_forward", batch=b, weights=Path(weights).name, device=args.device,
+                       device_name=(o or r or {}).get("device_name", args.device), ours=row_o, ref=row_r,
+                       ours_error=o_err, ref_error=r_err, max_diff=diff)
+    items = _table_inputs(tmp, args.eval_sizes, args.eval_3d)
+    if items:
+        np.save(tmp / "warmup.npy", _blobs((256, 256), 30, 6, 2))
+        task = {**base, "task": "evals", "inputs": items, "warmup": str(tmp / "warmup.npy"), "output": ""}
+        (o, o_err), (r, r_err) = ours(task), theirs(task)
+        for i, item in enumerate(items):
+            row_o, row_r = (x["rows"][i] if x else None for x in (o, r))
+            ratio = f" | ours/ref {row_o['seconds'] / row_r['seconds']:.2f}" if row_o and row_r else ""
+            print(f"eval {item['label']:<18s} ours {_fmt_ev(row_o, o_err)} | ref {_fmt_ev(row_r, r_err)}{ratio}")
+            write_json(args.json, "cpsam_eval", label=item["label"], weights=Path(weights).name, device=args.device,
+                       ours=row_o, ref=row_r, ours_error=o_err, ref_error=r_err)
+
+
+def _fmt_fw(row: dict | None, err: str | None) -> str:
+    if row is None:
+        return f"failed ({err})" if err else "-"
+    mem = f", {row['peak_gb']:.1f} GB" if row.get("peak_gb") is not None else ""
+    return f"{row['seconds']:.4f} s, {row['tiles_per_s']:.1f} tiles/s{mem}"
+
+
+def _fmt_ev(row: dict | None, err: str | None) -> str:
+    if row is None:
+        return f"failed ({err})" if err else "-"
+    mem = f", {row['peak_gb']:.1f} GB" if row.get("peak_gb") is not None else ""
+    return f"{row['seconds']:.2f} s{mem}"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -192,6 +369,14 @@ def main(argv=None) -> None:
     ap.add_argument("--no-full-eval", action="store_true", help="skip the full-size .eval of 512x512")
     ap.add_argument("--no-masks", action="store_true", help="eval with compute_masks=False")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--table", action="store_true", help="the GPU table's forward and eval rows (see above)")
+    ap.add_argument("--weights", default=None, help="--table: Cellpose-SAM checkpoint (default: the tiny fixture)")
+    ap.add_argument("--make-weights", default=None, metavar="PATH", help="write random ViT-L weights and exit")
+    ap.add_argument("--forward-batches", type=int, nargs="*", default=[8, 64], help="--table: forward batch sizes")
+    ap.add_argument("--eval-sizes", type=int, nargs="*", default=[1024, 2048, 4096], help="--table: eval image sides")
+    ap.add_argument("--eval-3d", type=int, nargs=2, default=[32, 512], metavar=("Z", "SIDE"),
+                    help="--table: the do_3D stack (Z 0: none)")
+    ap.add_argument("--json", default=None, help="--table: append one JSON line per row to this file")
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -202,6 +387,11 @@ def main(argv=None) -> None:
             print("RESULT " + json.dumps({"ok": True}))
             return
         print("RESULT " + json.dumps(_ours_worker(w)))
+        return
+    if args.make_weights:
+        sys.path.insert(0, str(REPO))
+        make_full_weights(args.make_weights)
+        print(f"random ViT-L Cellpose-SAM weights written to {args.make_weights}")
         return
 
     import numpy as np
@@ -231,6 +421,20 @@ def main(argv=None) -> None:
             return None
         return _run([ref, "-c", REF_RUNNER, json.dumps(task)], env={k: v for k, v in env.items()
                                                                         if k != "PYTHONPATH"})
+
+    if args.table:
+        def run_ours(task: dict) -> tuple[dict | None, str | None]:
+            return _run_or_error([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)],
+                                 env=env)
+
+        def run_theirs(task: dict) -> tuple[dict | None, str | None]:
+            if ref is None:
+                return None, "no reference python (CELLPOSE_REF_PYTHON with cellpose 4.2.1.1)"
+            return _run_or_error([ref, "-c", REF_RUNNER, json.dumps(task)],
+                                 env={k: v for k, v in env.items() if k != "PYTHONPATH"})
+        table(args, run_ours, run_theirs, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     rows = []
 

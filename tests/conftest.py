@@ -18,6 +18,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slower tests (still run in CI)")
     config.addinivalue_line("markers", "e2e: browser end-to-end tests (still run in CI)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one; CELLPOSE_WEB_TEST_DEVICE=cpu "
+                                       "runs them on the CPU)")
 
 
 @pytest.fixture(scope="session")
