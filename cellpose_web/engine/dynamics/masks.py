@@ -80,10 +80,12 @@ def compute_masks(
     if uses_device_path(device):  # everything up to the flow check on the device (device_path)
         on_device = check and flow_error_fn is None
         with cpu_threads(device):
-            mask = masks_on_device(dP, cellprob, niter, cellprob_threshold, flow_threshold if on_device else None,
-                                   max_size_fraction, device, interp)
+            mask, done = masks_on_device(dP, cellprob, niter, cellprob_threshold,
+                                         flow_threshold if on_device else None, max_size_fraction, device, interp,
+                                         min_size=(min_size or 0) if (on_device or not check) else 0)
         check = check and not on_device
     else:
+        done = False
         inds = np.nonzero(fg)
         with cpu_threads(device):
             step = np.multiply(dP, fg, dtype=np.float32)  # one temporary (large images: bounded memory)
@@ -96,7 +98,8 @@ def compute_masks(
         mask = remove_bad_flow_masks(mask, dP, threshold=flow_threshold, device=device, flow_error_fn=flow_error_fn)
     if mask.max() < 2**16 and mask.dtype != np.uint16:
         mask = mask.astype(np.uint16)
-    mask = fill_holes_and_remove_small_masks(mask, min_size=min_size)
+    if not done:
+        mask = fill_holes_and_remove_small_masks(mask, min_size=min_size)
     if mask.dtype == np.uint32 and mask.max() < 2**16:
         mask = mask.astype(np.uint16)
     elif mask.dtype == np.uint32:
