@@ -230,3 +230,45 @@ def test_host_syncs_do_not_grow_with_the_number_of_cells(sync_counter):
             dy.masks_to_flows(lab)
             per_run[n] = dict(sync_counter)
     assert per_run[10] == per_run[200] and sum(per_run[200].values()) <= 20, per_run
+
+
+# ------------------------------------------------------------------------------------------ holes, small masks
+def test_holes_and_pieces_on_the_device_match_the_host():
+    from skimage.measure import label as sk_label
+    from cellpose_web.engine.dynamics import device_path, postprocess
+
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        lab = synthetic.synthetic_labels(rng, shape=(96, 96), diameter=float(rng.uniform(8, 30)))
+        for _ in range(5):  # holes (single pixels, other labels inside) and extra pieces
+            y, x = rng.integers(2, 94, 2)
+            lab[y, x] = 0
+            y, x = rng.integers(2, 94, 2)
+            lab[y:y + 2, x:x + 2] = rng.integers(0, lab.max() + 1)
+        n = int(lab.max())
+        t = torch.from_numpy(lab.astype(np.int64))
+        pieces = device_path.pieces_per_label_torch(t, n).numpy()
+        assert [int(pieces[v]) for v in range(1, n + 1)] == [int(sk_label(lab == v, connectivity=2).max())
+                                                             for v in range(1, n + 1)]
+        holes = pieces * 4 - device_path.euler4_per_label_torch(t, n).numpy()
+        holes[0] = 0
+        assert set(np.flatnonzero(holes > 0)) == set(postprocess.labels_with_holes_2d(lab, n))
+        out = device_path.remove_small_device(t, n, 15)
+        if out is None:
+            small = np.bincount(lab.ravel(), minlength=n + 1) < 15
+            small[0] = False
+            assert len(postprocess.labels_with_holes_2d(np.where(small[lab], 0, lab), n))
+        else:
+            assert np.array_equal(out.numpy(), postprocess.fill_holes_and_remove_small_masks(lab, 15))
+
+
+def test_compute_masks_with_a_hole():
+    lab = np.zeros((96, 96), np.int32)
+    ring = _disk(lab.shape, (48, 48), 22) & ~_disk(lab.shape, (48, 48), 8)
+    lab[ring] = 1
+    lab[_disk(lab.shape, (48, 48), 6)] = 2
+    lab[_disk(lab.shape, (12, 12), 8)] = 3
+    dP = 5 * dy.masks_to_flows(lab)
+    cp = np.where(lab > 0, 4.0, -4.0).astype(np.float32)
+    for kw in ({}, {"flow_threshold": 0}, {"min_size": 0}):
+        _same(*_both(dy.compute_masks, dP, cp, **kw))
