@@ -1,6 +1,7 @@
 """Time cellpose_web.dynamics on a 1024 x 1024 image with about 400 touching cells.
 
     python benchmarks/bench_dynamics.py [--kind lite|voronoi] [--size 1024] [--cells 400] [--repeats 3]
+                                        [--device cpu|cuda] [--device-path]
 
 ``--kind lite`` (default): a synthetic 1024 x 1024 nuclei image with about 400 nuclei
 (``cellpose_web.engine.synthetic``, seed 2, 34 px) goes through the built-in ``lite`` network once; its flows
@@ -128,7 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: ours and the reference on this device")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    ap.add_argument("--device-path", action="store_true",
+                    help="ours through the device implementation (what CUDA runs) even on the CPU")
     args = ap.parse_args(argv)
+    if args.device_path:
+        from cellpose_web.engine.dynamics import device_setup
+        device_setup.DEVICE_PATH_ON_CPU = True
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -138,8 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         labels = voronoi_labels(args.size, args.cells)
         dP = (5 * dynamics.masks_to_flows(labels)).astype(np.float32)
         cellprob = np.where(labels > 0, 4.0, -4.0).astype(np.float32)
+    from cellpose_web.engine.dynamics.device_setup import uses_device_path
     print(f"{args.kind}: image {labels.shape}, {labels.max()} cells, {torch.get_num_threads()} torch threads, "
-          f"device {device}")
+          f"device {device}, {'device' if uses_device_path(device) else 'host'} path")
 
     def run_ours() -> dict:
         return {"masks_to_flows": timeit(lambda: dynamics.masks_to_flows(labels, device=device), args.repeats, device),

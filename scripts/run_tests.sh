@@ -18,3 +18,8 @@ PYTHON=python3 bash scripts/install.sh --dev
 no_shared="$(mktemp -d)"
 trap 'rmdir "$no_shared"' EXIT
 CELLPOSE_WEB_SHARED="$no_shared" python3 -m pytest -q -ra "$@"
+# The GPU suite (tests/test_gpu.py) skips without CUDA; run its device code on the CPU too, so it
+# cannot rot between GPU sessions (about 15 s).
+if [ $# -eq 0 ]; then
+  CELLPOSE_WEB_SHARED="$no_shared" CELLPOSE_WEB_TEST_DEVICE=cpu python3 -m pytest -q -m gpu tests/test_gpu.py
+fi

@@ -3,7 +3,8 @@
 One module per job: ``labels`` (label-image utilities), ``flows`` (masks -> flows), ``following``
 (flows -> masks: Euler steps, seeds), ``flow_check`` (the flow-error check), ``postprocess`` (holes,
 small masks, stitching, diameters), ``outlines``, ``flow_picture`` (flows as colours), ``masks``
-(``compute_masks``, the whole path) and ``device_setup`` (device, CPU threads).
+(``compute_masks``, the whole path), ``device_path`` (the same on the device, for CUDA) and
+``device_setup`` (device, CPU threads, which path).
 
 Everything here reproduces Cellpose 4.2.1.1 (``cellpose.dynamics`` / ``cellpose.utils``) and is written
 from the documented behaviour (see ``shared/reference/CELLPOSE_FACTS.md`` sections 3 and 4).
@@ -28,6 +29,9 @@ Speed notes (equal results, less work than Cellpose):
   within 0.05 of the threshold are recomputed with Cellpose's count, so keep/remove decisions match.
 - Seed growth runs for all seeds at once as a 5-step max-dilation of a "seed rank" image limited to
   histogram bins with more than 2 hits; the highest-ranked (largest) seed wins overlaps, as in Cellpose.
+- On CUDA, ``device_path`` runs the whole chain in torch on the device (vectorised, a constant number of
+  host syncs per image, the label image downloaded once; masks identical to the host path, which the
+  tests check by running it on the CPU with ``device_setup.device_path_on_cpu()``).
 - On the CPU the loops (hundreds of small torch ops) run with one intra-op thread: on a shared machine
   torch's thread barriers made them 4-17x slower with 2 threads. Set the environment variable
   CELLPOSE_WEB_DYNAMICS_THREADS (e.g. 2) to allow more on a dedicated machine.

@@ -2,7 +2,13 @@
 
 On the CPU the loops (hundreds of small torch ops) run with one intra-op thread: on a shared machine
 torch's thread barriers made them 4-17x slower with 2 threads. Set the environment variable
-CELLPOSE_WEB_DYNAMICS_THREADS (e.g. 2) to allow more on a dedicated machine."""
+CELLPOSE_WEB_DYNAMICS_THREADS (e.g. 2) to allow more on a dedicated machine.
+
+Two implementations of the post-processing exist: the host one (numpy + small torch ops tuned for CPU
+caches) and the device one (``device_path``: everything stays in torch tensors on the device, a constant
+number of host syncs per image). CUDA uses the device one; ``DEVICE_PATH_ON_CPU`` (or the environment
+variable CELLPOSE_WEB_DYNAMICS_DEVICE_PATH=1, or the context manager :func:`device_path_on_cpu`) runs it
+on CPU tensors too, which is how the tests check it against the host one without a GPU."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +17,28 @@ import numpy as np
 import torch
 from cellpose_web import config
 from cellpose_web.errors import CellposeWebError
+
+
+# Run the device implementation on the CPU as well (tests, benchmarks); read once from the environment.
+DEVICE_PATH_ON_CPU: bool = config.env_flag("DYNAMICS_DEVICE_PATH")
+
+
+def uses_device_path(device: torch.device) -> bool:
+    """True when the post-processing for ``device`` takes the device implementation (CUDA, or any
+    device while ``DEVICE_PATH_ON_CPU`` is set; MPS keeps the host one: it has no float64)."""
+    return device.type == "cuda" or (DEVICE_PATH_ON_CPU and device.type != "mps")
+
+
+@contextlib.contextmanager
+def device_path_on_cpu(enabled: bool = True) -> Iterator[None]:
+    """Set ``DEVICE_PATH_ON_CPU`` to ``enabled`` inside the block (not thread-safe: a process-wide switch)."""
+    global DEVICE_PATH_ON_CPU
+    old = DEVICE_PATH_ON_CPU
+    DEVICE_PATH_ON_CPU = enabled
+    try:
+        yield
+    finally:
+        DEVICE_PATH_ON_CPU = old
 
 
 # ----------------------------------------------------------------------------------------------

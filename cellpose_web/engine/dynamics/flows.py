@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.engine.dynamics.device_setup import as_device, cpu_threads, to_numpy
-from cellpose_web.engine.dynamics.labels import as_labels, renumber_first, renumber_sorted, row_bands
+from cellpose_web.engine.dynamics.device_setup import as_device, cpu_threads, to_numpy, uses_device_path
+from cellpose_web.engine.dynamics.labels import as_labels, renumber_first, renumber_sorted, renumber_sorted_torch, row_bands
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,11 +129,16 @@ def heat_dtype(shape: Sequence[int], device: torch.device) -> torch.dtype:
 
 def _diffuse_flows(lab: np.ndarray, nlab: int, device: torch.device, niter: int | None) -> torch.Tensor:
     """Unit flows (ndim, *shape) float64 on ``device`` for a label image with labels 1..nlab."""
-    ndim = lab.ndim
     centers, n_auto = _centers_and_iters(lab, nlab)
     n_iter = n_auto if niter is None else int(niter)
     T = diffuse_heat(lab, nlab, centers, n_iter, device, heat_dtype(lab.shape, device))
-    fg = torch.from_numpy(lab > 0).to(device)
+    return unit_flows(T, torch.from_numpy(lab > 0).to(device))
+
+
+def unit_flows(T: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """Unit flows float64 (ndim, *shape) from the zero-padded heat ``T`` (shape + 2 per axis): central
+    differences, normalised, 0 where the bool ``fg`` (shape) is False."""
+    ndim = fg.ndim
     # central differences on the raw heat, only at object pixels
     grads = []
     for k in range(ndim):
@@ -146,13 +151,14 @@ def _diffuse_flows(lab: np.ndarray, nlab: int, device: torch.device, niter: int 
     return mu
 
 
-def diffuse_heat(lab: np.ndarray, nlab: int, centers: np.ndarray, n_iter: int, device: torch.device,
+def diffuse_heat(lab: np.ndarray | torch.Tensor, nlab: int, centers: np.ndarray | torch.Tensor, n_iter: int, device: torch.device,
                   dtype: torch.dtype, T0: torch.Tensor | None = None, separable: bool = False,
                   neighbours: np.ndarray | None = None) -> torch.Tensor:
     """Cellpose's heat diffusion: ``n_iter`` steps of (+1 at each centre, mean of the 3x3 / 7-point
     stencil over the pixel's own object). Returns the zero-padded heat (Y + 2, X + 2) / (Z + 2, ...).
 
-    ``centers`` (nlab, ndim) are the sources in ``lab``'s coordinates; ``T0`` (padded, optional) is the
+    ``lab`` and ``centers`` may be numpy arrays or tensors (the device path passes tensors already on
+    ``device``). ``centers`` (nlab, ndim) are the sources in ``lab``'s coordinates; ``T0`` (padded, optional) is the
     starting heat (zeros by default); labels other than 1..nlab are not allowed. ``separable`` (2D) sums
     the 3x3 box as rows then columns (4 additions instead of 8; rounding differs from Cellpose's order).
     ``neighbours`` (same shape as ``lab``, optional): a label image that also holds the objects diffused
@@ -163,10 +169,10 @@ def diffuse_heat(lab: np.ndarray, nlab: int, centers: np.ndarray, n_iter: int, d
     ndim = lab.ndim
     shape = lab.shape
     pshape = tuple(s + 2 for s in shape)
-    ldt = np.int32 if nlab < 2**31 - 1 else np.int64
-    Lp = F.pad(torch.from_numpy(lab.astype(ldt, copy=False)).to(device), (1, 1) * ndim)
+    ldt = torch.int32 if nlab < 2**31 - 1 else torch.int64
+    Lp = F.pad(torch.as_tensor(lab).to(device, ldt), (1, 1) * ndim)
     if neighbours is not None:
-        Lp = F.pad(torch.from_numpy(neighbours.astype(ldt, copy=False)).to(device), (1, 1) * ndim)
+        Lp = F.pad(torch.as_tensor(neighbours).to(device, ldt), (1, 1) * ndim)
         own = F.pad(torch.from_numpy(lab > 0).to(device), (1, 1) * ndim)
     Lf = Lp.reshape(-1)
     strides = [math.prod(pshape[k + 1:]) for k in range(ndim)]
@@ -214,7 +220,7 @@ def diffuse_heat(lab: np.ndarray, nlab: int, centers: np.ndarray, n_iter: int, d
     n_conf = cpix.numel()
     fix_vals = torch.zeros(fix_idx.numel(), dtype=dtype, device=device)
 
-    cflat = torch.from_numpy(centers).to(device)
+    cflat = torch.as_tensor(centers).to(device)
     cflat = sum((cflat[:, k] + 1) * strides[k] for k in range(ndim))
     ones_c = torch.ones(cflat.numel(), dtype=dtype, device=device)
     nb_flat = nb_idx.reshape(-1)
@@ -272,6 +278,100 @@ def flows_tensor(lab: np.ndarray, device: torch.device, niter: int | None) -> to
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# the device path: the same flows from a label tensor, without leaving the device
+# ----------------------------------------------------------------------------------------------
+def _first_min_per_label(lbl: torch.Tensor, dist: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
+    """Per label 0..n-1 the entry of ``pos`` (int64, ascending) whose ``dist`` is the smallest of its label,
+    the first one on ties (int64 (n,)); no host sync (no boolean indexing)."""
+    dmin = torch.zeros(n, dtype=dist.dtype, device=dist.device)
+    dmin.scatter_reduce_(0, lbl, dist, reduce="amin", include_self=False)
+    big = torch.iinfo(torch.int64).max
+    key = torch.where(dist == dmin[lbl], pos, torch.full_like(pos, big))
+    first = torch.full((n,), big, dtype=torch.int64, device=dist.device)
+    return first.scatter_reduce_(0, lbl, key, reduce="amin", include_self=True)
+
+
+def centers_and_iters_torch(lab: torch.Tensor, nlab: int) -> tuple[torch.Tensor, int]:
+    """:func:`_centers_and_iters` (the same centres and step count) on a label tensor with labels 1..nlab,
+    all present, on its own device.
+
+    Returns int64 (nlab, ndim) absolute centre coordinates and n_iter. Two host syncs (the foreground
+    pixels' count, n_iter) whatever the number of objects.
+    """
+    shape = lab.shape
+    ndim = lab.ndim
+    dev = lab.device
+    flat = lab.reshape(-1)
+    pos = torch.nonzero(flat).squeeze(1)  # raster order
+    lbl = flat[pos].long() - 1
+    coords, rest = [], pos
+    for k in range(ndim - 1, -1, -1):
+        coords.insert(0, rest % shape[k])
+        rest = rest // shape[k]
+
+    def per_label(vals: torch.Tensor, how: str) -> torch.Tensor:
+        out = torch.zeros(nlab, dtype=vals.dtype, device=dev)
+        return out.scatter_reduce_(0, lbl, vals, reduce=how, include_self=False)
+
+    mins = [per_label(c, "amin") for c in coords]
+    maxs = [per_label(c, "amax") for c in coords]
+    cnt = torch.bincount(lbl, minlength=nlab).to(torch.float64)
+    # sums of whole numbers: exact in float64 in any order, so the means are those of the host path
+    sums = [torch.zeros(nlab, dtype=torch.float64, device=dev).index_add_(0, lbl, c.to(torch.float64))
+            for c in coords]
+    if ndim == 2:
+        rel = [torch.round((sm - cnt * mn) / cnt).long() for sm, mn in zip(sums, mins)]
+        cy, cx = rel[0] + mins[0], rel[1] + mins[1]
+        inside = flat[cy * shape[1] + cx].long() == torch.arange(1, nlab + 1, device=dev)
+        d = (coords[1] - cx[lbl]) ** 2 + (coords[0] - cy[lbl]) ** 2
+        first = _first_min_per_label(lbl, d, pos, nlab)
+        centers = torch.where(inside[:, None], torch.stack([cy, cx], 1), torch.stack([first // shape[1],
+                                                                                        first % shape[1]], 1))
+        ext = (maxs[0] - mins[0] + 1) + (maxs[1] - mins[1] + 1) + 2
+        return centers, 2 * int(ext.max())
+    # Cellpose's bbox-relative coordinates + 1, and its order of the squared terms (z, x, y)
+    means = [(sm - cnt * (mn.to(torch.float64) - 1)) / cnt for sm, mn in zip(sums, mins)]
+    r1 = [(c - mn[lbl] + 1).to(torch.float64) for c, mn in zip(coords, mins)]
+    d = (r1[0] - means[0][lbl]) ** 2 + (r1[2] - means[2][lbl]) ** 2 + (r1[1] - means[1][lbl]) ** 2
+    first = _first_min_per_label(lbl, d, pos, nlab)
+    centers = torch.stack([first // (shape[1] * shape[2]), (first // shape[2]) % shape[1], first % shape[2]], 1)
+    ext = sum((maxs[k] - mins[k] + 1) + 1 for k in range(3))
+    return centers, 6 * int(ext.max())
+
+
+def foreground_box(lab: torch.Tensor, margin: int) -> tuple[slice, ...] | None:
+    """The bounding box of ``lab > 0`` widened by ``margin`` (clipped), or None when there is no
+    foreground; one host sync."""
+    fg = lab > 0
+    ends = []
+    for ax in range(lab.ndim):
+        other = tuple(a for a in range(lab.ndim) if a != ax)
+        anyax = fg.any(dim=other) if other else fg
+        n = anyax.shape[0]
+        ends += [anyax.any(), anyax.to(torch.uint8).argmax(), n - 1 - anyax.flip(0).to(torch.uint8).argmax()]
+    e = torch.stack([v.to(torch.int64) for v in ends]).tolist()
+    if not e[0]:
+        return None
+    return tuple(slice(max(e[3 * ax + 1] - margin, 0), min(e[3 * ax + 2] + margin + 1, lab.shape[ax]))
+                 for ax in range(lab.ndim))
+
+
+def flows_tensor_device(lab: torch.Tensor, niter: int | None) -> torch.Tensor:
+    """:func:`flows_tensor` for a label tensor (any labels >= 0) on its own device: unit flows float64
+    (ndim, *shape), a constant number of host syncs (no per-object work on the host)."""
+    out = torch.zeros((lab.ndim, *lab.shape), dtype=torch.float64, device=lab.device)
+    sl = foreground_box(lab, 1) if lab.numel() else None
+    if sl is None:
+        return out
+    crop, nlab = renumber_sorted_torch(lab[sl])
+    centers, n_auto = centers_and_iters_torch(crop, nlab)
+    n_iter = n_auto if niter is None else int(niter)
+    T = diffuse_heat(crop, nlab, centers, n_iter, lab.device, heat_dtype(crop.shape, lab.device))
+    out[(slice(None),) + sl] = unit_flows(T, crop > 0)
+    return out
+
+
 def masks_to_flows(labels, device=None, niter: int | None = None) -> np.ndarray:
     """Flows from a label image by heat diffusion from each object's centre (Cellpose 4).
 
@@ -293,7 +393,10 @@ def masks_to_flows(labels, device=None, niter: int | None = None) -> np.ndarray:
         raise CellposeWebError(f"niter must be a whole number >= 0 or None, got {niter!r}.")
     device = as_device(device)
     with cpu_threads(device):
-        mu = flows_tensor(lab, device, niter)
+        if uses_device_path(device):
+            mu = flows_tensor_device(torch.from_numpy(lab.astype(np.int64, copy=False)).to(device), niter)
+        else:
+            mu = flows_tensor(lab, device, niter)
     return mu.to(torch.float32).cpu().numpy()
 
 

@@ -18,7 +18,7 @@ from cellpose_web.engine.dynamics.labels import halo_bands, label_dtype, max_fil
 logger = logging.getLogger(__name__)
 
 
-_RPAD = 20  # histogram padding used by Cellpose's get_masks
+RPAD = 20  # histogram padding used by Cellpose's get_masks
 
 
 _MERGE_AT = (0.2, 0.3, 0.4, 0.55, 0.75)  # fractions of niter where identical trajectories are merged
@@ -48,9 +48,9 @@ def follow_flows(dP, inds, niter: int = 200, device=None, interp: bool | str = T
 
     Parameters
     ----------
-    dP : float array (2, Y, X) or (3, Z, Y, X)
+    dP : float array or tensor (2, Y, X) or (3, Z, Y, X)
         Flow field in pixels per step (Cellpose passes ``dP * foreground / 5``).
-    inds : tuple of int arrays
+    inds : tuple of int arrays or tensors
         Start pixels, as returned by ``np.nonzero`` (one array per axis).
     niter : int
         Number of Euler steps.
@@ -75,11 +75,11 @@ def follow_flows(dP, inds, niter: int = 200, device=None, interp: bool | str = T
     shape = dP.shape[1:]
     ndim = len(shape)
     npts = len(inds[0])
-    dPt = torch.as_tensor(np.asarray(dP))
+    dPt = _tensor(dP)
     pt = torch.zeros((*[1] * ndim, npts, ndim), dtype=torch.float32, device=device)
     im = torch.zeros((1, ndim, *shape), dtype=torch.float32, device=device)
     for n in range(ndim):
-        pt[..., ndim - n - 1] = torch.as_tensor(np.asarray(inds[n])).to(device, dtype=torch.float32)
+        pt[..., ndim - n - 1] = _tensor(inds[n]).to(device, dtype=torch.float32)
         im[0, ndim - n - 1] = dPt[n].to(device, dtype=torch.float32)
     sh = np.array(shape)[::-1].astype("float") - 1
     for k in range(ndim):
@@ -99,6 +99,11 @@ def follow_flows(dP, inds, niter: int = 200, device=None, interp: bool | str = T
     for k in range(ndim):
         pt[:, k] *= sh[k]
     return pt.flip(1).T.contiguous()
+
+
+def _tensor(x) -> torch.Tensor:
+    """``x`` as a tensor (a tensor stays where it is: the device path passes tensors on the device)."""
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
 
 
 FOLLOW_CHUNK_POINTS = 1 << 18  # points integrated together on a CPU (positions + steps: ~6 MB)
@@ -140,13 +145,14 @@ def _steps_pixels(dP, inds, niter: int, device: torch.device, bilinear: bool) ->
     fraction of ``niter`` x points; every position is exactly that of stepping the point alone (all
     operations are elementwise). Merge passes run while they pay (:class:`_MergeSchedule`).
     """
-    flow = torch.as_tensor(np.asarray(dP, dtype=np.float32)).to(device)
+    flow = dP.to(device, torch.float32) if isinstance(dP, torch.Tensor) else \
+        torch.as_tensor(np.asarray(dP, dtype=np.float32)).to(device)
     ndim = flow.shape[0]
     shape = [int(v) for v in flow.shape[1:]]
     planes = flow.reshape(ndim, -1)  # one flat plane per flow component: each corner is one gather per plane
     strides = [math.prod(shape[k + 1:]) for k in range(ndim)]
     top = torch.tensor([[v - 1] for v in shape], dtype=torch.float32, device=device)
-    P = torch.stack([torch.as_tensor(np.asarray(i)) for i in inds]).to(device, torch.float32)  # (ndim, npts)
+    P = torch.stack([_tensor(i).to(device) for i in inds]).to(torch.float32)  # (ndim, npts)
     rep = torch.arange(P.shape[1], device=device)
     merge = _MergeSchedule() if P.shape[1] > 1 else None
     step = torch.empty_like(P)
@@ -241,7 +247,7 @@ def get_masks(p_final: torch.Tensor, inds, shape0, max_size_fraction: float = 0.
     shape0 = tuple(int(s) for s in shape0)
     ndim = len(shape0)
     device = p_final.device
-    shape = tuple(s + 2 * _RPAD for s in shape0)
+    shape = tuple(s + 2 * RPAD for s in shape0)
     strides = [math.prod(shape[k + 1:]) for k in range(ndim)]
     strides0 = [math.prod(shape0[k + 1:]) for k in range(ndim)]
     npts = int(p_final.shape[1])
@@ -251,10 +257,10 @@ def get_masks(p_final: torch.Tensor, inds, shape0, max_size_fraction: float = 0.
 
     def hist_index(c0: int, c1: int) -> torch.Tensor:
         """Flat index into the padded histogram of the final positions of points c0..c1."""
-        pt = p_final[:, c0:c1].to(torch.int64) + _RPAD
+        pt = p_final[:, c0:c1].to(torch.int64) + RPAD
         pt.clamp_(min=0)
         for i in range(ndim):
-            pt[i].clamp_(max=shape0[i] + _RPAD - 1)
+            pt[i].clamp_(max=shape0[i] + RPAD - 1)
         return sum(pt[k] * strides[k] for k in range(ndim))
 
     def start_index(c0: int, c1: int) -> torch.Tensor:

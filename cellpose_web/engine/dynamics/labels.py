@@ -151,3 +151,54 @@ def halo_bands(shape: Sequence[int], halo: int, device: torch.device) -> Iterato
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         yield r0, r1, max(0, r0 - halo), min(n, r1 + halo)
+
+
+# ----------------------------------------------------------------------------------------------
+# the same on torch tensors, on any device (no host syncs but the ones named)
+# ----------------------------------------------------------------------------------------------
+def renumber_sorted_torch(lab: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """:func:`renumber_sorted` on a tensor: int64 labels 1..N in the order of the values, and N.
+
+    Two host syncs (the largest label, N); very sparse label values go through ``torch.unique``.
+    """
+    flat = lab.reshape(-1).long()
+    if flat.numel() == 0:
+        return flat.reshape(lab.shape), 0
+    nmax = int(flat.max())
+    if nmax > 4 * flat.numel() + 2**16:
+        uniq, inv = torch.unique(flat, return_inverse=True)
+        out = inv + (uniq[0] != 0).long()
+        return out.reshape(lab.shape), int(out.max())
+    present = torch.bincount(flat, minlength=nmax + 1) > 0
+    present[0] = False
+    lut = torch.cumsum(present, 0) * present
+    return lut[flat].reshape(lab.shape), int(lut[-1])
+
+
+def first_appearance_lut_torch(lab: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`first_appearance_lut` on a tensor with labels 0..``nmax``, without host syncs.
+
+    Returns
+    -------
+    lut : int64 (nmax + 1,)
+        Old label -> new label 1..N (first appearance in C order); 0 and absent labels -> 0.
+    n : int64 0-d tensor
+        N, the number of labels present.
+    """
+    flat = lab.reshape(-1).long()
+    big = flat.numel()
+    pos = torch.arange(big, dtype=torch.int64, device=lab.device)
+    first = torch.full((nmax + 1,), big, dtype=torch.int64, device=lab.device)
+    first.scatter_reduce_(0, flat, pos, reduce="amin", include_self=True)
+    first[0] = big
+    return lut_from_first(first, big)
+
+
+def lut_from_first(first: torch.Tensor, big: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Look-up table label -> rank of ``first[label]`` (1-based) among the entries below ``big``
+    (int64 (n,)), 0 for the others; and the number of those entries (0-d int64)."""
+    order = torch.argsort(first, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(1, first.numel() + 1, dtype=torch.int64, device=first.device)
+    present = first < big
+    return rank * present, present.sum()

@@ -6,10 +6,12 @@ import logging
 from typing import Callable
 import numpy as np
 from cellpose_web.errors import CellposeWebError
-from cellpose_web.engine.dynamics.device_setup import as_device, cpu_threads
+from cellpose_web.engine.dynamics.device_setup import as_device, cpu_threads, uses_device_path
+from cellpose_web.engine.dynamics.device_path import masks_on_device
 from cellpose_web.engine.dynamics.following import follow_flows, get_masks
 from cellpose_web.engine.dynamics.flow_check import check_flows, remove_bad_flow_masks
 from cellpose_web.engine.dynamics.postprocess import fill_holes_and_remove_small_masks
+from cellpose_web.engine.memory import is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +76,40 @@ def compute_masks(
     if not fg.any():
         logger.info("No cell pixels found.")
         return np.zeros(shape0, np.uint16)
-    inds = np.nonzero(fg)
-    with cpu_threads(device):
-        step = np.multiply(dP, fg, dtype=np.float32)  # one temporary (large images: bounded memory)
-        step /= 5.0
-        p_final = follow_flows(step, inds, niter=niter, device=device, interp=interp).int()
-        del step
-        mask = get_masks(p_final, inds, shape0, max_size_fraction=max_size_fraction)
-    del p_final, inds
     is3d = cellprob.ndim == 3 or do_3D
-    if not is3d and mask.max() > 0 and flow_threshold is not None and flow_threshold > 0:
+    check = not is3d and flow_threshold is not None and flow_threshold > 0
+    mask = None
+    if uses_device_path(device):  # everything up to the flow check on the device (device_path)
+        on_device = check and flow_error_fn is None
+        try:
+            with cpu_threads(device):
+                mask, done = masks_on_device(dP, cellprob, niter, cellprob_threshold,
+                                             flow_threshold if on_device else None, max_size_fraction, device,
+                                             interp, min_size=(min_size or 0) if (on_device or not check) else 0)
+            check = check and not on_device
+        except RuntimeError as e:
+            if is_out_of_memory(e):
+                raise
+            # a kernel this device or torch build lacks: the host path gives the same masks, only slower
+            logger.warning("device post-processing failed on %s (%s); using the host path", device,
+                           " ".join(str(e).split())[:200])
+            mask = None
+    if mask is None:
+        done = False
+        inds = np.nonzero(fg)
+        with cpu_threads(device):
+            step = np.multiply(dP, fg, dtype=np.float32)  # one temporary (large images: bounded memory)
+            step /= 5.0
+            p_final = follow_flows(step, inds, niter=niter, device=device, interp=interp).int()
+            del step
+            mask = get_masks(p_final, inds, shape0, max_size_fraction=max_size_fraction)
+        del p_final, inds
+    if check and mask.max() > 0:
         mask = remove_bad_flow_masks(mask, dP, threshold=flow_threshold, device=device, flow_error_fn=flow_error_fn)
     if mask.max() < 2**16 and mask.dtype != np.uint16:
         mask = mask.astype(np.uint16)
-    mask = fill_holes_and_remove_small_masks(mask, min_size=min_size)
+    if not done:
+        mask = fill_holes_and_remove_small_masks(mask, min_size=min_size)
     if mask.dtype == np.uint32 and mask.max() < 2**16:
         mask = mask.astype(np.uint16)
     elif mask.dtype == np.uint32:
