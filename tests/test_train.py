@@ -328,3 +328,27 @@ def test_manual_training_script_runs_with_only_the_import_changed(data_dir, tmp_
     assert "train_loss=" in epochs[0] and "loaded my_new_model" in r.stdout
     assert (tmp_path / "models" / "my_new_model").is_file()
     assert "epoch 1," in (Path(env["CELLPOSE_WEB_HOME"]) / "run.log").read_text()
+
+
+def test_no_host_sync_per_training_step(tiny_data, tmp_path, monkeypatch):
+    """The epoch's loss is summed on the device: one host read per epoch, however many steps (on a
+    GPU a per-step ``.item()`` stalls the queue of kernels)."""
+    imgs, labels = tiny_data
+    reads = {"item": 0, "float": 0}
+    item, to_float = torch.Tensor.item, torch.Tensor.__float__
+
+    def counting_item(t):
+        reads["item"] += 1
+        return item(t)
+
+    def counting_float(t):
+        reads["float"] += 1
+        return to_float(t)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    monkeypatch.setattr(torch.Tensor, "__float__", counting_float)
+    _, losses, _ = train.train_seg(LiteUNet(widths=(8, 16, 32, 64)), imgs, labels, n_epochs=2, batch_size=1,
+                                   nimg_per_epoch=6, bsize=64, min_train_masks=1, save_path=tmp_path,
+                                   learning_rate=1e-3)
+    assert np.all(np.asarray(losses) > 0)
+    assert reads["item"] == 0 and reads["float"] <= 2 * 2  # 12 steps; a read or two per epoch

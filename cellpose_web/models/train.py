@@ -13,6 +13,7 @@ What differs from Cellpose 3/4's loop, for speed (the recipe, augmentation and l
   CPU kernels run about 15 % faster than NCHW; the arithmetic is the same up to summation order, and
   the network is handed back in the usual layout. AdamW runs as torch's fused kernel (same update).
 - The held-out loss is computed under ``torch.inference_mode``, always in float32.
+- The epoch's training loss is summed on the device and read once per epoch: no host sync per step.
 - ``mixed_precision``: the forward pass can run in bfloat16 autocast (weights, gradients, optimizer and
   loss stay float32); see :func:`training_uses_bf16` for when that is the default.
 """
@@ -552,6 +553,7 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
              n_epochs, nimg, len(t_imgs), bsize, batch_size, nimg_per_epoch, device)
     log.info(">>> AdamW, learning_rate=%g, weight_decay=%g, %s; saving model to %s", learning_rate, weight_decay,
              "bfloat16 autocast" if use_bf16 else "float32", model_path)
+    loss_dtype = torch.float32 if device.type == "mps" else torch.float64
     t0 = time.time()
     stopped = False
     try:
@@ -564,7 +566,8 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
             for g in optimizer.param_groups:
                 g["lr"] = LR[iepoch]
             net.train()
-            total, count = 0.0, 0
+            # the epoch's loss is summed on the device: no host sync per step (float64 where the device has it)
+            total, count = torch.zeros((), dtype=loss_dtype, device=device), 0
             for k in range(0, len(order), batch_size):
                 idx = order[k:k + batch_size]
                 xb, yb = batch_tensors(rng, idx, imgs, flows, diams)
@@ -574,9 +577,9 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += float(loss.item()) * len(idx)
+                total += loss.detach().to(loss_dtype) * len(idx)
                 count += len(idx)
-            train_losses[iepoch] = total / max(count, 1)
+            train_losses[iepoch] = float(total) / max(count, 1)
 
             test_loss = None
             if t_imgs and (iepoch == 5 or iepoch % 10 == 0 or iepoch == n_epochs - 1):
