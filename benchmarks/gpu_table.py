@@ -14,7 +14,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 #: dense bfloat16 tensor-core peak (TFLOPS) by a part of the GPU's name; the first match counts
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))

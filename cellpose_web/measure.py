@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
 from skimage import measure as skm
 from skimage.feature import blob_log
 
