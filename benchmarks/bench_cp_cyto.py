@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cellpose_web.engine import metrics, synthetic  # noqa: E402
-from cellpose_web import models, registry
+from cellpose_web import models, registry  # noqa: E402
+from benchlib import stage_timer  # noqa: E402
 
 REF_SCRIPT = r"""
 import json, sys, numpy as np
@@ -67,15 +68,10 @@ if int(sys.argv[5]) > 0:
 from cellpose import models
 d = np.load(sys.argv[1])
 m = models.CellposeModel(pretrained_model=sys.argv[2])
+sys.path.insert(0, sys.argv[6])
+from benchlib import stage_timer
 t = {}
-def timed(name, fn):
-    def f(*a, **k):
-        w, c = time.perf_counter(), time.process_time()
-        out = fn(*a, **k)
-        t[name] = (time.perf_counter() - w, time.process_time() - c)
-        return out
-    return f
-m._run_net, m._compute_masks = timed("network", m._run_net), timed("masks", m._compute_masks)
+m._run_net, m._compute_masks = stage_timer(t, "network", m._run_net), stage_timer(t, "masks", m._compute_masks)
 runs = []
 for r in range(int(sys.argv[4]) + 1):
     w, c = time.perf_counter(), time.process_time()
@@ -189,15 +185,7 @@ def speed(args) -> None:
     from cellpose_web.models import legacy
     cp = models.CellposeModel(pretrained_model="cp_cyto")
     t: dict = {}
-
-    def timed(name, fn):
-        def f(*a, **k):
-            w, c = time.perf_counter(), time.process_time()
-            out = fn(*a, **k)
-            t[name] = (time.perf_counter() - w, time.process_time() - c)
-            return out
-        return f
-    legacy.run_net, legacy._masks = timed("network", legacy.run_net), timed("masks", legacy._masks)
+    legacy.run_net, legacy._masks = stage_timer(t, "network", legacy.run_net), stage_timer(t, "masks", legacy._masks)
     runs = []
     for r in range(args.repeats + 1):
         w, c = time.perf_counter(), time.process_time()
@@ -216,7 +204,7 @@ def speed(args) -> None:
             inp, out = Path(td) / "in.npz", Path(td) / "masks.npy"
             np.savez(inp, img=img, ch=np.asarray(ch), diam=diam)
             res = subprocess.run([ref_py, "-c", REF_SPEED_SCRIPT, str(inp), registry.resolve_model("cp_cyto").path,
-                                  str(out), str(args.repeats), str(args.threads or 0)],
+                                  str(out), str(args.repeats), str(args.threads or 0), str(Path(__file__).parent)],
                                  check=True, capture_output=True, text=True)
             rows["Cellpose 3.1.1.2"] = _best(json.loads(res.stdout.strip().splitlines()[-1])["runs"])
             same = bool(np.array_equal(np.load(out), masks))

@@ -94,3 +94,17 @@ def write_json(path: str | os.PathLike | None, stage: str, **fields: Any) -> Non
 def error_text(exc: BaseException, limit: int = 300) -> str:
     """``TypeError: message`` on one line, at most ``limit`` characters (for a table cell)."""
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:limit]
+
+
+def stage_timer(times: dict[str, tuple[float, float]], name: str, fn: Any) -> Any:
+    """``fn`` wrapped so that each call stores (wall s, CPU s) in ``times[name]``.
+
+    Standard library only, so the reference packages' interpreters can import this file too (the
+    benchmarks time the same stages of ours and of Cellpose with the same code).
+    """
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn(*args, **kwargs)
+        times[name] = (time.perf_counter() - wall, time.process_time() - cpu)
+        return out
+    return wrapped
