@@ -104,3 +104,25 @@ def test_the_app_the_command_line_and_hitl_train_through_fine_tune(pairs, tmp_pa
     s.next_image()
     rec = s.save_correction(labs[0]).handle.wait(timeout=300)
     assert rec["status"] == "done" and spy[-1]["name"] == rec["model"]["name"] and spy[-1]["lr_schedule"] is not None
+
+
+def test_fine_tune_job_checks_before_it_exists_and_fills_blanks(pairs, tmp_path, monkeypatch):
+    """The Fine-tune tab's Start: bad numbers are refused before any job is made; blank boxes take
+    the base model's recipe (the job's progress counts the recipe's epochs)."""
+    from cellpose_web.service import jobs
+    monkeypatch.setenv("CELLPOSE_WEB_HOME", str(tmp_path / "home"))
+    imgs, labs = pairs
+    for i in range(3):
+        finetune.add_pair("s", imgs[i], labs[i], f"p{i}")
+    with pytest.raises(BadInputError, match="learning_rate"):
+        finetune.start_finetune_job("s", "lite", "x", "", 0.5, "", None)
+    assert jobs.manager(None).list("train") == []
+    seen = {}
+    monkeypatch.setattr(finetune, "run_finetune", lambda *a, **k: seen.update(args=a) or {"name": "x"})
+    job = finetune.start_finetune_job("s", "lite", "x", "", "", "", None)
+    recipe = train_mod.finetune_defaults("lite")
+    import time
+    deadline = time.time() + 30
+    while (jobs.manager(None).get(job.id) or {}).get("state") in jobs.ACTIVE and time.time() < deadline:
+        time.sleep(0.05)
+    assert seen["args"][3:6] == (recipe.n_epochs, recipe.learning_rate, recipe.weight_decay)

@@ -208,7 +208,7 @@ def test_finetune_tab_shows_and_passes_the_channels(monkeypatch):
     assert text == "" and "different channels" in note
     assert list(F.sets_table(None)["channels"]) == ["all (latest; pairs differ)"]
     with pytest.raises(CellposeWebError, match="channel 7 does not exist"):
-        F.start_finetune("s", "lite", "x", 1, 1e-3, 0.1, None, channels="7")
+        training.start_finetune_job("s", "lite", "x", 1, 1e-3, 0.1, None, channels="7")
     seen = {}
 
     def fake_run(*a, **kw):
@@ -216,7 +216,7 @@ def test_finetune_tab_shows_and_passes_the_channels(monkeypatch):
         return {"name": "x"}
 
     monkeypatch.setattr(training, "run_finetune", fake_run)
-    job = F.start_finetune("s", "lite", "x", 1, 1e-3, 0.1, None, channels="2, 1")
+    job = training.start_finetune_job("s", "lite", "x", 1, 1e-3, 0.1, None, channels="2, 1")
     deadline = time.time() + 30
     while (jobs.manager(None).get(job.id) or {}).get("state") in jobs.ACTIVE and time.time() < deadline:
         time.sleep(0.05)

@@ -20,6 +20,7 @@ from cellpose_web.io import atomic_save
 from cellpose_web.measure import PunctaParams
 from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service.config import Limits
+from cellpose_web.service import jobs
 from cellpose_web.workflows.segment import SegmentParams
 from cellpose_web.service.storage import atomic_write_bytes, atomic_write_json, safe_name
 
@@ -223,3 +224,29 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
                 "errors": [list(e) for e in errors], "n_ok": len(cells), "n_images": n}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def start_batch_job(files: list[str], model: str, params: SegmentParams, pixel_size_um: float | None,
+                    puncta: PunctaParams | None, user: str | None) -> jobs.Job:
+    """Check a Batch request and start it as a background job of ``user`` (the Batch tab's Start):
+    the files are copied into the job's folder first, so the uploads may go away; the job runs
+    :func:`run_batch` on threads, or on Dask when ``CELLPOSE_WEB_DASK_SCHEDULER`` is set."""
+    if not files:
+        raise CellposeWebError("No files: upload a zip of images (or several image files) first.")
+    params = params.validated()
+    models_cache.check_offered(model)
+    jm = jobs.manager(user)
+    job = jm.create("batch", {"model": model, "params": vars(params), "pixel_size_um": pixel_size_um,
+                              "puncta": vars(puncta) if puncta else None,
+                              "inputs": [Path(f).name for f in files]}, owner=user)
+    staged = job.dir / "inputs"
+    staged.mkdir()
+    local = [str(shutil.copy2(f, staged / Path(f).name)) for f in files]
+
+    def work(j: jobs.Job):
+        return run_batch(local, params, model, j.results_dir / "batch_results", pixel_size_um=pixel_size_um,
+                         puncta=puncta, progress=j.progress, cancelled=lambda: j.cancelled,
+                         scheduler=dask_scheduler_from_env(), n_workers=config.dask_workers())
+
+    jm.start(job, work)
+    return job

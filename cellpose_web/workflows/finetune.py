@@ -27,6 +27,7 @@ from cellpose_web.engine.dynamics.labels import as_label_dtype
 from cellpose_web.errors import BadInputError, CellposeWebError
 from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service.config import Limits
+from cellpose_web.service import jobs
 from cellpose_web.io import atomic_save
 from cellpose_web.service.storage import (atomic_write_json, read_json, safe_join, safe_name,
                                           sub_dir)
@@ -557,3 +558,46 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
     return {"name": reg_name, "path": str(getattr(registered, "path", path)), "ap_before": ap_before,
             "ap_after": ap_after, "is_default": bool(make_default and better), "train_seconds": train_s,
             "train_losses": run.train_losses, "test_losses": run.test_losses, "metadata": meta}
+
+
+def start_finetune_job(set_name: str, base: str, new_name: str, epochs: Any, lr: Any, wd: Any, user: str | None,
+                       limits: Limits | None = None, channels: Any = None) -> jobs.Job:
+    """Check a fine-tune request and start :func:`run_finetune` as a background job of ``user`` (the
+    Fine-tune tab's Start); the job's ``losses`` ([epoch, train, held-out]) grow while it trains.
+
+    epochs, lr, wd : as typed (blank = the base model's recipe); checked here, before a job exists.
+    channels : file channels to train on ("1,2" or [1, 2]); blank/None = each image on the channels it
+        was segmented with.
+    """
+    if not set_name:
+        raise BadInputError("Choose a training set (add corrected images in the Correct tab, or upload pairs).")
+    if not base:
+        raise BadInputError("Choose a base model to start from.")
+    if not new_name or not str(new_name).strip():
+        raise BadInputError("Give the new model a name, e.g. 'nuclei_lab_v1'.")
+    limits = limits or Limits.from_env()
+    models_cache.check_offered(base)
+    chans = parse_channels(channels)
+    images, _, _ = load_set(set_name, user, chans)  # fails early if empty or a channel is missing
+    settings = training_settings(base_model_arch(base), len(images), epochs, lr, wd, max_epochs=limits.max_epochs)
+    n_epochs = settings["n_epochs"]
+    jm = jobs.manager(user)
+    job = jm.create("train", {"set": set_name, "base": base, "name": new_name, "epochs": n_epochs,
+                              "lr": settings["learning_rate"], "wd": settings["weight_decay"], "channels": chans},
+                    owner=user)
+    job.update(losses=[])
+
+    def work(j: jobs.Job):
+        losses: list = []
+
+        def on_epoch(e, tr, te, el):
+            losses.append([e, tr, te])
+            j.update(losses=list(losses), progress=(e + 1) / n_epochs,
+                     message=f"epoch {e + 1}/{n_epochs}: loss {tr:.4f}" + (f", held-out {te:.4f}" if te else ""))
+
+        return run_finetune(set_name, base, new_name, n_epochs, settings["learning_rate"], settings["weight_decay"],
+                            user=user, work_dir=j.dir / "work", on_epoch=on_epoch, cancelled=lambda: j.cancelled,
+                            on_status=lambda m: j.update(message=m), limits=limits, channels=chans)
+
+    jm.start(job, work)
+    return job

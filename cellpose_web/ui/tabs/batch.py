@@ -11,12 +11,10 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from cellpose_web.service import config
 from cellpose_web.workflows import CellposeWebError, inputs
-from cellpose_web.workflows.results import DEFAULT_MAX_DISTANCE_UM, PunctaParams
-from cellpose_web.workflows import batch, model_cache as models_cache
+from cellpose_web.workflows.results import DEFAULT_MAX_DISTANCE_UM
+from cellpose_web.workflows import batch
 from cellpose_web.service import jobs, runs
-from cellpose_web.workflows.segment import SegmentParams
 from cellpose_web.ui import common, results_view, widgets as W
 
 INTRO = ("Upload a **zip** of images (or select several image files). Every image is segmented with the "
@@ -41,30 +39,6 @@ def jobs_table(user: str | None) -> pd.DataFrame:
                      "images ok": r.get("n_ok", ""), "problems": len(r.get("errors", [])) if r else "",
                      "message": st.get("message", "")})
     return pd.DataFrame(rows, columns=["job", "state", "progress", "images ok", "problems", "message"])
-
-
-def start_batch(files: list[str], model: str, params: SegmentParams, px: float | None,
-                puncta: PunctaParams | None, user: str | None) -> jobs.Job:
-    if not files:
-        raise CellposeWebError("No files: upload a zip of images (or several image files) first.")
-    params = params.validated()
-    models_cache.check_offered(model)
-    jm = jobs.manager(user)
-    job = jm.create("batch", {"model": model, "params": vars(params), "pixel_size_um": px,
-                              "puncta": vars(puncta) if puncta else None,
-                              "inputs": [Path(f).name for f in files]}, owner=user)
-    staged = job.dir / "inputs"
-    staged.mkdir()
-    local = [str(shutil.copy2(f, staged / Path(f).name)) for f in files]
-
-    def work(j: jobs.Job):
-        return batch.run_batch(local, params, model, j.results_dir / "batch_results", pixel_size_um=px,
-                               puncta=puncta, progress=j.progress, cancelled=lambda: j.cancelled,
-                               scheduler=batch.dask_scheduler_from_env(),
-                               n_workers=config.dask_workers())
-
-    jm.start(job, work)
-    return job
 
 
 def build(ctx: dict[str, Any]) -> None:
@@ -117,7 +91,8 @@ def build(ctx: dict[str, Any]) -> None:
         pp = results_view.make_puncta(puncta, puncta_channel, puncta_sigma_min_px, puncta_sigma_max_px,
                                      puncta_threshold, puncta_max_distance_um)
         user = W.username(request)
-        job = start_batch([f for f in (files or [])], model, params, common.parse_pixel_size(pixel_size_um), pp, user)
+        job = batch.start_batch_job(list(files or []), model, params, common.parse_pixel_size(pixel_size_um), pp,
+                                    user)
         jm = jobs.manager(user)
         yield job.id, f"Batch **{job.id}** queued…", gr.skip(), gr.skip(), jobs_table(user)
         started = None

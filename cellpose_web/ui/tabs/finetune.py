@@ -12,7 +12,6 @@ import pandas as pd
 from cellpose_web.workflows import CellposeWebError, inputs
 from cellpose_web.service import jobs
 from cellpose_web.workflows import finetune as training
-from cellpose_web.service.config import Limits
 from cellpose_web.ui import common, widgets as W
 
 INTRO = ("Fine-tuning starts from a **base model** (as Cellpose advises) and trains on your corrected "
@@ -89,42 +88,6 @@ def loss_frame(losses: list) -> pd.DataFrame:
             rows.append({"epoch": e, "loss": te, "curve": "held-out"})
     df = pd.DataFrame(rows, columns=["epoch", "loss", "curve"])
     return df.astype({"epoch": "int64", "loss": "float64", "curve": "str"})
-
-
-def start_finetune(set_name: str, base: str, new_name: str, epochs, lr, wd, user: str | None,
-                   limits: Limits | None = None, channels: Any = None) -> jobs.Job:
-    """Start a fine-tune job. channels: file channels to train on ("1,2" or [1, 2]); blank/None =
-    each image on the channels it was segmented with."""
-    if not set_name:
-        raise CellposeWebError("Choose a training set (add corrected images in the Correct tab, or upload pairs).")
-    if not base:
-        raise CellposeWebError("Choose a base model to start from.")
-    if not new_name or not str(new_name).strip():
-        raise CellposeWebError("Give the new model a name, e.g. 'nuclei_lab_v1'.")
-    from cellpose_web.workflows import model_cache as models_cache
-    models_cache.check_offered(base)
-    chans = training.parse_channels(channels)
-    training.load_set(set_name, user, chans)  # fails early with a clear message if empty or a channel is missing
-    jm = jobs.manager(user)
-    job = jm.create("train", {"set": set_name, "base": base, "name": new_name, "epochs": epochs, "lr": lr,
-                              "wd": wd, "channels": chans}, owner=user)
-    job.update(losses=[])
-
-    def work(j: jobs.Job):
-        losses: list = []
-        n = int(epochs)
-
-        def on_epoch(e, tr, te, el):
-            losses.append([e, tr, te])
-            j.update(losses=list(losses), progress=(e + 1) / n,
-                     message=f"epoch {e + 1}/{n}: loss {tr:.4f}" + (f", held-out {te:.4f}" if te else ""))
-
-        return training.run_finetune(set_name, base, new_name, epochs, lr, wd, user=user,
-                                     work_dir=j.dir / "work", on_epoch=on_epoch, cancelled=lambda: j.cancelled,
-                                     on_status=lambda m: j.update(message=m), limits=limits, channels=chans)
-
-    jm.start(job, work)
-    return job
 
 
 def build(ctx: dict[str, Any]) -> None:
@@ -205,8 +168,8 @@ def build(ctx: dict[str, Any]) -> None:
     def on_start(training_set, base_model, new_model_name, epochs_, learning_rate, weight_decay, channels="",
                  request: gr.Request = None):
         user = W.username(request)
-        job = start_finetune(training_set, base_model, new_model_name, epochs_, learning_rate, weight_decay, user,
-                             ctx["limits"], channels=channels)
+        job = training.start_finetune_job(training_set, base_model, new_model_name, epochs_, learning_rate,
+                                          weight_decay, user, ctx["limits"], channels=channels)
         jm = jobs.manager(user)
         keep = [gr.skip() for _ in dds]
         yield (job.id, f"Training job **{job.id}** started…", gr.skip(), None, *keep)
