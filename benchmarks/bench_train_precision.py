@@ -16,6 +16,13 @@ over the images (true positives / (TP + FP + FN) summed over the 3 images), the 
 the last epoch's training loss and the held-out flow loss of the final network. Running two seeds
 per precision shows how far apart two float32 runs already are, which is the scale a bf16 difference
 should be judged on. Also prints the network before fine-tuning. Prints numbers, no pass/fail.
+
+``--model vit-small``: the Cellpose-SAM architecture (``CPSAMNet``: SAM ViT blocks with global attention
+and the decomposed relative-position bias, neck, readout) at a size a CPU can train, 192 wide, 4 blocks
+of 3 heads, trained from the same random weights (the full ViT-L's pretrained weights are not
+needed to ask whether bf16 autocast changes what its layers learn: LayerNorm, softmax and the loss run
+in float32 under autocast either way), with Cellpose 4's train_seg recipe (``rescale=False``, 256 px
+crops, batch 8) and ``--lr`` (default 1e-3 for training from scratch).
 """
 from __future__ import annotations
 
@@ -63,9 +70,18 @@ def score(model: models.CellposeModel, imgs, labels, **kw) -> dict:
     return {"ap50": float(ap[0]), "ap75": float(ap[1]), "iou": float(np.mean(ious)) if ious else 0.0}
 
 
+def small_vit(folder: Path) -> Path:
+    """A Cellpose-SAM network 192 wide with 4 blocks (random weights, seed 0), saved as a Cellpose 4 file."""
+    from cellpose_web.engine.nets.vit_sam import CPSAMNet
+    torch.manual_seed(0)
+    net = CPSAMNet(embed_dim=192, depth=4, num_heads=3, global_attn_indexes=(0, 1, 2, 3))
+    return train.save_network(net, folder / "vit_small_init")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="cp_cyto", choices=["cp_cyto", "lite"])
+    ap.add_argument("--model", default="cp_cyto", choices=["cp_cyto", "lite", "vit-small"])
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's; 1e-3 for vit-small)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--nimg", type=int, default=None, help="crops per epoch (default: 32 for cp_cyto, "
                     "the recipe's for lite)")
@@ -73,14 +89,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    weights = str(CP_CYTO) if args.model == "cp_cyto" else "lite"
-    recipe = train.finetune_defaults("cellpose3" if args.model == "cp_cyto" else "lite")
+    tmp_weights = tempfile.TemporaryDirectory()
+    if args.model == "vit-small":
+        weights = str(small_vit(Path(tmp_weights.name)))
+        recipe = train.finetune_defaults("cpsam")
+    else:
+        weights = str(CP_CYTO) if args.model == "cp_cyto" else "lite"
+        recipe = train.finetune_defaults("cellpose3" if args.model == "cp_cyto" else "lite")
+    lr = args.lr or (1e-3 if args.model == "vit-small" else recipe.learning_rate)
+    batch_size = 8 if args.model == "vit-small" else recipe.batch_size
     tr_imgs, tr_labels, _ = load_folder(DATA / "train")
     chan = {"channels": [0, 0]} if args.model == "cp_cyto" else {}  # the legacy U-Net's grey input
-    nimg = args.nimg or (32 if args.model == "cp_cyto" else recipe.nimg_per_epoch(len(tr_imgs)))
+    nimg = args.nimg or (32 if args.model in ("cp_cyto", "vit-small") else recipe.nimg_per_epoch(len(tr_imgs)))
     va_imgs, va_labels, va_names = load_folder(DATA / "val")
     print(f"{args.model}; train: {len(tr_imgs)} images; val: {va_names}; {args.epochs} epochs x {nimg} crops of "
-          f"{recipe.bsize} px, batch {recipe.batch_size}, lr {recipe.learning_rate}, wd {recipe.weight_decay}, "
+          f"{recipe.bsize} px, batch {batch_size}, lr {lr}, wd {recipe.weight_decay}, "
           f"{torch.get_num_threads()} threads, native bf16: {train.cpu_has_native_bf16()}", flush=True)
     base = score(models.CellposeModel(pretrained_model=weights), va_imgs, va_labels, **chan)
     print(f"before fine-tuning        : AP@0.5 {base['ap50']:.3f}  AP@0.75 {base['ap75']:.3f}  "
@@ -94,7 +117,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 path, losses, test_losses = train.train_seg(
                     model.net, tr_imgs, tr_labels, test_data=va_imgs, test_labels=va_labels, **chan,
-                    batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
+                    batch_size=batch_size, learning_rate=lr,
                     weight_decay=recipe.weight_decay, n_epochs=args.epochs, nimg_per_epoch=nimg,
                     bsize=recipe.bsize, rescale=args.model == "cp_cyto", min_train_masks=1, save_path=tmp,
                     model_name="prec",

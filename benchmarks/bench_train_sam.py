@@ -2,6 +2,7 @@
 
     CELLPOSE_REF_PYTHON=/path/to/venv/bin/python python benchmarks/bench_train_sam.py [--nimg 4] [--epochs 1]
     python benchmarks/bench_train_sam.py --device cuda --epochs 4 --nimg 64 --batch 8 --json results.jsonl
+    python benchmarks/bench_train_sam.py --device cuda ... --precisions auto float32
 
 The Cellpose-SAM weights cannot be fetched offline, so both packages train a full-size (ViT-L, 305 M
 parameters) Cellpose-SAM with the same random weights (seed 0, written once to a temporary file in
@@ -13,6 +14,12 @@ the weights' values. Data: the first three images of ``../shared/data/nuclei_2d/
 float32 weights in both (Cellpose 4's CellposeModel would load bfloat16 weights by default;
 ``use_bfloat16=False`` makes the work the same). Flows of the labels are computed inside the call, as
 both packages do.
+
+Ours trains in the precision ``train_seg`` picks by default (``--precisions auto``: bfloat16 autocast for
+Cellpose-SAM on CUDA, float32 on a CPU; Cellpose 4 trains in float32 with TF32 matrix products on CUDA);
+``--precisions auto float32`` also times ours with ``mixed_precision=False`` (float32 with TF32 on CUDA,
+Cellpose 4's arithmetic). Each run reports the last epoch's training loss beside its time, so a precision
+that learns differently shows.
 
 Each run is a fresh process on ``--device``, ours - reference - ours (``--repeats 1``: ours - reference); the
 faster of ours counts. On a CPU: one torch thread, timed in process CPU seconds (steady on a busy machine),
@@ -49,7 +56,7 @@ if k["threads"]:
 if k["ours"]:
     sys.path.insert(0, k["root"])
     from cellpose_web import io, models, train
-    kw = {"seed": 0}
+    kw = {"seed": 0, "mixed_precision": {"auto": None, "float32": False, "bfloat16": True}[k["precision"]]}
 else:
     exec(k["sam_patch"])
     patch_sam_registry(k["weights"])
@@ -66,13 +73,16 @@ if cuda:
 np.random.seed(0); torch.manual_seed(0)
 with tempfile.TemporaryDirectory() as tmp:
     c0, w0 = time.process_time(), time.perf_counter()
-    train.train_seg(model.net, train_data=imgs, train_labels=labels, batch_size=k["batch"], n_epochs=k["epochs"],
+    out = train.train_seg(model.net, train_data=imgs, train_labels=labels, batch_size=k["batch"], n_epochs=k["epochs"],
                     nimg_per_epoch=k["nimg"], bsize=k["bsize"], scale_range=0.5, learning_rate=1e-5, weight_decay=0.1,
                     min_train_masks=1, save_path=tmp, model_name="bench", **kw)
     if cuda:
         torch.cuda.synchronize(dev)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-print(json.dumps({"cpu_s": cpu, "wall_s": wall, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+precision = None
+if k["ours"]:
+    precision = "bfloat16" if train.training_uses_bf16(model.net, dev, kw["mixed_precision"]) else "float32"
+print(json.dumps({"cpu_s": cpu, "wall_s": wall, "final_loss": float(out[1][-1]), "precision": precision, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "peak_gpu_gb": torch.cuda.max_memory_allocated(dev) / 1e9 if cuda else None}))
 """
 
@@ -91,8 +101,9 @@ def describe(r: dict, metric: str) -> str:
     """``12.3 s wall (4.5 CPU s), peak 31.0 GB GPU`` for one run."""
     other = "cpu_s" if metric == "wall_s" else "wall_s"
     mem = f"{r['peak_gpu_gb']:.1f} GB GPU" if r.get("peak_gpu_gb") is not None else f"{r['peak_mb']:.0f} MB"
+    prec = f"{r['precision']}, " if r.get("precision") else ""
     return (f"{r[metric]:.1f} {'s wall' if metric == 'wall_s' else 'CPU s'} ({r[other]:.1f} "
-            f"{'CPU s' if metric == 'wall_s' else 's wall'}), peak {mem}")
+            f"{'CPU s' if metric == 'wall_s' else 's wall'}), {prec}peak {mem}, last loss {r['final_loss']:.4f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on a CPU, torch's on CUDA)")
     ap.add_argument("--weights", default=None, help="Cellpose-SAM checkpoint (default: random ViT-L weights)")
     ap.add_argument("--repeats", type=int, default=2, choices=[1, 2], help="runs of ours (around the reference)")
+    ap.add_argument("--precisions", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
+                    help="ours in these precisions (the first is the one compared with the reference)")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -118,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             make_full_weights(weights)
         k = {"root": str(ROOT), "data": str(DATA), "weights": weights, "epochs": args.epochs, "nimg": args.nimg,
              "batch": args.batch, "bsize": args.bsize, "device": args.device, "threads": threads,
-             "sam_patch": REF_SAM_PATCH}
+             "sam_patch": REF_SAM_PATCH, "precision": args.precisions[0]}
         print(f"Cellpose-SAM ({Path(weights).name}), 3 images of {DATA}, {args.epochs} epoch(s) x {args.nimg} crops "
               f"of {args.bsize} px, batch {args.batch}, float32 weights, {args.device}, threads {threads or 'default'}")
         ours = [run(sys.executable, {**k, "ours": True})]
@@ -126,10 +139,13 @@ def main(argv: list[str] | None = None) -> None:
             (None, f"no reference python ({ref_py}; set CELLPOSE_REF_PYTHON)")
         if args.repeats == 2:
             ours.append(run(sys.executable, {**k, "ours": True}))
+        others = {p: run(sys.executable, {**k, "ours": True, "precision": p})[0] for p in args.precisions[1:]}
     good = [o for o, _ in ours if o]
     best = min(good, key=lambda o: o[metric]) if good else None
     if best:
         print(f"  ours:      {describe(best, metric)}; runs: " + ", ".join(f"{o[metric]:.1f}" for o in good))
+    for p, o in others.items():
+        print(f"  ours, {p}: " + (describe(o, metric) if o else "failed"))
     if ref:
         print(f"  Cellpose {ref_py}: {describe(ref, metric)}")
     if best and ref:
@@ -138,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  (no reference: {ref_err})")
     write_json(args.json, "cpsam_train", device=args.device, weights=Path(weights).name, epochs=args.epochs,
                nimg=args.nimg, batch=args.batch, bsize=args.bsize, metric=metric, ours=best, ref=ref,
-               ours_error=None if best else ours[0][1], ref_error=ref_err)
+               ours_error=None if best else ours[0][1], ref_error=ref_err, ours_other=others)
 
 
 if __name__ == "__main__":

@@ -143,8 +143,8 @@ stage dynamics_1024 40 env CELLPOSE_REF_PYTHON="$c4" "$PY" benchmarks/bench_dyna
   --size "${dyn[0]}" --repeats "${dyn[1]}" --ref-repeats "${dyn[2]}" --threads "$T" "$(j dynamics_1024)"
 stage dynamics_2048 50 env CELLPOSE_REF_PYTHON="$c4" "$PY" benchmarks/bench_dynamics.py --device "$dev" \
   --size "${dyn[3]}" --repeats "${dyn[4]}" --ref-repeats "${dyn[5]}" --threads "$T" "$(j dynamics_2048)"
-stage cpsam_train 90 env CELLPOSE_REF_PYTHON="$c4" "$PY" benchmarks/bench_train_sam.py --device "$dev" \
-  --weights "$W" "${train_sam[@]}" --repeats 1 "$(j cpsam_train)"
+stage cpsam_train 110 env CELLPOSE_REF_PYTHON="$c4" "$PY" benchmarks/bench_train_sam.py --device "$dev" \
+  --weights "$W" "${train_sam[@]}" --repeats 1 --precisions auto float32 "$(j cpsam_train)"
 engine=(env CELLPOSE_REF_PYTHON="$c4" "$PY" benchmarks/bench_engine.py --table --device "$dev" --weights "$W"
         --threads "$T")
 stage vit_forward 45 "${engine[@]}" --repeat 3 --forward-batches "${fw[@]}" --eval-sizes --eval-3d 0 0 \

@@ -132,7 +132,9 @@ def _train_cell(run: dict | None, metric: str, who: str = "") -> str:
         return "—"
     mem = run.get("peak_gpu_gb")
     mem_s = f", peak {mem:.1f} GB" if mem is not None else f", peak RSS {run['peak_mb'] / 1024:.1f} GB"
-    return f"{who}{run[metric]:.1f} s{mem_s}"
+    prec = f" {run['precision']}" if run.get("precision") else ""
+    loss = f", last loss {run['final_loss']:.3f}" if run.get("final_loss") is not None else ""
+    return f"{who}{run[metric]:.1f} s{prec}{mem_s}{loss}"
 
 
 def cpsam_train_rows(recs: list[dict], reason: str) -> list[Row]:
@@ -145,9 +147,13 @@ def cpsam_train_rows(recs: list[dict], reason: str) -> list[Row]:
     if not r.get("ours"):
         return [failed_row(what, f"ours failed: {r.get('ours_error')}", limit)]
     q = ratio(r["ours"][r["metric"]], (r.get("ref") or {}).get(r["metric"]))
-    return [(what, _train_cell(r["ours"], r["metric"]),
-             _train_cell(r.get("ref"), r["metric"], "C4 ") if r.get("ref") else r.get("ref_error") or "—",
-             fmt_ratio(q), limit, met(q, TRAIN_SAM_LIMIT))]
+    ref_cell = _train_cell(r.get("ref"), r["metric"], "C4 ") if r.get("ref") else r.get("ref_error") or "—"
+    rows = [(what, _train_cell(r["ours"], r["metric"]), ref_cell, fmt_ratio(q), limit, met(q, TRAIN_SAM_LIMIT))]
+    for precision, other in (r.get("ours_other") or {}).items():
+        q = ratio((other or {}).get(r["metric"]), (r.get("ref") or {}).get(r["metric"]))
+        rows.append((f"the same, ours in {precision}", _train_cell(other, r["metric"]) if other else "failed",
+                     ref_cell, fmt_ratio(q), "—", "—"))
+    return rows
 
 
 def _eval_cell(run: dict | None, err: str | None, who: str = "") -> str:

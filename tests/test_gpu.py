@@ -135,10 +135,14 @@ def test_two_training_steps_on_device(kind, tiny_cpsam, tmp_path):
     img, labels, kw = training_case(kind)
     model = CellposeModel(pretrained_model=name, device=DEVICE)
     before = [p.detach().float().cpu().clone() for p in model.net.parameters()]
+    tf32_while_training = []
     path, losses, _ = train.train_seg(model.net, [img], [labels], batch_size=2, n_epochs=2, nimg_per_epoch=2,
                                       learning_rate=1e-3, weight_decay=1e-5, min_train_masks=1, save_path=tmp_path,
-                                      model_name=f"gpu_{kind}", **kw)
+                                      model_name=f"gpu_{kind}", **kw, callback=lambda *a: tf32_while_training.append(
+                                          torch.backends.cuda.matmul.allow_tf32))
     assert len(losses) == 2 and np.isfinite(losses).all()
+    # TF32 matrix products while training on CUDA (as Cellpose 4), the caller's setting afterwards
+    assert tf32_while_training == [DEVICE.type == "cuda"] * 2 and not torch.backends.cuda.matmul.allow_tf32
     after = list(model.net.parameters())
     assert all(p.device.type == DEVICE.type for p in after)
     assert any(not torch.equal(b, a.detach().float().cpu()) for b, a in zip(before, after)), "no weight changed"
@@ -168,3 +172,48 @@ def test_app_pipeline_on_device(tmp_path):
     model = pipeline.get_model("lite", device=str(DEVICE), gpu=DEVICE.type != "cpu").model
     ap = agreement(masks["cpu"], masks["dev"])
     assert ap >= tolerance(model), f"the pipeline on {DEVICE}: AP@0.5 {ap:.3f} vs the CPU's masks"
+
+
+@pytest.mark.parametrize("kind", ["cpsam", "lite"])
+def test_training_step_queues_without_host_syncs(kind, tiny_cpsam):
+    """A training step as train_seg runs it (crops cut on the device; Cellpose-SAM: layer drop and bf16 autocast
+    where training_uses_bf16 says so; lite: its intensity augmentation; the loss, fused AdamW) never makes the
+    host wait for the device: on CUDA, torch's sync debug mode turns any synchronising call into an error. The
+    first step (which also times the attention kernels once) is a warm-up outside the check."""
+    from cellpose_web.engine import transforms
+
+    model = CellposeModel(pretrained_model={"cpsam": tiny_cpsam}.get(kind, kind), device=DEVICE)
+    net = model.net.float()
+    img, labels, _ = training_case("nuclei")
+    imgs, flows, _, _ = train.prepare_training_data([img], [labels], None, True, 1, DEVICE,
+                                                    nchan=int(getattr(net, "nchan", 3)))
+    gen = torch.Generator().manual_seed(0)
+    bf16 = train.training_uses_bf16(net, DEVICE)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=DEVICE.type == "cuda")
+    net.train()
+    total = torch.zeros((), device=DEVICE)
+
+    def step(seed):
+        xb, yb = transforms.random_rotate_and_resize(imgs * 2, flows * 2, scale_range=0.5, xy=(256, 256),
+                                                     rng=seed, device=DEVICE)
+        if kind == "lite":
+            xb = train.intensity_augment(xb, gen)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+            y = net(xb)[0]
+        loss = train.flow_loss(y.float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return total + loss.detach()
+
+    total = step(0)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for seed in (1, 2):
+            total = step(seed)
+    finally:
+        if DEVICE.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(total).item()

@@ -208,10 +208,18 @@ def test_bf16_is_the_default_only_where_it_is_native(monkeypatch):
     unet, lite = CPnet((2, 8, 16, 32)), LiteUNet(widths=(8, 16, 32, 64))
     monkeypatch.delenv(train.TRAIN_BF16_ENV, raising=False)
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    from cellpose_web.engine.nets.vit_sam import CPSAMNet
+
+    sam = CPSAMNet(embed_dim=32, depth=1, num_heads=2, out_chans=16)
+    monkeypatch.setattr(train, "cuda_has_bf16", lambda device: True)
     assert train.training_uses_bf16(unet, "cpu") and train.training_uses_bf16(lite, "cpu")
     assert not train.training_uses_bf16(unet, "cpu", mixed_precision=False)
-    assert not train.training_uses_bf16(unet, "cuda")  # GPUs: float32 unless asked (not measured there)
-    assert not train.training_uses_bf16(torch.nn.Conv2d(3, 3, 1), "cpu")  # e.g. Cellpose-SAM: float32
+    # CUDA: Cellpose-SAM in bf16 autocast, the convolutional families in float32 (TF32) as Cellpose 3
+    assert train.training_uses_bf16(sam, "cuda") and not train.training_uses_bf16(sam, "cuda", mixed_precision=False)
+    assert not train.training_uses_bf16(unet, "cuda") and not train.training_uses_bf16(lite, "cuda")
+    assert not train.training_uses_bf16(sam, "cpu")  # Cellpose-SAM on a CPU: float32
+    monkeypatch.setattr(train, "cuda_has_bf16", lambda device: False)  # e.g. a V100 or a T4
+    assert not train.training_uses_bf16(sam, "cuda")
     monkeypatch.setenv(train.TRAIN_BF16_ENV, "0")
     assert not train.training_uses_bf16(unet, "cpu") and train.training_uses_bf16(unet, "cpu", mixed_precision=True)
     monkeypatch.setenv(train.TRAIN_BF16_ENV, "1")
@@ -219,6 +227,23 @@ def test_bf16_is_the_default_only_where_it_is_native(monkeypatch):
     assert train.training_uses_bf16(unet, "cpu")
     monkeypatch.delenv(train.TRAIN_BF16_ENV)
     assert not train.training_uses_bf16(unet, "cpu") and not train.training_uses_bf16(lite, "cpu")
+
+
+def test_cuda_tf32_is_scoped_to_training():
+    """Cellpose 4 trains with TF32 matrix products on CUDA (it turns them on at import); train_seg does
+    the same only while it trains and restores the caller's settings, also after an error."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with train.cuda_tf32("cpu"):
+            assert not torch.backends.cuda.matmul.allow_tf32  # other devices: untouched
+        with pytest.raises(ValueError):
+            with train.cuda_tf32("cuda:0"):
+                assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+                raise ValueError("a step failed")
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_cellpose_keywords_accepted_with_notice_and_epochs_logged(tiny_data, tmp_path, caplog):

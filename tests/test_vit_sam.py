@@ -157,3 +157,91 @@ def test_training_mode_layer_drop_and_gradients(tiny_sd):
     assert net.out.weight.grad is not None and net.encoder.blocks[0].attn.qkv.weight.grad is not None
     assert net.encoder.patch_embed.proj.weight.grad is None  # as Cellpose 4.2: patch embed not fine-tuned
     assert net.W2.grad is None
+
+
+def test_layer_drop_computes_only_kept_blocks_and_matches_cellpose_formula(tiny_sd):
+    """Cellpose 4 mixes ``x * m + blk(x) * (1 - m)``; running the block only on kept images must give
+    the same outputs and gradients, and the dropped images must not reach the block at all."""
+    net = CPSAMNet.from_state_dict(tiny_sd)
+    net.train()
+    net.rdrop = 0.9  # most blocks dropped for some images, so subsets of every size occur
+    x = torch.randn(5, 3, 256, 256)
+    seen = []
+    hooks = [blk.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0])) for blk in net.encoder.blocks]
+    torch.manual_seed(3)
+    y = net(x)[0]
+    for h in hooks:
+        h.remove()
+    y.square().mean().backward()
+    grads = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+
+    # the reference: Cellpose 4's formula with the same draw
+    net.zero_grad()
+    torch.manual_seed(3)
+    nlay = len(net.encoder.blocks)
+    skip = (torch.rand((5, nlay)) < torch.linspace(0, net.rdrop, nlay)).float()
+    enc = net.encoder
+    h = torch.nn.functional.conv2d(x, enc.patch_embed.proj.weight.detach(), enc.patch_embed.proj.bias.detach(),
+                                   stride=net.ps)
+    H, W = h.shape[-2:]
+    h = h.flatten(2).transpose(1, 2) + enc.pos_embed.reshape(1, H * W, -1)
+    for i, blk in enumerate(enc.blocks):
+        m = skip[:, i].view(5, 1, 1)
+        h = h * m + blk(h, H, W) * (1 - m)
+    h = enc.neck(h.transpose(1, 2).reshape(5, -1, H, W))
+    y_ref = torch.nn.functional.pixel_shuffle(net.out(h), net.ps)
+    y_ref.square().mean().backward()
+
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for k, g in grads.items():
+        torch.testing.assert_close(g, dict(net.named_parameters())[k].grad, atol=1e-5, rtol=1e-4)
+    kept = (1 - skip).sum(0).long().tolist()
+    assert seen == [n for n in kept if n > 0]  # each block saw only the images that keep it
+    assert sum(seen) < 5 * nlay
+
+
+def test_auto_attention_is_mask_on_cpu_without_timing(tiny_sd):
+    net = CPSAMNet.from_state_dict(tiny_sd)
+    calls = []
+    net.encoder.blocks[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    with torch.inference_mode():
+        net(torch.rand(2, 3, 256, 256))
+    assert net.attention_in_use() == "mask" and len(calls) == 1
+
+
+def test_auto_attention_timed_once_per_case_on_accelerators(tiny_sd, reference_dir, monkeypatch):
+    """On a GPU "auto" times mask against fold once per (device, dtype, batch, grad) and keeps the
+    faster; here the CPU stands in for the GPU. The outputs are the reference's either way."""
+    io = np.load(reference_dir / "tiny_cpsam_io.npz")
+    net = CPSAMNet.from_state_dict(tiny_sd)
+    monkeypatch.setattr(net, "timed_attention_devices", ("cpu",))
+    calls = []
+    net.encoder.blocks[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    x = torch.from_numpy(io["x"])
+    with torch.inference_mode():
+        y = net(x)[0]
+        assert len(calls) == 1 + 2 * 3  # the pass itself + (warm-up + 2 timed) per candidate
+        assert net.attention_in_use() in ("mask", "fold")
+        y2 = net(x)[0]
+        assert len(calls) == 8  # the same case again: no new timing
+        net(torch.cat([x, x]))
+        assert len(calls) == 8 + 7  # another batch size is measured anew
+    assert np.abs(y.numpy() - io["y"]).max() < 1e-4 and torch.equal(y, y2)
+
+
+def test_auto_attention_skips_a_kernel_that_fails(tiny_sd, monkeypatch):
+    import cellpose_web.engine.nets.vit_sam as vit_sam
+
+    real_sdpa = F.scaled_dot_product_attention
+
+    def no_maskless_kernel(q, k, v, attn_mask=None, **kw):
+        if attn_mask is None:
+            raise RuntimeError("no kernel for this head size")
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(vit_sam.F, "scaled_dot_product_attention", no_maskless_kernel)
+    net = CPSAMNet.from_state_dict(tiny_sd)
+    monkeypatch.setattr(net, "timed_attention_devices", ("cpu",))
+    with torch.inference_mode():
+        net(torch.rand(2, 3, 256, 256))
+    assert net.attention_in_use() == "mask"

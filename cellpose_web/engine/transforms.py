@@ -584,6 +584,31 @@ def taper_mask(ly: int = 256, lx: int = 256, sig: float = 7.5) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # training augmentation
 # --------------------------------------------------------------------------------------------
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait for the device's queued work.
+
+    A plain copy from ordinary (pageable) memory to a CUDA device synchronises the stream; from
+    pinned memory with ``non_blocking`` it is queued like a kernel (torch's pinned-memory cache keeps
+    the buffer until the copy has run). Elsewhere this is ``t.to(device)``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _sampling_grids(coef: torch.Tensor, oy: int, ox: int) -> torch.Tensor:
+    """(B, oy, ox, 2) float32 ``grid_sample`` grids from (B, 8) float64 affine rows
+    [a00, a01, bx, a10, a11, by, Lx / 2, Ly / 2], computed in float64 on ``coef``'s device."""
+    xo = torch.arange(ox, dtype=torch.float64, device=coef.device) - ox / 2 + 0.5
+    yo = torch.arange(oy, dtype=torch.float64, device=coef.device) - oy / 2 + 0.5
+    gy, gx = torch.meshgrid(yo, xo, indexing="ij")
+    a00, a01, bx, a10, a11, by, hx, hy = (coef[:, i, None, None] for i in range(8))
+    xin = a00 * gx + a01 * gy + bx
+    yin = a10 * gx + a11 * gy + by
+    return torch.stack([xin / hx, yin / hy], dim=-1).to(torch.float32)
+
+
 def random_rotate_and_resize(imgs, flows=None, scale_range: float | None = 0.5, xy=(256, 256),
                              rescale=None, rng=None, device=None, do_flip: bool = True,
                              rotate: bool = True):
@@ -616,15 +641,13 @@ def random_rotate_and_resize(imgs, flows=None, scale_range: float | None = 0.5, 
     device = torch.device("cpu") if device is None else torch.device(device)
     oy, ox = (int(xy), int(xy)) if np.isscalar(xy) else (int(xy[0]), int(xy[1]))
     n = len(imgs)
-    out_i, out_f = [], []
     scales = np.ones(n, np.float32)
+    # the random draws, on the host in Cellpose's order; each image's affine map (in float64) becomes
+    # one row of `coef`, and all sampling grids are made from it on the device after one upload
+    coef = np.zeros((n, 8), np.float64)  # a00, a01, bx, a10, a11, by, Lx / 2, Ly / 2
+    flips, rotations = np.zeros(n, bool), np.zeros((n, 2))
     for k in range(n):
-        im = imgs[k]
-        im = (im if torch.is_tensor(im) else torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)))
-        im = im.to(device=device, dtype=torch.float32)
-        if im.ndim == 2:
-            im = im[None]
-        Ly, Lx = im.shape[-2:]
+        Ly, Lx = imgs[k].shape[-2:]
         if scale_range is None:
             s = 2 ** (4 * rng.random() - 2)
         else:
@@ -635,21 +658,24 @@ def random_rotate_and_resize(imgs, flows=None, scale_range: float | None = 0.5, 
         angle = (360 * rng.random() - 180) if rotate else 0.0
         dyx = np.maximum(0, np.array([Ly * s - oy, Lx * s - ox], np.float64))
         ty, tx = (rng.random(2) - 0.5) * dyx
-        flip = bool(rng.random() > 0.5) if do_flip else False
+        flips[k] = bool(rng.random() > 0.5) if do_flip else False
         th = math.radians(angle)
         c, sn = math.cos(th), math.sin(th)
+        rotations[k] = c, sn
         # output offset (x, y) from the output centre -> input offset from the input centre:
         # in = R(-th) (out - t) / s  with R(-th) = [[c, sn], [-sn, c]] acting on (x, y)
-        A = torch.tensor([[c / s, sn / s], [-sn / s, c / s]], dtype=torch.float64)
-        bx = -(A[0, 0] * tx + A[0, 1] * ty)
-        by = -(A[1, 0] * tx + A[1, 1] * ty)
-        xo = torch.arange(ox, dtype=torch.float64) - ox / 2 + 0.5
-        yo = torch.arange(oy, dtype=torch.float64) - oy / 2 + 0.5
-        gy, gx = torch.meshgrid(yo, xo, indexing="ij")
-        xin = A[0, 0] * gx + A[0, 1] * gy + bx
-        yin = A[1, 0] * gx + A[1, 1] * gy + by
-        grid = torch.stack([xin / (Lx / 2), yin / (Ly / 2)], dim=-1)[None].to(device, torch.float32)
-        if flip:
+        a00, a01, a10, a11 = c / s, sn / s, -sn / s, c / s
+        coef[k] = a00, a01, -(a00 * tx + a01 * ty), a10, a11, -(a10 * tx + a11 * ty), Lx / 2, Ly / 2
+    grids = _sampling_grids(host_to_device(torch.from_numpy(coef), device), oy, ox)
+    out_i, out_f = [], []
+    for k in range(n):
+        im = imgs[k]
+        im = (im if torch.is_tensor(im) else torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)))
+        im = im.to(device=device, dtype=torch.float32)
+        if im.ndim == 2:
+            im = im[None]
+        grid = grids[k:k + 1]
+        if flips[k]:
             im = im.flip(-1)
         out_i.append(F.grid_sample(im[None], grid, mode="bilinear", padding_mode="zeros",
                                    align_corners=False)[0])
@@ -659,11 +685,12 @@ def random_rotate_and_resize(imgs, flows=None, scale_range: float | None = 0.5, 
             fl = fl.to(device=device, dtype=torch.float32)
             if fl.ndim == 2:
                 fl = fl[None]
-            if flip:
+            if flips[k]:
                 fl = fl.flip(-1).clone()
                 fl[-1] = -fl[-1]
             fo = F.grid_sample(fl[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
             if fo.shape[0] >= 2:
+                c, sn = (float(v) for v in rotations[k])
                 v_y, v_x = fo[-2].clone(), fo[-1].clone()
                 # rotate the vectors with the image: out vector = R(th) in vector (x, y)
                 fo[-1] = c * v_x - sn * v_y

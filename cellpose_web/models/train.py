@@ -19,6 +19,7 @@ What differs from Cellpose 3/4's loop, for speed (the recipe, augmentation and l
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -159,7 +160,38 @@ def training_uses_bf16(net: nn.Module, device: torch.device | str,
     env = config.train_bf16()
     if env in ("0", "1"):
         return env == "1"
-    return torch.device(device).type == "cpu" and net_arch(net) in _CONV_NETS and cpu_has_native_bf16()
+    device = torch.device(device)
+    if device.type == "cuda":
+        return net_arch(net) == "cpsam" and cuda_has_bf16(device)
+    return device.type == "cpu" and net_arch(net) in _CONV_NETS and cpu_has_native_bf16()
+
+
+def cuda_has_bf16(device: torch.device | str) -> bool:
+    """Whether the CUDA device computes in bfloat16 natively (compute capability 8.0 or newer)."""
+    try:
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+    except (RuntimeError, AssertionError):  # no driver / device index out of range
+        return False
+
+
+@contextlib.contextmanager
+def cuda_tf32(device: torch.device | str):
+    """Let float32 matrix products and convolutions on CUDA use TF32 tensor cores while training.
+
+    Cellpose 4 turns TF32 matmuls on for the whole process when it is imported; its fine-tuning
+    numbers are TF32 numbers. Here the switch holds only for the ``with`` block and the previous
+    settings come back afterwards (also on an error). A no-op on other devices.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def _adamw(net: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -282,35 +314,51 @@ def prepare_training_data(images: Sequence[np.ndarray], labels: Sequence[np.ndar
     return imgs, flows, np.array(diams, np.float32), kept
 
 
-def _intensity_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random gamma, contrast, uneven illumination, blur, noise, channel drop and inversion on
-    normalised (B, C, H, W)."""
+def intensity_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random gamma, contrast, uneven illumination, blur, noise, channel drop and inversion
+    (``train_seg(..., augment_intensity=True)``, used for ``lite``).
+
+    Parameters
+    ----------
+    x : (B, C, Y, X) float tensor of normalised images, on any device.
+    gen : a CPU ``torch.Generator``; every draw comes from it, so a seed gives the same result on
+        every device, and the draws reach the device as queued copies (no host sync on CUDA).
+
+    Returns
+    -------
+    (B, C, Y, X) float tensor on ``x``'s device.
+    """
     B, C = x.shape[:2]
     dev = x.device
 
     def u(*shape, lo=0.0, hi=1.0):
-        return lo + (hi - lo) * torch.rand(*shape, generator=gen, device="cpu").to(dev)
+        """Uniform draws from the host generator (the same numbers on every device), kept on the host."""
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen, device="cpu")
+
+    def on_device(t: torch.Tensor) -> torch.Tensor:  # queued copy: no host sync per draw on CUDA
+        return transforms.host_to_device(t, dev)
 
     # contrast / brightness jitter per image and channel
-    x = x * u(B, C, 1, 1, lo=0.6, hi=1.5) + u(B, C, 1, 1, lo=-0.15, hi=0.15)
+    x = x * on_device(u(B, C, 1, 1, lo=0.6, hi=1.5)) + on_device(u(B, C, 1, 1, lo=-0.15, hi=0.15))
     # gamma on the positive part
-    g = torch.exp(u(B, 1, 1, 1, lo=-0.5, hi=0.5))
+    g = torch.exp(on_device(u(B, 1, 1, 1, lo=-0.5, hi=0.5)))
     x = torch.sign(x) * x.abs().clamp_min(1e-6) ** g
     # uneven illumination for a quarter of the batch: a tilted plane plus one broad bump, added to
     # the non-empty channels (amplitude up to 0.35 of the normalised range)
     H, W = x.shape[-2:]
     yy = torch.linspace(-1, 1, H, device=dev)[None, :, None]
     xx = torch.linspace(-1, 1, W, device=dev)[None, None, :]
-    ang = u(B, lo=0.0, hi=2 * math.pi)[:, None, None]
-    cy, cx, width = (u(B, lo=lo, hi=hi)[:, None, None] for lo, hi in ((-1, 1), (-1, 1), (0.3, 1.0)))
+    ang = on_device(u(B, lo=0.0, hi=2 * math.pi)[:, None, None])
+    cy, cx, width = (on_device(u(B, lo=lo, hi=hi)[:, None, None]) for lo, hi in ((-1, 1), (-1, 1), (0.3, 1.0)))
     shade = 0.5 * (torch.cos(ang) * xx + torch.sin(ang) * yy) + \
         torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width ** 2))
-    amp = u(B, lo=0.0, hi=0.35) * (u(B) < 0.25)
+    amp = on_device(u(B, lo=0.0, hi=0.35) * (u(B) < 0.25))
     filled = (x.abs().amax(dim=(-2, -1), keepdim=True) > 0).float()
     x = x + (amp[:, None, None] * shade)[:, None] * filled
-    # gaussian blur for a random third of the batch
-    sig = u(B, lo=0.0, hi=2.0) * (u(B) < 0.35)
-    if (sig > 0.3).any():
+    # gaussian blur for a random third of the batch (decided on the host draws: no device read-back)
+    sig_host = u(B, lo=0.0, hi=2.0) * (u(B) < 0.35)
+    if bool((sig_host > 0.3).any()):
+        sig = on_device(sig_host)
         r = 5
         t = torch.arange(-r, r + 1, device=dev, dtype=x.dtype)
         k = torch.exp(-t[None] ** 2 / (2 * sig[:, None].clamp_min(1e-3) ** 2))
@@ -320,15 +368,16 @@ def _intensity_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         xb = F.conv2d(F.pad(xb, (r, r, 0, 0), mode="reflect"), kk[:, None, None, :], groups=B * C)
         xb = F.conv2d(F.pad(xb, (0, 0, r, r), mode="reflect"), kk[:, None, :, None], groups=B * C)
         x = torch.where((sig > 0.3)[:, None, None, None], xb.reshape(x.shape), x)
-    # additive noise
-    x = x + torch.randn(x.shape, generator=gen, device="cpu").to(dev) * u(B, 1, 1, 1, lo=0, hi=0.12) * (u(B, 1, 1, 1) < 0.5)
+    # additive noise (drawn on the host so a seed gives the same noise on every device)
+    noise = on_device(torch.randn(x.shape, generator=gen, device="cpu"))
+    x = x + noise * on_device(u(B, 1, 1, 1, lo=0, hi=0.12) * (u(B, 1, 1, 1) < 0.5))
     # inversion (dark cells on a bright background), only on non-empty channels
-    inv = (u(B, 1, 1, 1) < 0.12).float()
+    inv = on_device((u(B, 1, 1, 1) < 0.12).float())
     nonzero = (x.abs().amax(dim=(-2, -1), keepdim=True) > 0).float()
     x = x * (1 - inv) + (1 - x) * inv * nonzero
     # drop the second channel sometimes so two-channel images also work as one channel
     if C > 1:
-        drop = (u(B, 1, 1, 1) < 0.2).float()
+        drop = on_device((u(B, 1, 1, 1) < 0.2).float())
         x = torch.cat([x[:, :1], x[:, 1:] * (1 - drop)], dim=1)
     return x
 
@@ -556,60 +605,61 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
     loss_dtype = torch.float32 if device.type == "mps" else torch.float64
     t0 = time.time()
     stopped = False
-    try:
-        for iepoch in range(n_epochs):
-            rng = np.random.default_rng(seed + iepoch)
-            if nimg_per_epoch != nimg or probs is not None:
-                order = rng.choice(nimg, nimg_per_epoch, replace=nimg_per_epoch > nimg or probs is not None, p=probs)
-            else:
-                order = rng.permutation(nimg)
-            for g in optimizer.param_groups:
-                g["lr"] = LR[iepoch]
-            net.train()
-            # the epoch's loss is summed on the device: no host sync per step (float64 where the device has it)
-            total, count = torch.zeros((), dtype=loss_dtype, device=device), 0
-            for k in range(0, len(order), batch_size):
-                idx = order[k:k + batch_size]
-                xb, yb = batch_tensors(rng, idx, imgs, flows, diams)
-                if augment_intensity:
-                    xb = _intensity_augment(xb, gen)
-                loss = forward_loss(xb, yb, use_bf16)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.detach().to(loss_dtype) * len(idx)
-                count += len(idx)
-            train_losses[iepoch] = float(total) / max(count, 1)
+    with cuda_tf32(device):
+        try:
+            for iepoch in range(n_epochs):
+                rng = np.random.default_rng(seed + iepoch)
+                if nimg_per_epoch != nimg or probs is not None:
+                    order = rng.choice(nimg, nimg_per_epoch, replace=nimg_per_epoch > nimg or probs is not None, p=probs)
+                else:
+                    order = rng.permutation(nimg)
+                for g in optimizer.param_groups:
+                    g["lr"] = LR[iepoch]
+                net.train()
+                # the epoch's loss is summed on the device: no host sync per step (float64 where the device has it)
+                total, count = torch.zeros((), dtype=loss_dtype, device=device), 0
+                for k in range(0, len(order), batch_size):
+                    idx = order[k:k + batch_size]
+                    xb, yb = batch_tensors(rng, idx, imgs, flows, diams)
+                    if augment_intensity:
+                        xb = intensity_augment(xb, gen)
+                    loss = forward_loss(xb, yb, use_bf16)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.detach().to(loss_dtype) * len(idx)
+                    count += len(idx)
+                train_losses[iepoch] = float(total) / max(count, 1)
 
-            test_loss = None
-            if t_imgs and (iepoch == 5 or iepoch % 10 == 0 or iepoch == n_epochs - 1):
-                net.eval()
-                trng = np.random.default_rng(42)
-                torder = trng.permutation(len(t_imgs))[:nimg_test]
-                tot, cnt = 0.0, 0
-                with torch.inference_mode():
-                    for k in range(0, len(torder), batch_size):
-                        idx = torder[k:k + batch_size]
-                        xb, yb = batch_tensors(trng, idx, t_imgs, t_flows, t_diams)
-                        # float32: a held-out loss comparable between precisions (a few crops)
-                        tot += float(forward_loss(xb, yb, False).item()) * len(idx)
-                        cnt += len(idx)
-                test_loss = tot / max(cnt, 1)
-                test_losses[iepoch] = test_loss
-            elapsed = time.time() - t0
-            log.info("epoch %d, train_loss=%.4f, test_loss=%s, LR=%.2e, time %.1fs", iepoch, train_losses[iepoch],
-                     "-" if test_loss is None else f"{test_loss:.4f}", LR[iepoch], elapsed)
-            if save_each and iepoch > 0 and iepoch % save_every == 0:
-                save_network(net, save_dir / f"{model_name}_epoch_{iepoch:04d}", meta)
-            elif iepoch > 0 and iepoch % save_every == 0:
-                save_network(net, model_path, meta)
-            if callback is not None and callback(iepoch, float(train_losses[iepoch]), test_loss, elapsed) is False:
-                log.info("training stopped by the callback after epoch %d", iepoch)
-                train_losses, test_losses = train_losses[: iepoch + 1], test_losses[: iepoch + 1]
-                stopped = True
-                break
-    finally:  # back to the layout the caller had (also when a step or the callback raised)
-        net.to(memory_format=torch.contiguous_format)
+                test_loss = None
+                if t_imgs and (iepoch == 5 or iepoch % 10 == 0 or iepoch == n_epochs - 1):
+                    net.eval()
+                    trng = np.random.default_rng(42)
+                    torder = trng.permutation(len(t_imgs))[:nimg_test]
+                    tot, cnt = 0.0, 0
+                    with torch.inference_mode():
+                        for k in range(0, len(torder), batch_size):
+                            idx = torder[k:k + batch_size]
+                            xb, yb = batch_tensors(trng, idx, t_imgs, t_flows, t_diams)
+                            # float32: a held-out loss comparable between precisions (a few crops)
+                            tot += float(forward_loss(xb, yb, False).item()) * len(idx)
+                            cnt += len(idx)
+                    test_loss = tot / max(cnt, 1)
+                    test_losses[iepoch] = test_loss
+                elapsed = time.time() - t0
+                log.info("epoch %d, train_loss=%.4f, test_loss=%s, LR=%.2e, time %.1fs", iepoch, train_losses[iepoch],
+                         "-" if test_loss is None else f"{test_loss:.4f}", LR[iepoch], elapsed)
+                if save_each and iepoch > 0 and iepoch % save_every == 0:
+                    save_network(net, save_dir / f"{model_name}_epoch_{iepoch:04d}", meta)
+                elif iepoch > 0 and iepoch % save_every == 0:
+                    save_network(net, model_path, meta)
+                if callback is not None and callback(iepoch, float(train_losses[iepoch]), test_loss, elapsed) is False:
+                    log.info("training stopped by the callback after epoch %d", iepoch)
+                    train_losses, test_losses = train_losses[: iepoch + 1], test_losses[: iepoch + 1]
+                    stopped = True
+                    break
+        finally:  # back to the layout the caller had (also when a step or the callback raised)
+            net.to(memory_format=torch.contiguous_format)
     meta["epochs_done"] = int(len(train_losses))
     meta["stopped_early"] = stopped
     meta["train_seconds"] = round(time.time() - t0, 1)

@@ -10,15 +10,21 @@ unchanged with :meth:`CPSAMNet.from_state_dict`.
 
 Attention uses :func:`torch.nn.functional.scaled_dot_product_attention`. The relative-position
 bias ``q . Rh[qy, ky] + q . Rw[qx, kx]`` (SAM's decomposed form, tables linearly resized to 63 rows)
-is given to it as an additive mask (``"mask"``, the default; on a CPU the mask is built and used in
-cache-sized chunks). ``"fold"`` computes the same thing by appending the two 32-wide bias vectors to
-q and one-hot position codes to k; ``"explicit"`` is the textbook softmax formula, kept for tests.
+is given to it as an additive mask (``"mask"``; on a CPU the mask is built and used in cache-sized
+chunks). ``"fold"`` computes the same thing by appending the two 32-wide bias vectors to q and
+one-hot position codes to k, so no (B, heads, N, N) mask is written and a mask-free fused kernel
+(flash attention on CUDA) can run, at twice the attention's multiply-adds. ``"explicit"`` is the
+textbook softmax formula, kept for tests. ``"auto"`` (the default) is "mask" on a CPU; on a GPU the
+network times one block with "mask" and with "fold" the first time it meets a batch size, dtype and
+grad mode, and keeps the faster (:meth:`CPSAMNet.attention_in_use` says which).
 In CPU inference the linear layers use oneDNN prepacked weights with GELU and the residual adds
 fused (``CELLPOSE_WEB_PACKED_LINEAR=0`` turns this off); results equal the plain layers to ~1e-6.
 """
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from typing import Mapping
 
 import torch
@@ -28,6 +34,8 @@ from torch import nn
 from cellpose_web import config
 
 __all__ = ["CPSAMNet", "LayerNorm2d", "get_rel_pos", "rel_pos_bias_terms"]
+
+log = logging.getLogger(__name__)
 
 ATTN_IMPLS = ("auto", "fold", "mask", "explicit")
 
@@ -148,6 +156,8 @@ class Attention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(rel_rows, self.head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(rel_rows, self.head_dim))
         self.impl = "auto"
+        #: what "auto" runs; :meth:`CPSAMNet.forward` sets it from a measurement on accelerators
+        self.auto_impl = "mask"
         self._cache: dict = {}
 
     def _tables(self, H: int, W: int):
@@ -223,7 +233,7 @@ class Attention(nn.Module):
         Rh, Rw = Rh.to(q.dtype), Rw.to(q.dtype)
         impl = self.impl
         if impl == "auto":
-            impl = "mask"
+            impl = self.auto_impl
         rel_h, rel_w = rel_pos_bias_terms(q, Rh, Rw, H, W)
         if impl == "mask":
             return self._sdpa_mask(q, k, v, rel_h, rel_w, H, W)
@@ -241,6 +251,73 @@ class Attention(nn.Module):
         else:
             raise ValueError(f"unknown attention implementation {impl!r}; use one of {ATTN_IMPLS}")
         return o.transpose(1, 2).reshape(B, N, D)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _faster_attention(block: "Block", x: torch.Tensor, H: int, W: int, repeats: int = 2) -> str:
+    """"mask" or "fold", whichever runs ``block`` on tokens ``x`` (B, N, dim) faster (best of
+    ``repeats`` after one warm-up each). An implementation that fails is not chosen; the block's
+    setting is left as it was."""
+    attn = block.attn
+    before = attn.auto_impl
+    timings = {}
+    try:
+        for impl in ("mask", "fold"):
+            attn.auto_impl = impl
+            try:
+                best = float("inf")
+                for i in range(repeats + 1):
+                    _synchronize(x.device)
+                    t0 = time.perf_counter()
+                    block(x, H, W)
+                    _synchronize(x.device)
+                    if i:
+                        best = min(best, time.perf_counter() - t0)
+                timings[impl] = best
+            except RuntimeError as e:  # e.g. no fused kernel for this shape on this GPU
+                log.info("attention %r unavailable here (%s)", impl, e)
+    finally:
+        attn.auto_impl = before
+    choice = min(timings, key=timings.get) if timings else "mask"
+    log.info(
+        "attention for batch %d, %s on %s: %s (%s)", x.shape[0], x.dtype, x.device, choice,
+        ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in timings.items()))
+    return choice
+
+
+_SUBSET_BITS = 8
+_SUBSET_TABLES: dict = {}
+
+
+def _kept_indices(run, device: torch.device) -> torch.Tensor:
+    """Indices of the True entries of ``run`` ((B,) bool numpy) as an int64 tensor on ``device``.
+
+    Built from a per-device table of every subset of 8 positions (row m holds the set bits of m),
+    sliced and offset on the device, so a CUDA run never copies a host array per block.
+    """
+    table = _SUBSET_TABLES.get(device)
+    if table is None:
+        m = torch.arange(2 ** _SUBSET_BITS)
+        bits = (m[:, None] >> torch.arange(_SUBSET_BITS)) & 1  # (256, 8)
+        # stable sort puts the set positions first, in increasing order
+        order = torch.sort(1 - bits, dim=1, stable=True).indices
+        table = order.to(device)
+        _SUBSET_TABLES[device] = table
+    parts = []
+    for start in range(0, len(run), _SUBSET_BITS):
+        chunk = run[start:start + _SUBSET_BITS]
+        count = int(chunk.sum())
+        if count:
+            code = int(sum(1 << j for j, r in enumerate(chunk) if r))
+            row = table[code, :count]
+            parts.append(row + start if start else row)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class Block(nn.Module):
@@ -269,8 +346,7 @@ class Block(nn.Module):
                 return self._forward_packed(x, H, W)
             except RuntimeError as e:  # pragma: no cover - torch build without these kernels
                 _PACKED["ok"] = False
-                import logging
-                logging.getLogger(__name__).info("prepacked linear layers unavailable (%s); using plain ones", e)
+                log.info("prepacked linear layers unavailable (%s); using plain ones", e)
         x = x + self.attn(self.norm1(x), H, W)
         return x + self.mlp(self.norm2(x))
 
@@ -364,12 +440,39 @@ class CPSAMNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out.weight.dtype
 
+    #: device types on which "auto" attention is chosen by timing "mask" against "fold"
+    timed_attention_devices: tuple[str, ...] = ("cuda", "mps")
+
     def set_attention(self, impl: str) -> None:
-        """Choose the attention kernel: "auto" (fold on CPU, mask elsewhere), "fold", "mask", "explicit"."""
+        """Choose the attention kernel: "auto" (mask on a CPU, the faster of mask and fold measured on
+        a GPU), "fold", "mask" or "explicit"; all give the same outputs up to rounding."""
         if impl not in ATTN_IMPLS:
             raise ValueError(f"unknown attention implementation {impl!r}; use one of {ATTN_IMPLS}")
         for blk in self.encoder.blocks:
             blk.attn.impl = impl
+
+    def attention_in_use(self) -> str:
+        """The attention kernel the last forward pass ran ("mask", "fold" or "explicit")."""
+        attn = self.encoder.blocks[0].attn if len(self.encoder.blocks) else None
+        if attn is None:
+            return "none"
+        return attn.auto_impl if attn.impl == "auto" else attn.impl
+
+    def _choose_auto_attention(self, x: torch.Tensor, H: int, W: int) -> None:
+        """Set what "auto" attention runs for tokens ``x`` (B, N, dim): measured once per case on a GPU."""
+        blocks = self.encoder.blocks
+        if not len(blocks) or x.device.type not in self.timed_attention_devices:
+            choice = "mask"
+        else:
+            key = (str(x.device), x.dtype, x.shape[0], torch.is_grad_enabled(),
+                   torch.is_autocast_enabled(x.device.type) if x.device.type != "cpu" else False)
+            choices = self.__dict__.setdefault("_attention_choices", {})
+            choice = choices.get(key)
+            if choice is None:
+                choice = _faster_attention(blocks[0], x.detach(), H, W)
+                choices[key] = choice
+        for blk in blocks:
+            blk.attn.auto_impl = choice
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,13 +491,10 @@ class CPSAMNet(nn.Module):
             raise ValueError(f"CPSAMNet needs {self.bsize}x{self.bsize} tiles, got {Hin}x{Win}")
         x = x.flatten(2).transpose(1, 2) + enc.pos_embed.reshape(1, H * W, -1)  # (B, N, D)
         blocks = enc.blocks
+        if any(blk.attn.impl == "auto" for blk in blocks):
+            self._choose_auto_attention(x, H, W)
         if self.training and self.rdrop > 0:
-            nlay = len(blocks)
-            keep_prev = (torch.rand((B, nlay), device=x.device)
-                         < torch.linspace(0, self.rdrop, nlay, device=x.device)).to(x.dtype)
-            for i, blk in enumerate(blocks):
-                m = keep_prev[:, i].view(B, 1, 1)
-                x = x * m + blk(x, H, W) * (1 - m)
+            x = self._blocks_with_layer_drop(x, H, W)
         else:
             for blk in blocks:
                 x = blk(x, H, W)
@@ -407,6 +507,30 @@ class CPSAMNet(nn.Module):
             y = F.conv_transpose2d(x, self.W2.to(x.dtype), stride=self.ps)
         style = torch.zeros((B, self.style_dim), device=y.device, dtype=y.dtype)
         return y, style
+
+    def _blocks_with_layer_drop(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """The blocks in training mode with Cellpose 4's layer drop, computing only what is kept.
+
+        Cellpose 4 draws, per image and block, whether the block is skipped (probability rising
+        linearly from 0 to ``rdrop`` over the blocks) and computes ``x * m + blk(x) * (1 - m)``: every
+        block runs on every image and the dropped results are multiplied by zero. Here a block runs
+        only on the images that keep it (``index_select`` / ``index_copy``), which gives the same
+        outputs and gradients for ~``rdrop / 2`` less block work (20 % at Cellpose's 0.4). The draw is
+        made on the CPU (torch's default generator, so ``torch.manual_seed`` repeats it) and the
+        image indices are looked up in a small table already on the device: no host sync per block.
+        """
+        B = x.shape[0]
+        nlay = len(self.encoder.blocks)
+        skip = (torch.rand((B, nlay)) < torch.linspace(0, self.rdrop, nlay)).numpy()  # (B, nlay) bool
+        for i, blk in enumerate(self.encoder.blocks):
+            run = ~skip[:, i]
+            n_run = int(run.sum())
+            if n_run == B:
+                x = blk(x, H, W)
+            elif n_run > 0:
+                idx = _kept_indices(run, x.device)
+                x = x.index_copy(0, idx, blk(x.index_select(0, idx), H, W).to(x.dtype))
+        return x
 
     # ------------------------------------------------------------------ loading
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
