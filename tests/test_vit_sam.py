@@ -224,8 +224,11 @@ def test_auto_attention_timed_once_per_case_on_accelerators(tiny_sd, reference_d
         assert net.attention_in_use() in ("mask", "fold")
         y2 = net(x)[0]
         assert len(calls) == 8  # the same case again: no new timing
-        net(torch.cat([x, x]))
+        x4 = torch.cat([x] * 4)
+        net(x4[:3])
         assert len(calls) == 8 + 7  # another batch size is measured anew
+        net(x4)
+        assert len(calls) == 16  # ... once per power of two (3 and 4 share one measurement)
     assert np.abs(y.numpy() - io["y"]).max() < 1e-4 and torch.equal(y, y2)
 
 
@@ -245,3 +248,25 @@ def test_auto_attention_skips_a_kernel_that_fails(tiny_sd, monkeypatch):
     with torch.inference_mode():
         net(torch.rand(2, 3, 256, 256))
     assert net.attention_in_use() == "mask"
+
+
+def test_inference_after_fused_optimizer_steps_uses_the_new_weights(tiny_sd):
+    """torch's fused AdamW (train_seg's) updates weights in place without bumping their version, so the
+    caches inference derives from them (prepacked linears, rel-pos tables) must not outlive a training
+    phase: the same network after a step predicts what a fresh copy of its new weights predicts."""
+    net = CPSAMNet.from_state_dict(tiny_sd)
+    net.eval()
+    x = torch.rand(2, 3, 256, 256)
+    with torch.inference_mode():
+        before = net(x)[0]  # fills the caches
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True)
+    net.train()
+    net.rdrop = 0.0
+    net(x)[0].square().mean().backward()
+    opt.step()
+    net.eval()
+    with torch.inference_mode():
+        after = net(x)[0]
+        fresh = CPSAMNet.from_state_dict(net.state_dict()).eval()(x)[0]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh, atol=1e-5, rtol=1e-5)

@@ -15,8 +15,8 @@ chunks). ``"fold"`` computes the same thing by appending the two 32-wide bias ve
 one-hot position codes to k, so no (B, heads, N, N) mask is written and a mask-free fused kernel
 (flash attention on CUDA) can run, at twice the attention's multiply-adds. ``"explicit"`` is the
 textbook softmax formula, kept for tests. ``"auto"`` (the default) is "mask" on a CPU; on a GPU the
-network times one block with "mask" and with "fold" the first time it meets a batch size, dtype and
-grad mode, and keeps the faster (:meth:`CPSAMNet.attention_in_use` says which).
+network times one block with "mask" and with "fold" the first time it meets a batch size (by
+power of two), dtype and grad mode, and keeps the faster (:meth:`CPSAMNet.attention_in_use` says which).
 In CPU inference the linear layers use oneDNN prepacked weights with GELU and the residual adds
 fused (``CELLPOSE_WEB_PACKED_LINEAR=0`` turns this off); results equal the plain layers to ~1e-6.
 """
@@ -451,6 +451,24 @@ class CPSAMNet(nn.Module):
         for blk in self.encoder.blocks:
             blk.attn.impl = impl
 
+    def train(self, mode: bool = True) -> "CPSAMNet":
+        """Switch training mode (``nn.Module.train``) and drop what inference derived from the weights.
+
+        The prepacked linear weights and the resized relative-position tables are cached by tensor
+        version, but torch's fused optimizers (``AdamW(fused=True)``, which ``train_seg`` uses) update
+        parameters in place without bumping it; every training loop switches modes around its
+        updates (``net.train()`` ... ``net.eval()``), so the caches are rebuilt from the new weights.
+        """
+        self.clear_weight_caches()
+        return super().train(mode)
+
+    def clear_weight_caches(self) -> None:
+        """Forget the prepacked linear weights and relative-position tables (rebuilt on next use)."""
+        for module in self.modules():
+            module.__dict__.pop("_packed_cache", None)
+            if isinstance(module, Attention):
+                module._cache.pop("tables", None)
+
     def attention_in_use(self) -> str:
         """The attention kernel the last forward pass ran ("mask", "fold" or "explicit")."""
         attn = self.encoder.blocks[0].attn if len(self.encoder.blocks) else None
@@ -464,7 +482,9 @@ class CPSAMNet(nn.Module):
         if not len(blocks) or x.device.type not in self.timed_attention_devices:
             choice = "mask"
         else:
-            key = (str(x.device), x.dtype, x.shape[0], torch.is_grad_enabled(),
+            # batch sizes measured by the power of two above them: the last, smaller batch of an image
+            # does not start a new measurement
+            key = (str(x.device), x.dtype, 1 << (x.shape[0] - 1).bit_length(), torch.is_grad_enabled(),
                    torch.is_autocast_enabled(x.device.type) if x.device.type != "cpu" else False)
             choices = self.__dict__.setdefault("_attention_choices", {})
             choice = choices.get(key)
@@ -536,8 +556,7 @@ class CPSAMNet(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
         res = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._check_w2()
-        for blk in self.encoder.blocks:
-            blk.attn._cache.clear()
+        self.clear_weight_caches()
         return res
 
     def _check_w2(self) -> None:
