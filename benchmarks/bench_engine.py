@@ -93,8 +93,10 @@ def measure_forwards(net, dev, batches, repeat, output):
                 y = net(x)[0]
                 _sync(dev)
                 times.append(time.perf_counter() - t)
+            attention = getattr(net, "attention_in_use", None)  # ours: the kernel "auto" picked for this batch
             rows.append({"batch": b, "seconds": min(times), "tiles_per_s": b / min(times), "peak_gb": _peak_gb(dev),
-                         "params": sum(p.numel() for p in net.parameters())})
+                         "params": sum(p.numel() for p in net.parameters()),
+                         "attention": attention() if callable(attention) else None})
             if b == batches[0]:
                 np.save(output, y[:8].float().cpu().numpy())
             del x, y

@@ -186,6 +186,8 @@ def vit_forward_rows(recs: list[dict], reason: str) -> list[Row]:
         vit_l = bool(ours and ours.get("params", 0) > VIT_L_PARAMS)
         share = ours["tiles_per_s"] * TILE_TFLOP / peak if ours and peak and vit_l else None
         cell = _fw_cell(ours, r.get("ours_error"))
+        if ours and ours.get("attention"):
+            cell += f", attention {ours['attention']}"
         if ours and vit_l:
             cell += f", {share:.0%} of bf16 peak" if share is not None else \
                 f", % of bf16 peak unknown ({r.get('device_name')} not in gpu_table.PEAK_BF16_TFLOPS)"

@@ -126,3 +126,43 @@ def test_fine_tune_job_checks_before_it_exists_and_fills_blanks(pairs, tmp_path,
     while (jobs.manager(None).get(job.id) or {}).get("state") in jobs.ACTIVE and time.time() < deadline:
         time.sleep(0.05)
     assert seen["args"][3:6] == (recipe.n_epochs, recipe.learning_rate, recipe.weight_decay)
+
+
+def test_out_of_memory_halves_the_batch_from_the_starting_weights(pairs, tmp_path, monkeypatch):
+    """A run that runs out of (GPU) memory starts again from the base weights with half the batch and
+    says so; at batch size 1 it stops with OutOfMemoryError (a message, not a traceback)."""
+    import torch
+
+    from cellpose_web.errors import OutOfMemoryError
+    from cellpose_web.models import CellposeModel
+
+    imgs, labs = pairs
+    model = CellposeModel(gpu=False, pretrained_model="lite")
+    start = {k: v.clone() for k, v in model.net.state_dict().items()}
+    real_train_seg = train_mod.train_seg
+    attempts = []
+
+    def train_seg_running_out(net, *a, batch_size, **kw):
+        attempts.append((batch_size, all(torch.equal(start[k], v) for k, v in net.state_dict().items())))
+        if batch_size > 2:
+            with torch.no_grad():  # the failed attempt has already changed the weights
+                next(net.parameters()).add_(1.0)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_train_seg(net, *a, batch_size=batch_size, **kw)
+
+    monkeypatch.setattr(train_mod, "train_seg", train_seg_running_out)
+    run = finetune.fine_tune(model.net, "lite", imgs[:2], labs[:2], name="oom", save_dir=tmp_path,
+                             retry_out_of_memory=True, learning_rate=1e-3, **{**FAST, "batch_size": 8})
+    assert attempts == [(8, True), (4, True), (2, True)]  # each attempt starts from the base weights
+    assert run.settings["batch_size"] == 2 and run.path.is_file() and len(run.notices) == 2
+    assert "batch size 2" in run.notices[-1] and run.record({"name": "lite"}, [], [])["notices"] == list(run.notices)
+
+    attempts.clear()
+    monkeypatch.setattr(train_mod, "train_seg", lambda net, *a, batch_size, **kw: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(OutOfMemoryError, match="even one"):
+        finetune.fine_tune(model.net, "lite", imgs[:2], labs[:2], name="oom2", save_dir=tmp_path,
+                           retry_out_of_memory=True, **{**FAST, "batch_size": 2})
+    # on the CPU (the default there) the error is not retried: it is not a GPU running out
+    with pytest.raises(torch.OutOfMemoryError):
+        finetune.fine_tune(model.net, "lite", imgs[:2], labs[:2], name="oom3", save_dir=tmp_path, **FAST)

@@ -7,8 +7,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
 from cellpose_web.errors import CellposeWebError, ModelNotAvailableError
+
+if TYPE_CHECKING:  # the workflow layer is imported when a command runs, not when the CLI starts
+    from cellpose_web.workflows import pipeline
 
 
 EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPT = 0, 1, 2, 130

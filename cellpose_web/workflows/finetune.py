@@ -24,7 +24,8 @@ from typing import Any, Callable
 import numpy as np
 
 from cellpose_web.engine.dynamics.labels import as_label_dtype
-from cellpose_web.errors import BadInputError, CellposeWebError
+from cellpose_web.engine import memory
+from cellpose_web.errors import BadInputError, CellposeWebError, OutOfMemoryError
 from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service.config import Limits
 from cellpose_web.service import jobs
@@ -368,6 +369,8 @@ class TrainingRun:
     settings : the values used (n_epochs, learning_rate, weight_decay, batch_size, bsize,
         nimg_per_epoch, min_train_masks, seed), recipe defaults filled in.
     stopped : ``on_epoch`` ended the run before ``n_epochs``.
+    notices : what happened that the user should know (e.g. the batch halved after running out of
+        GPU memory).
     """
     path: Path
     train_losses: list[float]
@@ -376,6 +379,7 @@ class TrainingRun:
     settings: dict[str, Any]
     stopped: bool = False
     device: str = ""
+    notices: tuple[str, ...] = ()
 
     @property
     def epochs_done(self) -> int:
@@ -394,7 +398,7 @@ class TrainingRun:
                 "test_images": list(test_images), **self.settings, "epochs_done": self.epochs_done,
                 "train_seconds": round(self.seconds, 1), "device": self.device,
                 "train_losses": list(self.train_losses), "test_losses": list(self.test_losses),
-                "final_train_loss": final, **facts}
+                "final_train_loss": final, "notices": list(self.notices), **facts}
 
 
 def training_settings(arch: str, n_images: int, n_epochs: Any = None, learning_rate: Any = None,
@@ -436,7 +440,7 @@ def fine_tune(net: Any, arch: str, train_images: list[np.ndarray], train_labels:
               bsize: Any = None, nimg_per_epoch: Any = None, min_train_masks: int = 1, seed: int = 0,
               max_epochs: int | None = None,
               on_epoch: Callable[[int, float, float | None, float], bool | None] | None = None,
-              **loop: Any) -> TrainingRun:
+              retry_out_of_memory: bool | None = None, **loop: Any) -> TrainingRun:
     """Fine-tune a network in place: the one driver under the Fine-tune tab, ``--train`` and the
     human-in-the-loop rounds.
 
@@ -447,6 +451,11 @@ def fine_tune(net: Any, arch: str, train_images: list[np.ndarray], train_labels:
     n_epochs ... nimg_per_epoch : :func:`training_settings` (None = the recipe).
     on_epoch : called after every epoch with (epoch, train_loss, test_loss or None, seconds);
         returning False stops the run (cancel, a time limit).
+    retry_out_of_memory : on torch's out-of-memory error, start again from the starting weights (kept
+        on the host) with half the batch, down to 1, and say so in ``TrainingRun.notices``; at batch
+        size 1 raise :class:`~cellpose_web.errors.OutOfMemoryError`. None: on a GPU (a CPU runs out of
+        memory with other errors, and keeping a copy of the weights there would cost host memory for
+        nothing).
     loop : other ``models.train.train_seg`` keywords (nimg_test_per_epoch, save_every, save_each,
         train_probs, rescale, lr_schedule).
 
@@ -466,18 +475,48 @@ def fine_tune(net: Any, arch: str, train_images: list[np.ndarray], train_labels:
         return on_epoch(int(epoch), float(train_loss), None if test_loss is None else float(test_loss),
                         float(elapsed)) is not False
 
+    device = _device_of(net)
+    # on a GPU, the starting weights are kept on the host so a run that runs out of memory can start
+    # again from them with half the batch (the batch is the part of the memory the user can give up)
+    initial = None
+    if retry_out_of_memory is None:
+        retry_out_of_memory = bool(device) and not device.startswith("cpu")
+    if retry_out_of_memory:
+        initial = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+    notices: list[str] = []
     t0 = time.perf_counter()
-    path, train_losses, test_losses = train_seg(
-        net, train_images, train_labels, test_data=test_images or None, test_labels=test_labels or None,
-        channel_axis=channel_axis, learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
-        n_epochs=settings["n_epochs"], batch_size=settings["batch_size"], bsize=settings["bsize"],
-        nimg_per_epoch=settings["nimg_per_epoch"], save_path=str(save_dir), model_name=name,
-        min_train_masks=settings["min_train_masks"], seed=settings["seed"], callback=callback, **loop)
+    while True:
+        out_of_memory = False
+        try:
+            path, train_losses, test_losses = train_seg(
+                net, train_images, train_labels, test_data=test_images or None, test_labels=test_labels or None,
+                channel_axis=channel_axis, learning_rate=settings["learning_rate"],
+                weight_decay=settings["weight_decay"], n_epochs=settings["n_epochs"],
+                batch_size=settings["batch_size"], bsize=settings["bsize"], nimg_per_epoch=settings["nimg_per_epoch"],
+                save_path=str(save_dir), model_name=name, min_train_masks=settings["min_train_masks"],
+                seed=settings["seed"], callback=callback, **loop)
+            break
+        except Exception as e:  # noqa: BLE001 - only torch's out-of-memory error (by type) is handled
+            if initial is None or not memory.is_out_of_memory(e):
+                raise
+            out_of_memory = True  # handled below, once the failed step's tensors are gone with the traceback
+        if out_of_memory:
+            memory.release(device)
+            if settings["batch_size"] <= 1:
+                raise OutOfMemoryError(
+                    f"Out of GPU memory while fine-tuning, even one {settings['bsize']} px crop at a time. Free the "
+                    "GPU (other segmentations or programs using it) and start again, or fine-tune on the CPU.")
+            settings["batch_size"] = max(1, settings["batch_size"] // 2)
+            net.load_state_dict(initial)
+            note = (f"out of GPU memory: training started again from the base model with batch size "
+                    f"{settings['batch_size']}")
+            log.warning("fine-tune %s: %s", name, note)
+            notices.append(note)
     seconds = time.perf_counter() - t0
     train_losses = [float(x) for x in np.asarray(train_losses, float)]
     return TrainingRun(Path(path), train_losses, [float(x) for x in np.asarray(test_losses, float)], seconds,
                        settings, stopped=len(train_losses) < settings["n_epochs"],
-                       device=_device_of(net))
+                       device=device, notices=tuple(notices))
 
 
 def _device_of(net: Any) -> str:
@@ -557,7 +596,8 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
                                                    f"(base {info['name']})")
     return {"name": reg_name, "path": str(getattr(registered, "path", path)), "ap_before": ap_before,
             "ap_after": ap_after, "is_default": bool(make_default and better), "train_seconds": train_s,
-            "train_losses": run.train_losses, "test_losses": run.test_losses, "metadata": meta}
+            "train_losses": run.train_losses, "test_losses": run.test_losses, "metadata": meta,
+            "notices": list(run.notices)}
 
 
 def start_finetune_job(set_name: str, base: str, new_name: str, epochs: Any, lr: Any, wd: Any, user: str | None,

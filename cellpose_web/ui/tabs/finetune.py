@@ -197,7 +197,8 @@ def build(ctx: dict[str, Any]) -> None:
         msg = (f"Done: model **{r['name']}** saved to the registry. AP (IoU 0.5) on held-out images: "
                f"{W.fmt_num(ap_b, '', 3)} before → **{W.fmt_num(ap_a, '', 3)}** after, {trained_on(r)}. "
                + ("It is now the pre-selected model." if r.get("is_default") else
-                  "It did not beat its base on the held-out images, so the pre-selected model is unchanged."))
+                  "It did not beat its base on the held-out images, so the pre-selected model is unchanged.")
+               + "".join(f" Note: {n}." for n in r.get("notices") or []))
         pick = {"value": default_now} if r.get("is_default") else {}
         ups = [gr.update(choices=names_now, **pick) for _ in dds]
         yield (job.id, msg, loss_frame(st.get("losses", [])),
