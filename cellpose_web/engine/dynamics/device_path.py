@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from cellpose_web.engine.dynamics.following import RPAD, follow_flows
+from cellpose_web.engine.dynamics.following import follow_flows, histogram_geometry, histogram_index
 from cellpose_web.engine.dynamics.flows import flows_tensor_device
 from cellpose_web.engine.dynamics.labels import first_appearance_lut_torch, label_dtype, lut_from_first, max_filter
 
@@ -51,13 +51,8 @@ def get_masks_device(p_final: torch.Tensor, inds: torch.Tensor, shape0: Sequence
     shape0 = tuple(int(s) for s in shape0)
     ndim = len(shape0)
     dev = p_final.device
-    shape = tuple(s + 2 * RPAD for s in shape0)
-    strides = [math.prod(shape[k + 1:]) for k in range(ndim)]
-    strides0 = [math.prod(shape0[k + 1:]) for k in range(ndim)]
-    pt = p_final.to(torch.int64) + RPAD
-    pt.clamp_(min=0)
-    hidx = sum(pt[k].clamp_(max=shape0[k] + RPAD - 1) * strides[k] for k in range(ndim))
-    del pt
+    shape, strides, strides0 = histogram_geometry(shape0)
+    hidx = histogram_index(p_final, shape0, strides)
     h = torch.bincount(hidx, minlength=math.prod(shape)).to(torch.int32).reshape(shape)
     seeds = torch.nonzero((h == max_filter(h, 5, range(ndim))) & (h > 10))
     n_seeds = int(seeds.shape[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -228,6 +229,26 @@ class _MergeSchedule:
         self.next += self.gap
 
 
+def histogram_geometry(shape0) -> tuple[tuple[int, ...], list[int], list[int]]:
+    """(padded shape, its flat strides, the image's flat strides) of :func:`get_masks`' histogram of
+    final positions, which has ``RPAD`` pixels of margin on every side of the image ``shape0``."""
+    shape0 = tuple(int(s) for s in shape0)
+    shape = tuple(s + 2 * RPAD for s in shape0)
+    return (shape, [math.prod(shape[k + 1:]) for k in range(len(shape))],
+            [math.prod(shape0[k + 1:]) for k in range(len(shape0))])
+
+
+def histogram_index(p_final: torch.Tensor, shape0, strides: Sequence[int]) -> torch.Tensor:
+    """Flat int64 index into the padded histogram (strides from :func:`histogram_geometry`) of final
+    positions ``p_final`` (ndim, n), clamped to the image plus ``RPAD`` - 1 pixels on each side, as
+    Cellpose clamps them."""
+    pt = p_final.to(torch.int64) + RPAD
+    pt.clamp_(min=0)
+    for k in range(len(strides)):
+        pt[k].clamp_(max=int(shape0[k]) + RPAD - 1)
+    return sum(pt[k] * strides[k] for k in range(len(strides)))
+
+
 def get_masks(p_final: torch.Tensor, inds, shape0, max_size_fraction: float = 0.4) -> np.ndarray:
     """Masks from final pixel positions (Cellpose 4 ``get_masks_torch``).
 
@@ -247,9 +268,7 @@ def get_masks(p_final: torch.Tensor, inds, shape0, max_size_fraction: float = 0.
     shape0 = tuple(int(s) for s in shape0)
     ndim = len(shape0)
     device = p_final.device
-    shape = tuple(s + 2 * RPAD for s in shape0)
-    strides = [math.prod(shape[k + 1:]) for k in range(ndim)]
-    strides0 = [math.prod(shape0[k + 1:]) for k in range(ndim)]
+    shape, strides, strides0 = histogram_geometry(shape0)
     npts = int(p_final.shape[1])
     # the points are handled in chunks on a CPU (no int64 copies of every point's coordinates)
     chunks = [(c0, min(npts, c0 + labels.BAND_PIXELS)) for c0 in range(0, npts, labels.BAND_PIXELS)] \
@@ -257,11 +276,7 @@ def get_masks(p_final: torch.Tensor, inds, shape0, max_size_fraction: float = 0.
 
     def hist_index(c0: int, c1: int) -> torch.Tensor:
         """Flat index into the padded histogram of the final positions of points c0..c1."""
-        pt = p_final[:, c0:c1].to(torch.int64) + RPAD
-        pt.clamp_(min=0)
-        for i in range(ndim):
-            pt[i].clamp_(max=shape0[i] + RPAD - 1)
-        return sum(pt[k] * strides[k] for k in range(ndim))
+        return histogram_index(p_final[:, c0:c1], shape0, strides)
 
     def start_index(c0: int, c1: int) -> torch.Tensor:
         """Flat index into the image of the start pixels c0..c1."""
