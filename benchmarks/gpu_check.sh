@@ -34,11 +34,17 @@ fetch() {
   grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
   plat=(--no-deps --only-binary=:all: --python-version "${PYVER:-3.12}" --implementation cp
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl)
+  # What the lent H200 machine's image lacks (its Python has opencv-python-headless, numba, llvmlite, tqdm and
+  # pytest): 3 MB, so the checkout (~50 MB) and .whl/ stay under the 64 MiB a device call carries.
+  # FETCH_ALL=1 adds those for a CUDA machine without them (150 MB; copy them over yourself).
+  local extra=()
+  [ -n "${FETCH_ALL:-}" ] && extra=(opencv-python-headless tqdm numba llvmlite pytest pluggy iniconfig packaging pygments)
   # two calls: pip refuses two versions of one package in one call
-  python3 -m pip download -q "${plat[@]}" cellpose==4.2.1.1 natsort fastremap imagecodecs roifile fill-voids \
-    segment_anything opencv-python-headless tqdm numba llvmlite pytest pluggy iniconfig packaging pygments || exit 1
+  python3 -m pip download -q "${plat[@]}" cellpose==4.2.1.1 natsort fastremap roifile fill-voids segment_anything \
+    "${extra[@]}" || exit 1
   python3 -m pip download -q "${plat[@]}" cellpose==3.1.1.2 || exit 1
   ls -l .whl
+  du -sh .whl
 }
 
 # wheel files of .whl/ for the packages in "$@" (pip names) whose module the CUDA machine's Python lacks
@@ -102,8 +108,8 @@ c4=${CELLPOSE4_PYTHON:-} c3=${CELLPOSE3_PYTHON:-}
 if [ "$mode" = run ]; then
   ls .whl/cellpose-4.2.1.1-*.whl .whl/cellpose-3.1.1.2-*.whl >/dev/null 2>&1 || { echo "no reference wheels in .whl/: run '$0 fetch' first" >&2; exit 2; }
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device here (selftest runs on the CPU)')" || exit 2
-  common=(natsort:natsort fastremap:fastremap imagecodecs:imagecodecs roifile:roifile fill_voids:fill_voids
-          cv2:opencv_python_headless tqdm:tqdm)
+  common=(natsort:natsort fastremap:fastremap roifile:roifile fill_voids:fill_voids cv2:opencv_python_headless
+          tqdm:tqdm)
   if [ -z "$c4" ]; then
     install_reference /tmp/site /tmp/cellpose4-python .whl/cellpose-4.2.1.1-*.whl .whl/segment_anything-*.whl \
       $(missing_wheels "${common[@]}") && c4=/tmp/cellpose4-python
