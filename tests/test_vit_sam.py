@@ -159,13 +159,14 @@ def test_training_mode_layer_drop_and_gradients(tiny_sd):
     assert net.W2.grad is None
 
 
-def test_layer_drop_computes_only_kept_blocks_and_matches_cellpose_formula(tiny_sd):
+@pytest.mark.parametrize("batch", [5, 11])  # 11: image indices come from two 8-image lookup chunks
+def test_layer_drop_computes_only_kept_blocks_and_matches_cellpose_formula(tiny_sd, batch):
     """Cellpose 4 mixes ``x * m + blk(x) * (1 - m)``; running the block only on kept images must give
     the same outputs and gradients, and the dropped images must not reach the block at all."""
     net = CPSAMNet.from_state_dict(tiny_sd)
     net.train()
     net.rdrop = 0.9  # most blocks dropped for some images, so subsets of every size occur
-    x = torch.randn(5, 3, 256, 256)
+    x = torch.randn(batch, 3, 256, 256)
     seen = []
     hooks = [blk.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0])) for blk in net.encoder.blocks]
     torch.manual_seed(3)
@@ -179,16 +180,16 @@ def test_layer_drop_computes_only_kept_blocks_and_matches_cellpose_formula(tiny_
     net.zero_grad()
     torch.manual_seed(3)
     nlay = len(net.encoder.blocks)
-    skip = (torch.rand((5, nlay)) < torch.linspace(0, net.rdrop, nlay)).float()
+    skip = (torch.rand((batch, nlay)) < torch.linspace(0, net.rdrop, nlay)).float()
     enc = net.encoder
     h = torch.nn.functional.conv2d(x, enc.patch_embed.proj.weight.detach(), enc.patch_embed.proj.bias.detach(),
                                    stride=net.ps)
     H, W = h.shape[-2:]
     h = h.flatten(2).transpose(1, 2) + enc.pos_embed.reshape(1, H * W, -1)
     for i, blk in enumerate(enc.blocks):
-        m = skip[:, i].view(5, 1, 1)
+        m = skip[:, i].view(batch, 1, 1)
         h = h * m + blk(h, H, W) * (1 - m)
-    h = enc.neck(h.transpose(1, 2).reshape(5, -1, H, W))
+    h = enc.neck(h.transpose(1, 2).reshape(batch, -1, H, W))
     y_ref = torch.nn.functional.pixel_shuffle(net.out(h), net.ps)
     y_ref.square().mean().backward()
 
@@ -197,7 +198,7 @@ def test_layer_drop_computes_only_kept_blocks_and_matches_cellpose_formula(tiny_
         torch.testing.assert_close(g, dict(net.named_parameters())[k].grad, atol=1e-5, rtol=1e-4)
     kept = (1 - skip).sum(0).long().tolist()
     assert seen == [n for n in kept if n > 0]  # each block saw only the images that keep it
-    assert sum(seen) < 5 * nlay
+    assert sum(seen) < batch * nlay
 
 
 def test_auto_attention_is_mask_on_cpu_without_timing(tiny_sd):
