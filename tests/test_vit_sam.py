@@ -271,3 +271,20 @@ def test_inference_after_fused_optimizer_steps_uses_the_new_weights(tiny_sd):
         fresh = CPSAMNet.from_state_dict(net.state_dict()).eval()(x)[0]
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_and_mask_attention_agree_in_bfloat16(tiny_sd, reference_dir):
+    """The two kernels "auto" chooses between on a GPU give the same network outputs in bfloat16 (the GPU's
+    inference dtype) within bf16 rounding, and both stay close to the float32 reference."""
+    io = np.load(reference_dir / "tiny_cpsam_io.npz")
+    net = CPSAMNet.from_state_dict(tiny_sd, dtype=torch.bfloat16)
+    x = torch.from_numpy(io["x"]).to(torch.bfloat16)
+    outs = {}
+    with torch.inference_mode():
+        for impl in ("mask", "fold"):
+            net.set_attention(impl)
+            outs[impl] = net(x)[0].float()
+    scale = float(np.abs(io["y"]).max())
+    assert (outs["mask"] - outs["fold"]).abs().max().item() < 0.02 * scale
+    for y in outs.values():
+        assert np.abs(y.numpy() - io["y"]).max() < 0.05 * scale
