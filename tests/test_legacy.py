@@ -191,6 +191,22 @@ def test_cellpose3_flows_of_masks_are_its_float64_heat_to_the_bit():
     want /= 1e-60 + (want ** 2).sum(axis=0) ** 0.5
     assert np.array_equal(legacy.masks_to_flows(m), want)
     assert np.array_equal(legacy.masks_to_flows(m, max_elements=500), want)  # one object per stack
+    # the steps in torch (a GPU's path, here on the CPU): the same float64 operations, the same bits
+    assert np.array_equal(legacy.masks_to_flows(m, use_torch=True), want)
+    assert np.array_equal(legacy.masks_to_flows(m, max_elements=500, use_torch=True), want)
+
+
+def test_cellpose3_flow_check_takes_the_model_device(own, monkeypatch):
+    """A Cellpose 1-3 model's flow check gets the model's device (on a GPU its diffusion runs there)."""
+    from cellpose_web.models import legacy
+
+    seen = []
+    real = legacy.masks_to_flows
+    monkeypatch.setattr(legacy, "masks_to_flows", lambda m, **kw: seen.append(kw.get("device")) or real(m, **kw))
+    model = models.CellposeModel(pretrained_model="cp_cyto")
+    masks = model.eval(own["image"], channels=own["channels"].tolist(), channel_axis=-1,
+                       diameter=float(own["diameter"]))[0]
+    assert seen == [model.device] and np.array_equal(masks, own["masks"])
 
 
 # ------------------------------------------------------------------------------------------ eval

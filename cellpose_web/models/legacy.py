@@ -16,6 +16,7 @@ Everything after the network (dynamics, flow check, stitching, files) is the com
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -250,7 +251,13 @@ def run_3D(net: torch.nn.Module, imgs: np.ndarray, batch_size: int = 8, augment:
 # --------------------------------------------------------------------------------------------
 # Cellpose 3's flow check (its CPU flows: per-object diffusion in float64)
 # --------------------------------------------------------------------------------------------
-def masks_to_flows(masks: np.ndarray, max_elements: int = 1 << 15) -> np.ndarray:
+#: objects stepped together per stack on a GPU (values; float64): large stacks keep the number of
+#: kernel launches per step low, where on a CPU small stacks keep them in the caches
+DEVICE_MAX_ELEMENTS = 1 << 22
+
+
+def masks_to_flows(masks: np.ndarray, max_elements: int | None = None, device: Any = None,
+                   use_torch: bool | None = None) -> np.ndarray:
     """Unit flows (2, Y, X) float64 of a 2D label image as Cellpose 3 computes them on a CPU.
 
     Each object diffuses heat from its centre pixel (the mask pixel nearest its mean) inside its
@@ -259,14 +266,21 @@ def masks_to_flows(masks: np.ndarray, max_elements: int = 1 << 15) -> np.ndarray
     central difference of the heat, normalised.
 
     Objects with similar step counts are stepped together in padded stacks of at most
-    ``max_elements`` values, small enough to stay in the CPU's caches (2^15 was fastest; 2^18 took
-    1.4x as long), ordered by steps so that the objects still stepping are always a leading slice of
-    the stack (no copies); each step writes the new heat into a second buffer (every value is
-    computed as Cellpose 3 computes it, in float64, so the flows are the same to the bit).
+    ``max_elements`` values (default: 2^15 on a CPU, small enough to stay in its caches - 2^18
+    took 1.4x as long; ``DEVICE_MAX_ELEMENTS`` on a GPU), ordered by steps so that the objects still
+    stepping are always a leading slice of the stack (no copies); each step writes the new heat into
+    a second buffer. Every value is computed as Cellpose 3 computes it, in float64 with the same
+    additions in the same order, so the flows are the same to the bit on a CPU (numpy) and on a GPU
+    (``device``: the steps run there in torch; IEEE float64 additions and products round the same).
+    ``use_torch`` (default: on a GPU) runs the steps in torch on ``device``, also on a CPU (tests).
     """
     from scipy.ndimage import find_objects
 
     masks = np.asarray(masks)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    on_device = device.type != "cpu" if use_torch is None else bool(use_torch)
+    if max_elements is None:
+        max_elements = DEVICE_MAX_ELEMENTS if on_device else 1 << 15
     mu = np.zeros((2, *masks.shape), np.float64)
     boxes = []
     for i, sl in enumerate(find_objects(masks)):
@@ -300,42 +314,79 @@ def masks_to_flows(masks: np.ndarray, max_elements: int = 1 << 15) -> np.ndarray
             i = ((x - x.mean()) ** 2 + (y - y.mean()) ** 2).argmin()
             centre[j] = (y[i] + 1, x[i] + 1)  # + the extra zero ring
             steps[j] = nsteps
-        bufs = [np.zeros((n, hmax + 2, wmax + 2), np.float64) for _ in range(2)]
-        acc = np.empty((n, hmax, wmax), np.float64)
-        jj = np.arange(n)
-        for t in range(int(steps[0])):
-            a = int(np.count_nonzero(steps > t))  # steps are in decreasing order
-            T, out, s = bufs[t % 2][:a], bufs[(t + 1) % 2][:a], acc[:a]
-            T[jj[:a], centre[:a, 0], centre[:a, 1]] += 1
-            # Cellpose 3: 1/9 * (c + up + down + left + right + ul + ur + dl + dr), added left to right
-            np.add(T[:, 1:-1, 1:-1], T[:, :-2, 1:-1], out=s)
-            s += T[:, 2:, 1:-1]
-            s += T[:, 1:-1, :-2]
-            s += T[:, 1:-1, 2:]
-            s += T[:, :-2, :-2]
-            s += T[:, :-2, 2:]
-            s += T[:, 2:, :-2]
-            s += T[:, 2:, 2:]
-            # times 1/9 on the object's own pixels (the same product); the others stay 0 (sum * 0.0 is +0.0)
-            np.multiply(s, ninth[:a], out=out[:, 1:-1, 1:-1])
+        heat = (_diffuse_stack_torch if on_device else _diffuse_stack_numpy)(ninth, steps, centre, device)
         for j, (nsteps, lab, sr, sc) in enumerate(group):
-            T = bufs[int(steps[j]) % 2][j]  # where the object's last step wrote
+            T = heat[j]
             m = ninth[j, 1:1 + sr.stop - sr.start, 1:1 + sc.stop - sc.start] > 0
             y, x = np.nonzero(m)
             Y, X = y + 2, x + 2
             mu[0, sr.start + y, sc.start + x] = T[Y + 1, X] - T[Y - 1, X]
             mu[1, sr.start + y, sc.start + x] = T[Y, X + 1] - T[Y, X - 1]
-    mu /= (1e-60 + (mu ** 2).sum(axis=0) ** 0.5)
+    mu /= (1e-60 + np.sqrt((mu ** 2).sum(axis=0)))
     return mu
 
 
-def flow_error(masks: np.ndarray, dP: np.ndarray) -> np.ndarray:
+def _diffuse_stack_numpy(ninth: np.ndarray, steps: np.ndarray, centre: np.ndarray, device: Any) -> np.ndarray:
+    """Heat (n, h + 2, w + 2) of a stack of objects after each one's own number of steps (``steps``
+    decreasing), in numpy: see :func:`masks_to_flows`."""
+    n, hmax, wmax = ninth.shape
+    bufs = [np.zeros((n, hmax + 2, wmax + 2), np.float64) for _ in range(2)]
+    acc = np.empty((n, hmax, wmax), np.float64)
+    jj = np.arange(n)
+    for t in range(int(steps[0])):
+        a = int(np.count_nonzero(steps > t))  # steps are in decreasing order
+        T, out, s = bufs[t % 2][:a], bufs[(t + 1) % 2][:a], acc[:a]
+        T[jj[:a], centre[:a, 0], centre[:a, 1]] += 1
+        # Cellpose 3: 1/9 * (c + up + down + left + right + ul + ur + dl + dr), added left to right
+        np.add(T[:, 1:-1, 1:-1], T[:, :-2, 1:-1], out=s)
+        s += T[:, 2:, 1:-1]
+        s += T[:, 1:-1, :-2]
+        s += T[:, 1:-1, 2:]
+        s += T[:, :-2, :-2]
+        s += T[:, :-2, 2:]
+        s += T[:, 2:, :-2]
+        s += T[:, 2:, 2:]
+        # times 1/9 on the object's own pixels (the same product); the others stay 0 (sum * 0.0 is +0.0)
+        np.multiply(s, ninth[:a], out=out[:, 1:-1, 1:-1])
+    # each object's heat is in the buffer its last step wrote
+    return np.stack([bufs[int(steps[j]) % 2][j] for j in range(n)])
+
+
+def _diffuse_stack_torch(ninth: np.ndarray, steps: np.ndarray, centre: np.ndarray, device: Any) -> np.ndarray:
+    """:func:`_diffuse_stack_numpy` with the steps in torch on ``device`` (the same float64 operations
+    in the same order); one upload and one download per stack, no host sync inside the loop."""
+    n, hmax, wmax = ninth.shape
+    ninth_t = torch.from_numpy(ninth).to(device)
+    bufs = [torch.zeros((n, hmax + 2, wmax + 2), dtype=torch.float64, device=device) for _ in range(2)]
+    acc = torch.empty((n, hmax, wmax), dtype=torch.float64, device=device)
+    flat_centre = torch.from_numpy(np.arange(n) * (hmax + 2) * (wmax + 2) + centre[:, 0] * (wmax + 2)
+                                   + centre[:, 1]).to(device)
+    one = torch.ones(n, dtype=torch.float64, device=device)
+    active = [int(np.count_nonzero(steps > t)) for t in range(int(steps[0]))]
+    for t, a in enumerate(active):
+        T, out, s = bufs[t % 2][:a], bufs[(t + 1) % 2][:a], acc[:a]
+        T.view(-1).index_add_(0, flat_centre[:a], one[:a])  # the leading slice is contiguous
+        torch.add(T[:, 1:-1, 1:-1], T[:, :-2, 1:-1], out=s)
+        s += T[:, 2:, 1:-1]
+        s += T[:, 1:-1, :-2]
+        s += T[:, 1:-1, 2:]
+        s += T[:, :-2, :-2]
+        s += T[:, :-2, 2:]
+        s += T[:, 2:, :-2]
+        s += T[:, 2:, 2:]
+        torch.mul(s, ninth_t[:a], out=out[:, 1:-1, 1:-1])
+    last = torch.from_numpy(steps % 2).to(device).view(n, 1, 1)
+    return torch.where(last == 0, bufs[0], bufs[1]).cpu().numpy()
+
+
+def flow_error(masks: np.ndarray, dP: np.ndarray, device: Any = None) -> np.ndarray:
     """Cellpose 3's flow error per object: mean over its pixels of the squared difference between
-    its own flows (:func:`masks_to_flows`) and the network's ``dP / 5``, summed over Y and X. (N,)."""
+    its own flows (:func:`masks_to_flows`, on ``device`` when that is a GPU) and the network's
+    ``dP / 5``, summed over Y and X. (N,)."""
     from scipy.ndimage import mean
 
     masks = np.asarray(masks)
-    mu = masks_to_flows(masks)
+    mu = masks_to_flows(masks, device=device)
     n = int(masks.max())
     errors = np.zeros(n)
     for i in range(2):
@@ -366,7 +417,7 @@ def _masks(shape, dP, cellprob, *, niter, cellprob_threshold, flow_threshold, mi
         m = dynamics.compute_masks(dP[:, i], cellprob[i], niter=niter, cellprob_threshold=cellprob_threshold,
                                    flow_threshold=flow_threshold, min_size=-1, max_size_fraction=max_size_fraction,
                                    device=device, interp="pixel" if interp is True else interp,
-                                   flow_error_fn=flow_error)
+                                   flow_error_fn=functools.partial(flow_error, device=device))
         if m.shape != (Ly, Lx):
             m = transforms.resize_image(m, Ly, Lx, interpolation="nearest")
         out.append(dynamics.fill_holes_and_remove_small_masks(np.asarray(m), min_size=per_plane_min))
