@@ -217,3 +217,15 @@ def test_training_step_queues_without_host_syncs(kind, tiny_cpsam):
         if DEVICE.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(total).item()
+
+
+def test_cellpose3_flow_check_flows_on_device_equal_the_cpu_bits():
+    """Cellpose 3's flow-check diffusion steps on the device in torch: the flows equal the CPU's (numpy)
+    to the bit, so a Cellpose 1-3 model's masks do not depend on the device."""
+    from cellpose_web.models import legacy
+
+    s = synthetic.synthetic_sample(np.random.default_rng(3), (160, 160), "cyto_nuclei", diameter=25)
+    labels = s.labels
+    assert labels.max() >= 10
+    on_device = legacy.masks_to_flows(labels, device=DEVICE, use_torch=True)
+    assert np.array_equal(on_device, legacy.masks_to_flows(labels))
