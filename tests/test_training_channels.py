@@ -105,6 +105,14 @@ def test_pair_stores_every_channel_and_remembers_the_segmentation_channels():
         training.load_set("s", channels=[1, 5])
     with pytest.raises(CellposeWebError, match="channel numbers"):
         training.load_set("s", channels="one")
+    # the job starter's check reads only the TIFF headers, with the same verdicts
+    assert training.check_set("s") == training.check_set("s", channels="2,0") == 1
+    with pytest.raises(CellposeWebError, match=r"image 'a' has 3 channel\(s\).*channel 5 does not exist"):
+        training.check_set("s", channels=[1, 5])
+    training.add_pair("s", img[..., 0], _masks(), "grey")  # a one-channel (Y, X) pair
+    assert training.check_set("s", channels=[0]) == 2
+    with pytest.raises(CellposeWebError, match=r"image 'grey' has 1 channel\(s\)"):
+        training.check_set("s", channels=[1])
     with pytest.raises(CellposeWebError, match="channel 3 does not exist"):
         training.add_pair("s", img, _masks(), "b", channels=[3])
 
@@ -121,6 +129,9 @@ def test_sets_without_recorded_channels_use_the_whole_stored_image():
     np.testing.assert_array_equal(training.load_set("old")[0][0], img[..., :2])
     with pytest.raises(CellposeWebError, match="channel 2 does not exist"):
         training.load_set("old", channels=[2])
+    with pytest.raises(CellposeWebError, match="channel 2 does not exist"):
+        training.check_set("old", channels=[2])
+    assert training.check_set("old") == 1
 
 
 def test_finetune_trains_and_scores_on_the_segmentation_channels(recorder):

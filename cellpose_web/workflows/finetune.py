@@ -84,14 +84,16 @@ def parse_channels(channels: Any) -> list[int] | None:
     return vals or None
 
 
-def _n_channels(img: np.ndarray) -> int:
-    return 1 if img.ndim == 2 else int(img.shape[-1])
+def _n_channels(shape: tuple[int, ...]) -> int:
+    """Channels of a stored (Y, X) or (Y, X, C) image of this shape."""
+    return 1 if len(shape) == 2 else int(shape[-1])
 
 
-def _check_channels_exist(channels: list[int] | None, img: np.ndarray, where: str) -> None:
+def _check_channels_exist(channels: list[int] | None, img: np.ndarray | tuple[int, ...], where: str) -> None:
+    """``img``: the stored image or its shape."""
     if channels is None:
         return
-    n = _n_channels(img)
+    n = _n_channels(tuple(img) if isinstance(img, tuple) else np.shape(img))
     bad = [c for c in channels if c >= n]
     if bad:
         raise CellposeWebError(f"{where} has {n} channel(s) (0-{n - 1}, numbered as in the file, 0 = first); "
@@ -242,6 +244,28 @@ def pair_channels(set_name: str, user: str | None = None) -> dict[str, list[int]
     setj = read_json(_set_dir(set_name, user) / "set.json", {}) or {}
     return {p.get("name"): (None if p.get("channels") is None else [int(c) for c in p["channels"]])
             for p in setj.get("pairs", [])}
+
+
+def check_set(set_name: str, user: str | None = None, channels: Any = None) -> int:
+    """The number of pairs of a training set, checked as :func:`load_set` checks them (not empty,
+    every channel to train on present) from the TIFF headers alone: no image is read."""
+    import tifffile
+    d = _set_dir(set_name, user)
+    chosen = parse_channels(channels)
+    recorded = pair_channels(set_name, user)
+    n = 0
+    for mp in sorted(d.glob("*_masks.tif")):
+        stem = mp.name[: -len("_masks.tif")]
+        ip = d / f"{stem}.tif"
+        if ip.is_file():
+            with tifffile.TiffFile(ip) as tif:
+                shape = tuple(int(v) for v in tif.series[0].shape)
+            chans = chosen if chosen is not None else recorded.get(stem)
+            _check_channels_exist(chans, shape, f"Training set {d.name!r}: image {stem!r}")
+            n += 1
+    if not n:
+        raise CellposeWebError(f"Training set {set_name!r} is empty.")
+    return n
 
 
 def load_set(set_name: str, user: str | None = None, channels: Any = None
@@ -618,8 +642,8 @@ def start_finetune_job(set_name: str, base: str, new_name: str, epochs: Any, lr:
     limits = limits or Limits.from_env()
     models_cache.check_offered(base)
     chans = parse_channels(channels)
-    images, _, _ = load_set(set_name, user, chans)  # fails early if empty or a channel is missing
-    settings = training_settings(base_model_arch(base), len(images), epochs, lr, wd, max_epochs=limits.max_epochs)
+    n_pairs = check_set(set_name, user, chans)  # fails early if empty or a channel is missing
+    settings = training_settings(base_model_arch(base), n_pairs, epochs, lr, wd, max_epochs=limits.max_epochs)
     n_epochs = settings["n_epochs"]
     jm = jobs.manager(user)
     job = jm.create("train", {"set": set_name, "base": base, "name": new_name, "epochs": n_epochs,
