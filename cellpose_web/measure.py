@@ -24,7 +24,7 @@ from skimage import measure as skm
 from skimage.feature import blob_log
 
 from cellpose_web.engine.transforms import percentile_stretch
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import BadInputError, CellposeWebError
 
 __all__ = [
     "measure_cells", "PunctaParams", "cell_table", "size_histogram", "detect_puncta", "puncta_per_cell",
@@ -196,7 +196,9 @@ def max_distance_px(params: PunctaParams, pixel_size_um: float | None) -> float:
     """The nearest-cell distance of `params` in px for an image of `pixel_size_um` µm per pixel.
 
     Without a pixel size the default distance becomes :data:`FALLBACK_MAX_DISTANCE_PX`; another
-    distance in µm cannot be converted and counts as 0 (only spots under a mask).
+    distance in µm cannot be converted, so it raises :class:`~cellpose_web.errors.BadInputError`
+    saying what to enter (counting only the spots under a mask instead would change the per-cell
+    counts without a word).
     """
     d = float(params.max_distance_um or 0.0)
     if not np.isfinite(d) or d < 0:
@@ -205,7 +207,13 @@ def max_distance_px(params: PunctaParams, pixel_size_um: float | None) -> float:
         return 0.0
     px = _pixel_size(pixel_size_um)
     if px is None:
-        return FALLBACK_MAX_DISTANCE_PX if d == DEFAULT_MAX_DISTANCE_UM else 0.0
+        if d == DEFAULT_MAX_DISTANCE_UM:
+            return FALLBACK_MAX_DISTANCE_PX
+        raise BadInputError(
+            f"A nearest-cell distance of {d:g} µm needs the image's pixel size (µm per pixel) to become pixels, "
+            "and this image has none: enter the pixel size, or use the default distance "
+            f"{DEFAULT_MAX_DISTANCE_UM:g} µm ({FALLBACK_MAX_DISTANCE_PX:g} px without a pixel size), or 0 to count "
+            "only the spots on a mask.")
     return d / px
 
 

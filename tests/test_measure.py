@@ -112,3 +112,23 @@ def test_detect_puncta_threshold_changes_count_and_bad_params():
             measure.detect_puncta(img, **kw)
     with pytest.raises(CellposeWebError):
         measure.detect_puncta(np.zeros((3, 4, 5)))
+
+
+def test_nearest_cell_distance_in_um_needs_a_pixel_size():
+    """0.4 µm (the default) becomes 4 px without a pixel size; another µm distance cannot be converted and
+    says what to enter, instead of silently counting only the spots on a mask."""
+    from cellpose_web.errors import BadInputError
+
+    default = measure.PunctaParams(channel=0)
+    assert measure.max_distance_px(default, 0.1) == pytest.approx(4.0)
+    assert measure.max_distance_px(default, None) == measure.FALLBACK_MAX_DISTANCE_PX
+    assert measure.max_distance_px(measure.PunctaParams(channel=0, max_distance_um=0), None) == 0.0
+    wider = measure.PunctaParams(channel=0, max_distance_um=0.6)
+    assert measure.max_distance_px(wider, 0.2) == pytest.approx(3.0)
+    with pytest.raises(BadInputError, match="pixel size"):
+        measure.max_distance_px(wider, None)
+    img = np.zeros((32, 32), np.float32)
+    masks = np.zeros((32, 32), np.int32)
+    masks[8:20, 8:20] = 1
+    with pytest.raises(BadInputError):
+        measure.measure_cells(masks, img, None, puncta=wider)
