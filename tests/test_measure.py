@@ -132,3 +132,25 @@ def test_nearest_cell_distance_in_um_needs_a_pixel_size():
     masks[8:20, 8:20] = 1
     with pytest.raises(BadInputError):
         measure.measure_cells(masks, img, None, puncta=wider)
+
+
+def test_count_line_names_the_reach_it_used():
+    """The Segment tab's count line says 4 px when the image had no pixel size (the default distance ran in
+    pixels), and the distance in µm when it had one."""
+    from cellpose_web.ui import common
+    from cellpose_web.ui.results_view import summary_md
+
+    masks = np.zeros((64, 64), np.int32)
+    masks[10:30, 10:30] = 1
+    spots_img = np.zeros((64, 64), np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    for cy, cx in ((20, 20), (20, 32)):  # one on the cell, one 3 px right of its edge
+        spots_img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 2.0)
+    img = np.stack([masks.astype(np.float32), spots_img], -1)
+    params = measure.PunctaParams(channel=1)
+    for pixel_size, reach in ((None, "within 4 px"), (0.1, "within 0.4 µm")):
+        table, spots = measure.measure_cells(masks, img, pixel_size, puncta=params)
+        assert measure.summarize(table, spots)["puncta_near_cell_edge"] == 1
+        s = common.Session(name="a.tif", masks=masks, table=table, puncta=spots, pixel_size_um=pixel_size,
+                           provenance={"puncta": {"channel": 1, "max_distance_um": 0.4}})
+        assert reach in summary_md(s)

@@ -76,13 +76,16 @@ def summary_md(s: common.Session) -> str:
         summ = results.summarize(t, s.puncta)
         dens = summ.get("median_puncta_density_per_um2")
         ch = (p.get("puncta") or {}).get("channel")
+        # without a pixel size the default distance ran as pixels (measure.max_distance_px)
+        reach = (f"{(p.get('puncta') or {}).get('max_distance_um', 0):g} µm" if s.pixel_size_um
+                 else f"{results.FALLBACK_MAX_DISTANCE_PX:g} px")
         lines.append(f"<span class='cpw-puncta'>**{summ['puncta_total']} puncta** on channel {ch}: "
                      f"{summ['puncta_in_cells']} inside cells ({summ['mean_puncta_per_cell']:.2f} per cell"
                      + (f", median {dens:.3g} per µm²" if dens is not None and np.isfinite(dens) else "")
                      + f"), {summ['puncta_outside_cells']} outside cells"
                      + (f"; {summ['puncta_near_cell_edge']} of those in cells lay just outside a mask and count "
-                        f"for the nearest cell (within {(p.get('puncta') or {}).get('max_distance_um', 0):g} µm)"
-                        if summ.get("puncta_near_cell_edge") else "") + "</span>")
+                        f"for the nearest cell (within {reach})" if summ.get("puncta_near_cell_edge") else "")
+                     + "</span>")
     for note in p.get("notices") or []:  # e.g. puncta skipped for a z-stack, channels beyond the first 3
         lines.append(f"<span class='cpw-small'>note: {note}</span>")
     if p.get("masks_from_file"):

@@ -16,12 +16,12 @@ from cellpose_web.engine import edit  # noqa: F401 - MaskEditor for the Correct 
 from cellpose_web.engine.edit import relabel
 from cellpose_web.errors import BadInputError
 from cellpose_web.io import load_seg
-from cellpose_web.measure import DEFAULT_MAX_DISTANCE_UM, PunctaParams, measure_cells, size_histogram, summarize  # noqa: F401
+from cellpose_web.measure import DEFAULT_MAX_DISTANCE_UM, FALLBACK_MAX_DISTANCE_PX, PunctaParams, measure_cells, size_histogram, summarize  # noqa: F401
 from cellpose_web.service.config import Limits
 from cellpose_web.workflows import finetune, inputs, pipeline
 
 __all__ = ["read_masks_file", "masks_file_provenance", "measure_result", "redetect_puncta", "save_correction",
-           "add_correction_to_training_set", "edit", "PunctaParams", "DEFAULT_MAX_DISTANCE_UM", "summarize",
+           "add_correction_to_training_set", "edit", "PunctaParams", "DEFAULT_MAX_DISTANCE_UM", "FALLBACK_MAX_DISTANCE_PX", "summarize",
            "size_histogram"]
 
 
