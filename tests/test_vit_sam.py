@@ -255,7 +255,7 @@ def test_inference_after_fused_optimizer_steps_uses_the_new_weights(tiny_sd):
     """torch's fused AdamW (train_seg's) updates weights in place without bumping their version, so the
     caches inference derives from them (prepacked linears, rel-pos tables) must not outlive a training
     phase: the same network after a step predicts what a fresh copy of its new weights predicts."""
-    net = CPSAMNet.from_state_dict(tiny_sd)
+    net = CPSAMNet.from_state_dict({k: v.clone() for k, v in tiny_sd.items()})  # the step must not change the fixture
     net.eval()
     x = torch.rand(2, 3, 256, 256)
     with torch.inference_mode():
