@@ -590,7 +590,11 @@ class CPSAMNet(nn.Module):
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], device: torch.device | str | None = None,
                         dtype: torch.dtype | None = None) -> "CPSAMNet":
-        """Build a network whose shape matches ``sd`` and load the weights (``module.`` prefix stripped)."""
+        """Build a network whose shape matches ``sd`` and load the weights (``module.`` prefix stripped).
+
+        The parameters take ``sd``'s tensors without a copy (where dtype and device already match), so
+        training the network changes them: pass a copy of a state dict that must stay as it is.
+        """
         if any(k.startswith("module.") for k in sd):
             sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
         cfg = cls.config_from_state_dict(sd)
