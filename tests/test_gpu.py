@@ -135,14 +135,15 @@ def test_two_training_steps_on_device(kind, tiny_cpsam, tmp_path):
     img, labels, kw = training_case(kind)
     model = CellposeModel(pretrained_model=name, device=DEVICE)
     before = [p.detach().float().cpu().clone() for p in model.net.parameters()]
-    tf32_while_training = []
+    tf32_while_training, tf32_before = [], torch.backends.cuda.matmul.allow_tf32
     path, losses, _ = train.train_seg(model.net, [img], [labels], batch_size=2, n_epochs=2, nimg_per_epoch=2,
                                       learning_rate=1e-3, weight_decay=1e-5, min_train_masks=1, save_path=tmp_path,
                                       model_name=f"gpu_{kind}", **kw, callback=lambda *a: tf32_while_training.append(
                                           torch.backends.cuda.matmul.allow_tf32))
     assert len(losses) == 2 and np.isfinite(losses).all()
     # TF32 matrix products while training on CUDA (as Cellpose 4), the caller's setting afterwards
-    assert tf32_while_training == [DEVICE.type == "cuda"] * 2 and not torch.backends.cuda.matmul.allow_tf32
+    assert tf32_while_training == [DEVICE.type == "cuda" or tf32_before] * 2
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32_before
     after = list(model.net.parameters())
     assert all(p.device.type == DEVICE.type for p in after)
     assert any(not torch.equal(b, a.detach().float().cpu()) for b, a in zip(before, after)), "no weight changed"
