@@ -326,6 +326,16 @@ def masks_to_flows(masks: np.ndarray, max_elements: int | None = None, device: A
     return mu
 
 
+def _neighbour_sum(T, out, add) -> None:
+    """Cellpose 3's 3x3 sum of the padded heat stack ``T`` (n, h + 2, w + 2) into ``out`` (n, h, w):
+    c + up + down + left + right + ul + ur + dl + dr, added left to right (numpy arrays with
+    ``np.add`` or tensors with ``torch.add``: the same additions in the same order)."""
+    add(T[:, 1:-1, 1:-1], T[:, :-2, 1:-1], out=out)
+    for view in (T[:, 2:, 1:-1], T[:, 1:-1, :-2], T[:, 1:-1, 2:], T[:, :-2, :-2], T[:, :-2, 2:], T[:, 2:, :-2],
+                 T[:, 2:, 2:]):
+        out += view
+
+
 def _diffuse_stack_numpy(ninth: np.ndarray, steps: np.ndarray, centre: np.ndarray, device: Any) -> np.ndarray:
     """Heat (n, h + 2, w + 2) of a stack of objects after each one's own number of steps (``steps``
     decreasing), in numpy: see :func:`masks_to_flows`."""
@@ -337,15 +347,7 @@ def _diffuse_stack_numpy(ninth: np.ndarray, steps: np.ndarray, centre: np.ndarra
         a = int(np.count_nonzero(steps > t))  # steps are in decreasing order
         T, out, s = bufs[t % 2][:a], bufs[(t + 1) % 2][:a], acc[:a]
         T[jj[:a], centre[:a, 0], centre[:a, 1]] += 1
-        # Cellpose 3: 1/9 * (c + up + down + left + right + ul + ur + dl + dr), added left to right
-        np.add(T[:, 1:-1, 1:-1], T[:, :-2, 1:-1], out=s)
-        s += T[:, 2:, 1:-1]
-        s += T[:, 1:-1, :-2]
-        s += T[:, 1:-1, 2:]
-        s += T[:, :-2, :-2]
-        s += T[:, :-2, 2:]
-        s += T[:, 2:, :-2]
-        s += T[:, 2:, 2:]
+        _neighbour_sum(T, s, np.add)
         # times 1/9 on the object's own pixels (the same product); the others stay 0 (sum * 0.0 is +0.0)
         np.multiply(s, ninth[:a], out=out[:, 1:-1, 1:-1])
     # each object's heat is in the buffer its last step wrote
@@ -366,14 +368,7 @@ def _diffuse_stack_torch(ninth: np.ndarray, steps: np.ndarray, centre: np.ndarra
     for t, a in enumerate(active):
         T, out, s = bufs[t % 2][:a], bufs[(t + 1) % 2][:a], acc[:a]
         T.view(-1).index_add_(0, flat_centre[:a], one[:a])  # the leading slice is contiguous
-        torch.add(T[:, 1:-1, 1:-1], T[:, :-2, 1:-1], out=s)
-        s += T[:, 2:, 1:-1]
-        s += T[:, 1:-1, :-2]
-        s += T[:, 1:-1, 2:]
-        s += T[:, :-2, :-2]
-        s += T[:, :-2, 2:]
-        s += T[:, 2:, :-2]
-        s += T[:, 2:, 2:]
+        _neighbour_sum(T, s, torch.add)
         torch.mul(s, ninth_t[:a], out=out[:, 1:-1, 1:-1])
     last = torch.from_numpy(steps % 2).to(device).view(n, 1, 1)
     return torch.where(last == 0, bufs[0], bufs[1]).cpu().numpy()
