@@ -79,7 +79,7 @@ def tiny_cpsam(tmp_path_factory) -> str:
     return str(make_tiny_cpsam(tmp_path_factory.mktemp("dtypes") / "tiny_cpsam.pth"))
 
 
-def _case(kind: str, tiny_cpsam: str) -> tuple[str, np.ndarray, dict]:
+def model_case(kind: str, tiny_cpsam: str) -> tuple[str, np.ndarray, dict]:
     """(model, image, eval keywords) for a model kind: 256 x 256 images from the repository."""
     if kind == "cp_cyto":
         own = np.load(DATA / "cp3_wholecell_seed9000.npz")
@@ -104,7 +104,7 @@ KINDS = ["cpsam", "lite", "cp_cyto"]
 @pytest.mark.parametrize("use_bfloat16", [None, True, False])
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_model_kind_in_every_dtype(kind, use_bfloat16, tiny_cpsam, float32_results):
-    name, img, kw = _case(kind, tiny_cpsam)
+    name, img, kw = model_case(kind, tiny_cpsam)
     if kind not in float32_results:
         ref_model = CellposeModel(pretrained_model=name, use_bfloat16=False)
         float32_results[kind] = ref_model.eval(img, **kw)

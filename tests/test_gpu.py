@@ -19,12 +19,11 @@ import pytest
 import tifffile
 import torch
 
-from cellpose_web import io
 from cellpose_web.engine import metrics, synthetic
 from cellpose_web.models import CellposeModel, train
 from cellpose_web.workflows import pipeline
 
-from test_dtypes import make_tiny_cpsam
+from test_dtypes import make_tiny_cpsam, model_case
 
 DEVICE = torch.device(os.environ.get("CELLPOSE_WEB_TEST_DEVICE", "cuda"))
 DATA = Path(__file__).parent / "data"
@@ -42,17 +41,6 @@ KINDS = ["cpsam", "lite", "cp_cyto"]
 @pytest.fixture(scope="module")
 def tiny_cpsam(tmp_path_factory) -> str:
     return str(make_tiny_cpsam(tmp_path_factory.mktemp("gpu") / "tiny_cpsam.pth"))
-
-
-def model_case(kind: str, tiny_cpsam: str) -> tuple[str, np.ndarray, dict]:
-    """(model name or file, a 256 x 256 image, eval keywords) of a model kind, from the repository."""
-    if kind == "cp_cyto":
-        own = np.load(DATA / "cp3_wholecell_seed9000.npz")
-        return "cp_cyto", own["image"], dict(channels=own["channels"].tolist(), channel_axis=-1,
-                                             diameter=float(own["diameter"]))
-    img = io.imread(EXAMPLE)
-    return ("lite", img, dict(diameter=30)) if kind == "lite" else (tiny_cpsam, img, dict(diameter=30,
-                                                                                         flow_threshold=0))
 
 
 def stack_of(img: np.ndarray, planes: int = 4, side: int = 64) -> np.ndarray:
