@@ -156,11 +156,16 @@ def cpsam_train_rows(recs: list[dict], reason: str) -> list[Row]:
     return rows
 
 
-def _eval_cell(run: dict | None, err: str | None, who: str = "") -> str:
+def _measured_cell(run: dict | None, err: str | None, who: str, value: str) -> str:
+    """``who`` + ``value`` + the run's peak memory, or why there is no run."""
     if not run:
         return f"failed: {err}" if err else "—"
     mem = f", {run['peak_gb']:.1f} GB" if run.get("peak_gb") is not None else ""
-    return f"{who}{run['seconds']:.2f} s{mem}"
+    return f"{who}{value}{mem}"
+
+
+def _eval_cell(run: dict | None, err: str | None, who: str = "") -> str:
+    return _measured_cell(run, err, who, f"{run['seconds']:.2f} s" if run else "")
 
 
 def cpsam_eval_rows(recs: list[dict], reason: str, what: str) -> list[Row]:
@@ -202,10 +207,7 @@ def vit_forward_rows(recs: list[dict], reason: str) -> list[Row]:
 
 
 def _fw_cell(run: dict | None, err: str | None, who: str = "") -> str:
-    if not run:
-        return f"failed: {err}" if err else "—"
-    mem = f", {run['peak_gb']:.1f} GB" if run.get("peak_gb") is not None else ""
-    return f"{who}{run['tiles_per_s']:.0f} tiles/s{mem}"
+    return _measured_cell(run, err, who, f"{run['tiles_per_s']:.0f} tiles/s" if run else "")
 
 
 def legacy_train_rows(recs: list[dict], reason: str) -> list[Row]:
