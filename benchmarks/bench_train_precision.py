@@ -21,7 +21,8 @@ should be judged on. Also prints the network before fine-tuning. Prints numbers,
 the decomposed relative-position bias, neck, readout) at a size a CPU trains in minutes: the tiny network of
 ``tests/test_dtypes.make_tiny_cpsam`` (width 32, 2 blocks of 2 heads), whose hand-set first and last layers
 already find bright nuclei (AP@0.5 0.47 on nuclei_2d/val), fine-tuned with Cellpose 4's train_seg recipe
-(``rescale=False``, 256 px crops, batch 8, ``--lr`` default 1e-3) and scored with ``flow_threshold=0``. The
+(``rescale=False``, 256 px crops, batch 8, ``--lr`` default 3e-3; use ``--epochs 80``) and scored with
+``flow_threshold=0``. The
 pretrained ViT-L cannot be fetched offline; this asks whether bf16 autocast changes what these layers learn
 (LayerNorm, softmax and the loss run in float32 under autocast either way).
 """
@@ -74,7 +75,7 @@ def score(model: models.CellposeModel, imgs, labels, **kw) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cp_cyto", choices=["cp_cyto", "lite", "vit-tiny"])
-    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's; 1e-3 for vit-tiny)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's; 3e-3 for vit-tiny)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--nimg", type=int, default=None, help="crops per epoch (default: 32 for cp_cyto, "
                     "the recipe's for lite)")
@@ -91,7 +92,7 @@ def main() -> None:
     else:
         weights = str(CP_CYTO) if args.model == "cp_cyto" else "lite"
         recipe = train.finetune_defaults("cellpose3" if args.model == "cp_cyto" else "lite")
-    lr = args.lr or (1e-3 if args.model == "vit-tiny" else recipe.learning_rate)
+    lr = args.lr or (3e-3 if args.model == "vit-tiny" else recipe.learning_rate)
     batch_size = 8 if args.model == "vit-tiny" else recipe.batch_size
     tr_imgs, tr_labels, _ = load_folder(DATA / "train")
     chan = {"channels": [0, 0]} if args.model == "cp_cyto" else {}  # the legacy U-Net's grey input
