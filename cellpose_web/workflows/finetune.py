@@ -246,23 +246,29 @@ def pair_channels(set_name: str, user: str | None = None) -> dict[str, list[int]
             for p in setj.get("pairs", [])}
 
 
-def check_set(set_name: str, user: str | None = None, channels: Any = None) -> int:
-    """The number of pairs of a training set, checked as :func:`load_set` checks them (not empty,
-    every channel to train on present) from the TIFF headers alone: no image is read."""
-    import tifffile
+def _set_pairs(set_name: str, user: str | None, channels: Any):
+    """(name, image path, masks path, channels to train on, where) of each pair of a training set, in
+    name order; ``channels`` None = each pair's recorded segmentation channels."""
     d = _set_dir(set_name, user)
     chosen = parse_channels(channels)
     recorded = pair_channels(set_name, user)
-    n = 0
     for mp in sorted(d.glob("*_masks.tif")):
         stem = mp.name[: -len("_masks.tif")]
         ip = d / f"{stem}.tif"
         if ip.is_file():
-            with tifffile.TiffFile(ip) as tif:
-                shape = tuple(int(v) for v in tif.series[0].shape)
-            chans = chosen if chosen is not None else recorded.get(stem)
-            _check_channels_exist(chans, shape, f"Training set {d.name!r}: image {stem!r}")
-            n += 1
+            yield (stem, ip, mp, chosen if chosen is not None else recorded.get(stem),
+                   f"Training set {d.name!r}: image {stem!r}")
+
+
+def check_set(set_name: str, user: str | None = None, channels: Any = None) -> int:
+    """The number of pairs of a training set, checked as :func:`load_set` checks them (not empty,
+    every channel to train on present) from the TIFF headers alone: no image is read."""
+    import tifffile
+    n = 0
+    for _, ip, _, chans, where in _set_pairs(set_name, user, channels):
+        with tifffile.TiffFile(ip) as tif:
+            _check_channels_exist(chans, tuple(int(v) for v in tif.series[0].shape), where)
+        n += 1
     if not n:
         raise CellposeWebError(f"Training set {set_name!r} is empty.")
     return n
@@ -277,19 +283,11 @@ def load_set(set_name: str, user: str | None = None, channels: Any = None
         A channel an image does not have raises CellposeWebError naming the pair.
     """
     import tifffile
-    d = _set_dir(set_name, user)
-    chosen = parse_channels(channels)
-    recorded = pair_channels(set_name, user)
     imgs, labs, names = [], [], []
-    for mp in sorted(d.glob("*_masks.tif")):
-        stem = mp.name[: -len("_masks.tif")]
-        ip = d / f"{stem}.tif"
-        if ip.is_file():
-            chans = chosen if chosen is not None else recorded.get(stem)
-            where = f"Training set {d.name!r}: image {stem!r}"
-            imgs.append(select_channels(tifffile.imread(ip), chans, where))
-            labs.append(tifffile.imread(mp))
-            names.append(stem)
+    for stem, ip, mp, chans, where in _set_pairs(set_name, user, channels):
+        imgs.append(select_channels(tifffile.imread(ip), chans, where))
+        labs.append(tifffile.imread(mp))
+        names.append(stem)
     if not imgs:
         raise CellposeWebError(f"Training set {set_name!r} is empty.")
     return imgs, labs, names
