@@ -149,6 +149,32 @@ def test_adaptive_batch_joins_pieces_and_tuples():
     assert memory.AdaptiveBatch(8).notice is None
 
 
+def test_halving_rule_retries_with_half_and_stops_at_one(releases):
+    tried, halved = [], []
+
+    def attempt(size):
+        tried.append(size)
+        if size > 2:
+            raise torch.cuda.OutOfMemoryError(CUDA_OOM)
+        return f"done with {size}"
+
+    out = memory.halve_on_out_of_memory(attempt, 11, "cuda", at_one="give up", on_halved=halved.append)
+    assert out == ("done with 2", 2) and tried == [11, 5, 2] and halved == [5, 2] and len(releases) == 2
+
+    def never(size):
+        raise torch.OutOfMemoryError("no room")
+
+    with pytest.raises(OutOfMemoryError, match="^give up$"):
+        memory.halve_on_out_of_memory(never, 4, "cuda", at_one="give up")
+
+    def other(size):
+        raise ValueError("not about memory")
+
+    with pytest.raises(ValueError):
+        memory.halve_on_out_of_memory(other, 4, "cuda", at_one="give up")
+    assert len(releases) == 2 + 3  # 4, 2, 1 failed for `never`; nothing released for `other`
+
+
 # ------------------------------------------------------------------ default batch size
 def test_default_batch_size_follows_free_gpu_memory(monkeypatch):
     cuda = torch.device("cuda")

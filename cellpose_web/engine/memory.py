@@ -19,7 +19,7 @@ import functools
 import gc
 import logging
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ from cellpose_web.errors import OutOfMemoryError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdaptiveBatch", "default_batch_size", "is_out_of_memory", "release", "reuse_freed_memory",
-           "CPU_BATCH_SIZE", "MAX_BATCH_SIZE", "FREE_MEMORY_FRACTION", "ACTIVATION_BYTES_PER_PIXEL"]
+__all__ = ["AdaptiveBatch", "default_batch_size", "halve_on_out_of_memory", "is_out_of_memory", "release",
+           "reuse_freed_memory", "CPU_BATCH_SIZE", "MAX_BATCH_SIZE", "FREE_MEMORY_FRACTION", "ACTIVATION_BYTES_PER_PIXEL"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,6 +122,50 @@ def _memory_name(device: torch.device) -> str:
     return "GPU memory" if device.type in ("cuda", "mps", "xpu") else "memory"
 
 
+T = TypeVar("T")
+
+
+def halve_on_out_of_memory(attempt: Callable[[int], T], size: int, device: Any, *, at_one: str,
+                           on_halved: Callable[[int], None] | None = None) -> tuple[T, int]:
+    """Call ``attempt(size)``; on an out-of-memory error release the memory, halve ``size`` and call
+    again: the one retry rule of evals (:class:`AdaptiveBatch`) and fine-tuning
+    (``workflows.finetune.fine_tune``).
+
+    Parameters
+    ----------
+    attempt : does the work with a batch of the given size (an int >= 1) and returns its result.
+    size : the batch size to try first.
+    device : where the work runs (the memory released between tries).
+    at_one : the message of the :class:`~cellpose_web.errors.OutOfMemoryError` raised when a batch
+        of 1 runs out of memory too (what the user can do).
+    on_halved : called with the new size before each retry (e.g. to restore starting weights).
+
+    Returns
+    -------
+    (attempt's result, the size that worked)
+
+    Other errors pass through unchanged. The failed try's memory is released outside the ``except``
+    block, once its frames (and tensors) have gone with the traceback.
+    """
+    size = max(1, int(size))
+    while True:
+        failed = None
+        try:
+            return attempt(size), size
+        except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled; the rest re-raised
+            if not is_out_of_memory(e):
+                raise
+            failed = " ".join(str(e).split())[:300]
+        release(device)
+        if size == 1:
+            logger.warning("out of memory with batch size 1: %s", failed)
+            raise OutOfMemoryError(at_one) from None
+        logger.warning("out of memory with batch size %d; going on with %d (%s)", size, size // 2, failed)
+        size //= 2
+        if on_halved is not None:
+            on_halved(size)
+
+
 class AdaptiveBatch:
     """The batch size of one eval's network passes, halved when memory runs short.
 
@@ -133,8 +177,8 @@ class AdaptiveBatch:
     ``run(fn, x)`` calls ``fn`` on ``x`` (an array or tensor, items along the first axis) in pieces of
     at most ``size`` items and joins the outputs along the first axis (an item's output depends on
     that item only, so the result is that of one call). On an out-of-memory error (see
-    :func:`is_out_of_memory`) the failed call's memory is released (:func:`release`), ``size`` is
-    halved and the piece run again; a piece of one item that does not fit raises
+    :func:`is_out_of_memory`) the failed piece is run again with half the batch
+    (:func:`halve_on_out_of_memory`); a piece of one item that does not fit raises
     :class:`~cellpose_web.errors.OutOfMemoryError`. ``size`` stays lowered for the rest of the eval.
 
     Attributes: ``requested``, ``size`` (now), ``notice`` (None, or what happened in words).
@@ -151,32 +195,22 @@ class AdaptiveBatch:
         return (f"{_memory_name(self.device)} ran short: batch size lowered from {self.requested} to "
                 f"{self.size} (same result, slower)")
 
+    def _lower(self, size: int) -> None:
+        self.size = size
+
     def run(self, fn: Callable[[Any], Any], x: Any) -> Any:
         n = len(x)
+        at_one = (f"{_memory_name(self.device)} ran out even with batch size 1 (the run asked for "
+                  f"{self.requested}): crop the image or segment it at a smaller scale (a larger diameter), "
+                  "close other programs using the GPU, or run on a machine with more memory.")
         outs = []
         i = 0
         while i < n:
-            k = min(self.size, n - i)
-            failed = None
-            try:
-                outs.append(fn(x if (i == 0 and k == n) else x[i:i + k]))
-            except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled; the rest re-raised
-                if not is_out_of_memory(e):
-                    raise
-                failed = " ".join(str(e).split())[:300]
-            if failed is None:
-                i += k
-                continue
-            # outside the except block: the failed call's frames (and its tensors) are gone
-            release(self.device)
-            if k == 1:
-                logger.warning("out of memory with batch size 1: %s", failed)
-                raise OutOfMemoryError(
-                    f"{_memory_name(self.device)} ran out even with batch size 1 (the run asked for "
-                    f"{self.requested}): crop the image or segment it at a smaller scale (a larger diameter), "
-                    "close other programs using the GPU, or run on a machine with more memory.") from None
-            self.size = max(1, k // 2)
-            logger.warning("out of memory with batch size %d; going on with %d (%s)", k, self.size, failed)
+            out, k = halve_on_out_of_memory(
+                lambda k: fn(x if (i == 0 and k == n) else x[i:i + k]),  # noqa: B023 - called right here
+                min(self.size, n - i), self.device, at_one=at_one, on_halved=self._lower)
+            outs.append(out)
+            i += k
         if len(outs) == 1:
             return outs[0]
         if isinstance(outs[0], tuple):

@@ -25,7 +25,7 @@ import numpy as np
 
 from cellpose_web.engine.dynamics.labels import as_label_dtype
 from cellpose_web.engine import memory
-from cellpose_web.errors import BadInputError, CellposeWebError, OutOfMemoryError
+from cellpose_web.errors import BadInputError, CellposeWebError
 from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service.config import Limits
 from cellpose_web.service import jobs
@@ -506,34 +506,31 @@ def fine_tune(net: Any, arch: str, train_images: list[np.ndarray], train_labels:
     if retry_out_of_memory:
         initial = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
     notices: list[str] = []
+
+    def train(batch_size: int):
+        settings["batch_size"] = batch_size
+        return train_seg(
+            net, train_images, train_labels, test_data=test_images or None, test_labels=test_labels or None,
+            channel_axis=channel_axis, learning_rate=settings["learning_rate"],
+            weight_decay=settings["weight_decay"], n_epochs=settings["n_epochs"],
+            batch_size=batch_size, bsize=settings["bsize"], nimg_per_epoch=settings["nimg_per_epoch"],
+            save_path=str(save_dir), model_name=name, min_train_masks=settings["min_train_masks"],
+            seed=settings["seed"], callback=callback, **loop)
+
+    def start_again(batch_size: int) -> None:
+        net.load_state_dict(initial)
+        note = f"out of GPU memory: training started again from the base model with batch size {batch_size}"
+        log.warning("fine-tune %s: %s", name, note)
+        notices.append(note)
+
     t0 = time.perf_counter()
-    while True:
-        out_of_memory = False
-        try:
-            path, train_losses, test_losses = train_seg(
-                net, train_images, train_labels, test_data=test_images or None, test_labels=test_labels or None,
-                channel_axis=channel_axis, learning_rate=settings["learning_rate"],
-                weight_decay=settings["weight_decay"], n_epochs=settings["n_epochs"],
-                batch_size=settings["batch_size"], bsize=settings["bsize"], nimg_per_epoch=settings["nimg_per_epoch"],
-                save_path=str(save_dir), model_name=name, min_train_masks=settings["min_train_masks"],
-                seed=settings["seed"], callback=callback, **loop)
-            break
-        except Exception as e:  # noqa: BLE001 - only torch's out-of-memory error (by type) is handled
-            if initial is None or not memory.is_out_of_memory(e):
-                raise
-            out_of_memory = True  # handled below, once the failed step's tensors are gone with the traceback
-        if out_of_memory:
-            memory.release(device)
-            if settings["batch_size"] <= 1:
-                raise OutOfMemoryError(
-                    f"Out of GPU memory while fine-tuning, even one {settings['bsize']} px crop at a time. Free the "
-                    "GPU (other segmentations or programs using it) and start again, or fine-tune on the CPU.")
-            settings["batch_size"] = max(1, settings["batch_size"] // 2)
-            net.load_state_dict(initial)
-            note = (f"out of GPU memory: training started again from the base model with batch size "
-                    f"{settings['batch_size']}")
-            log.warning("fine-tune %s: %s", name, note)
-            notices.append(note)
+    if initial is None:
+        path, train_losses, test_losses = train(settings["batch_size"])
+    else:
+        (path, train_losses, test_losses), _ = memory.halve_on_out_of_memory(
+            train, settings["batch_size"], device, on_halved=start_again,
+            at_one=(f"Out of GPU memory while fine-tuning, even one {settings['bsize']} px crop at a time. Free the "
+                    "GPU (other segmentations or programs using it) and start again, or fine-tune on the CPU."))
     seconds = time.perf_counter() - t0
     train_losses = [float(x) for x in np.asarray(train_losses, float)]
     return TrainingRun(Path(path), train_losses, [float(x) for x in np.asarray(test_losses, float)], seconds,
