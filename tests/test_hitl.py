@@ -78,6 +78,17 @@ def test_acceptance_rule():
     assert not hitl.decide_acceptance({"ap50": 0.5, "ap75": 0.4}, {"ap50": 0.5, "ap75": 0.4})[0]  # a tie keeps
     assert hitl.decide_acceptance({"ap50": 0.5, "ap75": 0.5}, {"ap50": 0.5, "ap75": 0.4})[0]
     assert not hitl.decide_acceptance({"ap50": 0.52, "ap75": 0.4}, {"ap50": 0.5, "ap75": 0.4}, min_gain=0.05)[0]
+    # nothing held out: checked on the training images, kept out only when they got clearly worse
+    tr = {"ap50": 0.9, "ap75": 0.7, "n_images": 1}
+    ok, why = hitl.decide_acceptance(None, None, train_new={**tr, "ap50": 0.85}, train_parent=tr)
+    assert ok and "training image" in why and "0.900 -> 0.850" in why
+    ok, why = hitl.decide_acceptance(None, None, train_new={**tr, "ap50": 0.2}, train_parent=tr)
+    assert not ok and "kept the previous model" in why and "0.900 -> 0.200" in why
+    # a parent that misses most cells has nothing to lose: a dip there is a step of learning
+    assert hitl.decide_acceptance(None, None, train_new={**tr, "ap50": 0.0}, train_parent={**tr, "ap50": 0.1})[0]
+    # held-out scores decide when there are some, whatever the training images say
+    assert hitl.decide_acceptance({"ap50": 0.6, "ap75": 0.1}, {"ap50": 0.5, "ap75": 0.4},
+                                  train_new={**tr, "ap50": 0.0}, train_parent=tr)[0]
 
 
 def test_start_next_save_round_and_next_image_uses_the_new_model(tmp_path, images_dir):
@@ -136,6 +147,35 @@ def test_rejected_round_keeps_the_old_model_and_accepted_one_replaces_it(tmp_pat
     assert rec["round"] == 3 and rec["accepted"] and rec["parent_round"] == 1
     assert s.current_model()["round"] == 3
     assert [(c["round"], c["accepted"]) for c in s.ap_curve()] == [(0, True), (1, True), (2, False), (3, True)]
+
+
+def test_first_round_is_checked_on_its_training_images(tmp_path, images_dir, fake_scores):
+    """Before any held-out image, a round that ruins the very image it learnt from is not made current."""
+    s = start(tmp_path, images_dir)
+    fake_scores.update({"lite": (0.8, 0.6), "p-round001": (0.1, 0.0)})
+    s.next_image()
+    rec = s.save_correction(truth(images_dir, 0)).handle.wait(timeout=300)
+    assert rec["round"] == 1 and not rec["accepted"] and not rec["applied"]
+    assert "training image" in rec["reason"] and "kept the previous model" in rec["reason"]
+    assert rec["scores"] is None and rec["train_scores"]["ap50"] == 0.1
+    assert rec["parent_train_scores"]["ap50"] == 0.8 and rec["train_scores"]["n_images"] == 1
+    assert s.current_model()["round"] == 0 and s.next_image().model["round"] == 0
+    assert s.ap_curve() == []  # training-image scores are not held-out AP
+    assert s.status()["rounds"][1]["train_scores"]["ap50"] == 0.1
+    fake_scores["p-round002"] = (0.75, 0.5)  # a round within noise of its parent is accepted
+    s.next_image()
+    assert s.save_correction(truth(images_dir, 1)).heldout  # the 2nd image is held out: no round
+    s.next_image()
+    rec = s.save_correction(truth(images_dir, 2)).handle.wait(timeout=300)
+    assert rec["round"] == 2 and rec["parent_round"] == 0 and rec["train_scores"] is None  # held-out now
+
+
+def test_rounds_without_held_out_images_are_checked_on_training_images(tmp_path, images_dir, fake_scores):
+    s = start(tmp_path, images_dir, holdout_every=0)
+    fake_scores.update({"lite": (0.8, 0.6), "p-round001": (0.75, 0.6)})
+    s.next_image()
+    rec = s.save_correction(truth(images_dir, 0)).handle.wait(timeout=300)
+    assert rec["accepted"] and "0.800 -> 0.750" in rec["reason"] and s.current_model()["round"] == 1
 
 
 def test_rollback_to_any_round(tmp_path, images_dir, fake_scores):

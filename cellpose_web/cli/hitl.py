@@ -194,6 +194,9 @@ def _round_line(r: dict[str, Any] | None) -> str:
     s, ps = r.get("scores"), r.get("parent_scores")
     ap = (f"held-out AP@0.5 {ps['ap50']:.3f} -> {s['ap50']:.3f}, AP@0.75 {ps['ap75']:.3f} -> {s['ap75']:.3f} "
           f"on {s['n_images']} image(s)") if s and ps else "no held-out images yet"
+    ts, tps = r.get("train_scores"), r.get("parent_train_scores")
+    if not (s and ps) and ts and tps:
+        ap += f" (on its {ts['n_images']} training image(s) AP@0.5 {tps['ap50']:.3f} -> {ts['ap50']:.3f})"
     verdict = "accepted" if r.get("accepted") else "rejected (kept round %s)" % r.get("parent_round")
     limit = ", stopped at the time limit" if r.get("stopped_by_time_limit") else ""
     return (f"round {r['round']}: {verdict}; {ap}; learnt from {r['n_train_images']} image(s), {r['n_cells']} "

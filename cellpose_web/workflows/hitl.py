@@ -36,13 +36,18 @@ Project layout (``<root>/<project>/``, root = ``$CELLPOSE_WEB_HOME/hitl`` unless
 
 Held-out images: the 2nd corrected image, then every ``holdout_every``-th one after it (2, 6, 10, ...
 for the default 4), i.e. about a quarter; they are saved to the training set (marked ``heldout``)
-but never trained on by a round. Until the first held-out image exists a round's model is accepted
-without a comparison (as Cellpose 2.0 always does); ``holdout_every=0`` keeps no held-out images.
+but never trained on by a round. ``holdout_every=0`` keeps no held-out images.
 
 Acceptance: the round's model replaces its parent (the model it started from) when its mean
 AP@0.5 over the held-out images is higher by more than ``min_gain`` (default 0: strictly higher),
 or equal with a higher AP@0.75. Both scores are recorded in the round (``scores`` and
-``parent_scores``, on the same images).
+``parent_scores``, on the same images). Until the first held-out image exists (and always with
+``holdout_every=0``) there is nothing unseen to compare on: the round and its parent are scored on
+the round's last ``hitl_data.TRAIN_CHECK_IMAGES`` (4) training images (``train_scores``,
+``parent_train_scores``) and the round is accepted (as Cellpose 2.0 accepts every round) unless it
+collapsed there: AP@0.5 below ``hitl_data.TRAIN_CHECK_MIN_FRACTION`` (half) of its parent's, where
+the parent scored at least ``hitl_data.TRAIN_CHECK_USEFUL_AP`` (0.5) (a check against a ruined model,
+not a comparison: the parent scores high on corrections that kept its proposals).
 
 Round defaults (:func:`round_defaults`; a session's ``recipe`` overrides any field). A round
 fine-tunes from the current model on every corrected training image; ``new_share`` of the crops
@@ -100,7 +105,7 @@ from cellpose_web.service.storage import atomic_write_json, read_json, safe_join
 from cellpose_web.workflows.hitl_recipes import ROUND_DEFAULTS  # noqa: F401 - part of this module's API
 from cellpose_web.workflows.hitl_data import read_labels  # noqa: F401 - part of this module's API
 from cellpose_web.workflows.hitl_recipes import RoundRecipe, SaveResult, ShownImage, round_defaults, round_lr_schedule
-from cellpose_web.workflows.hitl_data import decide_acceptance, is_inside, list_images, loaded_model, read_image_yxc, score_model, select_channels, thread_lock, update_set_json, utc_now, write_image, write_masks
+from cellpose_web.workflows.hitl_data import TRAIN_CHECK_IMAGES, decide_acceptance, is_inside, list_images, loaded_model, read_image_yxc, score_model, select_channels, thread_lock, update_set_json, utc_now, write_image, write_masks
 
 
 try:  # POSIX file locks; elsewhere the in-process locks alone
@@ -632,9 +637,16 @@ class HitlSession:
             if held and base_unscored and parent_no != 0:
                 base_scores = _score(base_ref, held_imgs, held_labs, channels, eval_kwargs, device, gpu)
                 base_scores["heldout"] = names
+            train_scores = parent_train_scores = None
+            if not held:  # nothing held out yet: check the round on (the last few of) its own images
+                check = [_read_pair(tdir, c["name"], None) for c in train_items[-TRAIN_CHECK_IMAGES:]]
+                check_imgs, check_labs = [c[0] for c in check], [c[1] for c in check]
+                train_scores = _score(model_ref, check_imgs, check_labs, channels, eval_kwargs, device, gpu)
+                parent_train_scores = _score(parent_ref, check_imgs, check_labs, channels, eval_kwargs, device, gpu)
             score_s = time.perf_counter() - t1
             with self._update() as st:
-                accepted, reason = decide_acceptance(new_scores, parent_scores, float(st.get("min_gain", 0.0)))
+                accepted, reason = decide_acceptance(new_scores, parent_scores, float(st.get("min_gain", 0.0)),
+                                                     train_new=train_scores, train_parent=parent_train_scores)
                 applied = accepted and int(st["current_round"]) == parent_no
                 if accepted and not applied:
                     reason += f"; not made current: the model was changed to round {st['current_round']} meanwhile"
@@ -644,7 +656,8 @@ class HitlSession:
                          train_seconds=round(train_s, 1), score_seconds=round(score_s, 1),
                          sec_per_crop=round(train_s / max(1, ep * recipe.crops_per_epoch), 4),
                          final_train_loss=float(np.asarray(tl)[-1]) if len(tl) else None,
-                         scores=new_scores, parent_scores=parent_scores, accepted=accepted, applied=applied,
+                         scores=new_scores, parent_scores=parent_scores, train_scores=train_scores,
+                         parent_train_scores=parent_train_scores, accepted=accepted, applied=applied,
                          reason=reason, finished=utc_now(), device=train_device)
                 if parent_scores is not None and parent_no < len(st["rounds"]):
                     st["rounds"][parent_no]["scores_latest"] = parent_scores
@@ -714,7 +727,7 @@ class HitlSession:
         corrected = st.get("corrected", [])
         rounds = [{k: r.get(k) for k in ("round", "status", "parent_round", "n_train_images", "n_cells", "epochs",
                                          "epochs_done", "train_seconds", "score_seconds", "scores", "parent_scores",
-                                         "accepted", "applied", "reason", "stopped_by_time_limit")}
+                                         "train_scores", "parent_train_scores", "accepted", "applied", "reason", "stopped_by_time_limit")}
                   for r in st["rounds"]]
         return {"name": self.name, "path": str(self.path), "source": st.get("source"), "n_images": len(st["images"]),
                 "index": int(st.get("index", 0)), "n_corrected": len(corrected),

@@ -123,12 +123,42 @@ def score_model(model_ref: dict[str, Any] | str, images: Sequence[np.ndarray], l
             "n_images": len(images), "n_cells": int(sum(len(np.unique(x[x > 0])) for x in labels))}
 
 
+#: without held-out images a round is checked on the images it trained on: it is kept out only when
+#: its AP@0.5 there falls below this fraction of its parent's, i.e. the round collapsed (a learning
+#: rate too high for the data, a wrong correction, a non-finite loss: a model that finds next to no
+#: cells). Smaller drops are not a verdict: the parent's score there is inflated whenever a
+#: correction kept most of its proposal (saved unchanged, it scores 1.0), and a short round moves
+#: the masks of a few images by tenths of AP either way.
+TRAIN_CHECK_MIN_FRACTION = 0.5
+#: ... and only when the parent was of use there (AP@0.5 at least this): from a model that misses most
+#: cells anyway, a round's dip is a step of learning, not the loss of a working model
+TRAIN_CHECK_USEFUL_AP = 0.5
+#: how many of a round's training images (the last corrected) that check scores: it costs two evals each
+TRAIN_CHECK_IMAGES = 4
+
+
 def decide_acceptance(new: dict[str, Any] | None, parent: dict[str, Any] | None,
-                      min_gain: float = 0.0) -> tuple[bool, str]:
-    """(accepted, reason): the new model replaces its parent when its held-out AP@0.5 is higher by
-    more than ``min_gain``, or equal with a higher AP@0.75; without held-out scores it is accepted."""
+                      min_gain: float = 0.0, *, train_new: dict[str, Any] | None = None,
+                      train_parent: dict[str, Any] | None = None) -> tuple[bool, str]:
+    """(accepted, reason) for a round's model against its parent.
+
+    With held-out scores (``new``, ``parent``: ``score_model`` on the held-out corrected images) the
+    new model replaces its parent when its AP@0.5 is higher by more than ``min_gain``, or equal with a
+    higher AP@0.75. Without them, ``train_new`` / ``train_parent`` (the same on the round's training
+    images) keep out a round that collapsed there: AP@0.5 below :data:`TRAIN_CHECK_MIN_FRACTION` of
+    its parent's, where the parent scored at least :data:`TRAIN_CHECK_USEFUL_AP`; anything else is accepted (as Cellpose 2.0 accepts every round). With no scores
+    at all the round is accepted.
+    """
     if new is None or parent is None:
-        return True, "no held-out corrected images yet: accepted without a comparison"
+        if train_new is None or train_parent is None:
+            return True, "no held-out corrected images yet: accepted without a comparison"
+        a, b = float(train_new["ap50"]), float(train_parent["ap50"])
+        n = int(train_new.get("n_images", 0))
+        on = f"on the {n} corrected training image{'s' if n != 1 else ''}"
+        if b >= TRAIN_CHECK_USEFUL_AP and a < TRAIN_CHECK_MIN_FRACTION * b:
+            return False, (f"no held-out corrected images yet; {on} AP@0.5 fell {b:.3f} -> {a:.3f}: the round "
+                           "collapsed (check the last correction), kept the previous model")
+        return True, f"no held-out corrected images yet: accepted (AP@0.5 {on} {b:.3f} -> {a:.3f})"
     a, b = float(new["ap50"]), float(parent["ap50"])
     a75, b75 = float(new.get("ap75", 0.0)), float(parent.get("ap75", 0.0))
     if a > b + float(min_gain):
