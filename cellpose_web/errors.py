@@ -9,12 +9,15 @@
   FileNotFoundError).
 - :class:`OutOfMemoryError`: the work does not fit in the (GPU) memory even at the smallest batch
   (also a MemoryError).
+- :class:`TrainingDivergedError`: a training run whose loss stopped being a finite number (too high a
+  learning rate for the data); nothing is saved.
 - :class:`RunCancelled`: a run someone cancelled; not a user error (not a CellposeWebError).
 
 The message is meant for a biologist: say what was wrong and what to do.
 """
 
-__all__ = ["CellposeWebError", "BadInputError", "ModelNotAvailableError", "OutOfMemoryError", "RunCancelled"]
+__all__ = ["CellposeWebError", "BadInputError", "ModelNotAvailableError", "OutOfMemoryError", "TrainingDivergedError",
+           "RunCancelled"]
 
 
 class CellposeWebError(ValueError):
@@ -32,6 +35,11 @@ class ModelNotAvailableError(CellposeWebError, FileNotFoundError):
 class OutOfMemoryError(CellposeWebError, MemoryError):
     """The run did not fit in memory, even after lowering the batch size to 1 (GPU), or the host's
     memory ran out; the message says what to do (smaller image or scale, fewer other programs)."""
+
+
+class TrainingDivergedError(CellposeWebError):
+    """Training stopped because the loss became NaN or infinite: the weights are ruined and no model
+    was saved; the message names the epoch and the learning rate to lower."""
 
 
 class RunCancelled(Exception):

@@ -8,7 +8,7 @@ import torch
 
 from cellpose_web.engine import metrics
 from cellpose_web.models import train
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import CellposeWebError, TrainingDivergedError
 from cellpose_web.engine.nets.unet import LiteUNet
 
 
@@ -122,6 +122,24 @@ def test_unknown_keyword_is_a_type_error_naming_it(tiny_data, tmp_path):
     with pytest.raises(TypeError, match="'n_epoch'"):
         train.train_seg(LiteUNet(widths=(8, 16, 32, 64)), imgs, labels, n_epoch=3, save_path=tmp_path)
     assert not (tmp_path / "models").exists()  # refused before any work
+
+
+def test_a_non_finite_loss_stops_training_with_a_typed_error_and_saves_nothing(tiny_data, tmp_path, monkeypatch):
+    imgs, labels = tiny_data
+    real, calls = train.flow_loss, []
+
+    def blows_up_in_epoch_two(y, target):
+        calls.append(1)
+        loss = real(y, target)
+        return loss * float("nan") if len(calls) > 2 else loss  # 2 steps per epoch below
+
+    monkeypatch.setattr(train, "flow_loss", blows_up_in_epoch_two)
+    epochs = []
+    with pytest.raises(TrainingDivergedError, match=r"epoch 2: the loss became nan.*Lower the learning rate"):
+        train.train_seg(LiteUNet(widths=(8, 16, 32, 64)), imgs, labels, n_epochs=4, batch_size=1, nimg_per_epoch=2,
+                        bsize=64, learning_rate=1e-3, save_path=tmp_path, model_name="diverged", min_train_masks=1,
+                        callback=lambda e, *a: epochs.append(e))
+    assert epochs == [0] and len(calls) == 4 and not (tmp_path / "models" / "diverged").exists()
 
 
 def test_label_flows_computed_once_across_calls(tiny_data, monkeypatch):

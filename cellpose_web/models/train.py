@@ -42,7 +42,7 @@ from cellpose_web.engine import dynamics, transforms
 from cellpose_web.models import legacy
 from cellpose_web import registry
 from cellpose_web.io import atomic_write
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import CellposeWebError, TrainingDivergedError
 
 log = logging.getLogger("cellpose_web.train")  # the name run logs and tests know
 
@@ -519,6 +519,12 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
     Returns
     -------
     (model_path, train_losses (n_epochs,), test_losses (n_epochs,))
+
+    Raises
+    ------
+    TrainingDivergedError
+        when an epoch's training loss is NaN or infinite (nothing is saved; ``net``'s weights are
+        ruined: reload them before using it again).
     """
     _check_keywords(cellpose3)
     legacy_net = bool(getattr(net, "legacy", False))
@@ -639,7 +645,13 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
                     optimizer.step()
                     total += loss.detach().to(loss_dtype) * len(idx)
                     count += len(idx)
-                train_losses[iepoch] = float(total) / max(count, 1)
+                train_losses[iepoch] = float(total) / max(count, 1)  # the epoch's one host sync
+                if not np.isfinite(train_losses[iepoch]):
+                    raise TrainingDivergedError(
+                        f"Training diverged in epoch {iepoch + 1}: the loss became {train_losses[iepoch]} and the "
+                        f"network's weights are no longer usable; no model was saved. Lower the learning rate "
+                        f"(this run: {LR[iepoch]:.2g}; e.g. {learning_rate / 10:.2g}) and check that the masks "
+                        "belong to their images.")
 
                 test_loss = None
                 if t_imgs and (iepoch == 5 or iepoch % 10 == 0 or iepoch == n_epochs - 1):

@@ -17,4 +17,4 @@ io / measure -> engine -> resources -> config / errors.
 """
 from cellpose_web import __version__  # noqa: F401 - for the faces
 from cellpose_web.errors import (BadInputError, CellposeWebError, ModelNotAvailableError,  # noqa: F401
-                                 OutOfMemoryError, RunCancelled)
+                                 OutOfMemoryError, RunCancelled, TrainingDivergedError)
