@@ -345,30 +345,45 @@ def intensity_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Uniform draws from the host generator (the same numbers on every device), kept on the host."""
         return lo + (hi - lo) * torch.rand(*shape, generator=gen, device="cpu")
 
-    def on_device(t: torch.Tensor) -> torch.Tensor:  # queued copy: no host sync per draw on CUDA
-        return transforms.host_to_device(t, dev)
+    # every draw on the host first, in one fixed order (a seed gives the same augmentation on every
+    # device); the small ones reach the device in one queued copy, the noise in another
+    small = {
+        "gain": u(B, C, 1, 1, lo=0.6, hi=1.5), "offset": u(B, C, 1, 1, lo=-0.15, hi=0.15),
+        "log_gamma": u(B, 1, 1, 1, lo=-0.5, hi=0.5),
+        "angle": u(B, lo=0.0, hi=2 * math.pi)[:, None, None],
+        "cy": u(B, lo=-1, hi=1)[:, None, None], "cx": u(B, lo=-1, hi=1)[:, None, None],
+        "width": u(B, lo=0.3, hi=1.0)[:, None, None],
+    }
+    small["shade_amp"] = u(B, lo=0.0, hi=0.35) * (u(B) < 0.25)  # uneven illumination for a quarter
+    sigma = u(B, lo=0.0, hi=2.0) * (u(B) < 0.35)  # blur for a third; decided on the host: no read-back
+    blur = bool((sigma > 0.3).any())
+    small["sigma"] = sigma
+    noise = torch.randn(x.shape, generator=gen, device="cpu")
+    small["noise_amp"] = u(B, 1, 1, 1, lo=0, hi=0.12) * (u(B, 1, 1, 1) < 0.5)
+    small["invert"] = (u(B, 1, 1, 1) < 0.12).float()
+    if C > 1:
+        small["drop"] = (u(B, 1, 1, 1) < 0.2).float()
+    packed = transforms.host_to_device(torch.cat([t.reshape(-1) for t in small.values()]), dev)
+    d = dict(zip(small, (part.reshape(t.shape) for part, t in
+                         zip(packed.split([t.numel() for t in small.values()]), small.values()))))
 
     # contrast / brightness jitter per image and channel
-    x = x * on_device(u(B, C, 1, 1, lo=0.6, hi=1.5)) + on_device(u(B, C, 1, 1, lo=-0.15, hi=0.15))
+    x = x * d["gain"] + d["offset"]
     # gamma on the positive part
-    g = torch.exp(on_device(u(B, 1, 1, 1, lo=-0.5, hi=0.5)))
-    x = torch.sign(x) * x.abs().clamp_min(1e-6) ** g
+    x = torch.sign(x) * x.abs().clamp_min(1e-6) ** torch.exp(d["log_gamma"])
     # uneven illumination for a quarter of the batch: a tilted plane plus one broad bump, added to
     # the non-empty channels (amplitude up to 0.35 of the normalised range)
     H, W = x.shape[-2:]
     yy = torch.linspace(-1, 1, H, device=dev)[None, :, None]
     xx = torch.linspace(-1, 1, W, device=dev)[None, None, :]
-    ang = on_device(u(B, lo=0.0, hi=2 * math.pi)[:, None, None])
-    cy, cx, width = (on_device(u(B, lo=lo, hi=hi)[:, None, None]) for lo, hi in ((-1, 1), (-1, 1), (0.3, 1.0)))
+    ang, cy, cx, width = d["angle"], d["cy"], d["cx"], d["width"]
     shade = 0.5 * (torch.cos(ang) * xx + torch.sin(ang) * yy) + \
         torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width ** 2))
-    amp = on_device(u(B, lo=0.0, hi=0.35) * (u(B) < 0.25))
     filled = (x.abs().amax(dim=(-2, -1), keepdim=True) > 0).float()
-    x = x + (amp[:, None, None] * shade)[:, None] * filled
-    # gaussian blur for a random third of the batch (decided on the host draws: no device read-back)
-    sig_host = u(B, lo=0.0, hi=2.0) * (u(B) < 0.35)
-    if bool((sig_host > 0.3).any()):
-        sig = on_device(sig_host)
+    x = x + (d["shade_amp"][:, None, None] * shade)[:, None] * filled
+    # gaussian blur for a random third of the batch
+    if blur:
+        sig = d["sigma"]
         r = 5
         t = torch.arange(-r, r + 1, device=dev, dtype=x.dtype)
         k = torch.exp(-t[None] ** 2 / (2 * sig[:, None].clamp_min(1e-3) ** 2))
@@ -379,16 +394,14 @@ def intensity_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         xb = F.conv2d(F.pad(xb, (0, 0, r, r), mode="reflect"), kk[:, None, :, None], groups=B * C)
         x = torch.where((sig > 0.3)[:, None, None, None], xb.reshape(x.shape), x)
     # additive noise (drawn on the host so a seed gives the same noise on every device)
-    noise = on_device(torch.randn(x.shape, generator=gen, device="cpu"))
-    x = x + noise * on_device(u(B, 1, 1, 1, lo=0, hi=0.12) * (u(B, 1, 1, 1) < 0.5))
+    x = x + transforms.host_to_device(noise, dev) * d["noise_amp"]
     # inversion (dark cells on a bright background), only on non-empty channels
-    inv = on_device((u(B, 1, 1, 1) < 0.12).float())
+    inv = d["invert"]
     nonzero = (x.abs().amax(dim=(-2, -1), keepdim=True) > 0).float()
     x = x * (1 - inv) + (1 - x) * inv * nonzero
     # drop the second channel sometimes so two-channel images also work as one channel
     if C > 1:
-        drop = on_device((u(B, 1, 1, 1) < 0.2).float())
-        x = torch.cat([x[:, :1], x[:, 1:] * (1 - drop)], dim=1)
+        x = torch.cat([x[:, :1], x[:, 1:] * (1 - d["drop"])], dim=1)
     return x
 
 
