@@ -290,6 +290,42 @@ def test_jobs_progress_cancel_and_restart_recovery():
     assert jm2.get(j3.id)["state"] == "failed" and "fix it" in jm2.get(j3.id)["message"]
 
 
+def test_jobs_of_a_kind_wait_for_a_free_slot_and_can_be_cancelled_while_waiting():
+    """With one slot, a second training job waits "queued" (also when its page was closed and the
+    browser's own limit no longer holds it back) and starts when the first ends."""
+    alice, bob = jobs.JobManager("alice"), jobs.JobManager("bob")  # the slots are process-wide
+    release, order = threading.Event(), []
+
+    def long_work(job):
+        order.append(job.id)
+        release.wait(10)
+        return {"ok": 1}
+
+    first = alice.create("slot-test", {})
+    t1 = alice.start(first, long_work, slots=1)
+    second, third = bob.create("slot-test", {}), bob.create("slot-test", {})
+    t2 = bob.start(second, long_work, slots=1)
+    t3 = bob.start(third, lambda job: order.append(job.id) or {"ok": 3}, slots=1)
+    deadline = time.time() + 5
+    while "waiting" not in (bob.get(third.id) or {}).get("message", "") and time.time() < deadline:
+        time.sleep(0.02)
+    assert order == [first.id] and alice.get(first.id)["state"] == "running"
+    st = bob.get(third.id)
+    assert st["state"] == "queued" and "1 slot-test job at a time" in st["message"]
+    assert bob.cancel(third.id)
+    t3.join(5)
+    assert bob.get(third.id)["state"] == "cancelled" and "before it started" in bob.get(third.id)["message"]
+    release.set()
+    t1.join(5), t2.join(5)
+    assert order == [first.id, second.id] and bob.get(second.id)["state"] == "done"
+    # a slot is given back when a job fails too
+    failing = alice.create("slot-test", {})
+    alice.start(failing, lambda job: (_ for _ in ()).throw(CellposeWebError("no")), slots=1).join(5)
+    after = alice.create("slot-test", {})
+    alice.start(after, lambda job: {"ok": 4}, slots=1).join(5)
+    assert alice.get(after.id)["state"] == "done"
+
+
 # ---------------------------------------------------------------- training sets
 def test_training_set_add_import_load(tmp_path):
     img, m = _blobs(), np.zeros((64, 64), np.uint16)

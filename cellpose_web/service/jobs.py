@@ -3,6 +3,12 @@
 Each job lives in ``<data>/jobs/<id>/``: ``status.json`` (written atomically on every update),
 ``log`` and ``results/``. A job found as "running" or "queued" when the server starts was
 interrupted by a restart: it is marked "interrupted" and whatever it finished stays in results/.
+
+Jobs of one kind run at most ``slots`` at a time in the process (``JobManager.start(..., slots=)``:
+the app passes ``CELLPOSE_WEB_CONCURRENCY_TRAIN`` / ``_BATCH``); the others stay "queued" with a
+message saying what they wait for, and can be cancelled while they wait. The browser's own limit
+covers only the requests it is waiting on: a job whose page was closed keeps running, and without
+slots the next one would run beside it on the same GPU.
 """
 from __future__ import annotations
 
@@ -64,6 +70,16 @@ class Job:
             f.write(f"{_now()} {line}\n")
 
 
+_slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def _slot(kind: str, n: int) -> threading.BoundedSemaphore:
+    """The process-wide semaphore of ``n`` slots for jobs of ``kind`` (every user's manager shares it)."""
+    with _slots_lock:
+        return _slots.setdefault((kind, n), threading.BoundedSemaphore(n))
+
+
 class JobManager:
     """Starts jobs in threads and keeps their status on disk (one manager per data folder/user)."""
 
@@ -100,14 +116,38 @@ class JobManager:
         job.update()
         return job
 
-    def start(self, job: Job, fn: Callable[[Job], dict[str, Any] | None]) -> threading.Thread:
-        """Run fn(job) in a thread; its return value becomes status['result']."""
+    def start(self, job: Job, fn: Callable[[Job], dict[str, Any] | None], slots: int | None = None) -> threading.Thread:
+        """Run fn(job) in a thread; its return value becomes status['result'].
+
+        slots : at most this many jobs of ``job``'s kind run at once in this process (None: no limit);
+            until one is free the job stays "queued" (cancel ends it there).
+        """
         with self._lock:
             self._running[job.id] = job
+        kind = str(job.status.get("kind"))
+        slot = _slot(kind, max(1, int(slots))) if slots is not None else None
+
+        def wait_for_slot() -> bool:
+            """True once the job holds a slot; False when it was cancelled while waiting."""
+            if slot.acquire(blocking=False):
+                return True
+            what = {"train": "training"}.get(kind, kind)
+            job.update(message=f"waiting: the server runs {slots} {what} job{'s' if slots != 1 else ''} at a time "
+                               "and it is busy; this one starts when a running one ends")
+            while not slot.acquire(timeout=0.25):
+                if job.cancelled:
+                    return False
+            return True
 
         def runner():
-            job.update(state="running", message="started")
+            held = False
             try:
+                if slot is not None:
+                    held = wait_for_slot()
+                    if not held:
+                        job.update(state="cancelled", message="Cancelled before it started.")
+                        return
+                job.update(state="running", message="started")
                 result = fn(job)
                 if job.cancelled:
                     job.update(state="cancelled", message="Cancelled; results finished before the cancel are kept.",
@@ -122,6 +162,8 @@ class JobManager:
                 job.update(state="failed", message=f"Unexpected error ({type(e).__name__}); the admin can read "
                                                    f"jobs/{job.id}/log.")
             finally:
+                if held:
+                    slot.release()
                 with self._lock:
                     self._running.pop(job.id, None)
 

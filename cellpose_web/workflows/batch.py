@@ -248,5 +248,5 @@ def start_batch_job(files: list[str], model: str, params: SegmentParams, pixel_s
                          puncta=puncta, progress=j.progress, cancelled=lambda: j.cancelled,
                          scheduler=dask_scheduler_from_env(), n_workers=config.dask_workers())
 
-    jm.start(job, work)
+    jm.start(job, work, slots=Limits.from_env().concurrency["batch"])
     return job

@@ -658,5 +658,5 @@ def start_finetune_job(set_name: str, base: str, new_name: str, epochs: Any, lr:
                             user=user, work_dir=j.dir / "work", on_epoch=on_epoch, cancelled=lambda: j.cancelled,
                             on_status=lambda m: j.update(message=m), limits=limits, channels=chans)
 
-    jm.start(job, work)
+    jm.start(job, work, slots=limits.concurrency["train"])
     return job
