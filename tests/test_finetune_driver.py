@@ -78,7 +78,17 @@ def test_the_app_the_command_line_and_hitl_train_through_fine_tune(pairs, tmp_pa
         finetune.add_pair("s", imgs[i], labs[i], f"p{i}")
     monkeypatch.setattr(train_mod, "FINETUNE_DEFAULTS", {**train_mod.FINETUNE_DEFAULTS,
                                                           "lite": train_mod.FinetuneRecipe(1e-3, 0.1, 1, 1, 64, 2)})
+    from cellpose_web import registry
+    real = finetune.fine_tune
+
+    def someone_takes_the_name(*a, **k):  # another lab member adds a model of that name meanwhile
+        registry.add_lab_model(registry.builtin_path("lite"), "tab_ft")
+        return real(*a, **k)
+
+    monkeypatch.setattr(finetune, "fine_tune", someone_takes_the_name)
     res = finetune.run_finetune("s", "lite", "tab_ft", make_default=False, work_dir=tmp_path / "w")
+    monkeypatch.setattr(finetune, "fine_tune", real)
+    assert res["name"] == "tab_ft_2" and "saved as 'tab_ft_2'" in res["notices"][-1]  # the weights are kept
     assert spy[-1]["name"] == "tab_ft" and spy[-1]["arch"] == "lite"
     assert res["metadata"]["train_images"] and res["metadata"]["n_epochs"] == 1
     # --train
@@ -116,6 +126,13 @@ def test_fine_tune_job_checks_before_it_exists_and_fills_blanks(pairs, tmp_path,
         finetune.add_pair("s", imgs[i], labs[i], f"p{i}")
     with pytest.raises(BadInputError, match="learning_rate"):
         finetune.start_finetune_job("s", "lite", "x", "", 0.5, "", None)
+    # the new model's name is checked before training, not after it (a taken name cost the whole run)
+    from cellpose_web import registry
+    (registry.models_dir() / "taken").mkdir(parents=True)
+    with pytest.raises(BadInputError, match="'taken' already exists.*before training"):
+        finetune.start_finetune_job("s", "lite", "taken", "", "", "", None)
+    with pytest.raises(BadInputError, match="Invalid model name"):
+        finetune.start_finetune_job("s", "lite", "Modèl ü 1", "", "", "", None)
     assert jobs.manager(None).list("train") == []
     seen = {}
     monkeypatch.setattr(finetune, "run_finetune", lambda *a, **k: seen.update(args=a) or {"name": "x"})

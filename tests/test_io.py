@@ -498,3 +498,30 @@ def test_image_files_filters(tmp_path, crop):
         io.get_image_files(d / "sub", "_masks", imf="_zzz")
     with pytest.raises(FileNotFoundError):
         io.get_image_files(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------ masks from a person's file
+def test_instance_labels_take_labels_and_refuse_what_is_not():
+    from cellpose_web.errors import BadInputError
+    from cellpose_web.io.labels import instance_labels
+
+    lab = np.zeros((20, 20), np.int32)
+    lab[2:6, 2:6], lab[10:15, 10:15] = 1, 2
+    out = instance_labels(lab.astype(np.float32), "a.tif")  # ImageJ's 32-bit labels
+    assert out.dtype == np.uint16 and np.array_equal(out, lab)
+    grey_rgb = np.repeat(lab.astype(np.uint8)[..., None], 4, axis=-1)
+    assert np.array_equal(instance_labels(grey_rgb, "a.png"), lab)
+    one = (lab == 1).astype(np.uint8)
+    assert np.array_equal(instance_labels(one, "a.tif"), one)  # one cell labelled 1 is fine
+    colour = grey_rgb.copy()
+    colour[2:6, 2:6, 1] = 9
+    with pytest.raises(BadInputError, match="colour picture"):
+        instance_labels(colour, "c.png")
+    with pytest.raises(BadInputError, match="binary mask: 2 separate regions"):
+        instance_labels((lab > 0).astype(np.float32), "b.tif")
+    with pytest.raises(BadInputError, match="binary mask"):
+        instance_labels(lab > 0, "b.tif")
+    with pytest.raises(BadInputError, match="fractions"):
+        instance_labels(lab * 0.5, "p.tif")
+    with pytest.raises(BadInputError, match="negative"):
+        instance_labels(-lab, "n.tif")

@@ -337,6 +337,10 @@ def test_training_set_add_import_load(tmp_path):
                                       "c.tif": _tif_bytes(img)})
     n, problems = training.import_pairs([z], "lab set")
     assert n == 1 and problems and problems[0][0] == "c.tif"
+    # foreground masks (0/1 floats, as a thresholded image saves) are not one label per cell: refused
+    z2 = _zip(tmp_path / "binary.zip", {"d.tif": _tif_bytes(img), "d_masks.tif": _tif_bytes((m > 0).astype(np.float32))})
+    n, problems = training.import_pairs([z2], "lab set")
+    assert n == 0 and problems[0][0] == "d.tif" and "binary mask: 2 separate regions" in problems[0][1]
     sets = training.list_sets()
     assert sets == [{"name": "lab_set", "n_images": 2, "n_cells": 4, "updated": sets[0]["updated"],
                      "channels": None, "channels_differ": False}]

@@ -17,7 +17,7 @@ def run_training(args) -> int:
     :func:`cellpose_web.workflows.finetune.fine_tune`, then register it as a lab model."""
     from cellpose_web import io, registry
     from cellpose_web.models import train as train_mod
-    from cellpose_web.workflows.finetune import fine_tune, training_settings
+    from cellpose_web.workflows.finetune import check_new_model_name, fine_tune, training_settings
 
     if not args.dir:
         raise CellposeWebError("--train needs --dir FOLDER with images and their _masks files")
@@ -25,9 +25,7 @@ def run_training(args) -> int:
         raise CellposeWebError("--file_list is not supported; put the images in --dir (and --test_dir)")
     check_params(args, training=True)
     name = args.model_name_out or f"cellpose_{time.strftime('%Y%m%d_%H%M%S')}"
-    registry.validate_name(name)
-    if (registry.models_dir() / name).exists():
-        raise CellposeWebError(f"a lab model named '{name}' already exists; choose another --model_name_out")
+    check_new_model_name(name)  # before the images are read: a taken name costs nothing
     images, labels, names, timgs, tlabels, tnames = io.load_train_test_data(
         args.dir, args.test_dir, image_filter=args.img_filter, mask_filter=args.mask_filter,
         look_one_level_down=args.look_one_level_down)

@@ -149,9 +149,10 @@ class JobManager:
                         return
                 job.update(state="running", message="started")
                 result = fn(job)
-                if job.cancelled:
-                    job.update(state="cancelled", message="Cancelled; results finished before the cancel are kept.",
-                               result=result)
+                if job.cancelled:  # the job may say what a cancel left (result["message"])
+                    said = result.get("message") if isinstance(result, dict) else None
+                    job.update(state="cancelled", result=result,
+                               message=said or "Cancelled; results finished before the cancel are kept.")
                 else:
                     job.update(state="done", progress=1.0, message="finished", result=result)
             except CellposeWebError as e:

@@ -30,6 +30,7 @@ from cellpose_web.workflows import inputs, model_cache as models_cache
 from cellpose_web.service.config import Limits
 from cellpose_web.service import jobs
 from cellpose_web.io import atomic_save
+from cellpose_web.io.labels import instance_labels
 from cellpose_web.service.storage import (atomic_write_json, read_json, safe_join, safe_name,
                                           sub_dir)
 
@@ -181,8 +182,8 @@ def _read_labels(p: Path, limits: Limits) -> np.ndarray:
         except (ImportError, AttributeError):
             raise CellposeWebError("Reading _seg.npy files is not available on this server; use _masks.tif.")
         m = dat["masks"] if isinstance(dat, dict) else dat
-        return np.asarray(m)
-    return np.asarray(inputs.read_image(p, limits).data)
+        return instance_labels(np.asarray(m), p.name)
+    return instance_labels(np.asarray(inputs.read_image(p, limits).data), p.name)
 
 
 def import_pairs(files: list[str | Path], set_name: str, user: str | None = None,
@@ -214,8 +215,6 @@ def import_pairs(files: list[str | Path], set_name: str, user: str | None = None
             try:
                 img = inputs.read_image(p, limits).data
                 m = _read_labels(lab, limits)
-                if not np.issubdtype(m.dtype, np.integer):
-                    m = m.astype(np.int64)
                 add_pair(set_name, img, m, p.stem, user, {"source": "upload"})
                 n += 1
             except (CellposeWebError, FileNotFoundError) as e:
@@ -364,6 +363,35 @@ def finetune_defaults(base_model: str) -> dict[str, Any]:
 #: the one set of limits for a fine-tune, whichever face starts it (app, command line, hitl)
 MAX_LEARNING_RATE = 0.1
 MAX_WEIGHT_DECAY = 10.0
+
+
+def check_new_model_name(name: Any) -> str:
+    """The name a fine-tuned model will be registered under, checked before any training: the lab
+    registry's rule (letters, digits, ``. _ + -``; not a built-in name) and not taken by a lab model.
+    Returns the name (stripped); raises :class:`BadInputError` saying what to change."""
+    from cellpose_web import registry
+
+    name = str(name or "").strip()
+    if not name:
+        raise BadInputError("Give the new model a name, e.g. 'nuclei_lab_v1'.")
+    try:
+        registry.validate_name(name)
+    except CellposeWebError as e:
+        raise BadInputError(str(e)) from None
+    if (registry.models_dir() / name).exists():
+        raise BadInputError(f"A lab model named '{name}' already exists: choose another name for the new model "
+                            "(or delete the old one in the Models tab) before training.")
+    return name
+
+
+def _free_name(name: str) -> str:
+    """``name``, or ``name_2``, ``name_3``... when a lab model took it while training ran."""
+    from cellpose_web import registry
+
+    root, k, candidate = registry.models_dir(), 2, name
+    while (root / candidate).exists():
+        candidate, k = f"{name}_{k}", k + 1
+    return candidate
 
 
 def check_training_params(n_epochs: int | None, learning_rate: float | None, weight_decay: float | None,
@@ -566,7 +594,7 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
     """
     limits = limits or Limits.from_env()
     arch = base_model_arch(base_model)
-    new_name = safe_name(new_name, "model name")
+    new_name = check_new_model_name(new_name)
     say = on_status or (lambda s: None)
     chosen = parse_channels(channels)
     imgs, labs, names = load_set(set_name, user, chosen)
@@ -595,7 +623,8 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
                     min_train_masks=min_train_masks, seed=seed, max_epochs=limits.max_epochs,
                     on_epoch=on_epoch_and_cancel)
     if cancelled and cancelled():
-        return {"cancelled": True, "epochs_done": run.epochs_done, "name": None}
+        return {"cancelled": True, "epochs_done": run.epochs_done, "name": None,
+                "message": f"Cancelled after {run.epochs_done} epoch(s); no model was saved."}
     say("measuring AP of the new model on held-out images")
     model.net.eval()
     ap_after = _ap_on(model, [imgs[i] for i in ho], [labs[i] for i in ho], ca)
@@ -604,6 +633,10 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
                       ap_before=ap_before, ap_after=ap_after)
     path, train_s = run.path, round(run.seconds, 1)
     from cellpose_web import registry
+    notices = list(run.notices)
+    if _free_name(new_name) != new_name:  # taken while training ran: keep the weights under a free name
+        taken, new_name = new_name, _free_name(new_name)
+        notices.append(f"a lab model named '{taken}' was added while this one trained: saved as '{new_name}'")
     registered = registry.add_lab_model(str(path), new_name, {
         "description": f"fine-tuned from {info['name']} in the app on the training set {set_name}",
         "base_model": info["name"], "test_ap": ap_after, "training": meta})
@@ -616,7 +649,7 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
     return {"name": reg_name, "path": str(getattr(registered, "path", path)), "ap_before": ap_before,
             "ap_after": ap_after, "is_default": bool(make_default and better), "train_seconds": train_s,
             "train_losses": run.train_losses, "test_losses": run.test_losses, "metadata": meta,
-            "notices": list(run.notices)}
+            "notices": notices}
 
 
 def start_finetune_job(set_name: str, base: str, new_name: str, epochs: Any, lr: Any, wd: Any, user: str | None,
@@ -632,8 +665,7 @@ def start_finetune_job(set_name: str, base: str, new_name: str, epochs: Any, lr:
         raise BadInputError("Choose a training set (add corrected images in the Correct tab, or upload pairs).")
     if not base:
         raise BadInputError("Choose a base model to start from.")
-    if not new_name or not str(new_name).strip():
-        raise BadInputError("Give the new model a name, e.g. 'nuclei_lab_v1'.")
+    new_name = check_new_model_name(new_name)
     limits = limits or Limits.from_env()
     models_cache.check_offered(base)
     chans = parse_channels(channels)

@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
+
+from cellpose_web.io.labels import instance_labels
 from cellpose_web.engine.dynamics.labels import as_label_dtype
 from cellpose_web import io as cpio
 from cellpose_web.workflows import pipeline
@@ -79,17 +81,7 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     if not p.is_file():
         raise FileNotFoundError(f"masks file not found: {p}")
     m = np.asarray(cpio.load_seg(str(p))["masks"] if p.name.endswith(".npy") else cpio.imread(str(p)))
-    if m.ndim == 3 and m.shape[-1] in (3, 4) and m.dtype == np.uint8:
-        m = m[..., 0]
-    if m.dtype.kind == "b":
-        from scipy import ndimage as ndi
-
-        m = ndi.label(m)[0]
-    if m.dtype.kind == "f":
-        if not np.all(np.isfinite(m)) or np.any(m != np.round(m)) or m.min(initial=0) < 0:
-            raise CellposeWebError(f"{p.name} must hold whole-number labels (0 = background)")
-        m = m.astype(np.int64)
-    return m
+    return instance_labels(m, p.name)
 
 
 def select_channels(img: np.ndarray, channels: Sequence[int] | None) -> np.ndarray:

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellpose_web.engine.dynamics.labels import label_dtype
 from cellpose_web.engine import edit  # noqa: F401 - MaskEditor for the Correct tab
 from cellpose_web.engine.edit import relabel
 from cellpose_web.errors import BadInputError
@@ -19,6 +18,8 @@ from cellpose_web.io import load_seg
 from cellpose_web.measure import DEFAULT_MAX_DISTANCE_UM, FALLBACK_MAX_DISTANCE_PX, PunctaParams, measure_cells, size_histogram, summarize  # noqa: F401
 from cellpose_web.service.config import Limits
 from cellpose_web.workflows import finetune, inputs, pipeline
+
+from cellpose_web.io.labels import instance_labels
 
 __all__ = ["read_masks_file", "masks_file_provenance", "measure_result", "redetect_puncta", "save_correction",
            "add_correction_to_training_set", "edit", "PunctaParams", "DEFAULT_MAX_DISTANCE_UM", "FALLBACK_MAX_DISTANCE_PX", "summarize",
@@ -34,12 +35,11 @@ def read_masks_file(path: str | Path, image_shape: tuple[int, ...], limits: Limi
         m = np.asarray(load_seg(str(p))["masks"])
     else:
         m = inputs.read_image(p).data
-    if not np.issubdtype(m.dtype, np.integer) or m.min() < 0:
-        raise BadInputError(f"{p.name} is not a label image (whole numbers, 0 = background).")
+    m = instance_labels(m, p.name)
     if m.shape != tuple(image_shape):
         raise BadInputError(f"{p.name} has shape {m.shape} but the image is {tuple(image_shape)}; load the masks "
                             "made from this image.")
-    return m.astype(label_dtype(int(m.max(initial=0))))
+    return m
 
 
 def masks_file_provenance(file_name: str, image_name: str, image_shape: tuple[int, ...],

@@ -115,7 +115,7 @@ def build(ctx: dict[str, Any]) -> None:
             new_name = gr.Textbox("", label="New model name", placeholder="e.g. nuclei_lab_v1", elem_id="ft-name")
             ep0, lr0, wd0, note0 = recipe_for(default)
             with gr.Row():
-                epochs = gr.Number(ep0, label="Epochs", precision=0, minimum=1, elem_id="ft-epochs")
+                epochs = gr.Number(ep0, label="Epochs", precision=0, elem_id="ft-epochs")
                 lr = gr.Number(lr0, label="Learning rate", elem_id="ft-lr")
                 wd = gr.Number(wd0, label="Weight decay", elem_id="ft-wd")
             recipe_note = gr.Markdown(note0, elem_id="ft-recipe")
@@ -194,11 +194,16 @@ def build(ctx: dict[str, Any]) -> None:
             return
         names_now, default_now = common.model_choices()
         ap_b, ap_a = r.get("ap_before"), r.get("ap_after")
-        msg = (f"Done: model **{r['name']}** saved to the registry. AP (IoU 0.5) on held-out images: "
-               f"{W.fmt_num(ap_b, '', 3)} before → **{W.fmt_num(ap_a, '', 3)}** after, {trained_on(r)}. "
-               + ("It is now the pre-selected model." if r.get("is_default") else
-                  "It did not beat its base on the held-out images, so the pre-selected model is unchanged.")
-               + "".join(f" Note: {n}." for n in r.get("notices") or []))
+        if ap_b is None or ap_a is None:
+            scored = (f"Done: model **{r['name']}** saved to the registry, {trained_on(r)}. The set had no image to "
+                      "hold out (a set of 2 or more keeps about 20 % aside to score the model), so it was not compared "
+                      "with its base and the pre-selected model is unchanged.")
+        else:
+            scored = (f"Done: model **{r['name']}** saved to the registry. AP (IoU 0.5) on held-out images: "
+                      f"{W.fmt_num(ap_b, '', 3)} before → **{W.fmt_num(ap_a, '', 3)}** after, {trained_on(r)}. "
+                      + ("It is now the pre-selected model." if r.get("is_default") else
+                         "It did not beat its base on the held-out images, so the pre-selected model is unchanged."))
+        msg = scored + "".join(f" Note: {n}." for n in r.get("notices") or [])
         pick = {"value": default_now} if r.get("is_default") else {}
         ups = [gr.update(choices=names_now, **pick) for _ in dds]
         yield (job.id, msg, loss_frame(st.get("losses", [])),
