@@ -141,3 +141,20 @@ def test_stitch_planes_links_planes_and_remeasures():
         pipeline.stitch_planes(per_plane[0], None)
     with pytest.raises(CellposeWebError, match="between 0 and 1"):
         pipeline.stitch_planes(per_plane, None, threshold=1.5)
+
+
+def test_masks_file_from_another_image_is_loaded_with_a_warning(tmp_path):
+    """A _seg.npy records its image: one made from another image of the same size is not silently
+    put on this one (its cells would not sit on these nuclei, and could go into a training set)."""
+    from cellpose_web.workflows import results
+
+    masks = np.zeros((32, 32), np.uint16)
+    masks[4:10, 4:10] = 1
+    img = np.zeros((32, 32), np.float32)
+    [seg] = io.masks_flows_to_seg(img, masks, None, tmp_path / "plate2.b.tif")
+    m, warning = results.read_masks_file(seg, (32, 32), image_name="plate4.b.tif")
+    assert np.array_equal(m, masks) and "made from 'plate2.b.tif'" in warning and "'plate4.b.tif'" in warning
+    assert results.read_masks_file(seg, (32, 32), image_name="plate2.b.tif")[1] is None
+    assert results.read_masks_file(seg, (32, 32), image_name="plate2.b.png")[1] is None  # same image, converted
+    tifffile.imwrite(tmp_path / "m.tif", masks)
+    assert results.read_masks_file(tmp_path / "m.tif", (32, 32), image_name="x.tif")[1] is None  # no record

@@ -26,20 +26,42 @@ __all__ = ["read_masks_file", "masks_file_provenance", "measure_result", "redete
            "size_histogram"]
 
 
-def read_masks_file(path: str | Path, image_shape: tuple[int, ...], limits: Limits | None = None) -> np.ndarray:
-    """Masks from a Cellpose ``_seg.npy`` or a label image, checked against the image they belong to
-    (``image_shape``: the image without its channel axis), as uint16 (uint32 past 65535 labels)."""
+def read_masks_file(path: str | Path, image_shape: tuple[int, ...], limits: Limits | None = None,
+                    image_name: str | None = None) -> tuple[np.ndarray, str | None]:
+    """Masks from a Cellpose ``_seg.npy`` or a label image, checked against the image they belong to.
+
+    Parameters
+    ----------
+    path : the masks file.
+    image_shape : the image's shape without its channel axis: (Y, X) or (Z, Y, X).
+    image_name : the image's file name; a ``_seg.npy`` records the image it was made from, and a
+        different one gives a warning (same size, other image: the cells would not sit on this one).
+
+    Returns
+    -------
+    ((Y, X) or (Z, Y, X) uint16 labels (uint32 past 65535), a warning for the person or None)
+    """
     p = Path(path)
+    warning = None
     if p.name.endswith(".npy"):
         inputs.check_file_size(p, limits or Limits.from_env())
-        m = np.asarray(load_seg(str(p))["masks"])
+        seg = load_seg(str(p))
+        m = np.asarray(seg["masks"])
+        made_from = Path(str(seg.get("filename") or "").replace("\\", "/")).name
+        if image_name and made_from and _without_image_ext(made_from) != _without_image_ext(Path(image_name).name):
+            warning = (f"{p.name} was made from '{made_from}', not from '{Path(image_name).name}': check that these "
+                       "masks belong to this image before correcting or training on them.")
     else:
         m = inputs.read_image(p).data
     m = instance_labels(m, p.name)
     if m.shape != tuple(image_shape):
         raise BadInputError(f"{p.name} has shape {m.shape} but the image is {tuple(image_shape)}; load the masks "
                             "made from this image.")
-    return m
+    return m, warning
+
+
+def _without_image_ext(name: str) -> str:
+    return name[: -len(Path(name).suffix)] if Path(name).suffix.lower() in inputs.IMAGE_EXTS else name
 
 
 def masks_file_provenance(file_name: str, image_name: str, image_shape: tuple[int, ...],

@@ -322,6 +322,35 @@ def test_correct_edits_survive_a_page_reload(page, tmp_path):
     np.testing.assert_array_equal(labels(page), m0)
 
 
+def test_masks_loaded_from_a_file_and_their_edits_survive_a_page_reload(page, tmp_path):
+    """Masks from a file are kept for the browser like a segmentation: a reload reopens them (not the
+    result before them) with the edits made on them."""
+    masks = np.zeros((256, 256), np.uint16)
+    for k, (y, x) in enumerate([(30, 30), (30, 200), (200, 40), (210, 210)], start=1):
+        masks[y - 12:y + 12, x - 12:x + 12] = k
+    img = np.where(masks > 0, 3000, 300).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "plate.tif", img)
+    tifffile.imwrite(tmp_path / "plate_masks.tif", masks)
+    page.set_input_files("#seg-file input[type=file]", str(tmp_path / "plate.tif"))
+    page.wait_for_selector("#seg-info :text('plate.tif')")
+    page.get_by_text("Load existing masks instead").first.click()
+    page.set_input_files("#seg-masks-file input[type=file]", str(tmp_path / "plate_masks.tif"))
+    page.wait_for_function("() => document.querySelector('#seg-count').innerText.includes('masks loaded from')")
+    open_correct(page)
+    wait_count(page, 4)
+    draw_outline(page, ring(masks, 10, 10)[0], 4)
+    edited = labels(page)
+
+    page.reload()
+    page.wait_for_selector("#seg-run")
+    page.wait_for_function("() => (document.querySelector('#seg-info') || {innerText: ''}).innerText"
+                           ".includes('plate.tif')")
+    open_correct(page)
+    wait_count(page, 5)
+    np.testing.assert_array_equal(labels(page), edited)
+    assert "1 edit" in page.inner_text("#correct-count")
+
+
 def test_brush_after_outline_is_a_new_cell_and_save_refreshes_segment(page, tmp_path):
     """Issue 21 item 7: a Brush stroke away from the just-outlined (still selected) cell is a cell of
     its own; Save shows the saved masks in the Segment tab (count, downloads) without a reload."""

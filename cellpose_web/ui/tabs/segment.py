@@ -115,7 +115,9 @@ def load_masks(path: str | None, s: common.Session | None) -> common.Session:
         raise CellposeWebError("Choose a _seg.npy, _cp_masks.tif/.png or _masks.tif file.")
     p = Path(path)
     out = common.Session(**{**vars(s)})
-    out.masks = results.read_masks_file(p, s.image.shape[:-1], Limits.from_env())
+    out.masks, warning = results.read_masks_file(p, s.image.shape[:-1], Limits.from_env(), image_name=s.name)
+    if warning:
+        gr.Warning(warning)
     out.flow_rgb = out.cellprob = out.dP = None
     out.table, out.puncta = results.measure_result(out.masks, out.image, out.pixel_size_um)
     out.provenance = results.masks_file_provenance(p.name, s.name, s.raw.shape, s.pixel_size_um)
@@ -365,16 +367,18 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             new.provenance, ov
 
     @W.user_errors(outputs=8)
-    def on_masks(path, s, ov, bg):
+    def on_masks(path, s, ov, bg, browser="", request: gr.Request = None):
         if not path:
             return tuple(gr.skip() for _ in range(8))
         new = load_masks(path, s)
+        # kept like a segmentation: a page reload reopens the loaded masks (and edits made on them)
+        runs.registry().keep(runs.owner_key(W.username(request), browser), new, nbytes=new.nbytes)
         zs = gr.update(visible=new.is_stack, maximum=max(1, new.masks.shape[0] - 1) if new.is_stack else 1)
         gr.Info(f"Loaded {len(new.table)} cells from {Path(path).name}; open the Correct tab to edit them.")
         return (new, render(new, ov, bg, 0), summary_md(new), W.table_for_display(new.table), histogram_update(new),
                 new.files, new.provenance, zs)
 
-    masks_in.upload(on_masks, [masks_in, session, overlays, background], seg_outputs, api_visibility="private"
+    masks_in.upload(on_masks, [masks_in, session, overlays, background, browser_id], seg_outputs, api_visibility="private"
                     ).then(stitch_offer, [session], [stitch_btn], api_visibility="private", show_progress="hidden")
 
     p_btn.click(on_puncta, [session, p_on, p_ch, p_smin, p_smax, p_thr, overlays, background, zslider, p_dist],
