@@ -249,3 +249,31 @@ def test_display_seg_npy_and_puncta_share_the_stretch():
     grey = render.image_to_rgb(x)
     np.testing.assert_array_equal(grey[..., 0], (percentile_stretch(x, 1, 99.5) * 255).astype(np.uint8))
     np.testing.assert_array_equal(normalize_for_puncta(x), percentile_stretch(x, 1, 99.8))
+
+
+def test_training_crops_upload_host_arrays_without_a_host_sync(monkeypatch):
+    """On a GPU every host array of a training step (the affine rows, each image and its flows) goes
+    through host_to_device (pinned, queued): a plain copy from pageable memory synchronises CUDA.
+    The 'meta' device stands in for the GPU here (same code path, no numbers)."""
+    from cellpose_web.engine import transforms as tr
+
+    uploads = []
+    real = tr.host_to_device
+    monkeypatch.setattr(tr, "host_to_device", lambda t, d: (uploads.append(tuple(t.shape)), real(t, d))[1])
+    rng = np.random.default_rng(0)
+    imgs = [rng.random((2, 40, 50)).astype(np.float32) for _ in range(3)]
+    flows = [rng.random((3, 40, 50)).astype(np.float32) for _ in range(3)]
+    x, y = tr.random_rotate_and_resize(imgs, flows, xy=(32, 32), rng=0, device="meta")
+    assert x.shape == (3, 2, 32, 32) and y.shape == (3, 3, 32, 32) and x.device.type == "meta"
+    assert uploads == [(3, 8)] + [(2, 40, 50), (3, 40, 50)] * 3
+
+
+def test_bfloat16_tensors_are_accepted_as_images_and_flows():
+    """numpy has no bfloat16: a bf16 tensor (e.g. a network output kept on the GPU) becomes float32."""
+    from cellpose_web.engine import transforms as tr
+    from cellpose_web.engine.dynamics.device_setup import to_numpy
+    from cellpose_web.models.params import as_array
+
+    t = torch.rand(16, 16, dtype=torch.bfloat16)
+    for a in (tr.convert_image(t, None), to_numpy(t, "dP"), as_array(t)):
+        assert a.dtype == np.float32 and np.array_equal(np.asarray(a).reshape(16, 16), t.float().numpy())

@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 
 from cellpose_web import config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["choose_device", "default_dtype", "available_cpus", "set_cpu_threads"]
+__all__ = ["choose_device", "default_dtype", "available_cpus", "set_cpu_threads", "tensor_to_numpy"]
 
 
 def _mps_available() -> bool:
@@ -117,3 +118,11 @@ def set_cpu_threads(n: int | None = None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor on any device as a numpy array (numpy has no bfloat16: such tensors become float32)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.cpu().numpy()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cellpose_web.engine.device import tensor_to_numpy
 from cellpose_web.errors import CellposeWebError
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def convert_image(x, channel_axis: int | None = None, z_axis: int | None = None,
     with a warning; fewer channels are not padded, the network treats missing ones as zeros).
     """
     if torch.is_tensor(x):
-        x = x.detach().cpu().numpy()
+        x = tensor_to_numpy(x)
     x = np.asarray(x)
     ndim = x.ndim
     if ndim < 2 or ndim > 4:
@@ -597,6 +598,15 @@ def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device)
 
 
+def _to_device_float32(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An array or tensor as float32 on ``device``; host data goes by :func:`host_to_device` (a training
+    step uploads its images without a host sync)."""
+    t = a if torch.is_tensor(a) else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    if t.device.type == "cpu" and device.type != "cpu":
+        t = host_to_device(t, device)
+    return t.to(device=device, dtype=torch.float32)
+
+
 def _sampling_grids(coef: torch.Tensor, oy: int, ox: int) -> torch.Tensor:
     """(B, oy, ox, 2) float32 ``grid_sample`` grids from (B, 8) float64 affine rows
     [a00, a01, bx, a10, a11, by, Lx / 2, Ly / 2], computed in float64 on ``coef``'s device."""
@@ -670,8 +680,7 @@ def random_rotate_and_resize(imgs, flows=None, scale_range: float | None = 0.5, 
     out_i, out_f = [], []
     for k in range(n):
         im = imgs[k]
-        im = (im if torch.is_tensor(im) else torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)))
-        im = im.to(device=device, dtype=torch.float32)
+        im = _to_device_float32(im, device)
         if im.ndim == 2:
             im = im[None]
         grid = grids[k:k + 1]
@@ -681,8 +690,7 @@ def random_rotate_and_resize(imgs, flows=None, scale_range: float | None = 0.5, 
                                    align_corners=False)[0])
         if flows is not None:
             fl = flows[k]
-            fl = (fl if torch.is_tensor(fl) else torch.from_numpy(np.ascontiguousarray(fl, dtype=np.float32)))
-            fl = fl.to(device=device, dtype=torch.float32)
+            fl = _to_device_float32(fl, device)
             if fl.ndim == 2:
                 fl = fl[None]
             if flips[k]:

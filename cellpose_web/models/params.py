@@ -6,6 +6,7 @@ import math
 from typing import Any
 import numpy as np
 import torch
+from cellpose_web.engine.device import tensor_to_numpy
 from cellpose_web.errors import CellposeWebError
 
 
@@ -90,7 +91,7 @@ def check_finite(x: np.ndarray) -> None:
 
 def as_array(x: Any) -> np.ndarray:
     if torch.is_tensor(x):
-        return x.detach().cpu().numpy()
+        return tensor_to_numpy(x)
     if x is None:
         raise CellposeWebError("no image was given (x is None)")
     try:

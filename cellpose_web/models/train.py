@@ -693,6 +693,10 @@ def train_seg(net: nn.Module, train_data: Sequence[np.ndarray] | None = None,
                     train_losses, test_losses = train_losses[: iepoch + 1], test_losses[: iepoch + 1]
                     stopped = True
                     break
+        except BaseException:  # the caller's dtype back (e.g. a bf16 model after an out-of-memory error)
+            if orig_dtype != torch.float32:
+                net.to(orig_dtype)
+            raise
         finally:  # back to the layout the caller had (also when a step or the callback raised)
             net.to(memory_format=torch.contiguous_format)
     meta["epochs_done"] = int(len(train_losses))

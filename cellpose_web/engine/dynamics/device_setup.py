@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from cellpose_web import config
+from cellpose_web.engine.device import tensor_to_numpy
 from cellpose_web.errors import CellposeWebError
 
 
@@ -78,7 +79,7 @@ def cpu_threads(device: torch.device) -> Iterator[None]:
 
 def to_numpy(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
+        x = tensor_to_numpy(x)
     try:
         arr = np.asarray(x)
     except Exception as e:  # ragged lists etc.

@@ -303,11 +303,11 @@ def _kept_indices(run, device: torch.device) -> torch.Tensor:
     """
     table = _SUBSET_TABLES.get(device)
     if table is None:
-        m = torch.arange(2 ** _SUBSET_BITS)
-        bits = (m[:, None] >> torch.arange(_SUBSET_BITS)) & 1  # (256, 8)
+        # built on the device itself: a copy from the host would be a host sync inside a training step
+        m = torch.arange(2 ** _SUBSET_BITS, device=device)
+        bits = (m[:, None] >> torch.arange(_SUBSET_BITS, device=device)) & 1  # (256, 8)
         # stable sort puts the set positions first, in increasing order
-        order = torch.sort(1 - bits, dim=1, stable=True).indices
-        table = order.to(device)
+        table = torch.sort(1 - bits, dim=1, stable=True).indices
         _SUBSET_TABLES[device] = table
     parts = []
     for start in range(0, len(run), _SUBSET_BITS):
