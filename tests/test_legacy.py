@@ -194,6 +194,8 @@ def test_cellpose3_flows_of_masks_are_its_float64_heat_to_the_bit():
     # the steps in torch (a GPU's path, here on the CPU): the same float64 operations, the same bits
     assert np.array_equal(legacy.masks_to_flows(m, use_torch=True), want)
     assert np.array_equal(legacy.masks_to_flows(m, max_elements=500, use_torch=True), want)
+    # MPS has no float64: there the steps stay in numpy (no MPS tensor is made, so this runs anywhere)
+    assert np.array_equal(legacy.masks_to_flows(m, device="mps"), want)
 
 
 def test_cellpose3_flow_check_takes_the_model_device(own, monkeypatch):

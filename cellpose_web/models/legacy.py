@@ -272,13 +272,15 @@ def masks_to_flows(masks: np.ndarray, max_elements: int | None = None, device: A
     a second buffer. Every value is computed as Cellpose 3 computes it, in float64 with the same
     additions in the same order, so the flows are the same to the bit on a CPU (numpy) and on a GPU
     (``device``: the steps run there in torch; IEEE float64 additions and products round the same).
-    ``use_torch`` (default: on a GPU) runs the steps in torch on ``device``, also on a CPU (tests).
+    ``use_torch`` (default: on a CUDA GPU; MPS has no float64) runs the steps in torch on ``device``,
+    also on a CPU (tests).
     """
     from scipy.ndimage import find_objects
 
     masks = np.asarray(masks)
     device = torch.device("cpu") if device is None else torch.device(device)
-    on_device = device.type != "cpu" if use_torch is None else bool(use_torch)
+    # float64 steps: on CUDA's device; MPS has no float64, so there (as on the CPU) numpy runs them
+    on_device = device.type == "cuda" if use_torch is None else bool(use_torch)
     if max_elements is None:
         max_elements = DEVICE_MAX_ELEMENTS if on_device else 1 << 15
     mu = np.zeros((2, *masks.shape), np.float64)
