@@ -143,6 +143,8 @@ else
   n=3 sides=(160 200) dyn=(256 2 1 512 1 1) train_sam=(--epochs 1 --nimg 4 --batch 2)
   fw=(2 4) ev=(256 512) ev3=(4 32) legacy_train=(--epochs 1 --nimg 8 --batch 4)
 fi
+# the correctness suite first: the timing stages after it may use up the budget
+stage pytest_gpu 60 env CELLPOSE_WEB_TEST_DEVICE="$dev" "$PY" -m pytest -m gpu -q tests/test_gpu.py
 stage legacy_eval 75 env CELLPOSE_REF_PYTHON="$c3" "$PY" benchmarks/bench_cp_cyto.py --table --device "$dev" \
   --n "$n" --min-side "${sides[0]}" --max-side "${sides[1]}" --threads "$T" "$(j legacy_eval)"
 stage dynamics_1024 40 env CELLPOSE_REF_PYTHON="$c4" "$PY" benchmarks/bench_dynamics.py --device "$dev" \
@@ -159,7 +161,6 @@ stage cpsam_eval_2d 60 "${engine[@]}" --forward-batches --eval-sizes "${ev[@]}" 
 stage cpsam_eval_3d 75 "${engine[@]}" --forward-batches --eval-sizes --eval-3d "${ev3[@]}" "$(j cpsam_eval_3d)"
 stage legacy_train 45 env CELLPOSE3_REF_PYTHON="${c3:-none}" "$PY" benchmarks/bench_train.py --device "$dev" \
   --variants float32 --repeats 1 --threads "$T" "${legacy_train[@]}" "$(j legacy_train)"
-stage pytest_gpu 60 env CELLPOSE_WEB_TEST_DEVICE="$dev" "$PY" -m pytest -m gpu -q tests/test_gpu.py
 rm -f "$out/cpsam_vitl_random.pth"
 echo
 "$PY" benchmarks/gpu_table.py "$out" | tee "$out/table.md"
