@@ -1,6 +1,7 @@
 """Correct tab in a real browser: freehand outline, brush and eraser strokes on #correct-canvas, undo,
 Ctrl+click delete, click to add, save; a z-stack plane corrected, saved and loaded back."""
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,15 @@ def ring(masks, ry, rx, wobble=0.0, at=0.5):
     cy, cx = free[int(len(free) * at)]
     t = np.linspace(0, 2 * np.pi, 40)
     return [(cy + ry * np.sin(a) + wobble * np.sin(3 * a), cx + rx * np.cos(a)) for a in t], (cy, cx)
+
+
+def load_image_and_masks(page, image, masks) -> None:
+    """Segment tab: upload `image`, then *Load existing masks instead* with the file `masks`."""
+    page.set_input_files("#seg-file input[type=file]", str(image))
+    page.wait_for_selector(f"#seg-info :text('{Path(image).name}')")
+    page.get_by_text("Load existing masks instead").first.click()
+    page.set_input_files("#seg-masks-file input[type=file]", str(masks))
+    page.wait_for_function("() => document.querySelector('#seg-count').innerText.includes('masks loaded from')")
 
 
 def draw_outline(page, poly, n_before, timeout=60_000) -> float:
@@ -241,11 +251,7 @@ def test_correct_2048_zoom_to_pixels_and_stroke(page, tmp_path):
     img = (np.where(masks > 0, 3000, 400) + np.random.default_rng(0).integers(0, 200, masks.shape)).astype(np.uint16)
     tifffile.imwrite(tmp_path / "big.tif", img)
     tifffile.imwrite(tmp_path / "big_masks.tif", masks)
-    page.set_input_files("#seg-file input[type=file]", str(tmp_path / "big.tif"))
-    page.wait_for_selector("#seg-info :text('big.tif')")
-    page.get_by_text("Load existing masks instead").first.click()
-    page.set_input_files("#seg-masks-file input[type=file]", str(tmp_path / "big_masks.tif"))
-    page.wait_for_function("() => document.querySelector('#seg-count').innerText.includes('masks loaded from')")
+    load_image_and_masks(page, tmp_path / "big.tif", tmp_path / "big_masks.tif")
     open_correct(page)
     n0 = len(np.unique(masks)) - 1
     wait_count(page, n0)
@@ -331,11 +337,7 @@ def test_masks_loaded_from_a_file_and_their_edits_survive_a_page_reload(page, tm
     img = np.where(masks > 0, 3000, 300).astype(np.uint16)
     tifffile.imwrite(tmp_path / "plate.tif", img)
     tifffile.imwrite(tmp_path / "plate_masks.tif", masks)
-    page.set_input_files("#seg-file input[type=file]", str(tmp_path / "plate.tif"))
-    page.wait_for_selector("#seg-info :text('plate.tif')")
-    page.get_by_text("Load existing masks instead").first.click()
-    page.set_input_files("#seg-masks-file input[type=file]", str(tmp_path / "plate_masks.tif"))
-    page.wait_for_function("() => document.querySelector('#seg-count').innerText.includes('masks loaded from')")
+    load_image_and_masks(page, tmp_path / "plate.tif", tmp_path / "plate_masks.tif")
     open_correct(page)
     wait_count(page, 4)
     draw_outline(page, ring(masks, 10, 10)[0], 4)
