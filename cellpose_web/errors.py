@@ -9,6 +9,7 @@
   FileNotFoundError).
 - :class:`OutOfMemoryError`: the work does not fit in the (GPU) memory even at the smallest batch
   (also a MemoryError).
+- :class:`NonFiniteFlowsError`: flows or cell probabilities with NaN / infinite values (a BadInputError).
 - :class:`TrainingDivergedError`: a training run whose loss stopped being a finite number (too high a
   learning rate for the data); nothing is saved.
 - :class:`RunCancelled`: a run someone cancelled; not a user error (not a CellposeWebError).
@@ -16,7 +17,7 @@
 The message is meant for a biologist: say what was wrong and what to do.
 """
 
-__all__ = ["CellposeWebError", "BadInputError", "ModelNotAvailableError", "OutOfMemoryError", "TrainingDivergedError",
+__all__ = ["CellposeWebError", "BadInputError", "ModelNotAvailableError", "OutOfMemoryError", "NonFiniteFlowsError", "TrainingDivergedError",
            "RunCancelled"]
 
 
@@ -35,6 +36,12 @@ class ModelNotAvailableError(CellposeWebError, FileNotFoundError):
 class OutOfMemoryError(CellposeWebError, MemoryError):
     """The run did not fit in memory, even after lowering the batch size to 1 (GPU), or the host's
     memory ran out; the message says what to do (smaller image or scale, fewer other programs)."""
+
+
+class NonFiniteFlowsError(BadInputError):
+    """The flows (``dP``) or cell probability given to mask reconstruction hold NaN or infinite values.
+    A caller that knows its image was finite (``CellposeModel.eval`` checks it first) catches this type
+    and blames the model's output instead."""
 
 
 class TrainingDivergedError(CellposeWebError):

@@ -17,6 +17,17 @@ NAME = "thresh"
 SHA256 = "5e" * 32
 
 
+def blobs(seed: int = 0, n: int = 5, shape: tuple[int, int] = (64, 64)) -> np.ndarray:
+    """A (Y, X) uint16 test image: ``n`` bright 6x6 squares on a noisy background (``threshold_labels``
+    finds them)."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(10, 1, shape)
+    for _ in range(n):
+        y, x = rng.integers(8, shape[0] - 8, 2)
+        img[y - 3:y + 3, x - 3:x + 3] += 100
+    return img.astype(np.uint16)
+
+
 def first_channel(img, channel_axis: int | None = None) -> np.ndarray:
     """The first channel of a (Y, X) or 3-axis image as float64 (Y, X); the channel axis is
     ``channel_axis``, else the shortest axis (as Cellpose guesses)."""

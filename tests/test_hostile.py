@@ -218,7 +218,7 @@ CASES: list[Case] = [
     Case("evil_seg_npy", "seg", None, "refused", "refused"),
     Case("evil_model_pickle", "model", None, "was refused", "was refused"),
     Case("garbage_model", "model_garbage", bytes(rng.integers(0, 256, 5000, dtype=np.uint8)),
-         "not a loadable PyTorch checkpoint", "not a loadable PyTorch checkpoint"),
+         "not a PyTorch checkpoint", "not a PyTorch checkpoint"),
     Case("model_name_traversal", "name", "../../escape", "Invalid model name", "Invalid model name"),
 ]
 

@@ -420,6 +420,43 @@ def test_damaged_seg_files(tmp_path):
             io.load_seg(tmp_path / f"{n}_seg.npy")
 
 
+def test_npy_format_version_3_is_read(tmp_path):
+    """Format 3.0 (utf-8 header) is read by our own header parser, for images and for _seg.npy."""
+    img = np.arange(24, dtype=np.uint16).reshape(4, 6)
+    with open(tmp_path / "v3.npy", "wb") as fh:
+        np.lib.format.write_array(fh, img, version=(3, 0))
+    np.testing.assert_array_equal(io.imread(tmp_path / "v3.npy"), img)
+    lab = np.zeros((5, 5), np.uint16)
+    lab[1:3, 1:3] = 1
+    with open(tmp_path / "v3_seg.npy", "wb") as fh:
+        np.lib.format.write_array(fh, np.array({"masks": lab}, dtype=object), version=(3, 0), allow_pickle=True)
+    np.testing.assert_array_equal(io.load_seg(tmp_path / "v3_seg.npy")["masks"], lab)
+    with open(tmp_path / "v2.npy", "wb") as fh:
+        np.lib.format.write_array(fh, img, version=(2, 0))
+    np.testing.assert_array_equal(io.imread(tmp_path / "v2.npy"), img)
+
+
+@pytest.mark.parametrize("data, pat", [
+    (b"\x93NUMPY\x09\x00" + b"x" * 40, "unknown .npy format version 9.0"),
+    (b"\x93NUMPY\x03\x00\x20\x00\x00\x00{'descr': '<u2', 'fortran_or", "header is damaged"),
+    (b"\x93NUMPY\x01\x00\x10\x00{'a': (1, 2)}  \n", "header is damaged"),
+    (b"\x93NUMPY\x03\x00\x10\x00\x00\x00\xff\xfe\xfd" + b" " * 20, "header is damaged"),
+    (b"\x93NUMPY\x01\x00\x40\x00{'descr': 'nonsense', 'fortran_order': False, 'shape': (3,), }  \n", "damaged"),
+    (b"\x93NUMPY\x01\x00\x40\x00{'descr': '<u2', 'fortran_order': 0, 'shape': (-3,), }       \n", "damaged"),
+])
+def test_damaged_npy_header_gives_clear_message(tmp_path, data, pat):
+    from cellpose_web.errors import BadInputError
+
+    for name in ("bad.npy", "bad_seg.npy"):
+        (tmp_path / name).write_bytes(data)
+        for read in (io.imread, io.load_seg):
+            with pytest.raises(BadInputError, match=pat) as ei:
+                read(tmp_path / name)
+            msg = str(ei.value)
+            assert name in msg and str(tmp_path) not in msg
+            assert "Error" not in msg and "numpy.lib" not in msg
+
+
 # ---------------------------------------------------------------------------------------------
 # ImageJ ROIs
 # ---------------------------------------------------------------------------------------------

@@ -144,6 +144,39 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(p)
 
 
+def test_nonfinite_model_output_blames_the_model_not_the_image(tmp_path):
+    """Broken (NaN) weights on a finite image: the message names the model; a NaN image still names the image."""
+    from cellpose_web.engine import dynamics
+    from cellpose_web.engine.nets.unet import LiteUNet
+    from cellpose_web.errors import BadInputError
+
+    torch.manual_seed(0)
+    ck = LiteUNet(widths=(8, 16)).checkpoint_dict()
+    sd = {k: v.clone() for k, v in ck["state_dict"].items()}
+    k = next(k for k, v in sd.items() if v.is_floating_point() and v.ndim == 4)
+    sd[k].fill_(float("nan"))
+    p = tmp_path / "nan_w.pth"
+    torch.save({**ck, "state_dict": sd}, p)
+    m = CellposeModel(pretrained_model=str(p))
+    img = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    with pytest.raises(BadInputError, match="Model 'nan_w.pth' gave NaN or infinite outputs") as ei:
+        m.eval(img, diameter=30)
+    msg = str(ei.value)
+    assert "weights are broken" in msg and "NaN pixels must be replaced" not in msg and "dP" not in msg
+    for imgs in ([img, img], ):  # a list of images goes through the same check
+        with pytest.raises(BadInputError, match="weights are broken"):
+            m.eval(imgs, diameter=30)
+    bad_img = img.copy()
+    bad_img[3, 3] = np.nan
+    with pytest.raises(CellposeWebError, match="NaN or infinite pixel"):
+        m.eval(bad_img, diameter=30)
+    # flows given directly (no image known): the message still points at both
+    dP = np.zeros((2, 32, 32), np.float32)
+    dP[0, 1, 1] = np.nan
+    with pytest.raises(CellposeWebError, match="check the network output or the image"):
+        dynamics.compute_masks(dP, np.ones((32, 32), np.float32))
+
+
 def test_channels_deprecated_and_progress(model, io, caplog):
     seen = []
     with caplog.at_level(logging.WARNING):

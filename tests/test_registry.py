@@ -376,12 +376,68 @@ def test_bad_model_files_refused(tmp_path, tiny_cpsam):
 
     evil = tmp_path / "evil.pth"
     torch.save({"W2": Evil()}, evil)
-    for f, pat in [(trunc, "truncated"), (text, "truncated|not a loadable"), (empty, "empty"),
+    for f, pat in [(trunc, "truncated"), (text, "not a PyTorch checkpoint"), (empty, "empty"),
                    (cp3, "Cellpose 1-3 model file is incomplete"), (evil, "refused")]:
         with pytest.raises(CellposeWebError, match=pat):
             registry.add_lab_model(f, "bad_one")
     assert not (tmp_path / "PWNED").exists()
     assert not (registry.models_dir() / "bad_one").exists()
+
+
+def test_bad_upload_messages_name_the_file_only(tmp_path, tiny_cpsam, caplog):
+    """An upload lands in a server temp folder: messages give the file's name, plain words, no exception text."""
+    import logging
+    import zipfile
+
+    from cellpose_web.errors import BadInputError
+
+    up = tmp_path / "gradio" / "90245e85deadbeef"
+    up.mkdir(parents=True)
+    data = tiny_cpsam.read_bytes()
+    files = {
+        "garbage.pth": (bytes(range(256)) * 20, "not a PyTorch checkpoint"),
+        "empty.pth": (b"", "empty \\(0 bytes\\).*cut short"),
+        "notes.pth": (b"these are my notes\n" * 20, "not a PyTorch checkpoint \\(it is a text file\\)"),
+        "half.pth": (data[: len(data) // 2], "damaged or incomplete: the download or copy was cut short"),
+    }
+    for name, (content, pat) in files.items():
+        (up / name).write_bytes(content)
+    zp = up / "bundle.pth"
+    with zipfile.ZipFile(zp, "w") as zf:
+        zf.writestr("model/readme.txt", "hello")
+    files["bundle.pth"] = (None, "zip archive")
+    with caplog.at_level(logging.WARNING):
+        for name, (_, pat) in files.items():
+            with pytest.raises(BadInputError, match=pat) as ei:
+                registry.add_lab_model(up / name, "uploaded")
+            msg = str(ei.value)
+            assert f"'{name}'" in msg, msg
+            assert str(tmp_path) not in msg and "gradio" not in msg, msg
+            for internal in ("Error", "Path:", "miniz", "pop from", "KeyError", "(RuntimeError"):
+                assert internal not in msg, msg
+            assert "again" in msg or "Choose" in msg or "choose" in msg, msg
+    # the details stay in the server's log
+    assert "PytorchStreamReader" in caplog.text or "zip" in caplog.text.lower()
+    assert not (registry.models_dir() / "uploaded").exists()
+
+
+@pytest.mark.parametrize("arch", ["lite", "cpsam"])
+def test_weights_with_nan_or_inf_are_refused(tmp_path, lite_file, tiny_cpsam, arch):
+    from cellpose_web.engine.nets import load_checkpoint
+    from cellpose_web.errors import BadInputError
+
+    obj = load_checkpoint(lite_file if arch == "lite" else tiny_cpsam)
+    sd = obj["state_dict"] if arch == "lite" else obj
+    sd = {k: v.clone() for k, v in sd.items()}
+    floats = [k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1]
+    sd[floats[0]].view(-1)[0] = float("nan")
+    sd[floats[-1]].view(-1)[-1] = float("inf")
+    bad = tmp_path / "nan_w.pth"
+    torch.save({**obj, "state_dict": sd} if arch == "lite" else sd, bad)
+    with pytest.raises(BadInputError, match=r"'nan_w.pth'.*NaN/infinite values in 2 of \d+ tensors.*do not use it"):
+        registry.add_lab_model(bad, "nan_w")
+    assert not (registry.models_dir() / "nan_w").exists()
+    assert "nan_w" not in [m.name for m in registry.list_models()]
 
 
 def test_damaged_lab_folder_is_skipped_and_cleanup(lite_file):

@@ -3,10 +3,13 @@ outputs (never segmented as images). Every face (command line, Batch, uploads, t
 asks these, so a ``_dP.tif`` is treated the same everywhere."""
 from __future__ import annotations
 
-from pathlib import Path
+import re
+import unicodedata
+from pathlib import Path, PurePosixPath
 
 __all__ = ["IMAGE_EXTENSIONS", "FOLDER_IMAGE_EXTENSIONS", "UPLOAD_IMAGE_EXTENSIONS", "LABEL_EXTENSIONS",
-           "OUTPUT_SUFFIXES", "file_stem", "is_mask_or_output"]
+           "OUTPUT_SUFFIXES", "OUTPUT_NAME_MAX_BYTES", "file_stem", "is_mask_or_output", "output_name",
+           "output_folders"]
 
 #: every extension ``io.imread`` reads (``.npy``: a ``_seg.npy`` gives its masks)
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".flex", ".dax", ".npy")
@@ -32,3 +35,82 @@ def is_mask_or_output(stem: str, mask_filter: str | None = None) -> bool:
     ``_masks``, ``_cp_masks``, ``_seg``, flows, outlines pictures ...; ``mask_filter`` too)."""
     return (stem.endswith(OUTPUT_SUFFIXES) or bool(mask_filter and stem.endswith(mask_filter))
             or "_outlines_" in stem or stem.endswith("_cp_outlines"))
+
+
+#: the longest output file/folder name, in UTF-8 bytes (file systems allow 255; the files written
+#: inside a folder add their own endings such as ``_cp_masks.tif``)
+OUTPUT_NAME_MAX_BYTES = 150
+#: characters no output name keeps: path separators and those Windows forbids
+_FORBIDDEN = re.compile(r'[<>:"/\\|?*]')
+#: names Windows reserves for devices (with any extension)
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
+def output_name(name: str, fallback: str = "image", max_bytes: int = OUTPUT_NAME_MAX_BYTES) -> str:
+    """A file or folder name for results made from a user's file name, readable in any language.
+
+    Letters and digits of every script stay (``细胞 图像 2`` -> ``细胞_图像_2``, ``Zelle Färbung 1``
+    -> ``Zelle_Färbung_1``); only spaces, control characters, path separators and the characters
+    Windows forbids (``<>:"/\\|?*``) become ``_``. Dots and spaces at the ends go, the name is
+    NFC-normalised (as macOS's decomposed names are shown) and cut to ``max_bytes`` UTF-8 bytes.
+
+    Parameters
+    ----------
+    name : str
+        The name as the user gave it (no folders: ``/`` is replaced too).
+    fallback : str
+        The name used when nothing is left (e.g. ``...``).
+    max_bytes : int
+        The longest result in UTF-8 bytes; a character is never cut in half.
+
+    Returns
+    -------
+    str
+        A name that is safe on Linux, macOS and Windows and never ``.``, ``..`` or hidden.
+    """
+    s = unicodedata.normalize("NFC", str(name)).strip().strip(". ")
+    s = "".join("_" if unicodedata.category(c)[0] in "CZ" else c for c in _FORBIDDEN.sub("_", s))
+    s = s.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore").strip(". ")
+    if not s:
+        return fallback
+    if s.split(".")[0].upper() in _WINDOWS_RESERVED:
+        s = "_" + s
+    return s
+
+
+def output_folders(paths: list[str], reserved: tuple[str, ...] = ()) -> list[str]:
+    """The results folder of each input file, mirroring the folders it was in (POSIX, relative).
+
+    ``exp1/day1/a.tif`` -> ``exp1/day1/a``: every part made safe by :func:`output_name`; a folder
+    whose name (compared ignoring case, as on Windows and macOS) is already taken in the same place,
+    by another image or by a sub-folder, gets ``_1``, ``_2``, ...
+
+    Parameters
+    ----------
+    paths : list of str
+        Each file's path as uploaded (POSIX, relative, e.g. its path inside a zip; ``..`` and
+        absolute paths are refused before this, and any left are made harmless).
+    reserved : tuple of str
+        Names taken at the top (files written beside the folders, e.g. ``summary.csv``): a folder
+        of that name gets ``_1``.
+
+    Returns
+    -------
+    list of str
+        One folder per path, all different, in the same order.
+    """
+    top = {r.casefold() for r in reserved}
+    parents = [tuple(output_name(p, "folder") for p in PurePosixPath(x).parts[:-1]) for x in paths]
+    parents = [(q[0] + "_1", *q[1:]) if q and q[0].casefold() in top else q for q in parents]
+    taken = {(q[:k], q[k].casefold()) for q in parents for k in range(len(q))}  # sub-folders
+    taken |= {((), r) for r in top}
+    out = []
+    for x, parent in zip(paths, parents):
+        stem = output_name(Path(PurePosixPath(x).name).stem)
+        name, k = stem, 0
+        while (parent, name.casefold()) in taken:
+            k += 1
+            name = f"{stem}_{k}"
+        taken.add((parent, name.casefold()))
+        out.append("/".join((*parent, name)))
+    return out

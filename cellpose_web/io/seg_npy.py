@@ -3,16 +3,19 @@
 so a crafted file cannot run code."""
 from __future__ import annotations
 
+import ast
 import datetime as _dt
 import os
 import pickle
+import re
+import struct
 from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
 from cellpose_web.engine.dynamics.labels import label_dtype
 from cellpose_web.engine import dynamics
 from cellpose_web.io import render
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import BadInputError, CellposeWebError
 from cellpose_web.io.atomic import atomic_write
 from cellpose_web.engine.transforms import percentile_stretch
 from cellpose_web.io.masks import resize_nearest, split_flows
@@ -24,12 +27,83 @@ def short_error(e: BaseException, n: int = 160) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def read_npy_header(fh, version):
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fh)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(fh)
-    return np.lib.format._read_array_header(fh, version)  # 3.0 (utf8 field names)
+# .npy header: versions 1.0 and 2.0 store the header text in latin1, 3.0 in utf-8; 1.0 gives its
+# length in 2 bytes, 2.0 and 3.0 in 4 bytes (little-endian). See the NumPy format specification
+# (numpy.lib.format). Parsed here with public tools only (ast.literal_eval, descr_to_dtype).
+_NPY_HEADER_FORMATS = {(1, 0): ("<H", "latin1"), (2, 0): ("<I", "latin1"), (3, 0): ("<I", "utf8")}
+_NPY_MAX_HEADER = 10000  # numpy's own limit for headers it reads without allow_pickle
+_NPY_KEYS = {"descr", "fortran_order", "shape"}
+
+
+def _npy_damaged(name: str, what: str) -> BadInputError:
+    return BadInputError(f"{name}: the .npy header is damaged ({what}). Save or copy the file again.")
+
+
+def read_npy_header(fh, version: tuple[int, int], name: str | None = None) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Read the header of a ``.npy`` file (format version 1.0, 2.0 or 3.0) without running code.
+
+    Parameters
+    ----------
+    fh : binary file positioned just after the magic string and version (as left by
+        ``np.lib.format.read_magic``).
+    version : the (major, minor) format version from ``read_magic``.
+    name : how to name the file in messages (default: the base name of ``fh.name``, quoted).
+
+    Returns
+    -------
+    (shape, fortran_order, dtype); ``fh`` is left at the start of the array data.
+
+    Raises
+    ------
+    BadInputError
+        for an unknown format version or a damaged header.
+    """
+    if name is None:
+        fname = getattr(fh, "name", None)
+        name = f"'{Path(fname).name}'" if isinstance(fname, (str, os.PathLike)) else "The file"
+    fmt = _NPY_HEADER_FORMATS.get(tuple(version))
+    if fmt is None:
+        raise BadInputError(
+            f"{name}: unknown .npy format version {version[0]}.{version[1]} (known: 1.0, 2.0 and 3.0). The file is "
+            "damaged or was written by a newer program; save it again with numpy.save.")
+    len_fmt, encoding = fmt
+    n_len = struct.calcsize(len_fmt)
+    raw_len = fh.read(n_len)
+    if len(raw_len) != n_len:
+        raise _npy_damaged(name, "the file ends inside the header")
+    (header_len,) = struct.unpack(len_fmt, raw_len)
+    if header_len > _NPY_MAX_HEADER:
+        raise _npy_damaged(name, f"the header claims {header_len} bytes, more than the {_NPY_MAX_HEADER} allowed")
+    raw = fh.read(header_len)
+    if len(raw) != header_len:
+        raise _npy_damaged(name, "the file ends inside the header")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError:
+        raise _npy_damaged(name, "the header is not text") from None
+    try:
+        d = ast.literal_eval(text)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        # files written by Python 2 may have long integers such as (10L, 20L) in the shape
+        try:
+            d = ast.literal_eval(re.sub(r"(?<=\d)[lL]\b", "", text)) if version < (3, 0) else None
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+            d = None
+        if d is None:
+            raise _npy_damaged(name, "the header text cannot be read") from None
+    if not isinstance(d, dict) or set(d) != _NPY_KEYS:
+        raise _npy_damaged(name, "the header does not describe an array")
+    shape, fortran = d["shape"], d["fortran_order"]
+    if not isinstance(shape, tuple) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                               for x in shape):
+        raise _npy_damaged(name, "the array shape is not a list of sizes")
+    if not isinstance(fortran, bool):
+        raise _npy_damaged(name, "the memory order is not True/False")
+    try:
+        dtype = np.lib.format.descr_to_dtype(d["descr"])
+    except Exception:  # any descr numpy cannot turn into a dtype
+        raise _npy_damaged(name, "the data type is not valid") from None
+    return shape, fortran, dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +171,7 @@ def load_seg(path: str | os.PathLike) -> dict:
                 version = np.lib.format.read_magic(fh)
             except ValueError:
                 raise CellposeWebError(f"'{path.name}' is not a .npy file (it does not start with the NumPy header).")
-            shape, fortran, dtype = read_npy_header(fh, version)
+            shape, fortran, dtype = read_npy_header(fh, version, f"'{path.name}'")
             if not dtype.hasobject:
                 fh.seek(0)
                 arr = np.load(fh, allow_pickle=False)

@@ -27,7 +27,8 @@ from cellpose_web.models import legacy
 from cellpose_web import registry
 from cellpose_web.engine.dynamics import dx_to_circ  # re-exported: Cellpose has it in models' namespace too
 from cellpose_web.engine.device import choose_device, default_dtype, set_cpu_threads
-from cellpose_web.errors import CellposeWebError, OutOfMemoryError
+from cellpose_web.errors import BadInputError, CellposeWebError, OutOfMemoryError
+from cellpose_web.errors import NonFiniteFlowsError
 from cellpose_web.engine.memory import AdaptiveBatch
 from cellpose_web.engine.memory import reuse_freed_memory as _reuse_freed_memory  # looked up here at call time (tests)
 from cellpose_web.engine.nets import build_net, load_checkpoint
@@ -559,10 +560,29 @@ class CellposeModel:
         return out
 
     # ------------------------------------------------------------------ one image / stack
-    def _eval(self, x, *, batch_size, resample, channel_axis, z_axis, normalize, invert, rescale, diameter,
-              flow_threshold, cellprob_threshold, do_3D, anisotropy, flow3D_smooth, stitch_threshold, min_size,
-              max_size_fraction, niter, augment, tile_overlap, bsize, compute_masks, progress, channels=None,
-              interp=True, batches: AdaptiveBatch | None = None):
+    def _eval(self, x, **kw):
+        """:meth:`_eval_image`; flows that are not finite for a finite image are the model's fault."""
+        try:
+            return self._eval_image(x, **kw)
+        except NonFiniteFlowsError:
+            # _eval_image refuses images with NaN/infinite pixels before the network runs, so the
+            # network's output is what is not finite
+            raise BadInputError(self._nonfinite_output_message()) from None
+
+    def _nonfinite_output_message(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        msg = (f"Model '{self.model_name}' gave NaN or infinite outputs for this image, although the image's "
+               "pixels are all finite numbers: the model's weights are broken (for example a training run that "
+               "diverged)")
+        if self.dtype != torch.float32:
+            msg += (f", or the model does not suit the reduced precision it runs at here ({dt}); try it in full "
+                    "precision (float32)")
+        return msg + ". Use another model, or train this one again."
+
+    def _eval_image(self, x, *, batch_size, resample, channel_axis, z_axis, normalize, invert, rescale, diameter,
+                    flow_threshold, cellprob_threshold, do_3D, anisotropy, flow3D_smooth, stitch_threshold, min_size,
+                    max_size_fraction, niter, augment, tile_overlap, bsize, compute_masks, progress, channels=None,
+                    interp=True, batches: AdaptiveBatch | None = None):
         t0 = time.perf_counter()
         timing: dict[str, float] = {}
         x = as_array(x)

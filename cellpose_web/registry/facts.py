@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import BadInputError, CellposeWebError
 from cellpose_web.resources import WEIGHTS_DIR, home_dir  # noqa: F401 - home_dir is part of the registry API
 from cellpose_web.registry.catalogue import LOCK, short_error
 
@@ -71,15 +71,37 @@ def file_facts(path: str | os.PathLike, need_sha: bool = True) -> dict:
     return ent
 
 
-def inspect_checkpoint(path: str | os.PathLike) -> dict:
+def count_nonfinite_tensors(state_dict: Any) -> int:
+    """How many floating-point tensors of a state dict hold NaN or infinite values (other values are skipped)."""
+    import torch
+
+    n = 0
+    for t in (state_dict.values() if isinstance(state_dict, dict) else ()):
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+            if not bool(torch.isfinite(t).all()):
+                n += 1
+    return n
+
+
+def inspect_checkpoint(path: str | os.PathLike, check_finite: bool = False) -> dict:
     """Open a weights file without running code (``weights_only=True``) and say what it is.
+
+    Parameters
+    ----------
+    path : the weights file.
+    check_finite : also refuse weights that hold NaN or infinite values (reads every tensor once;
+        done when a model is added to the lab).
 
     Returns
     -------
     dict(arch="cpsam"|"lite"|"cellpose3", n_tensors=int, config=dict)
 
-    Raises CellposeWebError when the file is not a Cellpose-SAM, Cellpose 1-3 U-Net or lite
-    checkpoint: truncated, not a torch file, or something else.
+    Raises
+    ------
+    CellposeWebError
+        (mostly its subclass BadInputError) when the file is not a Cellpose-SAM, Cellpose 1-3 U-Net
+        or lite checkpoint (truncated, not a torch file, or something else), or with
+        ``check_finite`` when its weights hold NaN or infinite values.
     """
     import torch
 
@@ -106,7 +128,17 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
             raise CellposeWebError(f"Model file '{name}' is a damaged '{arch}' checkpoint: {e}") from None
         raise CellposeWebError(f"Model file '{name}': {e}") from None
     except Exception as e:
-        raise CellposeWebError(f"Model file '{name}' is a damaged '{arch}' checkpoint ({short_error(e)}).") from None
+        logger.warning("could not build the network of %s (%s): %s", path, arch, short_error(e, 2000))
+        raise BadInputError(f"Model file '{name}' is a damaged '{arch}' checkpoint: its weights do not fit the "
+                            "network. Re-download it (or copy it again), or save it again from the program "
+                            "that trained it.") from None
+    if check_finite:
+        nbad = count_nonfinite_tensors(sd)
+        if nbad:
+            raise BadInputError(
+                f"Model file '{name}' was not added: the weights contain NaN/infinite values in {nbad} of {len(sd)} "
+                "tensors, so the model is broken (a training run that diverged); do not use it. Train it again "
+                "(with a lower learning rate) or use another model.")
     info = {"arch": arch, "n_tensors": len(sd), "config": dict(getattr(net, "config", None) or {})}
     if arch == "lite":
         info["meta"] = dict(obj.get("meta") or {})

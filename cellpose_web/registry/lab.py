@@ -154,14 +154,15 @@ def add_lab_model(src_path: str | os.PathLike, name: str, metadata: dict | None 
     size_model : Cellpose 1-3 U-Nets: its size model (``.npy``), stored as ``size.npy``; by default
         ``FILE_size.npy`` beside the weights is taken when present (where Cellpose 3 saves it).
 
-    The file is validated (loads with ``weights_only=True`` and fits its network), hashed
+    The file is validated (loads with ``weights_only=True``, fits its network, and its weights are
+    finite numbers: a model whose training diverged is refused with BadInputError), hashed
     (sha256), and the model folder appears atomically.
     """
     validate_name(name)
     src = Path(src_path).expanduser()
     if not src.is_file():
         raise FileNotFoundError(f"Model file not found: {src}")
-    info = inspect_checkpoint(src)
+    info = inspect_checkpoint(src, check_finite=True)
     if size_model is None and info["arch"] == "cellpose3" and Path(str(src) + "_size.npy").is_file():
         size_model = Path(str(src) + "_size.npy")
     if size_model is not None:

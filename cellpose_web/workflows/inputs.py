@@ -7,7 +7,7 @@ from __future__ import annotations
 import stat
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -146,11 +146,24 @@ def validate_zip(path: str | Path, limits: Limits | None = None) -> list[zipfile
         return infos
 
 
+def _kept(parts: tuple[str, ...]) -> bool:
+    """Whether a zip entry (its path's parts) is a user's file: not hidden, not macOS's __MACOSX."""
+    return not any(part.startswith(".") or part == "__MACOSX" for part in parts)
+
+
+def zip_file_names(path: str | Path, limits: Limits | None = None) -> list[str]:
+    """The paths of the files :func:`extract_zip` would extract (POSIX, relative to the zip's root),
+    read from the zip's directory without unpacking; the zip is checked as by :func:`validate_zip`."""
+    names = [PurePosixPath(i.filename.replace("\\", "/")) for i in validate_zip(path, limits)]
+    return [n.as_posix() for n in names if _kept(n.parts)]
+
+
 def extract_zip(path: str | Path, dest: str | Path, limits: Limits | None = None) -> list[Path]:
-    """Extract a validated zip into `dest` (flat: folders inside are kept but cannot escape).
+    """Extract a validated zip into `dest`, keeping its folders (which cannot escape `dest`).
 
     Stops if the real decompressed size exceeds the limit (a zip bomb may lie in its headers).
-    Returns the extracted file paths (hidden files and __MACOSX skipped).
+    Returns the extracted file paths (hidden files and __MACOSX skipped); a file's path inside the
+    zip is ``p.relative_to(dest).as_posix()``.
     """
     limits = limits or Limits.from_env()
     infos = validate_zip(path, limits)
@@ -161,7 +174,7 @@ def extract_zip(path: str | Path, dest: str | Path, limits: Limits | None = None
     with zipfile.ZipFile(path) as zf:
         for i in infos:
             parts = PurePosixPath(i.filename.replace("\\", "/")).parts
-            if any(part.startswith(".") or part == "__MACOSX" for part in parts):
+            if not _kept(parts):
                 continue
             target = dest.joinpath(*parts).resolve()
             if dest not in target.parents:
@@ -195,14 +208,67 @@ def is_mask_file(path: Path) -> bool:
     return is_mask_or_output(file_stem(path))
 
 
-def image_files(paths: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Split paths into images to process and (name, reason) for files that are skipped."""
+#: why a mask or output file is not segmented (also the start of the message when only those came)
+MASK_FILE_REASON = ("a mask or output file (its name ends in _masks, _cp_masks, _seg, _flows, ...), not an image: "
+                    "upload the images, not the masks")
+
+
+def skip_reason(name: str | PurePath) -> str | None:
+    """Why a file is not segmented as an image, for a person to read; None when it is an image.
+
+    Parameters
+    ----------
+    name : str or path
+        The file's name or path (only its name counts).
+    """
+    p = PurePosixPath(str(name).replace("\\", "/"))
+    if p.suffix.lower() not in IMAGE_EXTS:
+        return (f"not an image type this app reads ({p.suffix or 'no extension'}); "
+                "use TIFF, PNG or JPEG images")
+    if is_mask_file(Path(p.name)):
+        return MASK_FILE_REASON
+    return None
+
+
+def image_files(paths: list[Path], names: list[str] | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Split paths into images to process and (name, reason) for files that are skipped.
+
+    Parameters
+    ----------
+    paths : list of Path
+        The files.
+    names : list of str, optional
+        How to name each file to the user (e.g. its path inside a zip); default its file name.
+        Both lists come back sorted by this name, ignoring case.
+    """
+    names = [p.name for p in paths] if names is None else list(names)
     good, skipped = [], []
-    for p in sorted(paths, key=lambda q: q.name.lower()):
-        if p.suffix.lower() not in IMAGE_EXTS:
-            skipped.append((p.name, f"not an image type this app reads ({p.suffix or 'no extension'})"))
-        elif is_mask_file(p):
-            skipped.append((p.name, "looks like a mask/output file, not an input image"))
+    for p, n in sorted(zip(paths, names), key=lambda t: (t[1].lower(), t[1])):
+        reason = skip_reason(p)
+        if reason:
+            skipped.append((n, reason))
         else:
             good.append(p)
     return good, skipped
+
+
+def no_images_message(skipped: list[tuple[str, str]], max_listed: int = 10) -> str:
+    """The message for an upload with nothing to segment: why each file was skipped.
+
+    Parameters
+    ----------
+    skipped : list of (name, reason)
+        Every file (or zip) that was left out and why; empty for an upload with no files (an empty zip).
+    max_listed : int
+        Files listed by name; the rest are counted.
+    """
+    if not skipped:
+        return ("No images to segment: the upload holds no files (an empty zip?). Upload a zip of TIFF/PNG/JPEG "
+                "images or select image files.")
+    if all(r == MASK_FILE_REASON for _, r in skipped):
+        names = ", ".join(n for n, _ in skipped[:max_listed]) + (" …" if len(skipped) > max_listed else "")
+        return (f"No images to segment: only mask or output files ({names}): upload the images, not the masks "
+                "(…_masks.tif, …_seg.npy).")
+    lines = "".join(f"\n- {n}: {r}" for n, r in skipped[:max_listed])
+    more = f"\n- … and {len(skipped) - max_listed} more" if len(skipped) > max_listed else ""
+    return f"No images to segment: every file was left out (upload TIFF, PNG or JPEG images):{lines}{more}"

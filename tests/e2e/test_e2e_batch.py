@@ -3,12 +3,21 @@ import zipfile
 
 import pandas as pd
 import pytest
+from playwright.sync_api import expect
 
 from cellpose_web import io as cpio
 from cellpose_web.models import CellposeModel
 from tests.e2e.conftest import REPO, shot
 
 pytestmark = pytest.mark.e2e
+
+
+def start_batch(page, zip_path) -> None:
+    """Batch tab: upload a zip and press Run."""
+    page.get_by_role("tab", name="Batch").click()
+    page.set_input_files("#batch-files input[type=file]", str(zip_path))
+    page.wait_for_selector(f"#batch-files :text('{zip_path.stem}')")
+    page.click("#batch-run")
 
 
 def test_batch_zip_of_three(page, tmp_path):
@@ -18,10 +27,7 @@ def test_batch_zip_of_three(page, tmp_path):
             if p.suffix in (".tif", ".png"):
                 zf.write(p, f"images/{p.name}")
         zf.writestr("images/broken.tif", b"II*\x00 not really a tiff")
-    page.get_by_role("tab", name="Batch").click()
-    page.set_input_files("#batch-files input[type=file]", str(z))
-    page.wait_for_selector("#batch-files :text('three_images')")
-    page.click("#batch-run")
+    start_batch(page, z)
     page.wait_for_selector("#batch-status :text('3 of 4 image(s)')", timeout=300_000)
     shot(page, "20_batch_done")
     with page.expect_download() as dl:
@@ -31,6 +37,7 @@ def test_batch_zip_of_three(page, tmp_path):
     summ = pd.read_csv(f, comment="#", dtype={"model_sha256": str})
     ok = summ[summ.status == "ok"]
     assert sorted(ok.image) == ["mixed_nuclei.png", "rpe1_nuclei.tif", "u2os_nuclei.tif"]
+    assert sorted(ok.path) == ["images/mixed_nuclei.png", "images/rpe1_nuclei.tif", "images/u2os_nuclei.tif"]
     assert ok.model.eq("lite").all() and ok.model_sha256.str.len().eq(64).all()
     # the same counts a script gets from the Python API with the same model and defaults
     model = CellposeModel(pretrained_model="lite")
@@ -50,4 +57,21 @@ def test_batch_zip_of_three(page, tmp_path):
         page.locator('#batch-result a[download$=".zip"]').click()
     with zipfile.ZipFile(dl.value.path()) as zf:
         names = zf.namelist()
-    assert "summary.csv" in names and "u2os_nuclei/u2os_nuclei_cp_masks.tif" in names
+    assert "summary.csv" in names and "images/u2os_nuclei/u2os_nuclei_cp_masks.tif" in names  # the zip's folders
+
+
+def test_batch_with_nothing_to_segment_says_why(page, tmp_path):
+    """An empty zip (or one of masks only) is refused at once: the status line says why, no job is
+    left 'queued', and the earlier-batches table keeps its column names."""
+    z = tmp_path / "masks_only.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("a_masks.tif", b"not read")
+    start_batch(page, z)
+    page.wait_for_selector("#batch-status :text('Batch not started')", timeout=60_000)
+    status = page.locator("#batch-status").inner_text()
+    assert "upload the images, not the masks" in status and "queued" not in status
+    page.get_by_text("Earlier batches").click()
+    expect(page.locator("#batch-history thead")).to_contain_text("state", timeout=10_000)
+    page.wait_for_timeout(1000)  # and it stays so (it turned to 0, 1, 2 ... when updated while folded)
+    header = page.locator("#batch-history thead").inner_text()
+    assert "state" in header and "message" in header, header

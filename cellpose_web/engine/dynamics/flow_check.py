@@ -11,13 +11,21 @@ from typing import Callable
 import numpy as np
 import torch
 from scipy import ndimage as ndi
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import CellposeWebError, NonFiniteFlowsError
 from cellpose_web.engine.dynamics.device_setup import as_device, cpu_threads, to_numpy
 from cellpose_web.engine.dynamics.labels import as_labels, label_counts, renumber_first, row_bands
 from cellpose_web.engine.dynamics.flows import centers_and_iters_2d, diffuse_heat, flows_tensor, heat_dtype
 
 
 def check_flows(dP, cellprob) -> tuple[np.ndarray, np.ndarray]:
+    """``dP`` and ``cellprob`` as real-valued numpy arrays of matching shapes.
+
+    Raises
+    ------
+    CellposeWebError
+        for wrong shapes or dtypes; :class:`NonFiniteFlowsError` (a BadInputError) for NaN or
+        infinite values.
+    """
     dP = to_numpy(dP, "dP")
     cellprob = to_numpy(cellprob, "cellprob")
     if cellprob.ndim not in (2, 3):
@@ -33,7 +41,7 @@ def check_flows(dP, cellprob) -> tuple[np.ndarray, np.ndarray]:
         if a.dtype.kind not in "fiub":
             raise CellposeWebError(f"{name} must be a real-valued array, got dtype {a.dtype}.")
         if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise CellposeWebError(
+            raise NonFiniteFlowsError(
                 f"{name} contains NaN or infinite values; check the network output or the image "
                 "(NaN pixels must be replaced before segmentation)."
             )

@@ -31,14 +31,23 @@ def _download_copy(path: str | None) -> str | None:
     return str(shutil.copy2(path, d / Path(path).name))
 
 
+#: the columns of the "Earlier batches" table (also its headers when it has no rows)
+JOB_COLUMNS = ["job", "state", "progress", "images ok", "problems", "message"]
+
+
 def jobs_table(user: str | None) -> pd.DataFrame:
+    """The user's last 20 batches, newest first (columns :data:`JOB_COLUMNS`; one row saying
+    "no batches yet" when there are none)."""
     rows = []
     for st in jobs.manager(user).list("batch")[:20]:
         r = st.get("result") or {}
         rows.append({"job": st["id"], "state": st["state"], "progress": f"{100 * st.get('progress', 0):.0f} %",
                      "images ok": r.get("n_ok", ""), "problems": len(r.get("errors", [])) if r else "",
                      "message": st.get("message", "")})
-    return pd.DataFrame(rows, columns=["job", "state", "progress", "images ok", "problems", "message"])
+    # a row that says so when there are none (an empty table looks like one that failed to load)
+    rows = rows or [{"job": "", "state": "no batches yet", "progress": "", "images ok": "", "problems": "",
+                     "message": ""}]
+    return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
 
 def build(ctx: dict[str, Any]) -> None:
@@ -75,8 +84,9 @@ def build(ctx: dict[str, Any]) -> None:
             summary = gr.Dataframe(pd.DataFrame(columns=["image", "n_cells", "median_area_um2", "median_area_px",
                                                          "status", "hint", "reason"]), label="Summary: one row per image (cell count, median area px / µm², "
                                          "puncta)", interactive=False, max_height=320, elem_id="batch-summary")
-            with gr.Accordion("Earlier batches (kept on the server)", open=False):
-                history = gr.Dataframe(jobs_table(None), interactive=False, elem_id="batch-history")
+            with gr.Accordion("Earlier batches (kept on the server)", open=False) as history_box:
+                history = gr.Dataframe(jobs_table(None), headers=JOB_COLUMNS, column_count=len(JOB_COLUMNS),
+                                       interactive=False, elem_id="batch-history")
                 with gr.Row():
                     old_id = gr.Textbox(label="Job id", placeholder="copy a job id from the table")
                     old_btn = gr.Button("Get results of this job", size="sm")
@@ -91,8 +101,12 @@ def build(ctx: dict[str, Any]) -> None:
         pp = results_view.make_puncta(puncta, puncta_channel, puncta_sigma_min_px, puncta_sigma_max_px,
                                      puncta_threshold, puncta_max_distance_um)
         user = W.username(request)
-        job = batch.start_batch_job(list(files or []), model, params, common.parse_pixel_size(pixel_size_um), pp,
-                                    user)
+        try:
+            job = batch.start_batch_job(list(files or []), model, params, common.parse_pixel_size(pixel_size_um),
+                                        pp, user)
+        except CellposeWebError as e:  # refused before a job was made: the status line says why too
+            yield "", f"Batch not started: {e}", gr.skip(), gr.skip(), jobs_table(user)
+            raise
         jm = jobs.manager(user)
         yield job.id, f"Batch **{job.id}** queued…", gr.skip(), gr.skip(), jobs_table(user)
         started = None
@@ -107,6 +121,8 @@ def build(ctx: dict[str, Any]) -> None:
                 break
             time.sleep(0.5)
         yield (job.id,) + _result_outputs(st) + (jobs_table(user),)
+        if st.get("state") == "failed":  # the status line says it; a toast too, as for any refusal
+            raise CellposeWebError(st.get("message") or "The batch failed.")
 
     run.click(on_run, [files, model, diameter, flow, cellprob, niter, min_size, channels, pixel, p_on, p_ch,
                        p_smin, p_smax, p_thr, p_dist], [job_id, status, result, summary, history],
@@ -134,6 +150,9 @@ def build(ctx: dict[str, Any]) -> None:
         return jobs_table(W.username(request))
 
     refresh.click(on_refresh, None, [history], api_visibility="private")
+    # the browser's table, sent new rows while folded away, shows 0, 1, 2 ... for its column names:
+    # it is sent again when unfolded (the list is fresh then too)
+    history_box.expand(on_refresh, None, [history], api_visibility="private", show_progress="hidden")
     ctx["refreshers"].append((on_refresh, [history]))
     ctx["model_dropdowns"].append(model)
 
@@ -156,5 +175,5 @@ def _result_outputs(st: dict) -> tuple:
             summ = W.table_for_display(summ)
         return msg, dl, summ
     if state == "failed":
-        raise CellposeWebError(st.get("message") or "The batch failed.")
+        return f"Batch **{st.get('id')}** failed: {st.get('message') or 'no reason was recorded.'}", None, None
     return f"Batch **{st.get('id')}**: {state} — {st.get('message', '')}", None, None
