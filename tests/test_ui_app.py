@@ -325,3 +325,17 @@ def test_summary_asks_for_the_pixel_size_only_when_it_is_unknown():
                            table=measure.cell_table(masks, np.zeros((32, 32, 1)), px, channel_axis=-1))
         asks = "enter the pixel size" in segment_tab.summary_md(s)
         assert asks == (px is None)
+
+
+def test_pixel_size_box_reads_a_decimal_comma():
+    """The box is text: a browser number box turned '0,1' into '01' (1 µm/px: areas 100x, densities
+    1/100) without a word."""
+    from cellpose_web.ui import common
+
+    assert common.parse_pixel_size("0,1") == 0.1 and common.parse_pixel_size(" 0.65 ") == 0.65
+    assert common.parse_pixel_size("") is None and common.parse_pixel_size("0") is None
+    assert common.parse_pixel_size(0.2) == 0.2 and common.parse_pixel_size(None) is None
+    with pytest.raises(CellposeWebError, match="e.g. 0.65"):
+        common.parse_pixel_size("0.1 µm")
+    with pytest.raises(CellposeWebError, match="between 0 and 1000"):
+        common.parse_pixel_size("-0,5")

@@ -99,14 +99,19 @@ def parse_channels(text: str | None) -> list[int] | None:
 
 
 def parse_pixel_size(v: Any) -> float | None:
-    """The pixel-size box's value as µm per pixel; None when blank or 0 (unknown)."""
+    """The pixel-size box's value as µm per pixel; None when blank or 0 (unknown). The box is text, not
+    a browser number box, which turns a decimal comma ("0,1") into "01" without a word: here "0,1" is 0.1."""
     from cellpose_web.workflows import CellposeWebError
+    if isinstance(v, str):
+        v = v.strip()
+        if v.count(",") == 1 and "." not in v:  # a decimal comma (0,65): a pixel size has no thousands
+            v = v.replace(",", ".")
     if v is None or v == "":
         return None
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise CellposeWebError("Pixel size must be a number in µm per pixel, e.g. 0.65.") from None
+        raise CellposeWebError(f"Pixel size must be a number in µm per pixel, e.g. 0.65 (got {str(v)[:20]!r}).") from None
     if not np.isfinite(f) or f < 0 or f > 1000:
         raise CellposeWebError("Pixel size must be between 0 and 1000 µm per pixel (blank = unknown).")
     return f or None

@@ -70,3 +70,17 @@ def test_readme_piezo1_recipe_in_segment_and_batch(page, tmp_path):
     # --- and the README's Python block: the same counts
     _, py_table, _ = readme_python_recipe(path)
     np.testing.assert_array_equal(py_table["puncta_count"], seg_table["puncta_count"])
+
+
+def test_pixel_size_typed_with_a_decimal_comma(page, tmp_path):
+    """'0,2' in the pixel-size box is 0.2 µm/px (a browser number box made it 2, silently)."""
+    path = tmp_path / "piezo1.tif"
+    piezo_cells.write(path, seed=5)
+    page.set_input_files("#seg-file input[type=file]", str(path))
+    page.wait_for_selector("#seg-info :text('0.1 µm/px')")
+    page.locator("#seg-pixel textarea, #seg-pixel input").first.fill("0,2")
+    page.click("#seg-run")
+    page.wait_for_selector("#seg-count :text('cells')", timeout=300_000)
+    page.get_by_role("tab", name="Downloads").click()
+    table = pd.read_csv(_download(page, '#seg-files a[download$="_cells.csv"]'), comment="#")
+    np.testing.assert_allclose(table["area_um2"], table["area_px"] * 0.2 ** 2, rtol=1e-6)

@@ -64,7 +64,8 @@ def build(ctx: dict[str, Any]) -> None:
             with gr.Row():
                 diameter = gr.Textbox("", label="Diameter (px)", info="blank = automatic", placeholder="automatic",
                                       max_lines=1, elem_id="batch-diameter")
-                pixel = gr.Number(None, label="Pixel size (µm/px)", info="used when a file has none", minimum=0)
+                pixel = gr.Textbox(None, label="Pixel size (µm/px)", info="used when a file has none",
+                                   placeholder="e.g. 0.1", elem_id="batch-pixel")
             with gr.Row():
                 flow = gr.Slider(0, 3, 0.4, step=0.05, label="Flow threshold")
                 cellprob = gr.Slider(-6, 6, 0.0, step=0.25, label="Cell probability threshold")

@@ -165,8 +165,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             with gr.Row():
                 diameter = gr.Textbox("", label="Diameter (px)", info="blank = automatic", placeholder="automatic",
                                       max_lines=1, elem_id="seg-diameter")
-                pixel = gr.Number(None, label="Pixel size (µm/px)", info="filled from the file; 0 = unknown", minimum=0,
-                                  elem_id="seg-pixel")
+                pixel = gr.Textbox(None, label="Pixel size (µm/px)", info="filled from the file; blank = unknown",
+                                   placeholder="e.g. 0.1", elem_id="seg-pixel")
             with gr.Row():
                 flow = gr.Slider(0, 3, 0.4, step=0.05, label="Flow threshold", info="higher = more cells kept")
                 cellprob = gr.Slider(-6, 6, 0.0, step=0.25, label="Cell probability threshold",
