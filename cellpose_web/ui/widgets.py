@@ -226,6 +226,14 @@ HEAD = """
       }
     });
   }
+  // A number box drops a decimal comma without a word ("2,5" became 25): type a point instead.
+  document.addEventListener('keydown', function (e) {
+    var el = e.target;
+    if (e.key === ',' && el && el.tagName === 'INPUT' && el.type === 'number') {
+      e.preventDefault();
+      document.execCommand('insertText', false, '.');
+    }
+  }, true);
   document.addEventListener('keydown', function (e) {
     var t = e.target && e.target.tagName;
     if (t === 'INPUT' || t === 'TEXTAREA' || t === 'SELECT' || (e.target && e.target.isContentEditable)) return;

@@ -85,3 +85,13 @@ def test_unreadable_file_shows_message(page, tmp_path):
     page.wait_for_selector("#seg-info :text('broken.tif could not be read')")
     assert f"still {EXAMPLE.name}" in page.inner_text("#seg-info")
     assert page.inner_text("#seg-count strong") == count
+
+
+def test_number_boxes_take_a_decimal_comma_as_a_point(page):
+    """Typing '2,5' in a number box gives 2.5 (the browser dropped the comma: 25, silently)."""
+    page.get_by_text("3D (z-stacks)").first.click()
+    box = page.locator("#seg-aniso input").first
+    box.click()
+    box.press("Control+a")
+    page.keyboard.type("2,5")
+    assert box.input_value() == "2.5"

@@ -184,7 +184,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             with gr.Accordion("3D (z-stacks)", open=False):
                 do3d = gr.Checkbox(False, label="do_3D (segment the volume in 3D)")
                 with gr.Row():
-                    aniso = gr.Number(None, label="Anisotropy (z step / xy pixel)", minimum=0)
+                    aniso = gr.Number(None, label="Anisotropy (z step / xy pixel)", minimum=0,
+                                      elem_id="seg-aniso")
                     stitch = gr.Slider(0, 1, 0, step=0.05, label="Stitch threshold (2D planes → 3D, IoU)")
             with gr.Accordion("Puncta (e.g. PIEZO1)", open=False):
                 p_on, p_ch, p_smin, p_smax, p_thr, p_dist = W.puncta_controls("seg")
