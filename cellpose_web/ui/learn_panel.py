@@ -17,7 +17,8 @@ import pandas as pd
 from cellpose_web.workflows import CellposeWebError, inputs
 from cellpose_web.workflows import model_cache as models_cache
 from cellpose_web.ui import common, widgets as W
-from cellpose_web.workflows import hitl
+from cellpose_web.workflows import hitl, results
+from cellpose_web.service import runs
 
 HELP = ("Work through a folder image by image: each image comes **segmented by the latest model**; "
         "correct it on the left and press **Save and learn** (Ctrl+Enter). The model fine-tunes on your "
@@ -31,9 +32,11 @@ def shown_session(shown: hitl.ShownImage, project: str, previous: common.Session
     Correct tab's editor, click-to-add and downloads work on it)."""
     flows = shown.flows or [None, None, None]
     m = shown.model or {}
+    masks, image = np.asarray(shown.masks), np.asarray(shown.image)
+    table, _ = results.measure_result(masks, image, None)  # the Segment tab shows it (and a reload reopens it)
     return common.Session(
-        name=shown.name, raw=shown.image, axes="YXC", pixel_size_um=None, image=np.asarray(shown.image),
-        is_stack=False, masks=np.asarray(shown.masks), flow_rgb=flows[0], dP=flows[1],
+        name=shown.name, raw=shown.image, axes="YXC", pixel_size_um=None, image=image,
+        is_stack=False, masks=masks, table=table, flow_rgb=flows[0], dP=flows[1],
         cellprob=flows[2] if flows[2] is None else np.asarray(flows[2], np.float32),
         provenance={"model": {"name": m.get("name"), "sha256": m.get("sha256")}, "eval_params": {},
                     "hitl": {"project": project, "index": int(shown.index), "round": m.get("round")}},
@@ -135,8 +138,16 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
         timer = gr.Timer(2.0, active=False)
 
     outputs = [project, session, status, curve, back_to, timer]
+    browser_id = ctx["segment"]["browser_id"]
 
-    def show(s: hitl.HitlSession, prev: common.Session | None, next_index: int | None = None) -> tuple:
+    def keep(new: common.Session, browser: str, request: gr.Request | None) -> common.Session:
+        """Keep the project's image on screen for this browser like a segmentation: a page reload
+        reopens it, with the corrections drawn on it, and Save and learn goes on from there."""
+        runs.registry().keep(runs.owner_key(W.username(request), browser), new, nbytes=new.nbytes)
+        return new
+
+    def show(s: hitl.HitlSession, prev: common.Session | None, next_index: int | None = None,
+             browser: str = "", request: gr.Request | None = None) -> tuple:
         shown = s.next_image(index=next_index)
         st = s.status()
         running = bool(st.get("round_running") and st["round_running"].get("running"))
@@ -145,27 +156,39 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
                     "`python -m cellpose_web hitl publish`, or go back to an earlier round.")
             return (s.name, gr.skip(), status_md(st) + "\n\n**All images corrected.**", curve_frame(st),
                     gr.update(choices=round_choices(st)), gr.Timer(active=running))
-        new = shown_session(shown, s.name, prev)
+        new = keep(shown_session(shown, s.name, prev), browser, request)
         return (s.name, new, status_md(st, shown.model), curve_frame(st),
                 gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
                 gr.Timer(active=running))
 
     @W.user_errors(outputs=len(outputs))
-    def on_start(nm, fs, model, chans, every, prev, request: gr.Request):
+    def on_start(nm, fs, model, chans, every, prev, browser="", request: gr.Request = None):
         if not fs:
             raise CellposeWebError("Upload the images first: a zip, or several image files.")
         models_cache.check_offered(model)
         images = fs[0] if len(fs) == 1 and str(fs[0]).lower().endswith(".zip") else [str(f) for f in fs]
         s = hitl.start_session(nm, images, base_model=model, channels=common.parse_channels(chans),
                                holdout_every=int(4 if every is None else every), user=W.username(request))
-        return show(s, prev)
+        return show(s, prev, browser=browser, request=request)
 
     @W.user_errors(outputs=len(outputs))
-    def on_resume(nm, remembered, prev, request: gr.Request):
-        return show(_open(nm or remembered, W.username(request)), prev)
+    def on_resume(nm, remembered, prev, browser="", request: gr.Request = None):
+        user = W.username(request)
+        # the name box starts as 'my_project' after a reload: the project this browser worked on wins
+        # unless the box names another project that exists
+        named = (nm or "").strip()
+        pick = named if named and (not remembered or hitl.session_exists(named, user=user)) else remembered
+        s = _open(pick, user)
+        info = ((prev.provenance or {}).get("hitl") or {}) if prev is not None else {}
+        if info.get("project") == s.name:  # the reopened image (and its corrections) stays on screen
+            st = s.status()
+            return (s.name, prev, status_md(st), curve_frame(st),
+                    gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
+                    gr.Timer(active=bool(st.get("round_running") and st["round_running"].get("running"))))
+        return show(s, prev, browser=browser, request=request)
 
     @W.user_errors(outputs=len(outputs))
-    def on_save(remembered, prev, editor, request: gr.Request):
+    def on_save(remembered, prev, editor, browser="", request: gr.Request = None):
         info = (prev.provenance or {}).get("hitl") if prev is not None else None
         if not info:
             raise CellposeWebError("No project image is open: Start or Resume a project first.")
@@ -174,10 +197,10 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
         what = ("kept aside to check the model" if res.heldout else
                 "queued for the next round" if res.queued else "learning has started")
         gr.Info(f"Saved {res.name} ({res.n_cells} cells): {what}.")
-        return show(s, prev)
+        return show(s, prev, browser=browser, request=request)
 
     @W.user_errors(outputs=len(outputs))
-    def on_tick(remembered, prev, editor, request: gr.Request):
+    def on_tick(remembered, prev, editor, browser="", request: gr.Request = None):
         """While a round learns: its progress; when it has ended with a new model and the image on
         screen is still untouched, that image is segmented again by the new model."""
         if not remembered:
@@ -191,28 +214,30 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
             gr.Info(f"Round {st['current_model']['round']} is ready: this image is segmented again with it.")
             shown = s.next_image(index=int(info["index"]), reuse=False)
             if shown is not None:
-                return (s.name, shown_session(shown, s.name, prev), status_md(st, shown.model), curve_frame(st),
+                return (s.name, keep(shown_session(shown, s.name, prev), browser, request), status_md(st, shown.model),
+                        curve_frame(st),
                         gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
                         gr.Timer(active=False))
         return (gr.skip(), gr.skip(), status_md(st), curve_frame(st), gr.update(choices=round_choices(st)),
                 gr.Timer(active=running))
 
     @W.user_errors(outputs=len(outputs))
-    def on_back(remembered, k, prev, request: gr.Request):
+    def on_back(remembered, k, prev, browser="", request: gr.Request = None):
         if k is None:
             raise CellposeWebError("Choose a round to go back to.")
         s = _open(remembered, W.username(request))
         s.rollback(int(k))
         gr.Info(f"Round {int(k)}'s model segments the next images.")
         idx = ((prev.provenance or {}).get("hitl") or {}).get("index") if prev is not None else None
-        return show(s, prev, idx)
+        return show(s, prev, idx, browser=browser, request=request)
 
-    ev_start = start.click(on_start, [name, files, base, channels, holdout, session], outputs, api_visibility="private")
-    ev_resume = resume.click(on_resume, [name, project, session], outputs, api_visibility="private")
-    ev_save = save.click(on_save, [project, session, editor_state], outputs, api_visibility="private",
+    ev_start = start.click(on_start, [name, files, base, channels, holdout, session, browser_id], outputs,
+                           api_visibility="private")
+    ev_resume = resume.click(on_resume, [name, project, session, browser_id], outputs, api_visibility="private")
+    ev_save = save.click(on_save, [project, session, editor_state, browser_id], outputs, api_visibility="private",
                          concurrency_id="hitl", concurrency_limit=4)
-    ev_back = back.click(on_back, [project, back_to, session], outputs, api_visibility="private")
-    ev_tick = timer.tick(on_tick, [project, session, editor_state], outputs, api_visibility="private",
+    ev_back = back.click(on_back, [project, back_to, session, browser_id], outputs, api_visibility="private")
+    ev_tick = timer.tick(on_tick, [project, session, editor_state, browser_id], outputs, api_visibility="private",
                          show_progress="hidden")
     ctx["model_dropdowns"].append(base)
     return {"project": project, "name": name, "events": [ev_start, ev_resume, ev_save, ev_back, ev_tick]}

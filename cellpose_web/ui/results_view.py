@@ -54,7 +54,10 @@ def summary_md(s: common.Session) -> str:
     if s is None or s.masks is None:
         return "No result yet."
     t = s.table
-    n = len(t) if t is not None else 0
+    if t is None:  # masks not measured (e.g. a human-in-the-loop image): their count
+        n = int(len(np.unique(s.masks))) - int((np.asarray(s.masks) == 0).any())
+        return f"**{W.plural(n, 'cell')}** in {s.name} (not measured)."
+    n = len(t)
     area_col = "area_px" if "area_px" in t else "volume_px"
     # plane-by-plane stack masks are one plane thick: their "volume" is an area in px
     unit = "px" if area_col == "area_px" or not is_volumetric(s) else "voxels"

@@ -298,7 +298,8 @@ class HitlSession:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).resolve()
         if not (self.path / SESSION_FILE).is_file():
-            raise CellposeWebError(f"no human-in-the-loop project at {self.path} (start one first)")
+            raise CellposeWebError(f"There is no human-in-the-loop project named '{self.path.name}': check the name, "
+                                   "or start one.")
         self.name = self.path.name
 
     def __repr__(self) -> str:
@@ -857,6 +858,14 @@ def open_session(name_or_path: str | os.PathLike, root: str | os.PathLike | None
             finally:
                 probe.release()
     return s
+
+
+def session_exists(name: str, root: str | os.PathLike | None = None, user: str | None = None) -> bool:
+    """Whether a project of that name exists (False for a name that is not a valid project name)."""
+    try:
+        return (project_dir(name, root, user) / SESSION_FILE).is_file()
+    except CellposeWebError:
+        return False
 
 
 def list_sessions(root: str | os.PathLike | None = None, user: str | None = None) -> list[dict[str, Any]]:

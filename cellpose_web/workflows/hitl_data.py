@@ -52,7 +52,11 @@ def list_images(images: Any, dest: Path) -> tuple[list[str], str]:
 
             out = dest / "images"
             extract_zip(p, out)
-            files = cpio.get_image_files(out, "_masks", look_one_level_down=True)
+            try:
+                files = cpio.get_image_files(out, "_masks", look_one_level_down=True)
+            except CellposeWebError:  # its message names the unpacking folder, a server path
+                raise CellposeWebError(f"The zip '{p.name}' holds no images (TIFF, PNG or JPEG; masks files "
+                                       "NAME_masks.* are not images to correct).") from None
             return [str(Path(f).resolve()) for f in files], str(p.resolve())
         images = [p]
     files = [Path(f).expanduser() for f in images]

@@ -7,6 +7,7 @@ import io
 import re
 import zipfile
 
+import numpy as np
 import pytest
 import tifffile
 from playwright.sync_api import expect
@@ -85,3 +86,45 @@ def test_three_rounds_in_the_browser(page, tmp_path, e2e_home, monkeypatch):
     assert len(curve) >= 2 and {p["round"] for p in curve} >= {1, 2}
     expect(page.locator("#hitl-curve canvas, #hitl-curve svg").first).to_be_visible(timeout=30_000)
     shot(page, "71_hitl_curve")
+
+
+def test_reload_keeps_the_project_image_and_its_corrections(page, tmp_path, e2e_home, monkeypatch):
+    """A page reload mid-project: the image on screen comes back with the corrections made on it,
+    Resume finds the project although the name box is back to its default, and Save and learn saves
+    the corrected masks."""
+    from tests.e2e.test_e2e_correct import labels, screen, serial, wait_applied, wait_count
+
+    monkeypatch.setitem(hitl.ROUND_DEFAULTS, ("lite", "cpu"),
+                        hitl.ROUND_DEFAULTS[("lite", "cpu")].replace(n_epochs=1, min_epochs=1, bsize=64, time_limit_s=60))
+    start(page, "e2e_reload", images_zip(tmp_path / "images.zip"), holdout=0)
+    page.wait_for_function("() => window.cpwCorrect && cpwCorrect.labels && cpwCorrect.labels.length > 0")
+    m0 = labels(page)
+    n0 = len(set(m0.ravel()) - {0})
+    wait_count(page, n0)
+    biggest = int(np.bincount(m0.ravel())[1:].argmax()) + 1
+    y, x = np.argwhere(m0 == biggest).mean(axis=0)
+    page.locator("#correct-canvas").scroll_into_view_if_needed()  # Start scrolled the page down
+    s0 = serial(page)
+    page.keyboard.down("Control")  # Ctrl+click deletes a cell
+    page.mouse.click(*screen(page, y, x))
+    page.keyboard.up("Control")
+    wait_applied(page, s0)
+    wait_count(page, n0 - 1)
+    edited = labels(page)
+
+    page.reload()
+    page.wait_for_selector("#seg-run")
+    page.get_by_role("tab", name="Correct").click()
+    wait_count(page, n0 - 1)
+    page.wait_for_function("() => window.cpwCorrect && cpwCorrect.labels && cpwCorrect.labels.length > 0")
+    assert (labels(page) == edited).all() and "1 edit" in page.inner_text("#correct-count")
+    if not page.locator("#hitl-resume").is_visible():
+        page.get_by_text("Learn while you correct (human-in-the-loop)").click()
+    assert page.locator("#hitl-name input, #hitl-name textarea").first.input_value() == "my_project"
+    page.click("#hitl-resume")
+    expect(page.locator("#hitl-status")).to_contain_text("0 of 4 images corrected", timeout=60_000)
+    assert (labels(page) == edited).all()
+    page.click("#hitl-save")
+    expect(page.locator("#hitl-status")).to_contain_text("1 of 4 images corrected", timeout=120_000)
+    st = hitl.open_session("e2e_reload").state()
+    assert st["corrected"][0]["n_cells"] == n0 - 1  # the correction made before the reload was saved

@@ -331,9 +331,14 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         kept = runs.registry().kept(runs.owner_key(W.username(request), browser))
         if kept is None:
             return (browser,) + tuple(gr.skip() for _ in range(len(seg_outputs) + 8))
+        try:
+            out = (browser,) + result_outputs(kept, [W.OVERLAY_MASKS, W.OVERLAY_OUTLINES, W.OVERLAY_PUNCTA],
+                                              W.BG_IMAGE) + (image_info(kept), stitch_offer(kept)) + form_of(kept)
+        except Exception:  # noqa: BLE001 - a page load must not fail on a kept result: start afresh
+            W.log.exception("could not reopen the kept result %s", kept.name)
+            return (browser,) + tuple(gr.skip() for _ in range(len(seg_outputs) + 8))
         gr.Info(f"Reopened your last result ({kept.name}).")
-        return (browser,) + result_outputs(kept, [W.OVERLAY_MASKS, W.OVERLAY_OUTLINES, W.OVERLAY_PUNCTA],
-                                           W.BG_IMAGE) + (image_info(kept), stitch_offer(kept)) + form_of(kept)
+        return out
 
     def form_of(kept: common.Session) -> tuple:
         """The form as it was for a reopened result: model, pixel size, channels, diameter, puncta."""
