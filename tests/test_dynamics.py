@@ -199,6 +199,9 @@ def test_flow_error_and_remove_bad_flow_masks():
     assert err2[0] < 1e-10 and err2[1] > 1
     kept = dy.remove_bad_flow_masks(lab, bad, threshold=0.4)
     assert kept.max() == 1 and np.array_equal(kept > 0, lab == 1)
+    # Apple's MPS has no float64: the check runs on the CPU there (no MPS tensor is made: runs anywhere)
+    assert np.array_equal(dy.remove_bad_flow_masks(lab, bad, threshold=0.4, device="mps"), kept)
+    assert np.array_equal(dy.flow_error(lab, bad, device="mps")[0], err2)
 
 
 def _exact_flow_errors(lab, dP):

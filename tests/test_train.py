@@ -395,3 +395,14 @@ def test_no_host_sync_per_training_step(tiny_data, tmp_path, monkeypatch):
                                    learning_rate=1e-3)
     assert np.all(np.asarray(losses) > 0)
     assert reads["item"] == 0 and reads["float"] <= 2 * 2  # 12 steps; a read or two per epoch
+
+
+def test_training_flows_for_an_apple_gpu_are_made_on_the_cpu():
+    """MPS has no float64 (the flows' heat diffusion): the label flows are made on the CPU there (no MPS
+    tensor is made, so this runs anywhere) and equal the CPU's."""
+    lab = np.zeros((40, 40), np.int64)
+    lab[5:15, 5:15], lab[20:35, 18:30] = 1, 2
+    img = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    _, on_mps, _, _ = train.prepare_training_data([img], [lab + 0], min_train_masks=1, device=torch.device("mps"))
+    _, on_cpu, _, _ = train.prepare_training_data([img], [lab + 0], min_train_masks=1, device=torch.device("cpu"))
+    assert np.array_equal(np.asarray(on_mps[0]), np.asarray(on_cpu[0]))

@@ -676,7 +676,10 @@ def random_rotate_and_resize(imgs, flows=None, scale_range: float | None = 0.5, 
         # in = R(-th) (out - t) / s  with R(-th) = [[c, sn], [-sn, c]] acting on (x, y)
         a00, a01, a10, a11 = c / s, sn / s, -sn / s, c / s
         coef[k] = a00, a01, -(a00 * tx + a01 * ty), a10, a11, -(a10 * tx + a11 * ty), Lx / 2, Ly / 2
-    grids = _sampling_grids(host_to_device(torch.from_numpy(coef), device), oy, ox)
+    if device.type == "mps":  # no float64 there: the grids are made on the host and sent as float32
+        grids = _sampling_grids(torch.from_numpy(coef), oy, ox).to(device)
+    else:
+        grids = _sampling_grids(host_to_device(torch.from_numpy(coef), device), oy, ox)
     out_i, out_f = [], []
     for k in range(n):
         im = imgs[k]

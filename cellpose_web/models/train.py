@@ -276,6 +276,8 @@ def _label_flows(lbl: np.ndarray, device: torch.device | None) -> np.ndarray:
     if hit is not None:
         _FLOW_CACHE.move_to_end(key)
         return hit
+    if device is not None and torch.device(device).type == "mps":
+        device = torch.device("cpu")  # the flows' heat diffusion is float64, which MPS lacks
     fl = dynamics.labels_to_flows([lbl], device=device)[0]
     _FLOW_CACHE[key] = fl
     while sum(v.nbytes for v in _FLOW_CACHE.values()) > _FLOW_CACHE_MAX_BYTES and len(_FLOW_CACHE) > 1:

@@ -348,6 +348,13 @@ def _touching_labels(lab: np.ndarray):
     return touching
 
 
+def _check_device(device) -> torch.device:
+    """Where the flow check runs: ``device``, except Apple's MPS (no float64, which the check's heat
+    diffusion and sums need): the CPU there."""
+    device = as_device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def flow_error(masks, dP, device=None, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean squared difference between the flows of ``masks`` and the network flows ``dP / 5``.
 
@@ -382,7 +389,7 @@ def flow_error(masks, dP, device=None, threshold: float | None = None) -> tuple[
     """
     lab = as_labels(masks, "masks")
     dP = _flows_matching(dP, lab)
-    device = as_device(device)
+    device = _check_device(device)
     nmax = int(lab.max()) if lab.size else 0
     if lab.ndim == 2 and threshold is not None:
         mu = np.zeros((2, *lab.shape), np.float32)
@@ -438,7 +445,7 @@ def remove_bad_flow_masks(masks, dP, threshold: float = 0.4, device=None,
     if flow_error_fn is not None:
         errors = np.asarray(flow_error_fn(lab, dP))
     elif lab.ndim == 2:  # flow_error's errors without its unit flows (not needed here)
-        errors = _flow_errors_thresholded(lab, _flows_matching(dP, lab), as_device(device), threshold)
+        errors = _flow_errors_thresholded(lab, _flows_matching(dP, lab), _check_device(device), threshold)
     else:
         errors, _ = flow_error(lab, dP, device=device, threshold=threshold)
     bad = np.zeros(len(errors) + 1, dtype=bool)
