@@ -409,3 +409,25 @@ def test_cancelled_round_is_recorded_and_its_images_stay_pending(tmp_path, image
     assert rec["status"] == "cancelled" and not rec["accepted"] and rec["epochs_done"] == 1
     assert s.current_model()["round"] == 0 and s.pending()
     assert not h.running and s.running_round() is None
+
+
+def test_unreadable_images_are_skipped_with_their_reason(tmp_path, images_dir):
+    """A truncated TIFF among the images no longer refuses the whole project (Batch skips such files
+    too): it is left out, and the status says which file and why."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    (d / "a_broken.tif").write_bytes((images_dir / "img0.tif").read_bytes()[:300])
+    for i in (1, 2):
+        (d / f"img{i}.tif").write_bytes((images_dir / f"img{i}.tif").read_bytes())
+    (d / "img3.tif").write_bytes(b"II*\x00 not really a tiff")
+    s = start(tmp_path, d)
+    shown = s.next_image()
+    assert shown.index == 1 and shown.name.endswith("img1")
+    s.save_correction(truth(images_dir, 1), learn=False)
+    assert s.next_image().index == 2
+    s.save_correction(truth(images_dir, 2), learn=False)
+    assert s.next_image() is None  # img3 cannot be read either: nothing is left to correct
+    st = s.status()
+    assert [x["name"] for x in st["skipped"]] == ["a_broken.tif", "img3.tif"] and st["skipped"][0]["reason"]
+    with pytest.raises(CellposeWebError, match="None of the images could be read"):
+        hitl.start_session("q", [str(d / "a_broken.tif")], "lite", root=tmp_path / "projects", gpu=False)

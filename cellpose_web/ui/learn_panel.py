@@ -49,6 +49,10 @@ def status_md(status: dict[str, Any], shown_model: dict[str, Any] | None = None)
     cur = status.get("current_model") or {}
     lines = [f"**{status['name']}** — {status['n_corrected']} of {status['n_images']} images corrected "
              f"({status['n_cells_corrected']} cells; {status['n_heldout']} kept aside to check the model)"]
+    skipped = status.get("skipped") or []
+    if skipped:
+        lines.append(f"{len(skipped)} file(s) could not be read and are left out: "
+                     + "; ".join(f"{x['name']} ({x['reason']})" for x in skipped[:5]))
     if shown_model:
         lines.append(f"This image was segmented by **round {shown_model.get('round')}** "
                      f"({shown_model.get('name')}), which learnt from **{shown_model.get('n_cells', 0)} corrected "

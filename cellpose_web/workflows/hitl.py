@@ -397,22 +397,41 @@ class HitlSession:
         st = self.state()
         n = len(st["images"])
         done = self._corrected_map(st)
-        if index is None:
+        if index is None:  # the next image to correct; one that cannot be read is skipped, and recorded
             start = int(st.get("index", 0))
             order = list(range(start, n)) + list(range(0, start))
-            todo = [i for i in order if i not in done]
-            if not todo:
-                return None
-            index = todo[0]
+            skipped = {int(k) for k in (st.get("skipped") or {})}
+            for i in order:
+                if i in done or i in skipped:
+                    continue
+                try:
+                    img = read_image_yxc(st["images"][i])
+                except CellposeWebError as e:
+                    self._skip(i, e)
+                    continue
+                return self._show(st, i, img, done, reuse)
+            return None
         index = int(index)
         if not 0 <= index < n:
             raise CellposeWebError(f"image {index} does not exist (0..{n - 1})")
+        return self._show(st, index, read_image_yxc(st["images"][index]), done, reuse)
+
+    def _skip(self, index: int, error: Exception) -> None:
+        """Record an image that cannot be read (it is left out of the project, with the reason)."""
+        reason = " ".join(str(error).split())[:300]
+        with self._update() as st:
+            st.setdefault("skipped", {})[str(index)] = reason
+            self._event(st, "image skipped", index=index, reason=reason)
+        log.warning("project %s: image %d skipped: %s", self.name, index, reason)
+
+    def _show(self, st: dict[str, Any], index: int, img: np.ndarray, done: dict[int, Any],
+              reuse: bool) -> ShownImage:
+        """Image ``index`` (read: ``img``, (Y, X, C)) segmented by the current model (or its saved proposal)."""
         path = st["images"][index]
         name = _pair_name(index, path)
         model = self.current_model(st)
         prop = self.path / "proposals" / f"{name}_masks.tif"
         shown = st.get("shown") or {}
-        img = read_image_yxc(path)
         if reuse and shown.get("index") == index and shown.get("round") == model["round"] and prop.is_file():
             import tifffile
 
@@ -730,7 +749,10 @@ class HitlSession:
                                          "epochs_done", "train_seconds", "score_seconds", "scores", "parent_scores",
                                          "train_scores", "parent_train_scores", "accepted", "applied", "reason", "stopped_by_time_limit")}
                   for r in st["rounds"]]
+        skipped = st.get("skipped") or {}
         return {"name": self.name, "path": str(self.path), "source": st.get("source"), "n_images": len(st["images"]),
+                "skipped": [{"index": int(k), "name": Path(st["images"][int(k)]).name, "reason": v}
+                            for k, v in sorted(skipped.items(), key=lambda kv: int(kv[0]))],
                 "index": int(st.get("index", 0)), "n_corrected": len(corrected),
                 "n_heldout": sum(1 for c in corrected if c["heldout"]),
                 "n_cells_corrected": int(sum(int(c["n_cells"]) for c in corrected)),
@@ -811,14 +833,27 @@ def start_session(name: str, images: Any, base_model: str = "lite", channels: Se
         chans = [int(c) for c in channels] if channels else None
         if chans and any(c < 0 for c in chans):
             raise CellposeWebError(f"channels are file channel numbers (0 = first), got {chans}")
-        select_channels(read_image_yxc(files[0]), chans)  # a z-stack or a missing channel fails now, not at the first image
+        # the first readable image: a z-stack or a missing channel fails now, not at the first image; an
+        # unreadable file (truncated, not an image) is skipped with its reason, as Batch does
+        skipped, problems = {}, []
+        for i, f in enumerate(files):
+            try:
+                first = read_image_yxc(f)
+            except CellposeWebError as e:
+                skipped[str(i)] = " ".join(str(e).split())[:300]
+                problems.append(f"{Path(f).name}: {skipped[str(i)]}")
+                continue
+            select_channels(first, chans)
+            break
+        else:
+            raise CellposeWebError("None of the images could be read: " + "; ".join(problems[:5]))
         st = {"version": STATE_VERSION, "name": pdir.name, "created": utc_now(), "updated": utc_now(),
               "source": source, "images": files, "index": 0, "channels": chans,
               "eval_kwargs": dict(eval_kwargs or {}),
               "base_model": {"name": info.name, "path": info.path, "sha256": info.sha256, "arch": info.arch},
               "recipe": dict(recipe or {}), "holdout_every": int(holdout_every), "min_gain": float(min_gain),
               "seed": int(seed), "gpu": gpu, "device": device, "training_dir": str(Path(training_dir).resolve()),
-              "current_round": 0, "pending": False, "corrected": [],
+              "current_round": 0, "pending": False, "corrected": [], "skipped": skipped,
               "rounds": [{"round": 0, "status": "base", "parent_round": None, "base_model": info.name,
                           # a registry name loads as the Segment tab loads it (its table entries too)
                           "model": {"name": info.name, "path": None if by_name else info.path,
