@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from playwright.sync_api import expect
 import tifffile
 
 from cellpose_web import io as cpio
@@ -62,6 +63,12 @@ def test_segment_upload_run_download(page, tmp_path):
                                "document.querySelector('.toast-body.error') !== null; }", arg=[before])
         shot(page, picture)
         assert page.locator(".toast-body.error").count() == 0
+    # a new image: the previous result (count, cells, downloads) must not pass for this one's
+    tifffile.imwrite(tmp_path / "other.tif", tifffile.imread(EXAMPLE)[:128, :128])
+    page.locator("#seg-file button[aria-label='Clear']").first.click()
+    page.set_input_files("#seg-file input[type=file]", str(tmp_path / "other.tif"))
+    expect(page.locator("#seg-count")).to_contain_text("No result yet for other.tif", timeout=60_000)
+    assert page.locator('#seg-files a[download$="_cp_masks.tif"]').count() == 0
 
 
 def test_segment_without_image_shows_message(page):

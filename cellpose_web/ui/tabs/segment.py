@@ -237,10 +237,10 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         found = pipeline.puncta_channel_from_names(s.channel_names if s is not None else None)
         return gr.skip() if found is None or found == current else gr.update(value=found)
 
-    @W.user_errors(outputs=7)
+    @W.user_errors(outputs=12)
     def on_upload(path, s):
         if not path:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return (gr.skip(),) * 12
         try:
             new, ca, za = load_image(path, s)
         except CellposeWebError as e:
@@ -249,14 +249,17 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             gr.Warning(str(e))
             kept = f" The image below is still **{s.name}**; Run segments it." if s is not None and s.raw is not None \
                 else ""
-            return (gr.skip(), gr.skip(), f"**{Path(path).name}** could not be read.{kept}") + (gr.skip(),) * 4
+            return (gr.skip(), gr.skip(), f"**{Path(path).name}** could not be read.{kept}") + (gr.skip(),) * 9
         zs = gr.update(visible=new.is_stack, maximum=max(1, new.image.shape[0] - 1) if new.is_stack else 1,
                        value=0)
         nax = new.raw.ndim
         return (new, render(new, [], W.BG_IMAGE, 0), image_info(new), zs,
                 gr.update(choices=common.axis_choices(nax), value="auto" if ca is None else str(ca)),
                 gr.update(choices=common.axis_choices(nax), value="auto" if za is None else str(za)),
-                gr.update(value=new.pixel_size_um))
+                gr.update(value=new.pixel_size_um),
+                # the previous image's result goes: its count, cells and files must not pass for this one's
+                f"No result yet for **{new.name}**: press Run.", W.table_for_display(pd.DataFrame()),
+                histogram_update(new), None, None)
 
 
     def on_channels(s, model_name, chs, pon, pch):
@@ -273,7 +276,8 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         except CellposeWebError as e:
             return f"⚠ {e}"
 
-    file_in.change(on_upload, [file_in, session], [session, view, info, zslider, ch_axis, z_axis, pixel],
+    file_in.change(on_upload, [file_in, session], [session, view, info, zslider, ch_axis, z_axis, pixel,
+                                                   count, table, hist, files, prov],
                    api_visibility="private", concurrency_limit=4, concurrency_id="load"
                    ).then(on_named_puncta, [session, p_ch], [p_ch], api_visibility="private", show_progress="hidden"
                           ).then(on_channels, [session, model, channels, p_on, p_ch], [channel_map],
