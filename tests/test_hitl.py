@@ -242,7 +242,7 @@ def test_one_round_at_a_time_per_project(tmp_path, images_dir, monkeypatch):
     s.next_image()
     h1 = s.save_correction(truth(images_dir, 0)).handle
     assert h1.running
-    assert not hitl._FileLock(s.path / "round.lock").acquire(blocking=False)  # held for the round
+    assert not hitl.FileLock(s.path / "round.lock").acquire(blocking=False)  # held for the round
     # a second correction while the round runs is queued on the same worker, also from another object
     res = hitl.open_session(s.path).save_correction(truth(images_dir, 1), index=1)
     assert res.queued and res.handle is h1
@@ -257,7 +257,7 @@ def test_one_round_at_a_time_per_project(tmp_path, images_dir, monkeypatch):
     assert h1.rounds[1]["train_images"] == ["0000_img0", "0001_img1"]
     assert calls == ["p-round001", "q-round001", "p-round002"]
     assert s.current_model()["round"] == 2 and not s.pending()
-    assert hitl._FileLock(s.path / "round.lock").acquire(blocking=False)  # released
+    assert hitl.FileLock(s.path / "round.lock").acquire(blocking=False)  # released
 
 
 def test_time_limit_cuts_a_round_and_the_next_fits_it(tmp_path, images_dir):

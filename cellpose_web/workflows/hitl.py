@@ -49,38 +49,7 @@ collapsed there: AP@0.5 below ``hitl_data.TRAIN_CHECK_MIN_FRACTION`` (half) of i
 the parent scored at least ``hitl_data.TRAIN_CHECK_USEFUL_AP`` (0.5) (a check against a ruined model,
 not a comparison: the parent scores high on corrections that kept its proposals).
 
-Round defaults (:func:`round_defaults`; a session's ``recipe`` overrides any field). A round
-fine-tunes from the current model on every corrected training image; ``new_share`` of the crops
-come from the images corrected since the parent model (the rest replay the earlier ones, uniformly).
-Rounds are cut at ``time_limit_s`` (the model so far is kept and scored), and after the first
-round the number of epochs is fitted to the time limit from the measured seconds per crop. The
-learning rate follows :func:`round_lr_schedule` (warm-up over ~15 % of the epochs, then a cosine
-decay to 5 %), so a round ends on small steps instead of train_seg's constant rate.
-
-==========  ========  ======  ======  ===========  ======  =========  ==========  ===========  ====================
-family      device    lr      wd      epochs       crops   batch      crop (px)   new_share    time limit (s)
-==========  ========  ======  ======  ===========  ======  =========  ==========  ===========  ====================
-lite        CPU       2e-3    1e-4    20           8       1          128         0.5          60
-lite        GPU       2e-3    1e-4    50           32      4          256         0.5          60
-cellpose3   CPU       2e-3    1e-5    12           8       4          224         0.5          240
-cellpose3   GPU       5e-3    1e-5    50           32      8          224         0.5          120
-cpsam       CPU       1e-5    0.1     10           2       1          256         0.5          900
-cpsam       GPU       1e-5    0.1     50           16      1          256         0.5          300
-==========  ========  ======  ======  ===========  ======  =========  ==========  ===========  ====================
-
-(crops = crops per epoch; Cellpose 1-3 U-Nets train with ``rescale=True``, objects scaled to the
-net's diameter, as Cellpose 3.) Where the numbers come from: ``lite`` CPU is the Fine-tune tab's
-recipe (``train.FINETUNE_DEFAULTS['lite']``: 20 epochs of 8 crops, 160 steps); in
-``benchmarks/bench_hitl.py`` such a round took 17-39 s on 2 CPU cores shared with other jobs (load
-average 4-5), so 60 s leaves room. On synthetic whole cells, with one seed, the rounds' schedule
-(above) ended at held-out AP@0.5 0.941 / AP@0.75 0.767 after 8 corrected images where train_seg's
-constant rate ended at 0.889 / 0.666. ``cellpose3`` keeps Cellpose 3's AdamW recipe (lr 5e-3,
-weight decay 1e-5, 224 px) on a GPU with half its GUI's 100 epochs; on a CPU a 224 px crop costs
-about 1-2 s on 2 cores, so a round is 12 epochs of 8 crops, with a lower peak rate (2e-3) as a
-precaution for so few steps (not measured). ``cpsam`` keeps Cellpose 4's recipe (lr 1e-5, weight
-decay 0.1, batch 1, 256 px); on a CPU a ViT-L step takes tens of seconds, so a CPU round is small
-and slow: use a GPU. The GPU rows were not measured (no GPU on this project's machine); they are
-sized so that a round takes one to a few minutes on one modern GPU.
+Round defaults per family and device, and where their numbers come from: :mod:`cellpose_web.workflows.hitl_recipes`.
 
 One round at a time per project: a file lock (``round.lock``, released by the OS when a process
 dies) plus an in-process handle; corrections saved while a round runs mark the project
@@ -105,13 +74,7 @@ from cellpose_web.service.storage import atomic_write_json, read_json, safe_join
 from cellpose_web.workflows.hitl_recipes import ROUND_DEFAULTS  # noqa: F401 - part of this module's API
 from cellpose_web.workflows.hitl_data import read_labels  # noqa: F401 - part of this module's API
 from cellpose_web.workflows.hitl_recipes import RoundRecipe, SaveResult, ShownImage, round_defaults, round_lr_schedule
-from cellpose_web.workflows.hitl_data import TRAIN_CHECK_IMAGES, decide_acceptance, is_inside, list_images, loaded_model, read_image_yxc, score_model, select_channels, thread_lock, update_set_json, utc_now, write_image, write_masks
-
-
-try:  # POSIX file locks; elsewhere the in-process locks alone
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from cellpose_web.workflows.hitl_data import TRAIN_CHECK_IMAGES, FileLock, decide_acceptance, is_inside, list_images, loaded_model, read_image_yxc, score_model, select_channels, thread_lock, update_set_json, utc_now, write_image, write_masks
 
 
 log = logging.getLogger(__name__)
@@ -121,40 +84,6 @@ SESSION_FILE = "session.json"
 
 
 STATE_VERSION = 1
-
-
-class _FileLock:
-    """An exclusive ``flock`` on a file (held per open file, released by the OS if the process dies)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._fh = None
-
-    def acquire(self, blocking: bool = True) -> bool:
-        if self._fh is not None:
-            raise RuntimeError("lock already held by this object")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except OSError:
-                fh.close()
-                return False
-        self._fh = fh
-        return True
-
-    def release(self) -> None:
-        fh, self._fh = self._fh, None
-        if fh is not None:
-            if fcntl is not None:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-            fh.close()
-
-    @property
-    def held(self) -> bool:
-        return self._fh is not None
 
 
 def hitl_root(root: str | os.PathLike | None = None, user: str | None = None) -> Path:
@@ -202,7 +131,7 @@ class RoundHandle:
     """A running (or finished) fine-tune worker of one project; it may run several rounds in a row
     when corrections arrive during a round. Poll :meth:`status`; :meth:`wait` blocks."""
 
-    def __init__(self, session: "HitlSession", lock: _FileLock):
+    def __init__(self, session: "HitlSession", lock: FileLock):
         self.session = session
         self._lock = lock
         self._thread: threading.Thread | None = None
@@ -317,7 +246,7 @@ class HitlSession:
     def _update(self):
         """Read-modify-write of the state under the project's locks (threads and processes)."""
         with thread_lock(str(self.path)):
-            fl = _FileLock(self.path / ".state.lock")
+            fl = FileLock(self.path / ".state.lock")
             fl.acquire()
             try:
                 st = self.state()
@@ -537,7 +466,7 @@ class HitlSession:
             h = _RUNNING.get(key)
             if h is not None and h.running:
                 return h, True
-            lock = _FileLock(self.path / "round.lock")
+            lock = FileLock(self.path / "round.lock")
             if not lock.acquire(blocking=False):  # another process trains this project
                 return None, True
             h = RoundHandle(self, lock)
@@ -880,7 +809,7 @@ def open_session(name_or_path: str | os.PathLike, root: str | os.PathLike | None
     s = HitlSession(p)
     running = [r for r in s.state()["rounds"] if r.get("status") == "running"]
     if running and s.running_round() is None:
-        probe = _FileLock(s.path / "round.lock")
+        probe = FileLock(s.path / "round.lock")
         if probe.acquire(blocking=False):  # nobody trains it: those rounds died with their process
             try:
                 with s._update() as st:

@@ -1,13 +1,19 @@
-"""Human-in-the-loop: images and labels in and out of a project (reading, channels, writing pairs), and
-scoring a model on the held-out pairs."""
+"""Human-in-the-loop: images and labels in and out of a project (reading, channels, writing pairs),
+scoring a model on the held-out pairs, the acceptance rule, and the file lock of a project's rounds."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import threading
 from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
+
+try:  # POSIX file locks; elsewhere the in-process locks alone
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 from cellpose_web.io.labels import instance_labels
 from cellpose_web.engine.dynamics.labels import as_label_dtype
@@ -168,6 +174,40 @@ def decide_acceptance(new: dict[str, Any] | None, parent: dict[str, Any] | None,
 # ----------------------------------------------------------------------------------------------
 # file helpers
 # ----------------------------------------------------------------------------------------------
+class FileLock:
+    """An exclusive ``flock`` on a file (held per open file, released by the OS if the process dies)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if self._fh is not None:
+            raise RuntimeError("lock already held by this object")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except OSError:
+                fh.close()
+                return False
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            if fcntl is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
+
+
 def is_inside(path: str | None, folder: Path) -> bool:
     if not path:
         return False

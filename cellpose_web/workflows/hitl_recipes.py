@@ -1,5 +1,39 @@
 """Human-in-the-loop: the recipe of one learning round (epochs, learning rate, schedule) per architecture, and
-what a shown image and a save report."""
+what a shown image and a save report.
+
+Round defaults (:func:`round_defaults`; a session's ``recipe`` overrides any field). A round
+fine-tunes from the current model on every corrected training image; ``new_share`` of the crops
+come from the images corrected since the parent model (the rest replay the earlier ones, uniformly).
+Rounds are cut at ``time_limit_s`` (the model so far is kept and scored), and after the first
+round the number of epochs is fitted to the time limit from the measured seconds per crop. The
+learning rate follows :func:`round_lr_schedule` (warm-up over ~15 % of the epochs, then a cosine
+decay to 5 %), so a round ends on small steps instead of train_seg's constant rate.
+
+==========  ========  ======  ======  ===========  ======  =========  ==========  ===========  ====================
+family      device    lr      wd      epochs       crops   batch      crop (px)   new_share    time limit (s)
+==========  ========  ======  ======  ===========  ======  =========  ==========  ===========  ====================
+lite        CPU       2e-3    1e-4    20           8       1          128         0.5          60
+lite        GPU       2e-3    1e-4    50           32      4          256         0.5          60
+cellpose3   CPU       2e-3    1e-5    12           8       4          224         0.5          240
+cellpose3   GPU       5e-3    1e-5    50           32      8          224         0.5          120
+cpsam       CPU       1e-5    0.1     10           2       1          256         0.5          900
+cpsam       GPU       1e-5    0.1     50           16      1          256         0.5          300
+==========  ========  ======  ======  ===========  ======  =========  ==========  ===========  ====================
+
+(crops = crops per epoch; Cellpose 1-3 U-Nets train with ``rescale=True``, objects scaled to the
+net's diameter, as Cellpose 3.) Where the numbers come from: ``lite`` CPU is the Fine-tune tab's
+recipe (``train.FINETUNE_DEFAULTS['lite']``: 20 epochs of 8 crops, 160 steps); in
+``benchmarks/bench_hitl.py`` such a round took 17-39 s on 2 CPU cores shared with other jobs (load
+average 4-5), so 60 s leaves room. On synthetic whole cells, with one seed, the rounds' schedule
+(above) ended at held-out AP@0.5 0.941 / AP@0.75 0.767 after 8 corrected images where train_seg's
+constant rate ended at 0.889 / 0.666. ``cellpose3`` keeps Cellpose 3's AdamW recipe (lr 5e-3,
+weight decay 1e-5, 224 px) on a GPU with half its GUI's 100 epochs; on a CPU a 224 px crop costs
+about 1-2 s on 2 cores, so a round is 12 epochs of 8 crops, with a lower peak rate (2e-3) as a
+precaution for so few steps (not measured). ``cpsam`` keeps Cellpose 4's recipe (lr 1e-5, weight
+decay 0.1, batch 1, 256 px); on a CPU a ViT-L step takes tens of seconds, so a CPU round is small
+and slow: use a GPU. The GPU rows were not measured (no GPU on this project's machine); they are
+sized so that a round takes one to a few minutes on one modern GPU.
+"""
 from __future__ import annotations
 
 import dataclasses

@@ -44,8 +44,10 @@ def start(page, name, zip_path, holdout):
     page.wait_for_selector("#hitl-files :text('images.zip')")
     page.locator("#hitl-holdout input").fill(str(holdout))
     # the recipe of a round: tiny images, so a short round (the project's recipe is the server's)
+    expect(page.locator("#hitl-name input, #hitl-name textarea").first).to_have_value(name)
     page.click("#hitl-start")
     expect(page.locator("#hitl-status")).to_contain_text("segmented by round 0", timeout=120_000)
+    expect(page.locator("#hitl-status")).to_contain_text(name)  # the project started is the one named
 
 
 def segmented_by(page, k, timeout=300_000):
