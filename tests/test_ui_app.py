@@ -339,3 +339,15 @@ def test_pixel_size_box_reads_a_decimal_comma():
         common.parse_pixel_size("0.1 µm")
     with pytest.raises(CellposeWebError, match="between 0 and 1000"):
         common.parse_pixel_size("-0,5")
+
+
+def test_hitl_status_keeps_naming_the_model_of_the_image_on_screen():
+    """The panel's refresh while a round learns kept dropping 'This image was segmented by round N'."""
+    from cellpose_web.ui import common, learn_panel
+
+    prev = common.Session(name="0001_a", provenance={"model": {"name": "p-round001"},
+                                                      "hitl": {"project": "p", "index": 1, "round": 1}})
+    status = {"name": "p", "rounds": [{"round": 0, "n_cells": 0}, {"round": 1, "n_cells": 42}]}
+    assert learn_panel.shown_model(prev, status) == {"round": 1, "name": "p-round001", "n_cells": 42}
+    assert learn_panel.shown_model(prev, {**status, "name": "other"}) is None
+    assert learn_panel.shown_model(None, status) is None

@@ -98,6 +98,18 @@ def round_choices(status: dict[str, Any]) -> list[tuple[str, int]]:
     return out
 
 
+def shown_model(prev: common.Session | None, status: dict[str, Any]) -> dict[str, Any] | None:
+    """The model that segmented the project image on screen ({round, name, n_cells}), from its
+    provenance and the project's rounds; None when the screen shows no image of this project."""
+    prov = (prev.provenance or {}) if prev is not None else {}
+    info = prov.get("hitl") or {}
+    if info.get("project") != status.get("name") or info.get("round") is None:
+        return None
+    k = int(info["round"])
+    rnd = next((r for r in status.get("rounds", []) if r.get("round") == k), {})
+    return {"round": k, "name": (prov.get("model") or {}).get("name"), "n_cells": rnd.get("n_cells") or 0}
+
+
 def _open(name: str, user: str | None) -> hitl.HitlSession:
     if not name:
         raise CellposeWebError("No project: give it a name and press Start (or Resume).")
@@ -186,7 +198,7 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
         info = ((prev.provenance or {}).get("hitl") or {}) if prev is not None else {}
         if info.get("project") == s.name:  # the reopened image (and its corrections) stays on screen
             st = s.status()
-            return (s.name, prev, status_md(st), curve_frame(st),
+            return (s.name, prev, status_md(st, shown_model(prev, st)), curve_frame(st),
                     gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
                     gr.Timer(active=bool(st.get("round_running") and st["round_running"].get("running"))))
         return show(s, prev, browser=browser, request=request)
@@ -222,8 +234,8 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
                         curve_frame(st),
                         gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
                         gr.Timer(active=False))
-        return (gr.skip(), gr.skip(), status_md(st), curve_frame(st), gr.update(choices=round_choices(st)),
-                gr.Timer(active=running))
+        return (gr.skip(), gr.skip(), status_md(st, shown_model(prev, st)), curve_frame(st),
+                gr.update(choices=round_choices(st)), gr.Timer(active=running))
 
     @W.user_errors(outputs=len(outputs))
     def on_back(remembered, k, prev, browser="", request: gr.Request = None):
