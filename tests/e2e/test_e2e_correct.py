@@ -382,3 +382,34 @@ def test_brush_after_outline_is_a_new_cell_and_save_refreshes_segment(page, tmp_
     seg = tifffile.imread(download(page, '#seg-files a[download$="_cp_masks.tif"]', tmp_path, "seg_after.tif"))
     assert seg.max() == n0 + 2 and seg[cy, cx] > 0 and seg[by, bx] > 0 and seg[cy, cx] != seg[by, bx]
     shot(page, "18_segment_after_correct_save")
+
+
+def test_loading_masks_over_unsaved_edits_is_refused_until_saved(page, tmp_path):
+    """A masks file would replace the Correct tab's unsaved edits: refused with what to do; after a save
+    it loads."""
+    masks = np.zeros((256, 256), np.uint16)
+    for k, (y, x) in enumerate([(30, 30), (30, 200), (200, 40)], start=1):
+        masks[y - 12:y + 12, x - 12:x + 12] = k
+    img = np.where(masks > 0, 3000, 300).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "plate.tif", img)
+    tifffile.imwrite(tmp_path / "plate_masks.tif", masks)
+    other = masks.copy()
+    other[other == 3] = 0
+    tifffile.imwrite(tmp_path / "other_masks.tif", other)
+    load_image_and_masks(page, tmp_path / "plate.tif", tmp_path / "plate_masks.tif")
+    open_correct(page)
+    wait_count(page, 3)
+    draw_outline(page, ring(masks, 10, 10)[0], 3)
+    page.get_by_role("tab", name="Segment").click()
+    page.locator("#seg-masks-file button[aria-label='Clear']").first.click()
+    page.set_input_files("#seg-masks-file input[type=file]", str(tmp_path / "other_masks.tif"))
+    page.wait_for_selector("text=/unsaved edits of plate.tif/", timeout=60_000)
+    open_correct(page)
+    wait_count(page, 4)  # the edit is still there
+    page.keyboard.press("Control+s")
+    page.wait_for_selector("text=/Saved 4 cells/", timeout=60_000)
+    page.get_by_role("tab", name="Segment").click()
+    page.locator("#seg-masks-file button[aria-label='Clear']").first.click()
+    page.set_input_files("#seg-masks-file input[type=file]", str(tmp_path / "other_masks.tif"))
+    page.wait_for_function("() => document.querySelector('#seg-count').innerText.includes('other_masks')",
+                           timeout=60_000)

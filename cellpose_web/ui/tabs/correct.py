@@ -339,10 +339,18 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         kept.needs_full = True
         return kept
 
+    def unsaved_edits(s: common.Session | None, browser: str, request: gr.Request | None) -> bool:
+        """Whether this browser's Correct tab holds edits of the result ``s`` that are not saved in it
+        (other tabs ask before they replace the result's masks)."""
+        kept = runs.registry().attached(runs.owner_key(W.username(request), browser), "correct")
+        if not (isinstance(kept, CorrectState) and edits_belong_to(s, kept) and kept.editor.n_edits):
+            return False
+        return s.masks is None or not np.array_equal(edit.relabel(kept.editor.masks), edit.relabel(np.asarray(s.masks)))
+
     @W.user_errors(outputs=1)
     def on_add(s, st, name, request: gr.Request):
         return add_to_training_set(s, enter(s, st), name, W.username(request))
 
     added = add_btn.click(on_add, [session, state, set_name], [set_msg], api_visibility="private")
     return {"state": state, "on_enter": on_enter, "enter_outputs": outs, "added_to_training_set": added,
-            "saved": saved, "restore": (on_restore, [browser_id], [state])}
+            "saved": saved, "restore": (on_restore, [browser_id], [state]), "unsaved_edits": unsaved_edits}

@@ -380,6 +380,11 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
     def on_masks(path, s, ov, bg, browser="", request: gr.Request = None):
         if not path:
             return tuple(gr.skip() for _ in range(8))
+        unsaved = (ctx.get("correct") or {}).get("unsaved_edits")
+        if unsaved is not None and unsaved(s, browser, request):  # the person's work is not thrown away unasked
+            raise CellposeWebError(
+                f"The Correct tab has unsaved edits of {s.name}: save them first (Save corrected masks, Ctrl+S), "
+                "then load the masks file again; it would replace them.")
         new = load_masks(path, s)
         # kept like a segmentation: a page reload reopens the loaded masks (and edits made on them)
         runs.registry().keep(runs.owner_key(W.username(request), browser), new, nbytes=new.nbytes)
