@@ -634,9 +634,10 @@ def run_finetune(set_name: str, base_model: str, new_name: str, n_epochs: int | 
     path, train_s = run.path, round(run.seconds, 1)
     from cellpose_web import registry
     notices = list(run.notices)
-    if _free_name(new_name) != new_name:  # taken while training ran: keep the weights under a free name
-        taken, new_name = new_name, _free_name(new_name)
-        notices.append(f"a lab model named '{taken}' was added while this one trained: saved as '{new_name}'")
+    free = _free_name(new_name)
+    if free != new_name:  # taken while training ran: keep the weights under a free name
+        notices.append(f"a lab model named '{new_name}' was added while this one trained: saved as '{free}'")
+        new_name = free
     registered = registry.add_lab_model(str(path), new_name, {
         "description": f"fine-tuned from {info['name']} in the app on the training set {set_name}",
         "base_model": info["name"], "test_ap": ap_after, "training": meta})
