@@ -231,16 +231,16 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
                     prov = gr.JSON(label="Model, sha256 and every parameter", elem_id="seg-prov")
 
     # ---------------- events
-    def on_named_puncta(s, current):
+    def named_puncta_channel(s, current):
         """A file that names its channels (ImageJ labels, OME names) and has a puncta-like one:
-        that channel becomes the puncta channel."""
+        that channel becomes the puncta channel (None: keep the current one)."""
         found = pipeline.puncta_channel_from_names(s.channel_names if s is not None else None)
-        return gr.skip() if found is None or found == current else gr.update(value=found)
+        return None if found is None or found == current else found
 
-    @W.user_errors(outputs=12)
-    def on_upload(path, s):
+    @W.user_errors(outputs=14)
+    def on_upload(path, s, model_name, chs, pon, pch):
         if not path:
-            return (gr.skip(),) * 12
+            return (gr.skip(),) * 14
         try:
             new, ca, za = load_image(path, s)
         except CellposeWebError as e:
@@ -249,17 +249,22 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
             gr.Warning(str(e))
             kept = f" The image below is still **{s.name}**; Run segments it." if s is not None and s.raw is not None \
                 else ""
-            return (gr.skip(), gr.skip(), f"**{Path(path).name}** could not be read.{kept}") + (gr.skip(),) * 9
+            return (gr.skip(), gr.skip(), f"**{Path(path).name}** could not be read.{kept}") + (gr.skip(),) * 11
         zs = gr.update(visible=new.is_stack, maximum=max(1, new.image.shape[0] - 1) if new.is_stack else 1,
                        value=0)
         nax = new.raw.ndim
+        named_puncta = named_puncta_channel(new, pch)
         return (new, render(new, [], W.BG_IMAGE, 0), image_info(new), zs,
                 gr.update(choices=common.axis_choices(nax), value="auto" if ca is None else str(ca)),
                 gr.update(choices=common.axis_choices(nax), value="auto" if za is None else str(za)),
                 gr.update(value=new.pixel_size_um),
                 # the previous image's result goes: its count, cells and files must not pass for this one's
                 f"No result yet for **{new.name}**: press Run.", W.table_for_display(pd.DataFrame()),
-                histogram_update(new), None, None)
+                histogram_update(new), None, None,
+                # written with the image, not in a later step: a later step would carry the channels box as it
+                # was before the person typed in it and overwrite the line their typing wrote
+                gr.skip() if named_puncta is None else gr.update(value=named_puncta),
+                on_channels(new, model_name, chs, pon, pch if named_puncta is None else named_puncta))
 
 
     def on_channels(s, model_name, chs, pon, pch):
@@ -276,12 +281,10 @@ def build(ctx: dict[str, Any]) -> dict[str, Any]:
         except CellposeWebError as e:
             return f"⚠ {e}"
 
-    file_in.change(on_upload, [file_in, session], [session, view, info, zslider, ch_axis, z_axis, pixel,
-                                                   count, table, hist, files, prov],
-                   api_visibility="private", concurrency_limit=4, concurrency_id="load"
-                   ).then(on_named_puncta, [session, p_ch], [p_ch], api_visibility="private", show_progress="hidden"
-                          ).then(on_channels, [session, model, channels, p_on, p_ch], [channel_map],
-                                 api_visibility="private", show_progress="hidden")
+    file_in.change(on_upload, [file_in, session, model, channels, p_on, p_ch],
+                   [session, view, info, zslider, ch_axis, z_axis, pixel, count, table, hist, files, prov, p_ch,
+                    channel_map],
+                   api_visibility="private", concurrency_limit=4, concurrency_id="load")
 
     map_inputs = [session, model, channels, p_on, p_ch]
     for comp in (model, channels, p_on, p_ch):
