@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +238,7 @@ def test_one_round_at_a_time_per_project(tmp_path, images_dir, monkeypatch):
         return real(net, *a, model_name=model_name, **k)
 
     monkeypatch.setattr(train_mod, "train_seg", slow_train)
+    monkeypatch.setenv("CELLPOSE_WEB_CONCURRENCY_TRAIN", "2")  # two trainings may run at once
     s = start(tmp_path, images_dir, holdout_every=0)
     other = start(tmp_path, images_dir, name="q", holdout_every=0)
     s.next_image()
@@ -247,7 +249,7 @@ def test_one_round_at_a_time_per_project(tmp_path, images_dir, monkeypatch):
     res = hitl.open_session(s.path).save_correction(truth(images_dir, 1), index=1)
     assert res.queued and res.handle is h1
     assert s.learn() is h1
-    # another project is never blocked
+    # another project is not blocked while a training slot is free
     other.next_image()
     rq = other.save_correction(truth(images_dir, 0)).handle.wait(timeout=300)
     assert rq["status"] == "done" and h1.running
@@ -384,6 +386,47 @@ def test_cellpose3_round_and_lab_training_set(tmp_path, images_dir, monkeypatch)
     assert sets["hitl_cp3"]["n_images"] == 1  # the Fine-tune tab sees the corrected pairs
     info = s.publish("cp3_lab")
     assert info.name == "cp3_lab" and info.training["hitl_project"] == "cp3"
+
+
+def test_rounds_of_two_projects_take_turns_on_one_training_slot(tmp_path, images_dir, monkeypatch):
+    """The server's training slots (CELLPOSE_WEB_CONCURRENCY_TRAIN, 1 by default) hold for rounds as
+    for Fine-tune jobs: a second project's round waits, says so, and can be cancelled while it waits."""
+    from cellpose_web.ui import learn_panel
+
+    real = train_mod.train_seg
+    gate, calls = threading.Event(), []
+
+    def slow_train(net, *a, model_name=None, **k):
+        calls.append(model_name)
+        if model_name.startswith("p-"):
+            assert gate.wait(120)
+        return real(net, *a, model_name=model_name, **k)
+
+    monkeypatch.setattr(train_mod, "train_seg", slow_train)
+    monkeypatch.setenv("CELLPOSE_WEB_CONCURRENCY_TRAIN", "1")
+    p, q, r = (start(tmp_path, images_dir, name=n, holdout_every=0) for n in "pqr")
+    p.next_image()
+    hp = p.save_correction(truth(images_dir, 0)).handle
+    deadline = time.time() + 60
+    while calls != ["p-round001"] and time.time() < deadline:
+        time.sleep(0.02)
+    q.next_image()
+    hq = q.save_correction(truth(images_dir, 0)).handle
+    while hq.status().get("phase") != "queued" and time.time() < deadline:
+        time.sleep(0.02)
+    st = q.status()
+    assert st["round_running"]["phase"] == "queued" and "1 training job at a time" in st["round_running"]["message"]
+    assert "The next round is queued" in learn_panel.status_md(st)
+    assert calls == ["p-round001"] and not q.state()["rounds"][1:]  # no round recorded while it waits
+    r.next_image()
+    hr = r.save_correction(truth(images_dir, 0)).handle
+    while hr.status().get("phase") != "queued" and time.time() < deadline:
+        time.sleep(0.02)
+    hr.cancel()  # a cancel while waiting ends the wait; the correction stays for the next round
+    assert hr.wait(timeout=30) is None and r.pending() and r.current_model()["round"] == 0
+    gate.set()
+    assert hp.wait(timeout=300)["status"] == "done" and hq.wait(timeout=300)["status"] == "done"
+    assert calls == ["p-round001", "q-round001"]
 
 
 def test_cancelled_round_is_recorded_and_its_images_stay_pending(tmp_path, images_dir, monkeypatch):

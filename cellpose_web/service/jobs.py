@@ -8,17 +8,19 @@ Jobs of one kind run at most ``slots`` at a time in the process (``JobManager.st
 the app passes ``CELLPOSE_WEB_CONCURRENCY_TRAIN`` / ``_BATCH``); the others stay "queued" with a
 message saying what they wait for, and can be cancelled while they wait. The browser's own limit
 covers only the requests it is waiting on: a job whose page was closed keeps running, and without
-slots the next one would run beside it on the same GPU.
+slots the next one would run beside it on the same GPU. Work that is not a job (a human-in-the-loop
+round) holds the same slots with :func:`hold_slot`.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import threading
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service.storage import atomic_write_json, read_json, safe_join, sub_dir
@@ -80,6 +82,53 @@ def _slot(kind: str, n: int) -> threading.BoundedSemaphore:
         return _slots.setdefault((kind, n), threading.BoundedSemaphore(n))
 
 
+def waiting_message(kind: str, slots: int) -> str:
+    """What a job waiting for a slot of ``kind`` tells its user."""
+    what = {"train": "training"}.get(kind, kind)
+    return (f"waiting: the server runs {slots} {what} job{'s' if slots != 1 else ''} at a time and it is busy; "
+            "this one starts when a running one ends")
+
+
+@contextlib.contextmanager
+def hold_slot(kind: str, slots: int | None, cancelled: Callable[[], bool] = lambda: False,
+              on_wait: Callable[[str], None] | None = None) -> Iterator[bool]:
+    """Hold one of the process-wide ``slots`` of ``kind`` while the block runs (work that is not a
+    :class:`Job`, such as a human-in-the-loop round, takes the same slots as the jobs of its kind).
+
+    Parameters
+    ----------
+    kind : str
+        "train", "batch", ...: jobs and blocks of one kind share the slots.
+    slots : int or None
+        How many may run at once in this process; None: no limit (the block runs at once).
+    cancelled : callable
+        Polled every 0.25 s while waiting; True gives up the wait.
+    on_wait : callable, optional
+        Called once with :func:`waiting_message` when the block has to wait.
+
+    Yields
+    ------
+    bool
+        True once the slot is held, False when ``cancelled`` ended the wait (the block should stop).
+    """
+    if slots is None:
+        yield True
+        return
+    n = max(1, int(slots))
+    sem = _slot(kind, n)
+    held = sem.acquire(blocking=False)
+    if not held:
+        if on_wait is not None:
+            on_wait(waiting_message(kind, n))
+        while not held and not cancelled():
+            held = sem.acquire(timeout=0.25)
+    try:
+        yield held
+    finally:
+        if held:
+            sem.release()
+
+
 class JobManager:
     """Starts jobs in threads and keeps their status on disk (one manager per data folder/user)."""
 
@@ -125,30 +174,16 @@ class JobManager:
         with self._lock:
             self._running[job.id] = job
         kind = str(job.status.get("kind"))
-        slot = _slot(kind, max(1, int(slots))) if slots is not None else None
-
-        def wait_for_slot() -> bool:
-            """True once the job holds a slot; False when it was cancelled while waiting."""
-            if slot.acquire(blocking=False):
-                return True
-            what = {"train": "training"}.get(kind, kind)
-            job.update(message=f"waiting: the server runs {slots} {what} job{'s' if slots != 1 else ''} at a time "
-                               "and it is busy; this one starts when a running one ends")
-            while not slot.acquire(timeout=0.25):
-                if job.cancelled:
-                    return False
-            return True
 
         def runner():
-            held = False
             try:
-                if slot is not None:
-                    held = wait_for_slot()
+                with hold_slot(kind, slots, cancelled=lambda: job.cancelled,
+                               on_wait=lambda message: job.update(message=message)) as held:
                     if not held:
                         job.update(state="cancelled", message="Cancelled before it started.")
                         return
-                job.update(state="running", message="started")
-                result = fn(job)
+                    job.update(state="running", message="started")
+                    result = fn(job)
                 if job.cancelled:  # the job may say what a cancel left (result["message"])
                     said = result.get("message") if isinstance(result, dict) else None
                     job.update(state="cancelled", result=result,
@@ -163,8 +198,6 @@ class JobManager:
                 job.update(state="failed", message=f"Unexpected error ({type(e).__name__}); the admin can read "
                                                    f"jobs/{job.id}/log.")
             finally:
-                if held:
-                    slot.release()
                 with self._lock:
                     self._running.pop(job.id, None)
 
@@ -190,8 +223,8 @@ class JobManager:
         job = self.running_job(jid)
         if job is None:
             return False
+        job.update(message="cancelling…")  # first: the job's own last word, written after the flag, must win
         job.cancel_event.set()
-        job.update(message="cancelling…")
         return True
 
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:

@@ -61,7 +61,9 @@ def status_md(status: dict[str, Any], shown_model: dict[str, Any] | None = None)
                  f"{(status.get('base_model') or {}).get('name')}; {status.get('train_minutes', 0):.1f} min of "
                  "training so far.")
     run = status.get("round_running")
-    if run and run.get("running"):
+    if run and run.get("running") and run.get("phase") == "queued":
+        lines.append(f"⏳ The next round is queued ({run.get('message') or 'another training is running'}).")
+    elif run and run.get("running"):
         ep = f", epoch {run.get('epoch')}/{run.get('n_epochs')}" if run.get("n_epochs") else ""
         lines.append(f"⏳ Round {run.get('round')} is learning ({run.get('phase')}{ep}, "
                      f"{run.get('elapsed_s', 0):.0f} s)" + (" — more corrections are queued for the next round"

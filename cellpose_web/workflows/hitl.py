@@ -70,6 +70,8 @@ import numpy as np
 from cellpose_web.engine.dynamics.labels import as_label_dtype
 from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError
+from cellpose_web.service import jobs
+from cellpose_web.service.config import Limits
 from cellpose_web.service.storage import atomic_write_json, read_json, safe_join, safe_name, sub_dir
 from cellpose_web.workflows.hitl_recipes import ROUND_DEFAULTS  # noqa: F401 - part of this module's API
 from cellpose_web.workflows.hitl_data import read_labels  # noqa: F401 - part of this module's API
@@ -170,6 +172,9 @@ class RoundHandle:
         self._cancel.set()
 
     # -- the worker
+    def _waiting(self, message: str) -> None:
+        self._progress.update(phase="queued", message=message)
+
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._work, name=f"hitl-round-{self.session.name}", daemon=True)
         self._thread.start()
@@ -178,7 +183,11 @@ class RoundHandle:
         key = str(self.session.path)
         try:
             while True:
-                rec = self.session._run_one_round(self._cancel, self._progress)
+                # a round trains like a fine-tuning job: it takes one of the server's training slots, so
+                # rounds of several projects and Fine-tune jobs do not all share the GPU at once
+                with jobs.hold_slot("train", Limits.from_env().concurrency["train"], cancelled=self._cancel.is_set,
+                                    on_wait=self._waiting) as held:
+                    rec = self.session._run_one_round(self._cancel, self._progress) if held else None
                 if rec is not None:
                     self.rounds.append(rec)
                 with _START_LOCK:

@@ -17,9 +17,8 @@ from cellpose_web.service import runs
 from cellpose_web.service.config import Limits
 from cellpose_web.workflows.segment import SegmentParams, segment
 from cellpose_web.ui import common, widgets as W
-from cellpose_web.ui.results_view import (count_text, hint, histogram, histogram_update, is_volumetric,  # noqa: F401
-                                          make_params, make_puncta, render, stack_note, stitch_offer,
-                                          summary_md, list_downloads, write_files)
+from cellpose_web.ui.results_view import (histogram_update, is_volumetric, make_params, make_puncta, render,
+                                          stitch_offer, summary_md, list_downloads, write_files)
 
 EXAMPLES_DIR = examples_dir()
 
