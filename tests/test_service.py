@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import tifffile
 
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import BadInputError, CellposeWebError
 from cellpose_web.workflows import batch, inputs, model_cache as models_cache, finetune as training
 from cellpose_web.service import jobs, storage
 from cellpose_web.workflows import segment
@@ -323,20 +323,25 @@ def test_training_set_add_import_load(tmp_path):
     img, m = standin.blobs(), np.zeros((64, 64), np.uint16)
     m[5:10, 5:10] = 1
     m[20:30, 20:30] = 2
-    training.add_pair("lab set", img, m, "img 1")
-    training.add_pair("lab set", img, m, "img 1")  # replaced, not duplicated
+    # a set is named as lab models are, never rewritten ("lab set" and "lab_set" must not become one set)
+    with pytest.raises(BadInputError, match=r"Invalid training set name 'lab set'.*e\.g\. 'lab_set'"):
+        training.add_pair("lab set", img, m, "img 1")
+    with pytest.raises(BadInputError, match="Invalid training set name"):
+        training.load_set("../lab_set")
+    training.add_pair("lab_set", img, m, "img 1")
+    training.add_pair(" lab_set ", img, m, "img 1")  # replaced, not duplicated
     z = _zip(tmp_path / "pairs.zip", {"b.tif": _tif_bytes(img), "b_masks.tif": _tif_bytes(m),
                                       "c.tif": _tif_bytes(img)})
-    n, problems = training.import_pairs([z], "lab set")
+    n, problems = training.import_pairs([z], "lab_set")
     assert n == 1 and problems and problems[0][0] == "c.tif"
     # foreground masks (0/1 floats, as a thresholded image saves) are not one label per cell: refused
     z2 = _zip(tmp_path / "binary.zip", {"d.tif": _tif_bytes(img), "d_masks.tif": _tif_bytes((m > 0).astype(np.float32))})
-    n, problems = training.import_pairs([z2], "lab set")
+    n, problems = training.import_pairs([z2], "lab_set")
     assert n == 0 and problems[0][0] == "d.tif" and "binary mask: 2 separate regions" in problems[0][1]
     sets = training.list_sets()
     assert sets == [{"name": "lab_set", "n_images": 2, "n_cells": 4, "updated": sets[0]["updated"],
                      "channels": None, "channels_differ": False}]
-    imgs, labs, names = training.load_set("lab set")
+    imgs, labs, names = training.load_set("lab_set")
     assert names == ["b", "img_1"] and (labs[0] == m).all()
     with pytest.raises(CellposeWebError):
         training.add_pair("x", img, np.zeros_like(m), "empty")

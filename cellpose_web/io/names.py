@@ -7,9 +7,11 @@ import re
 import unicodedata
 from pathlib import Path, PurePosixPath
 
+from cellpose_web.errors import BadInputError
+
 __all__ = ["IMAGE_EXTENSIONS", "FOLDER_IMAGE_EXTENSIONS", "UPLOAD_IMAGE_EXTENSIONS", "LABEL_EXTENSIONS",
-           "OUTPUT_SUFFIXES", "OUTPUT_NAME_MAX_BYTES", "file_stem", "is_mask_or_output", "output_name",
-           "output_folders"]
+           "OUTPUT_SUFFIXES", "OUTPUT_NAME_MAX_BYTES", "NAME_RULE", "NAME_RE", "check_name", "file_stem",
+           "is_mask_or_output", "output_name", "output_folders"]
 
 #: every extension ``io.imread`` reads (``.npy``: a ``_seg.npy`` gives its masks)
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".flex", ".dax", ".npy")
@@ -22,6 +24,45 @@ LABEL_EXTENSIONS = (".tif", ".tiff", ".png")
 #: name endings (before the extension) of masks and of the files Cellpose and cellpose-web write
 OUTPUT_SUFFIXES = ("_cp_masks", "_cp_output", "_flows", "_flows_0", "_flows_1", "_flows_2", "_cellprob",
                    "_masks", "_dP", "_outlines", "_seg")
+
+
+#: the rule for the names a person gives what the app keeps: lab models, training sets,
+#: human-in-the-loop projects (they become folder names, command-line arguments and Hub file names)
+NAME_RULE = ("1-100 letters, digits, '.', '_', '+' or '-' (no spaces, no '/', no '..'), starting with a "
+             "letter or digit")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Check a name a person gave a lab model, training set or project against :data:`NAME_RULE`.
+
+    The name is used as given (never rewritten: two spellings must not end up as one folder).
+
+    Parameters
+    ----------
+    name : str
+        The name, already stripped of surrounding spaces by the caller.
+    what : str
+        What is being named, for the message ("model name", "training set name", "project name").
+
+    Returns
+    -------
+    str
+        ``name``.
+
+    Raises
+    ------
+    BadInputError
+        Saying what to change, with a name that would do (``"my set ü"`` -> ``'my_set_u'``).
+    """
+    if isinstance(name, str) and NAME_RE.match(name) and ".." not in name and not name.endswith("."):
+        return name
+    if not isinstance(name, str) or not name.strip():
+        raise BadInputError(f"The {what} is empty: use {NAME_RULE}.")
+    ascii_only = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    suggestion = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._+-]+", "_", ascii_only)).strip("._+-")[:100]
+    hint = f", e.g. {suggestion!r}" if suggestion else ""
+    raise BadInputError(f"Invalid {what} {name!r}: use {NAME_RULE}{hint}.")
 
 
 def file_stem(path: str | Path) -> str:

@@ -8,7 +8,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from cellpose_web import config
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import BadInputError
+from cellpose_web.io.names import NAME_RE, check_name  # noqa: F401 - NAME_RE is part of the registry API
 from cellpose_web.resources import WEIGHTS_DIR, home_dir  # noqa: F401 - home_dir is part of the registry API
 
 
@@ -53,7 +54,6 @@ RESERVED_NAMES = {"lite", "cp_cyto", "cpsam", "cpsam_v2", "cpdino", "cpdino-vitb
                   *LEGACY_MODELS}
 
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 
 
 HUB_SPEC_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[\w./-]+))?:(?P<file>[^:]+)$")
@@ -158,17 +158,13 @@ def hub_settings() -> dict:
 
 
 def validate_name(name: str) -> str:
-    """Check a lab model name: letters, digits, ``. _ + -``, no path separators or ``..``.
+    """Check a lab model name: :data:`cellpose_web.io.names.NAME_RULE`, and not a built-in model's name.
 
-    Returns the name; raises CellposeWebError otherwise.
+    Returns the name; raises :class:`~cellpose_web.errors.BadInputError` otherwise.
     """
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name or name.endswith("."):
-        raise CellposeWebError(
-            f"Invalid model name {name!r}: use 1-100 letters, digits, '.', '_', '+' or '-' (no spaces, no '/', "
-            "no '..'), starting with a letter or digit."
-        )
+    check_name(name, "model name")
     if name.lower() in RESERVED_NAMES:
-        raise CellposeWebError(f"The name {name!r} is reserved for a built-in model; choose another name.")
+        raise BadInputError(f"The name {name!r} is reserved for a built-in model; choose another name.")
     return name
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from cellpose_web.io.atomic import write_json
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.io import atomic_write
+from cellpose_web.io.names import check_name
 from cellpose_web.service.config import home_dir, per_user
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -25,6 +26,14 @@ def safe_name(name: str, what: str = "name", max_len: int = 100) -> str:
         raise CellposeWebError(f"The {what} {name!r} is empty after removing unusual characters; "
                                "use letters, digits, '-' or '_'.")
     return s[:max_len]
+
+
+def named_dir(root: Path, name: str, what: str) -> Path:
+    """``root/<name>`` for something a person named (a training set, a project): the name as given
+    (surrounding spaces dropped), checked against :data:`cellpose_web.io.names.NAME_RULE` as lab model
+    names are, never rewritten. Raises :class:`~cellpose_web.errors.BadInputError` saying what to
+    change."""
+    return safe_join(root, check_name(str(name if name is not None else "").strip(), what))
 
 
 def safe_join(root: Path, *parts: str) -> Path:

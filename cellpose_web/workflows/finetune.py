@@ -31,7 +31,7 @@ from cellpose_web.service.config import Limits
 from cellpose_web.service import jobs
 from cellpose_web.io import atomic_save
 from cellpose_web.io.labels import instance_labels
-from cellpose_web.service.storage import (atomic_write_json, read_json, safe_join, safe_name,
+from cellpose_web.service.storage import (atomic_write_json, named_dir, read_json, safe_name,
                                           sub_dir)
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def add_pair(set_name: str, image: np.ndarray, masks: np.ndarray, name: str, use
         raise CellposeWebError("Only 2D masks can be added to a training set; pick a z-plane.")
     if masks.max(initial=0) == 0:
         raise CellposeWebError("These masks are empty; segment or draw cells before adding them to a training set.")
-    d = safe_join(sets_root(user), safe_name(set_name, "training set name"))
+    d = named_dir(sets_root(user), set_name, "training set name")
     d.mkdir(parents=True, exist_ok=True)
     stem = safe_name(name, "image name")
     img = np.asarray(image)
@@ -231,7 +231,7 @@ def import_pairs(files: list[str | Path], set_name: str, user: str | None = None
 
 
 def _set_dir(set_name: str, user: str | None) -> Path:
-    d = safe_join(sets_root(user), safe_name(set_name, "training set name"))
+    d = named_dir(sets_root(user), set_name, "training set name")
     if not d.is_dir():
         raise CellposeWebError(f"Training set {set_name!r} does not exist; add corrected images in the "
                                "Correct tab or upload pairs here.")
@@ -293,7 +293,7 @@ def load_set(set_name: str, user: str | None = None, channels: Any = None
 
 
 def delete_set(set_name: str, user: str | None = None) -> None:
-    d = safe_join(sets_root(user), safe_name(set_name, "training set name"))
+    d = named_dir(sets_root(user), set_name, "training set name")
     if d.is_dir():
         shutil.rmtree(d)
 

@@ -72,7 +72,7 @@ from cellpose_web.workflows import pipeline
 from cellpose_web.errors import CellposeWebError
 from cellpose_web.service import jobs
 from cellpose_web.service.config import Limits
-from cellpose_web.service.storage import atomic_write_json, read_json, safe_join, safe_name, sub_dir
+from cellpose_web.service.storage import atomic_write_json, named_dir, read_json, safe_name, sub_dir
 from cellpose_web.workflows.hitl_recipes import ROUND_DEFAULTS  # noqa: F401 - part of this module's API
 from cellpose_web.workflows.hitl_data import read_labels  # noqa: F401 - part of this module's API
 from cellpose_web.workflows.hitl_recipes import RoundRecipe, SaveResult, ShownImage, round_defaults, round_lr_schedule
@@ -98,8 +98,8 @@ def hitl_root(root: str | os.PathLike | None = None, user: str | None = None) ->
 
 
 def project_dir(name: str, root: str | os.PathLike | None = None, user: str | None = None) -> Path:
-    """``<root>/<name>`` (the name reduced to letters, digits, ``. _ -``)."""
-    return safe_join(hitl_root(root, user), safe_name(name, "project name"))
+    """``<root>/<name>``; the name follows the rule of lab model names (``io.names.NAME_RULE``)."""
+    return named_dir(hitl_root(root, user), name, "project name")
 
 
 def _pair_name(index: int, path: str) -> str:
