@@ -354,6 +354,21 @@ def test_training_set_add_import_load(tmp_path):
         assert training.split_holdout(n) == (train, held)
 
 
+def test_image_names_keep_their_letters_and_a_replaced_pair_is_named():
+    """'Zelle ä' and 'Zelle ö' are two images of a training set (they became one 'Zelle' pair, the
+    first silently lost); adding an image of a name the set has says it replaces that pair."""
+    from cellpose_web.workflows import results
+    img, m = standin.blobs(), np.zeros((64, 64), np.uint16)
+    m[5:10, 5:10] = 1
+    assert storage.safe_name("Zelle ä 细胞") == "Zelle_ä_细胞" and storage.safe_name("Zelle\u0308") == "Zell\u00eb"  # NFC, as macOS names are shown
+    first = results.add_correction_to_training_set(img, m, storage.safe_name("Zelle ä"), False, {}, 0, "uni")
+    second = results.add_correction_to_training_set(img, m, storage.safe_name("Zelle ö"), False, {}, 0, "uni")
+    assert "replacing" not in first + second and "now 2 image(s)" in second
+    assert sorted(training.pair_names("uni")) == ["Zelle_ä", "Zelle_ö"] and training.pair_names("new_set") == set()
+    again = results.add_correction_to_training_set(img, m, "Zelle_ö", False, {}, 0, "uni")
+    assert "now 2 image(s)" in again and "replacing the earlier pair named Zelle_ö" in again
+
+
 # ---------------------------------------------------------------- kill during fine-tuning
 _CHILD = r'''
 import sys, time, numpy as np, tifffile, torch

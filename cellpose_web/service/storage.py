@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,22 @@ from cellpose_web.io import atomic_write
 from cellpose_web.io.names import check_name
 from cellpose_web.service.config import home_dir, per_user
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SAFE = re.compile(r"[^\w.-]+")  # \w: letters and digits of every script, and _
+_SAFE_ASCII = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def safe_name(name: str, what: str = "name", max_len: int = 100) -> str:
-    """A file/folder name made of letters, digits, '.', '_', '-' (spaces become '_')."""
-    s = _SAFE.sub("_", str(name).strip()).strip("._")
+def safe_name(name: str, what: str = "name", max_len: int = 100, ascii_only: bool = False) -> str:
+    """A file/folder name made from a name a person gave an image: letters and digits of every
+    script, '.', '_', '-' (``Zelle ä 1`` -> ``Zelle_ä_1``; anything else, spaces and separators
+    included, becomes '_'), NFC-normalised, at most ``max_len`` characters and 200 UTF-8 bytes.
+    ``ascii_only``: only A-Z, a-z, 0-9 are letters (account folders, named so since the first release)."""
+    pattern = _SAFE_ASCII if ascii_only else _SAFE
+    s = pattern.sub("_", unicodedata.normalize("NFC", str(name)).strip()).strip("._")
+    s = s[:max_len].encode("utf-8")[:200].decode("utf-8", errors="ignore")
     if not s:
         raise CellposeWebError(f"The {what} {name!r} is empty after removing unusual characters; "
                                "use letters, digits, '-' or '_'.")
-    return s[:max_len]
+    return s
 
 
 def named_dir(root: Path, name: str, what: str) -> Path:
@@ -65,7 +72,7 @@ def user_root(user: str | None = None) -> Path:
     """Folder for one account's data: the data folder itself (shared lab), or users/<name>/ per user."""
     root = home_dir()
     if user and per_user():
-        root = safe_join(root, "users", safe_name(user, "user name"))
+        root = safe_join(root, "users", safe_name(user, "user name", ascii_only=True))
     root.mkdir(parents=True, exist_ok=True)
     return root
 

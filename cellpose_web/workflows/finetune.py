@@ -238,6 +238,12 @@ def _set_dir(set_name: str, user: str | None) -> Path:
     return d
 
 
+def pair_names(set_name: str, user: str | None = None) -> set[str]:
+    """The names of the pairs in a training set (empty when there is no such set yet)."""
+    setj = read_json(named_dir(sets_root(user), set_name, "training set name") / "set.json", {}) or {}
+    return {p.get("name") for p in setj.get("pairs", [])}
+
+
 def pair_channels(set_name: str, user: str | None = None) -> dict[str, list[int] | None]:
     """{pair name: the file channels it was segmented with (None = all / not recorded)}."""
     setj = read_json(_set_dir(set_name, user) / "set.json", {}) or {}

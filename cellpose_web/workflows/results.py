@@ -110,6 +110,7 @@ def add_correction_to_training_set(image: np.ndarray, edited: np.ndarray, stem: 
     masks = relabel(edited)
     meta = {"edits": n_edits, "model": (provenance.get("model") or {}).get("name")}
     chans = finetune.segmentation_channels(provenance)  # train on what the model saw
+    had = finetune.pair_names(set_name or "lab", user)
     if is_stack:
         planes = [z for z in range(masks.shape[0]) if masks[z].any()]
         if not planes:
@@ -118,9 +119,14 @@ def add_correction_to_training_set(image: np.ndarray, edited: np.ndarray, stem: 
             d = finetune.add_pair(set_name or "lab", image[z], relabel(masks[z]), f"{stem}_z{z:03d}", user,
                                   {**meta, "plane": z}, channels=chans)
         what = f"{len(planes)} planes of **{stem}**"
+        replaced = sum(f"{stem}_z{z:03d}" in had for z in planes)
     else:
         d = finetune.add_pair(set_name or "lab", image, masks, stem, user, meta, channels=chans)
         what = f"**{stem}** ({int(masks.max())} cells)"
+        replaced = int(stem in had)
+    if replaced:  # the same image corrected again, or another file of the same name: say which pair went
+        what += (f", replacing the earlier {'pair' if replaced == 1 else f'{replaced} planes'} named {stem} in "
+                 "this set (rename the file to keep both)")
     info = {x["name"]: x for x in finetune.list_sets(user)}.get(d.name, {})
     on = ("every channel" if chans is None else
           f"channel{'s' if len(chans) > 1 else ''} {', '.join(map(str, chans))}")
