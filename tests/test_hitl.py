@@ -371,6 +371,40 @@ def test_zip_input_channels_and_list(tmp_path, images_dir):
     assert "z" in names and "bad" not in names
 
 
+def test_images_at_any_depth_of_a_zip_and_uploaded_files_are_kept(tmp_path, images_dir):
+    """A zip's images in folders two deep were left out without a word (Batch takes them); single
+    uploaded files stayed in the upload's temporary folder, which a clean-up of /tmp would empty."""
+    import zipfile
+
+    zpath = tmp_path / "nested.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.write(images_dir / "img0.tif", "exp1/day 1/Zelle ä.tif")
+        zf.write(images_dir / "img1.tif", "exp1/day2/细胞.tif")
+        zf.write(images_dir / "img2.tif", "top.tif")
+        zf.write(images_dir / "img2_masks.tif", "top_masks.tif")
+        zf.writestr("__MACOSX/exp1/._top.tif", b"junk")
+        zf.writestr("notes.txt", b"not an image")
+    s = start(tmp_path, zpath, name="nested")
+    assert [Path(p).relative_to(s.path / "images").as_posix() for p in s.images()] == [
+        "exp1/day 1/Zelle ä.tif", "exp1/day2/细胞.tif", "top.tif"]
+    assert s.status()["n_images"] == 3
+    with zipfile.ZipFile(tmp_path / "masks_only.zip", "w") as zf:
+        zf.write(images_dir / "img2_masks.tif", "a/img2_masks.tif")
+    with pytest.raises(CellposeWebError, match="holds no images to correct.*mask or output"):
+        start(tmp_path, tmp_path / "masks_only.zip", name="masks_only")
+
+    up = [tmp_path / "upload1" / "a.tif", tmp_path / "upload2" / "a.tif"]  # two uploads of one name
+    for i, f in enumerate(up):
+        f.parent.mkdir()
+        f.write_bytes((images_dir / f"img{i}.tif").read_bytes())
+    s2 = start(tmp_path, [str(f) for f in up], name="loose")
+    for f in up:
+        f.unlink()  # the upload's temporary copies are gone
+    assert [Path(p).name for p in s2.images()] == ["a.tif", "a_2.tif"]
+    reopened = hitl.open_session("loose", root=tmp_path / "projects")
+    np.testing.assert_array_equal(reopened.next_image().image[..., 0], tifffile.imread(images_dir / "img0.tif"))
+
+
 def test_cellpose3_round_and_lab_training_set(tmp_path, images_dir, monkeypatch):
     # no root: the project lives in the data folder and its pairs in the lab's training sets
     s = hitl.start_session("cp3", images_dir, "cp_cyto", channels=[0], recipe=FAST, gpu=False)
@@ -472,5 +506,6 @@ def test_unreadable_images_are_skipped_with_their_reason(tmp_path, images_dir):
     assert s.next_image() is None  # img3 cannot be read either: nothing is left to correct
     st = s.status()
     assert [x["name"] for x in st["skipped"]] == ["a_broken.tif", "img3.tif"] and st["skipped"][0]["reason"]
+    assert st["n_images"] == 2 and st["n_corrected"] == 2  # "2 of 2 images corrected", not "2 of 4"
     with pytest.raises(CellposeWebError, match="None of the images could be read"):
         hitl.start_session("q", [str(d / "a_broken.tif")], "lite", root=tmp_path / "projects", gpu=False)

@@ -134,6 +134,15 @@ def test_absurd_parameters(kw, match):
         segment.SegmentParams(**kw).validated(Limits())
 
 
+def test_decimal_commas_are_read_as_in_the_pixel_size_box():
+    """Diameter '30,5' was refused while pixel size '0,5' was read: one rule for typed decimals."""
+    p = segment.SegmentParams(diameter="30,5", flow_threshold="0,6", cellprob_threshold=" -0,5 ").validated(Limits())
+    assert (p.diameter, p.flow_threshold, p.cellprob_threshold) == (30.5, 0.6, -0.5)
+    assert inputs.decimal_text("1,000.5") == "1,000.5" and inputs.decimal_text(3) == 3
+    with pytest.raises(CellposeWebError, match="number"):
+        segment.SegmentParams(diameter="30,5,1").validated(Limits())
+
+
 def test_channels_last_layouts():
     from cellpose_web.workflows import pipeline
     img = np.zeros((2, 30, 40))

@@ -266,7 +266,7 @@ def _simulate(args) -> int:
     d = Path(args.images).expanduser()
     names = io.get_image_files(d, args.mask_filter)
     labels, _ = io.get_label_files(names, args.mask_filter)
-    truth = {str(Path(n).resolve()): lab for n, lab in zip(names, labels)}
+    truth = list(labels)  # the project keeps copies of the images, in this order
     name = args.project or f"simulate_{d.resolve().name}"
     s = _start(args, [str(n) for n in names], name, overwrite=True)
     test = None
@@ -294,7 +294,7 @@ def _simulate(args) -> int:
         shown = s.next_image(wait_for_round=None)
         if shown is None:
             break
-        true = hitl.read_labels(truth[shown.path])
+        true = hitl.read_labels(truth[shown.index])
         from cellpose_web.engine.metrics import average_precision
 
         ap_prop = float(average_precision(true, shown.masks, threshold=[0.5])[0][0])

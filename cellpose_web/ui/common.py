@@ -102,10 +102,7 @@ def parse_pixel_size(v: Any) -> float | None:
     """The pixel-size box's value as µm per pixel; None when blank or 0 (unknown). The box is text, not
     a browser number box, which turns a decimal comma ("0,1") into "01" without a word: here "0,1" is 0.1."""
     from cellpose_web.workflows import CellposeWebError
-    if isinstance(v, str):
-        v = v.strip()
-        if v.count(",") == 1 and "." not in v:  # a decimal comma (0,65): a pixel size has no thousands
-            v = v.replace(",", ".")
+    v = inputs.decimal_text(v)
     if v is None or v == "":
         return None
     try:

@@ -25,6 +25,8 @@ HELP = ("Work through a folder image by image: each image comes **segmented by t
         "corrections in the background and segments the next images once it does better on the "
         "images kept aside to check it (every 4th corrected image from the 2nd on).")
 CURVE_COLUMNS = ["round", "corrected cells", "score", "AP"]
+CURVE_DTYPES = {"round": "int64", "corrected cells": "int64", "score": "str", "AP": "float64"}
+CURVE_COLORS = {"AP@0.5": "#4c6ef5", "AP@0.75": "#f59f00"}
 
 
 def shown_session(shown: hitl.ShownImage, project: str, previous: common.Session | None) -> common.Session:
@@ -78,15 +80,16 @@ def status_md(status: dict[str, Any], shown_model: dict[str, Any] | None = None)
     return "\n\n".join(lines)
 
 
-def curve_frame(status: dict[str, Any]) -> pd.DataFrame:
-    """Held-out AP@0.5 and AP@0.75 per round, long form for a line plot."""
+def curve_frame(status: dict[str, Any]) -> pd.DataFrame | None:
+    """Held-out AP@0.5 and AP@0.75 per round, long form for a line plot; None before any round is
+    scored (the plot then stays empty: an empty frame fixed its axes so that no line was drawn later)."""
     rows = []
     for p in status.get("ap_curve") or []:
         for key, label in (("ap50", "AP@0.5"), ("ap75", "AP@0.75")):
             if p.get(key) is not None:
                 rows.append({"round": int(p["round"]), "corrected cells": int(p.get("n_cells") or 0),
                              "score": label, "AP": float(p[key])})
-    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS).astype(CURVE_DTYPES) if rows else None
 
 
 def round_choices(status: dict[str, Any]) -> list[tuple[str, int]]:
@@ -148,8 +151,10 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
             resume = gr.Button("Resume", size="sm", elem_id="hitl-resume")
         save = gr.Button("Save and learn (Ctrl+Enter)", variant="primary", elem_id="hitl-save")
         status = gr.Markdown("", elem_id="hitl-status")
-        curve = gr.LinePlot(pd.DataFrame(columns=CURVE_COLUMNS), x="round", y="AP", color="score",
-                            label="Held-out AP per round", height=220, elem_id="hitl-curve")
+        curve = gr.LinePlot(None, x="round", y="AP", color="score", color_map=CURVE_COLORS,
+                            y_lim=[0, 1], x_title="round", y_title="held-out AP",
+                            label="Held-out AP per round (blue: AP@0.5, orange: AP@0.75)", height=300,
+                            elem_id="hitl-curve")
         with gr.Row():
             back_to = gr.Dropdown([], label="Go back to the model of", elem_id="hitl-rounds", scale=2)
             back = gr.Button("Use it", size="sm", elem_id="hitl-rollback", scale=1)
@@ -237,24 +242,34 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
                         gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
                         gr.Timer(active=False))
         return (gr.skip(), gr.skip(), status_md(st, shown_model(prev, st)), curve_frame(st),
-                gr.update(choices=round_choices(st)), gr.Timer(active=running))
+                gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
+                gr.Timer(active=running))
 
     @W.user_errors(outputs=len(outputs))
-    def on_back(remembered, k, prev, browser="", request: gr.Request = None):
+    def on_back(remembered, k, prev, editor, browser="", request: gr.Request = None):
         if k is None:
             raise CellposeWebError("Choose a round to go back to.")
         s = _open(remembered, W.username(request))
         s.rollback(int(k))
+        info = ((prev.provenance or {}).get("hitl") or {}) if prev is not None else {}
+        if info.get("project") == s.name and edits_made(prev, editor):
+            # the person's corrections on screen are never thrown away: the image stays as edited
+            gr.Info(f"Round {int(k)}'s model segments the next images; the image on screen keeps your "
+                    "corrections (Save and learn when it is done).")
+            st = s.status()
+            return (s.name, gr.skip(), status_md(st, shown_model(prev, st)), curve_frame(st),
+                    gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
+                    gr.Timer(active=bool(st.get("round_running") and st["round_running"].get("running"))))
         gr.Info(f"Round {int(k)}'s model segments the next images.")
-        idx = ((prev.provenance or {}).get("hitl") or {}).get("index") if prev is not None else None
-        return show(s, prev, idx, browser=browser, request=request)
+        return show(s, prev, info.get("index"), browser=browser, request=request)
 
     ev_start = start.click(on_start, [name, files, base, channels, holdout, session, browser_id], outputs,
                            api_visibility="private")
     ev_resume = resume.click(on_resume, [name, project, session, browser_id], outputs, api_visibility="private")
     ev_save = save.click(on_save, [project, session, editor_state, browser_id], outputs, api_visibility="private",
                          concurrency_id="hitl", concurrency_limit=4)
-    ev_back = back.click(on_back, [project, back_to, session, browser_id], outputs, api_visibility="private")
+    ev_back = back.click(on_back, [project, back_to, session, editor_state, browser_id], outputs,
+                         api_visibility="private")
     ev_tick = timer.tick(on_tick, [project, session, editor_state, browser_id], outputs, api_visibility="private",
                          show_progress="hidden")
     ctx["model_dropdowns"].append(base)

@@ -688,7 +688,9 @@ class HitlSession:
                                          "train_scores", "parent_train_scores", "accepted", "applied", "reason", "stopped_by_time_limit")}
                   for r in st["rounds"]]
         skipped = st.get("skipped") or {}
-        return {"name": self.name, "path": str(self.path), "source": st.get("source"), "n_images": len(st["images"]),
+        return {"name": self.name, "path": str(self.path), "source": st.get("source"),
+                # the images to correct: files found unreadable are not counted (listed under skipped)
+                "n_images": len(st["images"]) - len(skipped),
                 "skipped": [{"index": int(k), "name": Path(st["images"][int(k)]).name, "reason": v}
                             for k, v in sorted(skipped.items(), key=lambda kv: int(kv[0]))],
                 "index": int(st.get("index", 0)), "n_corrected": len(corrected),
@@ -849,7 +851,8 @@ def list_sessions(root: str | os.PathLike | None = None, user: str | None = None
         st = read_json(d / SESSION_FILE)
         if not isinstance(st, dict):
             continue
-        out.append({"name": d.name, "path": str(d), "n_images": len(st.get("images", [])),
+        out.append({"name": d.name, "path": str(d),
+                    "n_images": len(st.get("images", [])) - len(st.get("skipped") or {}),
                     "n_corrected": len(st.get("corrected", [])), "current_round": st.get("current_round"),
                     "n_rounds": len(st.get("rounds", [])) - 1,
                     "base_model": (st.get("base_model") or {}).get("name"), "updated": st.get("updated")})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,7 +46,14 @@ def thread_lock(key: str) -> threading.RLock:
 # images
 # ----------------------------------------------------------------------------------------------
 def list_images(images: Any, dest: Path) -> tuple[list[str], str]:
-    """(absolute image paths, source description) from a folder, a zip or a list of files."""
+    """(absolute image paths, source description) from a folder, a zip or a list of files.
+
+    A folder's images stay where they are; a zip is unpacked into ``dest/images`` with its folders
+    (images at any depth, as Batch takes them); single files are copied there too, so the project
+    keeps its images when the upload's temporary copies are cleaned up.
+    """
+    from cellpose_web.workflows.inputs import extract_zip, image_files, no_images_message
+
     if isinstance(images, (str, os.PathLike)):
         p = Path(images).expanduser()
         if not p.exists():
@@ -54,16 +62,13 @@ def list_images(images: Any, dest: Path) -> tuple[list[str], str]:
             files = cpio.get_image_files(p, "_masks")
             return [str(Path(f).resolve()) for f in files], str(p.resolve())
         if p.suffix.lower() == ".zip":
-            from cellpose_web.workflows.inputs import extract_zip  # the one validated unzip (limits, zip bombs)
-
             out = dest / "images"
-            extract_zip(p, out)
-            try:
-                files = cpio.get_image_files(out, "_masks", look_one_level_down=True)
-            except CellposeWebError:  # its message names the unpacking folder, a server path
-                raise CellposeWebError(f"The zip '{p.name}' holds no images (TIFF, PNG or JPEG; masks files "
-                                       "NAME_masks.* are not images to correct).") from None
-            return [str(Path(f).resolve()) for f in files], str(p.resolve())
+            extracted = extract_zip(p, out)  # the one validated unzip (limits, zip bombs)
+            good, skipped = image_files(extracted, [x.relative_to(out.resolve()).as_posix() for x in extracted])
+            if not good:
+                raise CellposeWebError(f"The zip '{p.name}' holds no images to correct. "
+                                       + no_images_message(skipped))
+            return [str(f) for f in good], str(p.resolve())
         images = [p]
     files = [Path(f).expanduser() for f in images]
     missing = [f for f in files if not f.is_file()]
@@ -71,7 +76,16 @@ def list_images(images: Any, dest: Path) -> tuple[list[str], str]:
         raise FileNotFoundError(f"image not found: {missing[0]}")
     if not files:
         raise CellposeWebError("no images: give a folder, a zip or a list of image files")
-    return [str(f.resolve()) for f in files], "files"
+    out = dest / "images"
+    out.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for f in files:
+        target, k = out / f.name, 2
+        while target.exists():  # two uploads of one name (from different folders) both stay
+            target, k = out / f"{f.stem}_{k}{f.suffix}", k + 1
+        shutil.copyfile(f, target)
+        kept.append(str(target.resolve()))
+    return kept, "files"
 
 
 def read_image_yxc(path: str | os.PathLike) -> np.ndarray:

@@ -203,6 +203,17 @@ def extract_zip(path: str | Path, dest: str | Path, limits: Limits | None = None
     return out
 
 
+def decimal_text(value: Any) -> Any:
+    """A number typed as text with a decimal comma, as many European keyboards and Excel write it
+    ("30,5", "0,65"), with a point instead; anything else unchanged. One comma and no point is read as
+    a decimal comma: the values typed here (diameters, pixel sizes, thresholds) have no thousands."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value.count(",") == 1 and "." not in value:
+            value = value.replace(",", ".")
+    return value
+
+
 def is_mask_file(path: Path) -> bool:
     """A mask or an output file (Cellpose's rule, the same as the command line's), not an image."""
     return is_mask_or_output(file_stem(path))

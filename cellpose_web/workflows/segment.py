@@ -15,7 +15,7 @@ import pandas as pd
 
 from cellpose_web import measure
 from cellpose_web.engine import memory
-from cellpose_web.workflows import pipeline
+from cellpose_web.workflows import inputs, pipeline
 from cellpose_web.errors import CellposeWebError, OutOfMemoryError, RunCancelled
 from cellpose_web.models import check_eval_params
 from cellpose_web.service import gpu
@@ -67,7 +67,7 @@ class SegmentParams:
                     return None
                 raise CellposeWebError(f"{name} is empty; enter a number.")
             try:
-                x = float(v)
+                x = float(inputs.decimal_text(v))
             except (TypeError, ValueError):
                 raise CellposeWebError(f"{name} must be a number; got {v!r}.") from None
             if not math.isfinite(x) or x < lo or x > hi:

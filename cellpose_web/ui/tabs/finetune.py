@@ -125,7 +125,7 @@ def build(ctx: dict[str, Any]) -> None:
         with gr.Column(scale=2, min_width=480):
             status = gr.Markdown("No training running.", elem_id="ft-status")
             curve = gr.LinePlot(None, x="epoch", y="loss", color="curve",
-                                label="Loss per epoch (drawn live while training)",
+                                label="Loss per epoch, drawn live while training (blue: train, orange: held-out)",
                                 color_map={"train": "#4c6ef5", "held-out": "#f59f00"},
                                 height=320, elem_id="ft-curve", x_title="epoch", y_title="loss")
             result = gr.JSON(label="Result: AP before/after, recipe, where the model is", elem_id="ft-result",
