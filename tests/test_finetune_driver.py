@@ -56,6 +56,23 @@ def test_fine_tune_trains_stops_and_records(pairs, tmp_path):
     assert rec["device"] == "cpu" and rec["final_train_loss"] == run.train_losses[-1]
 
 
+def test_a_run_inside_the_learning_rate_warm_up_says_so(pairs, tmp_path):
+    from cellpose_web.models import CellposeModel
+    imgs, labs = pairs
+    model = CellposeModel(gpu=False, pretrained_model="lite")
+    before = {k: v.detach().clone() for k, v in model.net.named_parameters()}
+    one = finetune.fine_tune(model.net, "lite", imgs[:2], labs[:2], name="one", save_dir=tmp_path,
+                             learning_rate=1e-3, **FAST)
+    # epoch 1 of Cellpose's schedule has learning rate 0: the weights stay the base's, and the user is told
+    assert all(np.array_equal(before[k], v.detach()) for k, v in model.net.named_parameters())
+    assert len(one.notices) == 1 and "keeps its base's weights" in one.notices[0]
+    assert finetune.warm_up_notice(5, 1e-3) and "0.000444" in finetune.warm_up_notice(5, 1e-3)
+    assert finetune.warm_up_notice(train_mod.WARM_UP_EPOCHS, 1e-3) is None
+    custom = finetune.fine_tune(model.net, "lite", imgs[:2], labs[:2], name="own", save_dir=tmp_path,
+                                learning_rate=1e-3, lr_schedule=np.full(1, 1e-3), **FAST)
+    assert custom.notices == ()  # a schedule of one's own has no warm-up to warn about
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """Record every call of the one driver (and let it run)."""
@@ -171,8 +188,9 @@ def test_out_of_memory_halves_the_batch_from_the_starting_weights(pairs, tmp_pat
     run = finetune.fine_tune(model.net, "lite", imgs[:2], labs[:2], name="oom", save_dir=tmp_path,
                              retry_out_of_memory=True, learning_rate=1e-3, **{**FAST, "batch_size": 8})
     assert attempts == [(8, True), (4, True), (2, True)]  # each attempt starts from the base weights
-    assert run.settings["batch_size"] == 2 and run.path.is_file() and len(run.notices) == 2
-    assert "batch size 2" in run.notices[-1] and run.record({"name": "lite"}, [], [])["notices"] == list(run.notices)
+    oom = [n for n in run.notices if "out of GPU memory" in n]  # (and one about the short run's warm-up)
+    assert run.settings["batch_size"] == 2 and run.path.is_file() and len(oom) == 2
+    assert "batch size 2" in oom[-1] and run.record({"name": "lite"}, [], [])["notices"] == list(run.notices)
 
     attempts.clear()
     monkeypatch.setattr(train_mod, "train_seg", lambda net, *a, batch_size, **kw: (_ for _ in ()).throw(

@@ -62,4 +62,6 @@ def run_training(args) -> int:
     print(f"model saved: {run.path}", flush=True)
     print(f"registered lab model '{entry.name}' (sha256 {entry.sha256[:12]}); train loss "
           f"{tl[0]:.4f} -> {tl[-1]:.4f} in {run.seconds:.0f} s", flush=True)
+    for note in run.notices:
+        tell(f"note: {note}.")
     return EXIT_OK

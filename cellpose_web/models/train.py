@@ -213,10 +213,14 @@ def _adamw(net: nn.Module, learning_rate: float, weight_decay: float) -> torch.o
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
 
 
+WARM_UP_EPOCHS = 10
+"""Epochs over which :func:`learning_rate_schedule` rises linearly from 0 (as Cellpose's)."""
+
+
 def learning_rate_schedule(learning_rate: float, n_epochs: int) -> np.ndarray:
     """Per-epoch learning rates: linear warm-up (epoch 0 has LR 0), constant, then halving blocks."""
-    warm = np.linspace(0, learning_rate, 10)
-    LR = np.concatenate([warm, learning_rate * np.ones(max(0, n_epochs - 10))])
+    warm = np.linspace(0, learning_rate, WARM_UP_EPOCHS)
+    LR = np.concatenate([warm, learning_rate * np.ones(max(0, n_epochs - WARM_UP_EPOCHS))])
     if n_epochs > 300:
         LR = LR[:-100]
         for _ in range(10):

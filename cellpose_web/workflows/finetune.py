@@ -567,9 +567,34 @@ def fine_tune(net: Any, arch: str, train_images: list[np.ndarray], train_labels:
                     "GPU (other segmentations or programs using it) and start again, or fine-tune on the CPU."))
     seconds = time.perf_counter() - t0
     train_losses = [float(x) for x in np.asarray(train_losses, float)]
+    if loop.get("lr_schedule") is None:
+        note = warm_up_notice(len(train_losses), settings["learning_rate"])
+        if note:
+            notices.append(note)
     return TrainingRun(Path(path), train_losses, [float(x) for x in np.asarray(test_losses, float)], seconds,
                        settings, stopped=len(train_losses) < settings["n_epochs"],
                        device=device, notices=tuple(notices))
+
+
+def warm_up_notice(epochs_run: int, learning_rate: float) -> str | None:
+    """What a user should know when a run ended inside the learning-rate warm-up, or None.
+
+    The standard schedule (:func:`~cellpose_web.models.train.learning_rate_schedule`, as Cellpose's)
+    rises linearly from 0 over the first 10 epochs: epoch 1 does not change the weights, and a run
+    of fewer than 10 epochs never trains at the learning rate that was set.
+    """
+    from cellpose_web.models.train import WARM_UP_EPOCHS, learning_rate_schedule
+
+    if epochs_run >= WARM_UP_EPOCHS or epochs_run < 1:
+        return None
+    if epochs_run == 1:
+        return ("1 epoch trains nothing: the learning rate starts at 0 and rises over the first "
+                f"{WARM_UP_EPOCHS} epochs (as in Cellpose), so the saved model keeps its base's weights. Train for "
+                f"at least {WARM_UP_EPOCHS} epochs")
+    reached = float(learning_rate_schedule(learning_rate, epochs_run)[-1])
+    return (f"{epochs_run} epochs end inside the {WARM_UP_EPOCHS}-epoch learning-rate warm-up (as in Cellpose): "
+            f"the learning rate reached {reached:.3g} of the {learning_rate:g} set, so the model changed less "
+            f"than a full run would. Train for at least {WARM_UP_EPOCHS} epochs")
 
 
 def _device_of(net: Any) -> str:
