@@ -238,6 +238,9 @@ def test_batch_bad_file_listed_others_processed(tmp_path, fake_model):
     res = batch.run_batch([z], segment.SegmentParams(), "thresh", out, pixel_size_um=0.5,
                           puncta=batch.PunctaParams(channel=0, threshold=0.2))
     assert res["n_ok"] == 2
+    # the Batch tab's counts: images found vs segmented, and the files that were not images to segment
+    assert (res["n_images"], res["n_failed"], res["n_left_out"]) == (3, 1, 2), res
+    assert len(res["errors"]) == res["n_failed"] + res["n_left_out"]
     summary = pd.read_csv(res["summary_csv"], comment="#")
     header = Path(res["summary_csv"]).read_text().splitlines()[:6]
     assert any(" date=20" in line for line in header), header  # when the batch ran, as every result records

@@ -232,6 +232,10 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
               scheduler: str | None = None, n_workers: int = 2, retries: int = 2) -> dict[str, Any]:
     """Segment every image; write results under out_dir; return summary paths and the error list.
 
+    Returns {zip, summary_csv, cells_csv, errors: [path, reason] of every problem, n_images: images
+    found, n_ok: images segmented, n_failed: images not segmented (n_images - n_ok), n_left_out:
+    files that were not images to segment (masks, unreadable, unsupported)}.
+
     Each image's results go to a folder named after it; images from a zip keep the zip's folders
     (``exp1/day1/a.tif`` -> ``exp1/day1/a/``), and the ``path`` column of summary.csv and
     all_cells.csv says where each came from. An upload with no image to segment raises
@@ -253,6 +257,7 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
     errors: list[tuple[str, str]] = []
     try:
         found, errors = collect_inputs(files, work, limits)
+        n_left_out = len(errors)  # files that are not images to segment (masks, unreadable, ...)
         imgs = [p for p, _ in found]
         where = [w for _, w in found]
         n = len(imgs)
@@ -313,9 +318,10 @@ def run_batch(files: list[str | Path], params: SegmentParams, model_name: str, o
                         zf.write(f, f.relative_to(out_dir).as_posix())
         atomic_save(zip_path, _zip)
         if progress:
-            progress(1.0, f"done: {len(cells)} image(s) segmented, {len(errors)} problem(s)")
+            progress(1.0, f"done: {len(cells)} of {n} image(s) segmented, {len(errors)} problem(s)")
         return {"zip": str(zip_path), "summary_csv": str(summary_csv), "cells_csv": str(cells_csv),
-                "errors": [list(e) for e in errors], "n_ok": len(cells), "n_images": n}
+                "errors": [list(e) for e in errors], "n_ok": len(cells), "n_images": n,
+                "n_failed": n - len(cells), "n_left_out": n_left_out}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -166,8 +166,13 @@ def _result_outputs(st: dict) -> tuple:
         dl = [x for x in (_download_copy(r.get("zip")), _download_copy(r.get("summary_csv")),
                           _download_copy(r.get("cells_csv"))) if x]
         errs = r.get("errors", [])
+        n_failed, n_left_out = r.get("n_failed"), r.get("n_left_out")
+        what = ([f"{n_failed} image(s) not segmented"] if n_failed else []) + \
+               ([f"{n_left_out} file(s) left out (not images to segment)"] if n_left_out else [])
+        if errs and not what:  # a result written before these counts were kept
+            what = [f"{len(errs)} problem(s)"]
         msg = (f"Batch **{st['id']}** {state}: **{r.get('n_ok', 0)} of {r.get('n_images', 0)} image(s)** "
-               f"segmented" + (f", **{len(errs)} problem(s)**:" if errs else "."))
+               f"segmented" + (f"; **{', '.join(what)}**:" if errs else "."))
         # each problem on its own line: the reason is the sentence a user needs, not a clipped cell
         msg += "".join(f"\n- **{name}**: {reason}" for name, reason in errs[:20])
         if len(errs) > 20:
