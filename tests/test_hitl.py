@@ -17,7 +17,7 @@ import tifffile
 from cellpose_web.workflows import pipeline
 from cellpose_web.engine import synthetic
 from cellpose_web.models import train as train_mod
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import BadInputError, CellposeWebError
 from cellpose_web.workflows import hitl
 
 FAST = {"n_epochs": 1, "crops_per_epoch": 2, "batch_size": 1, "bsize": 64, "min_epochs": 1, "time_limit_s": 120}
@@ -413,11 +413,15 @@ def test_cellpose3_round_and_lab_training_set(tmp_path, images_dir, monkeypatch)
     from cellpose_web.workflows import finetune as training
 
     s.next_image()
+    with pytest.raises(BadInputError):  # round 0 is the base model: nothing learnt to publish yet
+        s.publish("cp3_lab")
     rec = s.save_correction(truth(images_dir, 0)).handle.wait(timeout=300)
     assert rec["status"] == "done" and rec["rescale"]
     assert s.next_image().model["round"] == 1
     sets = {d["name"]: d for d in training.list_sets()}
     assert sets["hitl_cp3"]["n_images"] == 1  # the Fine-tune tab sees the corrected pairs
+    with pytest.raises(BadInputError):
+        s.publish("cp3_lab", round_no=7)
     info = s.publish("cp3_lab")
     assert info.name == "cp3_lab" and info.training["hitl_project"] == "cp3"
 

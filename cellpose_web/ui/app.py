@@ -46,8 +46,11 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
                  else "CPU — fine for small images; a GPU is much faster for large ones")
         gr.HTML(HEADER.replace("</div>", f"<p class='cpw-small'>Running on: {where}.</p></div>"))
         session = gr.State(common.new_session())
+        # outside the tabs: a tab's components mount (and a BrowserState reads the browser's storage)
+        # only when the tab is first shown, after the page's load events have run
+        hitl_project = gr.BrowserState("", storage_key="cellpose_web_hitl_project")
         ctx: dict[str, Any] = {"session": session, "limits": limits, "model_dropdowns": [],
-                               "refreshers": []}
+                               "refreshers": [], "hitl_project": hitl_project}
         with gr.Tabs(elem_id="main-tabs") as tabs:
             ctx["tabs"] = tabs
             with gr.Tab("Segment", id="segment", elem_id="tab-segment"):
@@ -80,6 +83,8 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
         restore_fn, restore_in, restore_out = seg["restore"]
         demo.load(restore_fn, restore_in, restore_out, api_visibility="private")
         demo.load(*cor["restore"], api_visibility="private")
+        for fn, inputs, outs in ctx.get("loaders", []):
+            demo.load(fn, inputs, outs, api_visibility="private")
         demo.unload(seg["unload"])
         for fn, outs in ctx["refreshers"]:
             demo.load(fn, None, outs, api_visibility="private")

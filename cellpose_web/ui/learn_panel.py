@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cellpose_web.workflows import CellposeWebError, inputs
+from cellpose_web.workflows.lab_models import NAME_RULE
 from cellpose_web.workflows import model_cache as models_cache
 from cellpose_web.ui import common, widgets as W
 from cellpose_web.workflows import hitl, results
@@ -133,7 +134,7 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
     its drawing surface after them), ...}.
     """
     choices, default = common.model_choices()
-    project = gr.BrowserState("", storage_key="cellpose_web_hitl_project")
+    project = ctx["hitl_project"]
     with gr.Accordion("Learn while you correct (human-in-the-loop)", open=False, elem_id="hitl-panel"):
         gr.Markdown(HELP)
         name = gr.Textbox("my_project", label="Project name", max_lines=1, elem_id="hitl-name")
@@ -158,10 +159,23 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
         with gr.Row():
             back_to = gr.Dropdown([], label="Go back to the model of", elem_id="hitl-rounds", scale=2)
             back = gr.Button("Use it", size="sm", elem_id="hitl-rollback", scale=1)
+        with gr.Row():
+            publish_name = gr.Textbox("", label="Publish the current model as lab model", max_lines=1,
+                                      placeholder="e.g. piezo1_keratinocytes_v1", info=NAME_RULE,
+                                      elem_id="hitl-publish-name", scale=2)
+            publish = gr.Button("Publish", size="sm", elem_id="hitl-publish", scale=1)
         timer = gr.Timer(2.0, active=False)
 
-    outputs = [project, session, status, curve, back_to, timer]
+    outputs = [project, name, session, status, curve, back_to, timer]
     browser_id = ctx["segment"]["browser_id"]
+
+    def panel(st: dict[str, Any], model: dict[str, Any] | None,
+              extra: str = "", tick: bool = False) -> tuple:
+        """status, curve, round picker and timer for the project's state ``st``."""
+        running = bool(st.get("round_running") and st["round_running"].get("running"))
+        return (status_md(st, model) + extra, curve_frame(st),
+                gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
+                gr.Timer(active=running or tick))
 
     def keep(new: common.Session, browser: str, request: gr.Request | None) -> common.Session:
         """Keep the project's image on screen for this browser like a segmentation: a page reload
@@ -173,16 +187,12 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
              browser: str = "", request: gr.Request | None = None) -> tuple:
         shown = s.next_image(index=next_index)
         st = s.status()
-        running = bool(st.get("round_running") and st["round_running"].get("running"))
         if shown is None:
-            gr.Info("Every image of this project is corrected. Publish the model with "
-                    "`python -m cellpose_web hitl publish`, or go back to an earlier round.")
-            return (s.name, gr.skip(), status_md(st) + "\n\n**All images corrected.**", curve_frame(st),
-                    gr.update(choices=round_choices(st)), gr.Timer(active=running))
+            gr.Info("Every image of this project is corrected. Publish the current model as a lab model "
+                    "(below), or go back to an earlier round.")
+            return (s.name, s.name, gr.skip(), *panel(st, None, "\n\n**All images corrected.**"))
         new = keep(shown_session(shown, s.name, prev), browser, request)
-        return (s.name, new, status_md(st, shown.model), curve_frame(st),
-                gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
-                gr.Timer(active=running))
+        return (s.name, s.name, new, *panel(st, shown.model))
 
     @W.user_errors(outputs=len(outputs))
     def on_start(nm, fs, model, chans, every, prev, browser="", request: gr.Request = None):
@@ -205,9 +215,9 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
         info = ((prev.provenance or {}).get("hitl") or {}) if prev is not None else {}
         if info.get("project") == s.name:  # the reopened image (and its corrections) stays on screen
             st = s.status()
-            return (s.name, prev, status_md(st, shown_model(prev, st)), curve_frame(st),
-                    gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
-                    gr.Timer(active=bool(st.get("round_running") and st["round_running"].get("running"))))
+            # a round that ended meanwhile: the timer's next tick segments the image again if untouched
+            return (s.name, s.name, prev, *panel(st, shown_model(prev, st),
+                                                 tick=info.get("round") != st["current_model"]["round"]))
         return show(s, prev, browser=browser, request=request)
 
     @W.user_errors(outputs=len(outputs))
@@ -227,7 +237,7 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
         """While a round learns: its progress; when it has ended with a new model and the image on
         screen is still untouched, that image is segmented again by the new model."""
         if not remembered:
-            return (gr.skip(),) * 5 + (gr.Timer(active=False),)
+            return (gr.skip(),) * 6 + (gr.Timer(active=False),)
         s = _open(remembered, W.username(request))
         st = s.status()
         running = bool(st.get("round_running") and st["round_running"].get("running"))
@@ -237,13 +247,9 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
             gr.Info(f"Round {st['current_model']['round']} is ready: this image is segmented again with it.")
             shown = s.next_image(index=int(info["index"]), reuse=False)
             if shown is not None:
-                return (s.name, keep(shown_session(shown, s.name, prev), browser, request), status_md(st, shown.model),
-                        curve_frame(st),
-                        gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
-                        gr.Timer(active=False))
-        return (gr.skip(), gr.skip(), status_md(st, shown_model(prev, st)), curve_frame(st),
-                gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
-                gr.Timer(active=running))
+                return (s.name, gr.skip(), keep(shown_session(shown, s.name, prev), browser, request),
+                        *panel(st, shown.model))
+        return (gr.skip(), gr.skip(), gr.skip(), *panel(st, shown_model(prev, st)))
 
     @W.user_errors(outputs=len(outputs))
     def on_back(remembered, k, prev, editor, browser="", request: gr.Request = None):
@@ -257,11 +263,38 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
             gr.Info(f"Round {int(k)}'s model segments the next images; the image on screen keeps your "
                     "corrections (Save and learn when it is done).")
             st = s.status()
-            return (s.name, gr.skip(), status_md(st, shown_model(prev, st)), curve_frame(st),
-                    gr.update(choices=round_choices(st), value=int(st["current_model"]["round"])),
-                    gr.Timer(active=bool(st.get("round_running") and st["round_running"].get("running"))))
+            return (s.name, s.name, gr.skip(), *panel(st, shown_model(prev, st)))
         gr.Info(f"Round {int(k)}'s model segments the next images.")
         return show(s, prev, info.get("index"), browser=browser, request=request)
+
+    def on_reload(remembered, browser, request: gr.Request = None):
+        """Page (re)load: the project this browser worked on fills the panel (its image comes back
+        with the Segment tab's kept result); a round that ended meanwhile is picked up by the timer."""
+        user = W.username(request)
+        if not remembered or not hitl.session_exists(remembered, user=user):
+            return (gr.skip(),) * 5
+        try:
+            s = _open(remembered, user)
+            st = s.status()
+        except CellposeWebError:  # e.g. the project was deleted meanwhile: the panel stays empty
+            return (gr.skip(),) * 5
+        prev = runs.registry().kept(runs.owner_key(user, browser))
+        prev = prev if isinstance(prev, common.Session) else None
+        model = shown_model(prev, st)
+        return (s.name, *panel(st, model, tick=model is not None and model["round"] != st["current_model"]["round"]))
+
+    dds = [*ctx["model_dropdowns"], base]
+
+    @W.user_errors(outputs=1 + len(dds))
+    def on_publish(remembered, lab_name, prev, request: gr.Request = None):
+        s = _open(remembered, W.username(request))
+        entry = s.publish((lab_name or "").strip())
+        st = s.status()
+        gr.Info(f"Published round {st['current_model']['round']} of {s.name} as lab model '{entry.name}': it is "
+                "in every model list and the Models tab.")
+        names, _ = common.model_choices()
+        return (status_md(st, shown_model(prev, st)) + f"\n\nPublished round {st['current_model']['round']} as "
+                f"lab model **{entry.name}**.", *[gr.update(choices=names) for _ in dds])
 
     ev_start = start.click(on_start, [name, files, base, channels, holdout, session, browser_id], outputs,
                            api_visibility="private")
@@ -272,5 +305,7 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
                          api_visibility="private")
     ev_tick = timer.tick(on_tick, [project, session, editor_state, browser_id], outputs, api_visibility="private",
                          show_progress="hidden")
+    publish.click(on_publish, [project, publish_name, session], [status, *dds], api_visibility="private")
     ctx["model_dropdowns"].append(base)
+    ctx.setdefault("loaders", []).append((on_reload, [project, browser_id], [name, status, curve, back_to, timer]))
     return {"project": project, "name": name, "events": [ev_start, ev_resume, ev_save, ev_back, ev_tick]}

@@ -69,7 +69,7 @@ from typing import Any, Sequence
 import numpy as np
 from cellpose_web.engine.dynamics.labels import as_label_dtype
 from cellpose_web.workflows import pipeline
-from cellpose_web.errors import CellposeWebError
+from cellpose_web.errors import BadInputError, CellposeWebError
 from cellpose_web.service import jobs
 from cellpose_web.service.config import Limits
 from cellpose_web.service.storage import atomic_write_json, named_dir, read_json, safe_name, sub_dir
@@ -709,11 +709,14 @@ class HitlSession:
 
         st = self.state()
         k = int(st["current_round"] if round_no is None else round_no)
+        if not 0 <= k < len(st["rounds"]):
+            raise BadInputError(f"Project {self.name} has no round {k}: it has rounds 0 to {len(st['rounds']) - 1}.")
         if k == 0:
-            raise CellposeWebError("round 0 is the base model itself; publish a fine-tuned round")
+            raise BadInputError("Nothing to publish yet: round 0 is the base model itself. Save corrections until "
+                                "a round has learnt from them (or go back to a round that did), then publish.")
         r = st["rounds"][k]
         if r.get("status") != "done":
-            raise CellposeWebError(f"round {k} has no finished model")
+            raise BadInputError(f"Round {k} has no finished model: wait for it to end, or publish another round.")
         s = r.get("scores") or {}
         meta = {"description": f"human-in-the-loop project {self.name}, round {k}",
                 "base_model": st["base_model"]["name"], "test_ap": s.get("ap50"),

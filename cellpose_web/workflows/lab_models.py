@@ -7,11 +7,12 @@ import tempfile
 from pathlib import Path
 
 from cellpose_web import registry
+from cellpose_web.io.names import NAME_RULE
 from cellpose_web.registry import ModelInfo
 from cellpose_web.workflows import model_cache
 
 __all__ = ["list_models", "lab_names", "add_uploaded", "fetch_from_hub", "copy_for_download", "delete", "rename",
-           "push_to_hub", "ModelInfo"]
+           "push_to_hub", "ModelInfo", "NAME_RULE"]
 
 ARCH_NAMES = {"cellpose3": "Cellpose 1-3 U-Net", "cpsam": "Cellpose-SAM", "lite": "lite"}
 

@@ -75,6 +75,13 @@ def test_three_rounds_in_the_browser(page, tmp_path, e2e_home, monkeypatch):
     segmented_by(page, 3)
     done = [r["round"] for r in hitl.open_session("e2e_loop").status()["rounds"] if r.get("status") == "done"]
     assert done == [1, 2, 3]
+    # the current model becomes a lab model from the browser, offered in every model list
+    page.locator("#hitl-publish-name input, #hitl-publish-name textarea").first.fill("e2e_published")
+    page.click("#hitl-publish")
+    expect(page.locator("#hitl-status")).to_contain_text("as lab model e2e_published", timeout=60_000)
+    from cellpose_web.workflows import lab_models
+    assert "e2e_published" in lab_models.lab_names()
+    shot(page, "72_hitl_published")
 
     # held-out images: the 2nd corrected image scores every later round; the curve is drawn
     start(page, "e2e_curve", z, holdout=4)
@@ -91,9 +98,9 @@ def test_three_rounds_in_the_browser(page, tmp_path, e2e_home, monkeypatch):
 
 
 def test_reload_keeps_the_project_image_and_its_corrections(page, tmp_path, e2e_home, monkeypatch):
-    """A page reload mid-project: the image on screen comes back with the corrections made on it,
-    Resume finds the project although the name box is back to its default, and Save and learn saves
-    the corrected masks."""
+    """A page reload mid-project: the image on screen comes back with the corrections made on it, the
+    panel with the project's name and status, Resume keeps the image, and Save and learn saves the
+    corrected masks."""
     from tests.e2e.test_e2e_correct import labels, screen, serial, wait_applied, wait_count
 
     monkeypatch.setitem(hitl.ROUND_DEFAULTS, ("lite", "cpu"),
@@ -122,7 +129,10 @@ def test_reload_keeps_the_project_image_and_its_corrections(page, tmp_path, e2e_
     assert (labels(page) == edited).all() and "1 edit" in page.inner_text("#correct-count")
     if not page.locator("#hitl-resume").is_visible():
         page.get_by_text("Learn while you correct (human-in-the-loop)").click()
-    assert page.locator("#hitl-name input, #hitl-name textarea").first.input_value() == "my_project"
+    # the panel comes back with the page: the project's name and where it stands, before any Resume
+    expect(page.locator("#hitl-name input, #hitl-name textarea").first).to_have_value("e2e_reload", timeout=30_000)
+    expect(page.locator("#hitl-status")).to_contain_text("0 of 4 images corrected", timeout=30_000)
+    expect(page.locator("#hitl-status")).to_contain_text("segmented by round 0")
     page.click("#hitl-resume")
     expect(page.locator("#hitl-status")).to_contain_text("0 of 4 images corrected", timeout=60_000)
     assert (labels(page) == edited).all()
