@@ -84,7 +84,7 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
         demo.load(restore_fn, restore_in, restore_out, api_visibility="private")
         demo.load(*cor["restore"], api_visibility="private")
         for fn, inputs, outs in ctx.get("loaders", []):
-            demo.load(fn, inputs, outs, api_visibility="private")
+            demo.load(fn, inputs, outs, api_visibility="private", show_progress="hidden")
         demo.unload(seg["unload"])
         for fn, outs in ctx["refreshers"]:
             demo.load(fn, None, outs, api_visibility="private")

@@ -268,20 +268,21 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
         return show(s, prev, info.get("index"), browser=browser, request=request)
 
     def on_reload(remembered, browser, request: gr.Request = None):
-        """Page (re)load: the project this browser worked on fills the panel (its image comes back
-        with the Segment tab's kept result); a round that ended meanwhile is picked up by the timer."""
+        """Page (re)load: the project this browser worked on fills the panel's status, curve and round
+        picker (its image comes back with the Segment tab's kept result); a round that ended meanwhile
+        is picked up by the timer."""
         user = W.username(request)
         if not remembered or not hitl.session_exists(remembered, user=user):
-            return (gr.skip(),) * 5
+            return (gr.skip(),) * 4
         try:
             s = _open(remembered, user)
             st = s.status()
         except CellposeWebError:  # e.g. the project was deleted meanwhile: the panel stays empty
-            return (gr.skip(),) * 5
+            return (gr.skip(),) * 4
         prev = runs.registry().kept(runs.owner_key(user, browser))
         prev = prev if isinstance(prev, common.Session) else None
         model = shown_model(prev, st)
-        return (s.name, *panel(st, model, tick=model is not None and model["round"] != st["current_model"]["round"]))
+        return panel(st, model, tick=model is not None and model["round"] != st["current_model"]["round"])
 
     dds = [*ctx["model_dropdowns"], base]
 
@@ -307,5 +308,10 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
                          show_progress="hidden")
     publish.click(on_publish, [project, publish_name, session], [status, *dds], api_visibility="private")
     ctx["model_dropdowns"].append(base)
-    ctx.setdefault("loaders", []).append((on_reload, [project, browser_id], [name, status, curve, back_to, timer]))
+    ctx.setdefault("loaders", []).append((on_reload, [project, browser_id], [status, curve, back_to, timer]))
+    # the name box follows the browser's project: set when the page restores it from the browser's
+    # storage (and after Start / Resume). Not an output of the page's load: a Textbox waiting on a
+    # load event lost what a person typed meanwhile once a file was dropped beside it
+    project.change(lambda p: p if p else gr.skip(), [project], [name], api_visibility="private",
+                   show_progress="hidden", queue=False)
     return {"project": project, "name": name, "events": [ev_start, ev_resume, ev_save, ev_back, ev_tick]}
