@@ -308,10 +308,8 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
                          show_progress="hidden")
     publish.click(on_publish, [project, publish_name, session], [status, *dds], api_visibility="private")
     ctx["model_dropdowns"].append(base)
-    ctx.setdefault("loaders", []).append((on_reload, [project, browser_id], [status, curve, back_to, timer]))
-    # the name box follows the browser's project: set when the page restores it from the browser's
-    # storage (and after Start / Resume). Not an output of the page's load: a Textbox waiting on a
-    # load event lost what a person typed meanwhile once a file was dropped beside it
-    project.change(lambda p: p if p else gr.skip(), [project], [name], api_visibility="private",
-                   show_progress="hidden", queue=False)
+    ctx["loaders"].append((on_reload, [project, browser_id], [status, curve, back_to, timer]))
+    # the name box is set by the buttons only (Start, Resume, Save, Use it), never by an event the page
+    # fires itself: Gradio resets a Textbox whose pending event ends after a file was dropped beside it,
+    # and what the person had typed there was lost (seen under load in CI)
     return {"project": project, "name": name, "events": [ev_start, ev_resume, ev_save, ev_back, ev_tick]}
