@@ -50,7 +50,7 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
         # only when the tab is first shown, after the page's load events have run
         hitl_project = gr.BrowserState("", storage_key="cellpose_web_hitl_project")
         ctx: dict[str, Any] = {"session": session, "limits": limits, "model_dropdowns": [],
-                               "refreshers": [], "loaders": [], "hitl_project": hitl_project}
+                               "refreshers": [], "hitl_project": hitl_project}
         with gr.Tabs(elem_id="main-tabs") as tabs:
             ctx["tabs"] = tabs
             with gr.Tab("Segment", id="segment", elem_id="tab-segment"):
@@ -83,8 +83,6 @@ def build_app(default_model: str | None = None, limits: Limits | None = None):
         restore_fn, restore_in, restore_out = seg["restore"]
         demo.load(restore_fn, restore_in, restore_out, api_visibility="private")
         demo.load(*cor["restore"], api_visibility="private")
-        for fn, inputs, outs in ctx["loaders"]:
-            demo.load(fn, inputs, outs, api_visibility="private", show_progress="hidden")
         demo.unload(seg["unload"])
         for fn, outs in ctx["refreshers"]:
             demo.load(fn, None, outs, api_visibility="private")

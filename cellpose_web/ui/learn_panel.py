@@ -267,23 +267,6 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
         gr.Info(f"Round {int(k)}'s model segments the next images.")
         return show(s, prev, info.get("index"), browser=browser, request=request)
 
-    def on_reload(remembered, browser, request: gr.Request = None):
-        """Page (re)load: the project this browser worked on fills the panel's status, curve and round
-        picker (its image comes back with the Segment tab's kept result); a round that ended meanwhile
-        is picked up by the timer."""
-        user = W.username(request)
-        if not remembered or not hitl.session_exists(remembered, user=user):
-            return (gr.skip(),) * 4
-        try:
-            s = _open(remembered, user)
-            st = s.status()
-        except CellposeWebError:  # e.g. the project was deleted meanwhile: the panel stays empty
-            return (gr.skip(),) * 4
-        prev = runs.registry().kept(runs.owner_key(user, browser))
-        prev = prev if isinstance(prev, common.Session) else None
-        model = shown_model(prev, st)
-        return panel(st, model, tick=model is not None and model["round"] != st["current_model"]["round"])
-
     dds = [*ctx["model_dropdowns"], base]
 
     @W.user_errors(outputs=1 + len(dds))
@@ -308,7 +291,6 @@ def build(ctx: dict[str, Any], session: gr.State, editor_state: gr.State,
                          show_progress="hidden")
     publish.click(on_publish, [project, publish_name, session], [status, *dds], api_visibility="private")
     ctx["model_dropdowns"].append(base)
-    ctx["loaders"].append((on_reload, [project, browser_id], [status, curve, back_to, timer]))
     # the name box is set by the buttons only (Start, Resume, Save, Use it), never by an event the page
     # fires itself: Gradio resets a Textbox whose pending event ends after a file was dropped beside it,
     # and what the person had typed there was lost (seen under load in CI)

@@ -129,12 +129,10 @@ def test_reload_keeps_the_project_image_and_its_corrections(page, tmp_path, e2e_
     assert (labels(page) == edited).all() and "1 edit" in page.inner_text("#correct-count")
     if not page.locator("#hitl-resume").is_visible():
         page.get_by_text("Learn while you correct (human-in-the-loop)").click()
-    # the panel comes back with the page: the project and where it stands, before any Resume
-    expect(page.locator("#hitl-status")).to_contain_text("e2e_reload", timeout=30_000)
-    expect(page.locator("#hitl-status")).to_contain_text("0 of 4 images corrected")
+    page.click("#hitl-resume")  # the name box says my_project: the browser's project wins
+    expect(page.locator("#hitl-status")).to_contain_text("0 of 4 images corrected", timeout=60_000)
     expect(page.locator("#hitl-status")).to_contain_text("segmented by round 0")
-    page.click("#hitl-resume")  # the name box still says my_project: the browser's project wins
-    expect(page.locator("#hitl-name input, #hitl-name textarea").first).to_have_value("e2e_reload", timeout=30_000)
+    expect(page.locator("#hitl-name input, #hitl-name textarea").first).to_have_value("e2e_reload")
     expect(page.locator("#hitl-status")).to_contain_text("0 of 4 images corrected", timeout=60_000)
     assert (labels(page) == edited).all()
     page.click("#hitl-save")
